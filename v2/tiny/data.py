@@ -64,7 +64,10 @@ SUB = [
 MUL = [
     ("{name} then gets {b} times as many {obj} as before.", "{name} now has {eq} {obj}."),
     ("{name}'s collection of {obj} grows to {b} times its size.", "It grows to {eq} {obj}."),
-    ("Each of {name}'s {obj} is swapped for {b} new ones.", "After the swap, {name} has {eq} {obj}."),
+    (
+        "Each of {name}'s {obj} is swapped for {b} new ones.",
+        "After the swap, {name} has {eq} {obj}.",
+    ),
     ("{name} multiplies the number of {obj} by {b}.", "{name} now has {eq} {obj}."),
     ("{other} helps {name} get {b} times the amount of {obj}.", "Now {name} has {eq} {obj}."),
     ("{name}'s pile of {obj} becomes {b} times bigger.", "The pile becomes {eq} {obj}."),

@@ -1,0 +1,61 @@
+"""Small random models and checkpoints that the tests build; nothing is downloaded."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from v2.checkpoint import TokenIds, save_release_checkpoint
+from v2.model import ModelConfig, Network
+
+SMALL = dict(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+IDS = TokenIds(mask=63, eos=62, pad=61)
+
+
+def random_network(seed: int = 0, std: float = 0.2, **overrides) -> Network:
+    """A random network whose outputs vary with the input (std large enough to be peaky)."""
+    torch.manual_seed(seed)
+    model = Network(ModelConfig(**{**SMALL, **overrides}))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=std)
+    return model.eval()
+
+
+def prompt(length: int, offset: int = 0) -> list[int]:
+    """A prompt of ordinary tokens (never mask, EOS or pad)."""
+    return [(i * 7 + offset) % 60 + 1 for i in range(length)]
+
+
+@pytest.fixture
+def model() -> Network:
+    return random_network()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    from v2.tiny.tokenizer import build_tokenizer
+
+    out = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
+    """A random checkpoint in the release layout (float32 so CPU comparisons are exact)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
+    model = random_network(seed=1, vocab_size=len(tok))
+    out = tmp_path_factory.mktemp("checkpoint")
+    return save_release_checkpoint(model, out, tokenizer=tok, dtype=torch.float32)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The project's test command (README.md): installs what the tests need, lints, runs the suite.
+# On a machine without torch it installs torch 2.13.0 (the CPU wheel on our CPU-only machines;
+# a GPU user's own install keeps CUDA torch: pip leaves an installed torch alone).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
+python -m pip install -q -e ".[dev]"
+python -m ruff check .
+python -m pytest -q "$@"

@@ -1,0 +1,362 @@
+"""Fast-dLLM v2 block-diffusion decoding (design: fast-dllm-v2.md sections 4-6), and its command:
+
+    python -m v2.generate --model DIR --prompt "What is 2+3?" --chat --threshold 0.9 --json
+
+Blocks of B tokens are counted from absolute position 0. Each block is filled with mask tokens
+and decoded sub-block by sub-block: a denoise forward proposes a token and a confidence for every
+masked slot of the current sub-block; every slot above the threshold is committed, and always the
+single most confident one. A full block is committed into the prefix cache by one clean forward,
+whose last position gives the next block's first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from v2.checkpoint import CheckpointError, TokenIds, load_model, load_tokenizer
+from v2.engine import Engine
+from v2.model import Network
+from v2.policy import Policy
+from v2.stats import Stats
+
+
+class GenerationError(ValueError):
+    """Bad input to generation; the message is one line meant for the user."""
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 256
+    threshold: float = 0.9
+    block_size: int | None = None  # None: the checkpoint's bd_size
+    small_block_size: int = 8
+    use_block_cache: bool = False
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False
+
+    def validate(self, block_size: int) -> None:
+        if self.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.threshold > 0:
+            raise GenerationError(
+                f"threshold must be > 0 (>= 1: one token per forward), got {self.threshold}"
+            )
+        if block_size < 2:
+            raise GenerationError(f"block size must be >= 2, got {block_size}")
+        s = self.small_block_size
+        if s < 1 or block_size % s:
+            raise GenerationError(
+                f"small_block_size {s} must be >= 1 and divide the block size {block_size}"
+            )
+        if self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass
+class Output:
+    token_ids: list[int]
+    finish_reason: str  # "eos" or "length"
+    text: str = ""
+
+
+@dataclass
+class GenerationResult:
+    outputs: list[Output]
+    stats: Stats = field(repr=False)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _propose(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | None):
+    """Token and confidence for each slot: logits [b, s, vocab] -> (tokens, confidence) [b, s]."""
+    if cfg.temperature == 0:
+        conf, tok = logits.softmax(-1).max(-1)
+        return tok, conf
+    probs = (logits / cfg.temperature).softmax(-1)
+    if cfg.top_p < 1:
+        sorted_p, order = probs.sort(-1, descending=True)
+        drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keeps the top token always
+        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    flat = probs.view(-1, probs.shape[-1])
+    tok = torch.multinomial(flat, 1, generator=gen).view(probs.shape[:-1])  # each row its own
+    return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
+
+
+def _eos_stops(tokens, pending, generated, eos: int) -> torch.Tensor:
+    """Rows whose block holds a generated EOS with no mask before it."""
+    is_eos = (tokens == eos) & generated & ~pending
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), tokens.shape[1])
+    cols = torch.arange(tokens.shape[1], device=tokens.device)
+    pending_before = (pending & (cols[None] < first[:, None])).any(1)
+    return is_eos.any(1) & ~pending_before
+
+
+def _write_first_slot(seq, active, position, prompt_len, token) -> None:
+    """The greedy token of the last clean position opens the next block, in rows whose prompt
+    does not already fill that slot (a plain autoregressive step)."""
+    rows_prompt_len = prompt_len[active]
+    seq[active, position] = torch.where(rows_prompt_len <= position, token, seq[active, position])
+
+
+@torch.inference_mode()
+def generate(
+    model: Network,
+    prompts: list[list[int]],
+    ids: TokenIds,
+    config: GenerationConfig | None = None,
+    policy: Policy | None = None,
+) -> GenerationResult:
+    """Decode a batch of tokenised prompts of any lengths. Rows finish on their own (EOS or their
+    own max_new_tokens) and leave the batch at block ends."""
+    cfg = config or GenerationConfig()
+    B = cfg.block_size or model.cfg.block_size
+    S = cfg.small_block_size
+    cfg.validate(B)
+    if not prompts:
+        raise GenerationError("no prompts given")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise GenerationError("empty prompt (0 tokens)")
+    max_pos = model.cfg.max_position_embeddings
+    if max(lengths) >= max_pos:
+        raise GenerationError(
+            f"prompt of {max(lengths)} tokens does not fit the model's {max_pos} positions"
+        )
+    device = model.embed_tokens.weight.device
+    n = len(prompts)
+    ends = [min(L + cfg.max_new_tokens, max_pos) for L in lengths]  # exclusive, per row
+    total = -(-max(ends) // B) * B
+    seq = torch.full((n, total), ids.mask, dtype=torch.long, device=device)
+    for r, p in enumerate(prompts):
+        seq[r, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+    prompt_len = torch.tensor(lengths, device=device)
+    row_end = torch.tensor(ends, device=device)
+    gen = None
+    if cfg.temperature > 0:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    engine = Engine(model, policy, block_size=B, block_cache=cfg.use_block_cache)
+    engine.allocate(n, total)
+    final_len = [0] * n
+    finish = [""] * n
+
+    _sync(device)
+    t0 = time.perf_counter()
+    active = torch.arange(n, device=device)
+    start = (min(lengths) // B) * B
+    if start > 0:
+        hidden = engine.prefill(seq[:, :start])
+        _write_first_slot(seq, active, start, prompt_len, model.logits(hidden).argmax(-1))
+    cols = torch.arange(B, device=device)
+    while active.numel():
+        engine.begin_block()
+        pos = start + cols[None]  # absolute positions of the block, [1, B]
+        block = seq[active, start : start + B]
+        L, end = prompt_len[active, None], row_end[active, None]
+        # Decode every slot after the prompt and the block's known first slot, within budget.
+        pending = (pos >= torch.clamp(L, min=start + 1)) & (pos < end)
+        generated = (pos >= L) & (pos < end)
+        stopped = torch.zeros(active.numel(), dtype=torch.bool, device=device)
+        if not cfg.ignore_eos:
+            stopped = _eos_stops(block, pending, generated, ids.eos)
+        has_block_kv = False
+        for k in range(B // S):
+            sub = slice(k * S, (k + 1) * S)
+            while True:
+                candidates = pending[:, sub] & ~stopped[:, None]
+                if not bool(candidates.any()):
+                    break
+                window, units = 0, None
+                if cfg.use_block_cache and has_block_kv:
+                    # A row runs a full-block forward only while its sub-block's first slot is
+                    # a mask; otherwise just its sub-block, against the block K/V it last had.
+                    full = pending[:, k * S]
+                    if not bool(full.any()):
+                        window = k * S
+                    elif not bool(full.all()):
+                        units = full[:, None] | ((cols >= k * S) & (cols < (k + 1) * S))[None]
+                width = S if window else B
+                out_pos = (torch.arange(k * S, (k + 1) * S, device=device) - 1 - window).clamp(
+                    min=0
+                )
+                hidden = engine.denoise(block[:, window : window + width], window, out_pos, units)
+                has_block_kv = True
+                token, conf = _propose(model.logits(hidden), cfg, gen)
+                conf = torch.where(candidates, conf, -1.0)
+                take = candidates & (conf > cfg.threshold)
+                best = conf.argmax(1, keepdim=True)
+                take.scatter_(1, best, candidates.gather(1, best))
+                block[:, sub] = torch.where(take, token, block[:, sub])
+                pending[:, sub] &= ~take
+                if not cfg.ignore_eos:
+                    stopped |= _eos_stops(block, pending, generated, ids.eos)
+        seq[active, start : start + B] = block
+
+        # Rows leave at the block end: on EOS (cut after it) or when their budget is spent.
+        is_eos = (block == ids.eos) & generated
+        first_eos = start + is_eos.int().argmax(1)
+        out_of_budget = row_end[active] <= start + B
+        stopped_l, first_l, budget_l, rows_l = (
+            stopped.tolist(),
+            first_eos.tolist(),
+            out_of_budget.tolist(),
+            active.tolist(),
+        )
+        keep = []
+        for j, r in enumerate(rows_l):
+            if stopped_l[j]:
+                final_len[r], finish[r] = first_l[j] + 1, "eos"
+            elif budget_l[j]:
+                final_len[r], finish[r] = ends[r], "length"
+            else:
+                keep.append(j)
+        if len(keep) < len(rows_l):
+            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+            engine.keep_rows(keep_t)
+            active, block = active[keep_t], block[keep_t]
+        if not keep:
+            break
+        hidden = engine.commit(block)
+        start += B
+        _write_first_slot(seq, active, start, prompt_len, model.logits(hidden).argmax(-1))
+    _sync(device)
+
+    stats = engine.stats
+    stats.wall_seconds = time.perf_counter() - t0
+    outputs = []
+    for r in range(n):
+        token_ids = seq[r, lengths[r] : final_len[r]].tolist()
+        outputs.append(Output(token_ids, finish[r]))
+    stats.generated_tokens = sum(len(o.token_ids) for o in outputs)
+    return GenerationResult(outputs, stats)
+
+
+class FastDLLM:
+    """A loaded checkpoint: network, tokenizer and its special ids, ready to generate text."""
+
+    def __init__(self, model: Network, tokenizer, ids: TokenIds):
+        self.model, self.tokenizer, self.ids = model, tokenizer, ids
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype | None = None,
+        device: str | None = None,
+        mask_token: str | None = None,
+    ) -> FastDLLM:
+        tokenizer, ids = load_tokenizer(path, mask_token)
+        return cls(load_model(path, dtype=dtype, device=device), tokenizer, ids)
+
+    def encode(self, texts: list[str], chat: bool = False) -> list[list[int]]:
+        if chat:
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+                )
+                for t in texts
+            ]
+        return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+    def generate(
+        self,
+        texts: list[str],
+        config: GenerationConfig | None = None,
+        policy: Policy | None = None,
+        chat: bool = False,
+    ) -> GenerationResult:
+        if not texts:
+            raise GenerationError("no prompts given")
+        result = generate(self.model, self.encode(texts, chat), self.ids, config, policy)
+        for o in result.outputs:
+            o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
+        return result
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m v2.generate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="checkpoint directory (or hub id)")
+    p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
+    p.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--threshold", type=float, default=0.9)
+    p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's bd_size")
+    p.add_argument("--small-block-size", type=int, default=8)
+    p.add_argument("--use-block-cache", action="store_true")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--mask-token", default=None, help="mask token if the tokenizer lacks |<MASK>|")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    from v2.policies import add_policy_arguments
+
+    add_policy_arguments(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from v2.policies import policy_from_args
+
+    try:
+        policy = policy_from_args(args)
+        lm = FastDLLM.load(
+            args.model,
+            dtype=getattr(torch, args.dtype) if args.dtype else None,
+            device=args.device,
+            mask_token=args.mask_token,
+        )
+        config = GenerationConfig(
+            max_new_tokens=args.max_new_tokens,
+            threshold=args.threshold,
+            block_size=args.block_size,
+            small_block_size=args.small_block_size,
+            use_block_cache=args.use_block_cache,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            ignore_eos=args.ignore_eos,
+        )
+        result = lm.generate(args.prompt, config, policy, chat=args.chat)
+    except (CheckpointError, GenerationError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        outputs = [
+            {"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
+            for o in result.outputs
+        ]
+        print(json.dumps({"outputs": outputs, "stats": result.stats.to_dict()}))
+    else:
+        for o in result.outputs:
+            print(o.text)
+        s = result.stats
+        print(
+            f"[{s.generated_tokens} tokens, {s.tokens_per_forward:.2f} tokens/forward, "
+            f"{s.tokens_per_second:.1f} tokens/s, executed FLOPs "
+            f"{s.executed_flops / max(s.baseline_flops, 1):.1%} of baseline]",
+            file=sys.stderr,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The policy registry: one place that turns a name and options (command-line flags or lm_eval
+model_args) into a policy object. The policies themselves live in the top-level modules
+`token_skip_generation_functions` and `layer_skip_generation_functions`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from v2.policy import Policy
+
+# name -> (module, class, {option: type})
+POLICIES: dict[str, tuple[str, str, dict[str, type]]] = {
+    "token": (
+        "token_skip_generation_functions",
+        "TokenSkipPolicy",
+        {"cosine_threshold": float, "min_layer": int, "reuse_ratio": float, "refresh_every": int},
+    ),
+    "layer": (
+        "layer_skip_generation_functions",
+        "LayerSkipPolicy",
+        {
+            "cosine_threshold": float,
+            "max_consecutive_skips": int,
+            "protect_first": int,
+            "protect_last": int,
+        },
+    ),
+    "reuse": (
+        "layer_skip_generation_functions",
+        "LayerReusePolicy",
+        {"reuse_k": int, "layer_subset": str, "subset_size": int},
+    ),
+}
+POLICY_NAMES = ("none", *POLICIES)
+POLICY_OPTIONS: dict[str, type] = {
+    k: t for _, _, opts in POLICIES.values() for k, t in opts.items()
+}
+
+
+def make_policy(name: str | None, **options) -> Policy | None:
+    """A policy from its name and options; options that another policy owns are an error."""
+    name = name or "none"
+    if name not in POLICY_NAMES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
+    given = {k: v for k, v in options.items() if v is not None}
+    if name == "none":
+        if given:
+            raise ValueError(
+                f"options {', '.join(sorted(given))} need a policy (policy=token|layer|reuse)"
+            )
+        return None
+    module, cls, allowed = POLICIES[name]
+    foreign = sorted(set(given) - set(allowed))
+    if foreign:
+        raise ValueError(f"policy {name!r} takes {', '.join(allowed)}; not {', '.join(foreign)}")
+    return getattr(importlib.import_module(module), cls)(
+        **{k: allowed[k](v) for k, v in given.items()}
+    )
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("compute skipping")
+    g.add_argument("--policy", choices=POLICY_NAMES, default="none")
+    for option, typ in POLICY_OPTIONS.items():
+        g.add_argument("--" + option.replace("_", "-"), type=typ, default=None)
+
+
+def policy_from_args(args: argparse.Namespace) -> Policy | None:
+    return make_policy(args.policy, **{k: getattr(args, k) for k in POLICY_OPTIONS})

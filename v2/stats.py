@@ -1,0 +1,108 @@
+"""What a generation call reports: forwards by kind, tokens, executed work and wall-clock.
+
+Executed FLOPs are counted from the shapes the engine actually ran: per executed (row, position,
+layer) unit 2 x (the layer's matmul weights) plus 4 x (keys its query attends) x (attention width),
+and 2 x hidden x vocab per logit row. Baseline figures count the same forwards with every unit
+computed, so executed / baseline is the per-forward saving; compare two runs' executed FLOPs for
+the end-to-end saving (skipping changes how many forwards a block takes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FORWARD_KINDS = ("prefill", "denoise_full", "denoise_sub", "commit")
+
+
+@dataclass
+class Stats:
+    num_layers: int
+    forwards: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FORWARD_KINDS, 0))
+    row_forwards: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FORWARD_KINDS, 0))
+    generated_tokens: int = 0
+    executed_flops: int = 0
+    baseline_flops: int = 0
+    executed_units_per_layer: list[int] = field(default_factory=list)
+    baseline_units_per_layer: list[int] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.executed_units_per_layer = self.executed_units_per_layer or [0] * self.num_layers
+        self.baseline_units_per_layer = self.baseline_units_per_layer or [0] * self.num_layers
+
+    @property
+    def executed_units(self) -> int:
+        return sum(self.executed_units_per_layer)
+
+    @property
+    def baseline_units(self) -> int:
+        return sum(self.baseline_units_per_layer)
+
+    @property
+    def decode_row_forwards(self) -> int:
+        """Row-forwards that produce tokens: denoise and commit (prefill is prompt work)."""
+        r = self.row_forwards
+        return r["denoise_full"] + r["denoise_sub"] + r["commit"]
+
+    @property
+    def tokens_per_forward(self) -> float:
+        """Generated tokens per (row, decoding forward): 1.0 is autoregressive speed."""
+        return self.generated_tokens / max(self.decode_row_forwards, 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def skip_rate_per_layer(self) -> list[float]:
+        return [
+            1.0 - e / b if b else 0.0
+            for e, b in zip(
+                self.executed_units_per_layer, self.baseline_units_per_layer, strict=True
+            )
+        ]
+
+    def add(self, other: Stats) -> None:
+        for kind in FORWARD_KINDS:
+            self.forwards[kind] += other.forwards[kind]
+            self.row_forwards[kind] += other.row_forwards[kind]
+        self.generated_tokens += other.generated_tokens
+        self.executed_flops += other.executed_flops
+        self.baseline_flops += other.baseline_flops
+        self.wall_seconds += other.wall_seconds
+        for i in range(self.num_layers):
+            self.executed_units_per_layer[i] += other.executed_units_per_layer[i]
+            self.baseline_units_per_layer[i] += other.baseline_units_per_layer[i]
+
+    def to_dict(self) -> dict:
+        return {
+            "forwards": dict(self.forwards),
+            "row_forwards": dict(self.row_forwards),
+            "generated_tokens": self.generated_tokens,
+            "tokens_per_forward": self.tokens_per_forward,
+            "executed_units": self.executed_units,
+            "baseline_units": self.baseline_units,
+            "executed_flops": self.executed_flops,
+            "baseline_flops": self.baseline_flops,
+            "flops_ratio": self.executed_flops / self.baseline_flops
+            if self.baseline_flops
+            else 1.0,
+            "skip_rate_per_layer": self.skip_rate_per_layer(),
+            "executed_units_per_layer": list(self.executed_units_per_layer),
+            "baseline_units_per_layer": list(self.baseline_units_per_layer),
+            "wall_seconds": self.wall_seconds,
+            "tokens_per_second": self.tokens_per_second,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Stats:
+        s = cls(
+            num_layers=len(d["executed_units_per_layer"]),
+            executed_units_per_layer=list(d["executed_units_per_layer"]),
+            baseline_units_per_layer=list(d["baseline_units_per_layer"]),
+        )
+        s.forwards.update(d["forwards"])
+        s.row_forwards.update(d["row_forwards"])
+        s.generated_tokens = d["generated_tokens"]
+        s.executed_flops, s.baseline_flops = d["executed_flops"], d["baseline_flops"]
+        s.wall_seconds = d["wall_seconds"]
+        return s
