@@ -3,7 +3,8 @@
 Every problem follows one quantity (a person's pile of objects) through 2 to 4 arithmetic
 steps. The answer has one line per step with a GSM8K calculator annotation such as
 ``Tom has 3 + 4 = <<3+4=7>>7 apples.`` and ends with ``#### N``. Numbers stay small (operands
-up to ~100, results below 10000) so that a tiny model can actually learn the arithmetic.
+up to ~100, multipliers and divisors of one digit, results below 1000) so that a tiny model can
+actually learn the arithmetic.
 
 CLI: ``python -m v2.tiny.data --out DIR --n-train 200000 --n-test 1000 --seed 0``
 """
@@ -20,7 +21,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 MAX_OPERAND = 100
-MAX_RESULT = 9999
+MAX_RESULT = 999
+MAX_FACTOR = 9  # multipliers and divisors are 2..MAX_FACTOR: one-digit multiplication only
 
 NAMES = [
     "Tom", "Anna", "Liam", "Mia", "Noah", "Emma", "Omar", "Sofia", "Ravi", "Chloe",
@@ -146,8 +148,8 @@ def _choose_step(rng: random.Random, a: int) -> tuple[str, int] | None:
     if a >= 2:  # keep at least one object so later steps still make sense
         choices.append(("-", rng.randint(1, min(MAX_OPERAND, a - 1))))
     if 2 <= a <= MAX_OPERAND and a * 2 <= MAX_RESULT:
-        choices.append(("*", rng.randint(2, min(12, MAX_RESULT // a))))
-    divisors = [d for d in range(2, 13) if a % d == 0]
+        choices.append(("*", rng.randint(2, min(MAX_FACTOR, MAX_RESULT // a))))
+    divisors = [d for d in range(2, MAX_FACTOR + 1) if a % d == 0]
     if divisors:
         choices.append(("/", rng.choice(divisors)))
     return rng.choice(choices) if choices else None
@@ -164,7 +166,7 @@ def make_problem(rng: random.Random) -> dict[str, str]:
 
     if rng.random() < 0.3:
         q_tpl, a_tpl = rng.choice(PRODUCT_STARTS)
-        x, y = rng.randint(2, 12), rng.randint(2, 25)
+        x, y = rng.randint(2, MAX_FACTOR), rng.randint(2, 25)
         eq, value = _equation(x, "*", y)
         q_lines.append(q_tpl.format(a=x, b=y, **fields))
         a_lines.append(a_tpl.format(eq=eq, **fields))

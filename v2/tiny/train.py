@@ -1,0 +1,527 @@
+"""Train the tiny Fast-dLLM v2 model from scratch on synthetic GSM8K-style problems, save it in the
+release layout and evaluate it with our block-diffusion decoder.
+
+    python -m v2.tiny.train --out v2/tiny/checkpoint --minutes 8      # CUDA when available
+    python -m v2.tiny.train --out /tmp/tiny --smoke --eval-limit 4    # seconds on CPU
+
+Objective (fast-dllm-v2.md section 10): every sample is a chat (system prompt, user
+"Question: ...\\nAnswer:", assistant answer + <|im_end|>), padded with the mask token to a multiple
+of the block size B. Response tokens are masked per block with p = eps + (1 - eps) t, t ~ U(0, 1),
+except each block's first slot (at inference it always comes from the previous block's commit
+forward). Each sample appears twice, with mask m and with its complement, so every maskable token
+is supervised once. The input is [noisy ; clean] under one attention mask; the loss is the
+token-shifted cross-entropy on masked noisy positions plus, for block-first response slots, on
+the clean half's previous position (what the commit forward predicts at inference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from v2.checkpoint import save_release_checkpoint, token_ids
+from v2.model import ModelConfig, Network
+from v2.tiny.data import make_split, read_jsonl
+from v2.tiny.tokenizer import IM_END, build_tokenizer
+
+TEST_JSONL = Path(__file__).resolve().parent / "data" / "test.jsonl"
+MASK_EPS = 1e-3  # minimum masking probability per block
+IGNORE = -100  # cross-entropy label of unsupervised positions
+SMOKE_EVAL_LIMIT = 8
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    minutes: float = 8.0  # wall-clock budget of the training loop
+    steps: int | None = None  # maximum optimizer steps (None: only the time budget)
+    batch_size: int = 128  # problems per step; each appears twice (mask and complement)
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 200
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    n_train: int = 200_000
+    max_len: int = 256  # longer samples are dropped
+    seed: int = 0
+    compile: bool = False
+
+
+def default_model_config(vocab_size: int, smoke: bool = False) -> ModelConfig:
+    """The committed checkpoint's size (6.48M parameters), or a very small smoke model."""
+    if smoke:
+        sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+        sizes.update(num_key_value_heads=2, intermediate_size=128)
+    else:
+        sizes = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8)
+        sizes.update(num_key_value_heads=2, intermediate_size=768)
+    return ModelConfig(
+        vocab_size=vocab_size,
+        rope_theta=10_000.0,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        block_size=32,
+        **sizes,
+    )
+
+
+# ---- data ----------------------------------------------------------------------------------
+
+
+def user_message(question: str) -> str:
+    """What the evaluation sends as the user turn: lm_eval's gsm8k prompt."""
+    return f"Question: {question}\nAnswer:"
+
+
+def prompt_text(tokenizer, question: str) -> str:
+    """The chat prompt up to and including `<|im_start|>assistant\\n` (default system prompt)."""
+    messages = [{"role": "user", "content": user_message(question)}]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+@dataclass
+class Samples:
+    """Tokenised samples, each padded with the mask token to `max_len`."""
+
+    tokens: torch.Tensor  # [n, max_len] long: prompt + answer + <|im_end|>, then mask tokens
+    prompt_len: torch.Tensor  # [n]
+    length: torch.Tensor  # [n] prompt + response
+    dropped: int = 0  # samples longer than max_len
+
+    def __len__(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device: torch.device) -> Samples:
+        return Samples(
+            self.tokens.to(device), self.prompt_len.to(device), self.length.to(device), self.dropped
+        )
+
+
+def encode_problems(
+    tokenizer, problems: Sequence[dict[str, str]], max_len: int, mask_id: int
+) -> Samples:
+    """Prompt and response tokenised separately (add_special_tokens=False), as at inference."""
+    # The template inserts the user message verbatim: render it once around a placeholder.
+    head, tail = prompt_text(tokenizer, "\x00").split("\x00")
+    prompts = [head + p["question"] + tail for p in problems]
+    answers = [p["answer"] for p in problems]
+    backend = tokenizer.backend_tokenizer  # the Rust tokenizer: no per-text Python overhead
+    encoded = backend.encode_batch(prompts + answers, add_special_tokens=False)
+    eos = tokenizer.convert_tokens_to_ids(IM_END)
+    tokens = np.full((len(problems), max_len), mask_id, dtype=np.int64)
+    prompt_len = np.zeros(len(problems), dtype=np.int64)
+    length = np.zeros(len(problems), dtype=np.int64)
+    n = 0
+    for prompt, answer in zip(encoded[: len(problems)], encoded[len(problems) :], strict=True):
+        ids = prompt.ids + answer.ids + [eos]
+        if len(ids) > max_len:
+            continue
+        tokens[n, : len(ids)] = ids
+        prompt_len[n], length[n] = len(prompt.ids), len(ids)
+        n += 1
+    return Samples(
+        torch.from_numpy(tokens[:n]),
+        torch.from_numpy(prompt_len[:n]),
+        torch.from_numpy(length[:n]),
+        dropped=len(problems) - n,
+    )
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [b, T] clean tokens, mask-token padded, T a multiple of the block size
+    prompt_len: torch.Tensor  # [b]
+    length: torch.Tensor  # [b]
+
+    def response(self) -> torch.Tensor:
+        """[b, T] bool: the answer tokens and <|im_end|>."""
+        pos = torch.arange(self.ids.shape[1], device=self.ids.device)
+        return (pos >= self.prompt_len[:, None]) & (pos < self.length[:, None])
+
+
+def make_batch(samples: Samples, index: torch.Tensor, block_size: int) -> Batch:
+    """Rows `index`, cut to the shortest multiple of the block size that holds them all."""
+    length = samples.length[index]
+    T = -(-int(length.max()) // block_size) * block_size
+    return Batch(samples.tokens[index, :T], samples.prompt_len[index], length)
+
+
+def batches(
+    samples: Samples, batch_size: int, block_size: int, generator: torch.Generator
+) -> Iterator[Batch]:
+    """Endless shuffled epochs (the last incomplete batch of an epoch is skipped)."""
+    n = len(samples)
+    if n < batch_size:
+        raise ValueError(f"{n} training samples are fewer than one batch of {batch_size}")
+    while True:
+        order = torch.randperm(n, generator=generator).to(samples.tokens.device)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield make_batch(samples, order[start : start + batch_size], block_size)
+
+
+# ---- objective -----------------------------------------------------------------------------
+
+
+def maskable(batch: Batch, block_size: int) -> torch.Tensor:
+    """[b, T] bool: response tokens that may be masked (never a block's first slot)."""
+    pos = torch.arange(batch.ids.shape[1], device=batch.ids.device)
+    return batch.response() & (pos % block_size != 0)[None]
+
+
+def noise_mask(batch: Batch, block_size: int, generator: torch.Generator) -> torch.Tensor:
+    """[b, T] bool: the first view's masked positions; its complement (within `maskable`) is the
+    second view. One t ~ U(0, 1) per (sample, block), each token masked with eps + (1 - eps) t."""
+    b, T = batch.ids.shape
+    device = batch.ids.device
+    t = torch.rand(b, T // block_size, generator=generator, device=device)
+    p = (MASK_EPS + (1 - MASK_EPS) * t).repeat_interleave(block_size, dim=1)
+    return (torch.rand(b, T, generator=generator, device=device) < p) & maskable(batch, block_size)
+
+
+def attention_mask(T: int, block_size: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[2T, 2T] bool (True = visible) over [noisy ; clean], both at positions 0..T-1: noisy sees
+    noisy of its own block and clean of earlier blocks; clean sees clean of its own and earlier
+    blocks; clean never sees noisy."""
+    block = torch.arange(T, device=device) // block_size
+    same = block[:, None] == block[None, :]
+    earlier = block[:, None] > block[None, :]
+    top = torch.cat([same, earlier], dim=1)
+    bottom = torch.cat([torch.zeros_like(same), same | earlier], dim=1)
+    return torch.cat([top, bottom], dim=0)
+
+
+def diffusion_inputs(
+    batch: Batch, masked: torch.Tensor, mask_id: int, block_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [view m ; complementary view], each [noisy | clean] -> ids and labels [2b, 2T].
+
+    labels[r, i] is the token that output i must predict (token shift: output j-1 predicts j):
+    a masked noisy token, or (first view only, so each is counted once) a block-first response
+    token predicted from the clean half."""
+    b, T = batch.ids.shape
+    clean = batch.ids.repeat(2, 1)
+    views = torch.cat([masked, maskable(batch, block_size) & ~masked])
+    noisy = torch.where(views, mask_id, clean)
+    labels = torch.full((2 * b, 2 * T), IGNORE, dtype=torch.long, device=clean.device)
+    labels[:, : T - 1] = torch.where(views[:, 1:], clean[:, 1:], IGNORE)
+    pos = torch.arange(T, device=clean.device)
+    first = batch.response() & (pos % block_size == 0)[None]
+    labels[:b, T : 2 * T - 1] = torch.where(first[:, 1:], batch.ids[:, 1:], IGNORE)
+    return torch.cat([noisy, clean], dim=1), labels
+
+
+def diffusion_loss(model: Network, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over all supervised tokens of `diffusion_inputs`."""
+    T = ids.shape[1] // 2
+    positions = torch.arange(T, device=ids.device).repeat(2)
+    mask = attention_mask(T, model.cfg.block_size, ids.device)
+    logits = model(ids, positions, mask)
+    return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+
+
+# ---- training ------------------------------------------------------------------------------
+
+
+def init_weights(model: Network, std: float = 0.02) -> None:
+    """GPT-2 style: normal(0, std) matrices, residual outputs scaled by 1/sqrt(2 * layers)."""
+    out_std = std / math.sqrt(2 * model.cfg.num_hidden_layers)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            residual = name.endswith(("o_proj.weight", "down_proj.weight"))
+            torch.nn.init.normal_(p, std=out_std if residual else std)
+        elif name.endswith(".bias"):
+            torch.nn.init.zeros_(p)  # norm weights keep their ones
+
+
+def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
+    """Linear warmup over steps, then cosine decay over `progress` (0..1 of the budget)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    cosine = 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+@dataclass
+class TrainResult:
+    model: Network
+    losses: list[float]
+    steps: int
+    wall_seconds: float
+
+    @property
+    def final_loss(self) -> float:
+        tail = self.losses[-50:]
+        return sum(tail) / max(len(tail), 1)
+
+
+def train(
+    model: Network,
+    samples: Samples,
+    mask_id: int,
+    cfg: TrainConfig,
+    device: torch.device,
+    progress_bar: bool = True,
+) -> TrainResult:
+    """Train `model` in place until `cfg.steps` or `cfg.minutes` runs out."""
+    B = model.cfg.block_size
+    model.to(device).train()
+    samples = samples.to(device)
+    cpu_gen = torch.Generator().manual_seed(cfg.seed)
+    noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=cfg.betas,
+        fused=device.type == "cuda",
+    )
+    loss_fn = torch.compile(diffusion_loss, dynamic=True) if cfg.compile else diffusion_loss
+    autocast = torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+    )  # float32 on CPU
+    budget = cfg.minutes * 60
+    pending: list[torch.Tensor] = []  # losses not yet copied to the host (avoids a sync a step)
+    losses: list[float] = []
+    bar = tqdm(
+        total=cfg.steps,
+        desc="train",
+        disable=not progress_bar,
+        mininterval=1.0 if sys.stderr.isatty() else 15.0,
+    )
+    data = batches(samples, cfg.batch_size, B, cpu_gen)
+    t0 = time.perf_counter()
+    step = 0
+    while cfg.steps is None or step < cfg.steps:
+        elapsed = time.perf_counter() - t0
+        if elapsed > budget:
+            break
+        progress = max(step / cfg.steps if cfg.steps else 0.0, elapsed / budget)
+        lr = learning_rate(cfg, step, progress)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = next(data)
+        ids, labels = diffusion_inputs(batch, noise_mask(batch, B, noise_gen), mask_id, B)
+        with autocast:
+            loss = loss_fn(model, ids, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        pending.append(loss.detach())
+        step += 1
+        if len(pending) == 20:
+            losses += torch.stack(pending).tolist()
+            pending.clear()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", min=f"{elapsed / 60:.1f}")
+        bar.update(1)
+    if pending:
+        losses += torch.stack(pending).tolist()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    wall = time.perf_counter() - t0
+    bar.close()
+    return TrainResult(model.eval(), losses, step, wall)
+
+
+# ---- evaluation ----------------------------------------------------------------------------
+
+_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+
+
+def _normalise(number: str) -> str:
+    """lm_eval gsm8k's exact_match clean-up: drop commas and `$`, and a trailing period."""
+    return re.sub(r"\.$", "", number.replace(",", "").replace("$", "")).strip()
+
+
+def extract_answers(text: str) -> tuple[str | None, str | None]:
+    """(strict `#### N`, flexible last number) as lm_eval's gsm8k filters find them."""
+    strict = _STRICT.search(text)
+    flexible = _FLEXIBLE.findall(text)
+    last = next((g for g in flexible[-1] if g), None) if flexible else None
+    return (
+        _normalise(strict.group(1)) if strict else None,
+        _normalise(last) if last is not None else None,
+    )
+
+
+def _accuracy(correct: list[bool]) -> dict[str, float]:
+    n = len(correct)
+    p = sum(correct) / n
+    stderr = math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
+    return {"accuracy": p, "stderr": stderr}
+
+
+def evaluate(
+    checkpoint: str | Path,
+    problems: Sequence[dict[str, str]],
+    thresholds: Sequence[float] = (1.0, 0.9),
+    batch_size: int = 250,
+    max_new_tokens: int = 256,
+) -> dict[str, dict]:
+    """Greedy block-diffusion decoding of every problem at each threshold; accuracy of the strict
+    and flexible answers against the reference `#### N`, and decoding statistics."""
+    from v2.generate import FastDLLM, GenerationConfig
+
+    lm = FastDLLM.load(checkpoint)
+    gold = [p["answer"].rsplit("#### ", 1)[1].strip() for p in problems]
+    texts = [user_message(p["question"]) for p in problems]
+    results = {}
+    for threshold in thresholds:
+        config = GenerationConfig(max_new_tokens=max_new_tokens, threshold=threshold)
+        strict, flexible, stats = [], [], None
+        for start in tqdm(range(0, len(texts), batch_size), desc=f"eval threshold {threshold}"):
+            result = lm.generate(texts[start : start + batch_size], config, chat=True)
+            for out, ref in zip(result.outputs, gold[start : start + batch_size], strict=True):
+                s, f = extract_answers(out.text)
+                strict.append(s == ref)
+                flexible.append(f == ref)
+            if stats is None:
+                stats = result.stats
+            else:
+                stats.add(result.stats)
+        results[f"threshold_{threshold}"] = {
+            "threshold": threshold,
+            "n": len(texts),
+            "strict_match": _accuracy(strict),
+            "flexible_extract": _accuracy(flexible),
+            "tokens_per_forward": stats.tokens_per_forward,
+            "stats": stats.to_dict(),
+        }
+    return results
+
+
+# ---- command -------------------------------------------------------------------------------
+
+
+# TrainConfig values that --smoke changes unless they are given on the command line.
+SMOKE_RUN = {"steps": 40, "batch_size": 16, "n_train": 2000, "warmup_steps": 5}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m v2.tiny.train", description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, default=Path("v2/tiny/checkpoint"))
+    p.add_argument("--minutes", type=float, default=8.0, help="training-loop wall-clock budget")
+    p.add_argument("--steps", type=int, help="maximum steps (default: none; --smoke: 40)")
+    p.add_argument("--batch-size", type=int, help="problems per step (default 128; --smoke: 16)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, help="default 200; --smoke: 5")
+    p.add_argument("--n-train", type=int, help="training problems (default 200000; --smoke: 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", action="store_true", help="torch.compile the loss (default off)")
+    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument("--smoke", action="store_true", help="a very small model for a CPU check")
+    p.add_argument("--no-eval", action="store_true")
+    p.add_argument(
+        "--eval-limit",
+        type=int,
+        help=f"evaluate the first N problems (--smoke: {SMOKE_EVAL_LIMIT})",
+    )
+    p.add_argument("--eval-batch-size", type=int, default=250)
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    preset = SMOKE_RUN if args.smoke else {}
+    given = {k: getattr(args, k) for k in SMOKE_RUN if getattr(args, k) is not None}
+    return TrainConfig(
+        minutes=args.minutes,
+        lr=args.lr,
+        seed=args.seed,
+        compile=args.compile,
+        **{**preset, **given},
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    cfg = config_from_args(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    out = args.out
+    t_setup = time.perf_counter()
+
+    tokenizer = build_tokenizer(out)  # deterministic; saved again with the checkpoint
+    mask_id = token_ids(tokenizer).mask
+    test = read_jsonl(TEST_JSONL)
+    problems = make_split(cfg.n_train, seed=2 * cfg.seed, exclude={p["question"] for p in test})
+    samples = encode_problems(tokenizer, problems, cfg.max_len, mask_id)
+    torch.manual_seed(cfg.seed)
+    model_cfg = default_model_config(len(tokenizer), smoke=args.smoke)
+    model = Network(model_cfg)
+    init_weights(model)
+    n_params = sum(p.numel() for p in model.parameters())
+    setup_seconds = time.perf_counter() - t_setup
+    print(
+        f"device {device}; {n_params / 1e6:.2f}M parameters; {len(samples)} training samples "
+        f"({samples.dropped} longer than {cfg.max_len} dropped); setup {setup_seconds:.1f} s",
+        flush=True,
+    )
+
+    result = train(model, samples, mask_id, cfg, device)
+    save_release_checkpoint(result.model, out, tokenizer, dtype=torch.bfloat16)
+    weights_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
+    log = {
+        "command": " ".join(["python -m v2.tiny.train", *(sys.argv[1:] if argv is None else argv)]),
+        "seed": cfg.seed,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "steps": result.steps,
+        "wall_seconds": result.wall_seconds,
+        "setup_seconds": setup_seconds,
+        "final_loss": result.final_loss,
+        "final_loss_note": "mean of the last 50 steps",
+        "problems_per_second": result.steps * cfg.batch_size / max(result.wall_seconds, 1e-9),
+        "peak_gpu_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda"
+        else None,
+        "parameters": n_params,
+        "weights_mb_bf16": weights_mb,
+        "train_samples": len(samples),
+        "train_config": dataclasses.asdict(cfg),
+        "model_config": dataclasses.asdict(model_cfg),
+    }
+    (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+
+    lines = [
+        f"checkpoint: {out} ({n_params / 1e6:.2f}M parameters, {weights_mb:.1f} MB bf16)",
+        f"trained {result.steps} steps x {cfg.batch_size} problems in {result.wall_seconds:.0f} s "
+        f"on {log['device_name']}; final loss (mean of last 50 steps) {result.final_loss:.4f}",
+    ]
+    if not args.no_eval:
+        limit = args.eval_limit or (SMOKE_EVAL_LIMIT if args.smoke else None)
+        eval_problems = test[:limit] if limit else test
+        del result, model
+        log["eval"] = evaluate(out, eval_problems, batch_size=args.eval_batch_size)
+        (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
+        for r in log["eval"].values():
+            s, f = r["strict_match"], r["flexible_extract"]
+            lines.append(
+                f"threshold {r['threshold']}: strict {s['accuracy']:.1%} +- {s['stderr']:.1%}, "
+                f"flexible {f['accuracy']:.1%} +- {f['stderr']:.1%} (n={r['n']}), "
+                f"{r['tokens_per_forward']:.2f} tokens/forward"
+            )
+    print("\n== tiny Fast-dLLM v2 training summary ==\n" + "\n".join(lines), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
