@@ -1,0 +1,217 @@
+"""Block-diffusion decoding: cache exactness, batching, thresholds, sampling, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import IDS, prompt, random_network
+
+from v2.generate import GenerationConfig, GenerationError, generate, main
+from v2.model import block_causal_mask
+
+LENGTHS = (5, 31, 32, 33, 64, 70)
+
+
+def reference_decode(model, p: list[int], max_new: int, threshold: float, S: int = 8):
+    """The decoding rule recomputed from scratch every step: full-sequence forwards under the
+    block-causal rule, no cache (single row, greedy)."""
+    B = model.cfg.block_size
+    seq = list(p)
+    end = len(p) + max_new
+    while len(seq) < end:
+        start = (len(seq) // B) * B
+        if len(seq) == start:  # a plain AR step from the clean prefix opens the block
+            logits = model(
+                torch.tensor([seq]),
+                torch.arange(len(seq)),
+                block_causal_mask(torch.arange(len(seq)), torch.arange(len(seq)), B),
+            )
+            seq.append(int(logits[0, -1].argmax()))
+            if seq[-1] == IDS.eos:
+                break
+            continue
+        block = seq[start:] + [IDS.mask] * (start + B - len(seq))
+        pending = [start + j >= len(seq) and start + j < end for j in range(B)]
+        for k in range(B // S):
+            while any(pending[k * S : (k + 1) * S]):
+                full = seq[:start] + block
+                pos = torch.arange(len(full))
+                logits = model(torch.tensor([full]), pos, block_causal_mask(pos, pos, B))[0]
+                conf, tok = logits.softmax(-1).max(-1)  # position i predicts token i + 1
+                cands = [j for j in range(k * S, (k + 1) * S) if pending[j]]
+                best = max(cands, key=lambda j: conf[start + j - 1])
+                for j in cands:
+                    if j == best or conf[start + j - 1] > threshold:
+                        block[j], pending[j] = int(tok[start + j - 1]), False
+        seq = seq[:start] + block
+        gen = seq[len(p) :]
+        if IDS.eos in gen:
+            return gen[: gen.index(IDS.eos) + 1]
+        seq = seq[: min(len(seq), end)]
+    return seq[len(p) : end]
+
+
+# The random test model is nearly uniform (confidences about 0.03): 0.03 commits some slots of a
+# sub-block per forward and not others.
+@pytest.mark.parametrize("threshold", [1.0, 0.03])
+def test_cached_decoding_equals_full_recompute(model, threshold):
+    for length in (5, 32, 40):
+        p = prompt(length)
+        got = generate(model, [p], IDS, GenerationConfig(max_new_tokens=45, threshold=threshold))
+        assert got.outputs[0].token_ids == reference_decode(model, p, 45, threshold)
+
+
+@pytest.mark.parametrize("block_cache", [False, True])
+@pytest.mark.parametrize("threshold", [1.0, 0.9, 0.03])
+def test_batch_gives_each_prompt_its_own_tokens(model, threshold, block_cache):
+    prompts = [prompt(n, offset=n) for n in LENGTHS]
+    cfg = GenerationConfig(max_new_tokens=40, threshold=threshold, use_block_cache=block_cache)
+    batch = generate(model, prompts, IDS, cfg)
+    for p, out in zip(prompts, batch.outputs, strict=True):
+        alone = generate(model, [p], IDS, cfg).outputs[0]
+        assert out.token_ids == alone.token_ids and out.finish_reason == alone.finish_reason
+
+
+def test_rows_honour_their_own_budget_and_eos():
+    model = random_network(seed=3)
+    prompts = [prompt(5), prompt(40, 3)]
+    out = generate(
+        model, prompts, IDS, GenerationConfig(max_new_tokens=37, threshold=1.0, ignore_eos=True)
+    )
+    assert [len(o.token_ids) for o in out.outputs] == [37, 37]
+    assert {o.finish_reason for o in out.outputs} == {"length"}
+    # Make EOS the most likely token everywhere: every row stops after its first token.
+    with torch.no_grad():
+        model.lm_head.weight[IDS.eos] += 100.0
+    out = generate(model, prompts, IDS, GenerationConfig(max_new_tokens=37, threshold=1.0))
+    assert all(o.token_ids == [IDS.eos] and o.finish_reason == "eos" for o in out.outputs)
+
+
+def test_two_prompts_of_exactly_one_block_differ():
+    model = random_network(std=0.05)  # less degenerate: the output follows the prompt
+    a, b = prompt(32, 0), prompt(32, 5)
+    out = generate(model, [a, b], IDS, GenerationConfig(max_new_tokens=16, threshold=1.0))
+    assert out.outputs[0].token_ids != out.outputs[1].token_ids
+    assert out.stats.forwards["prefill"] == 1
+
+
+def test_threshold_one_is_one_token_per_denoise_forward(model):
+    # Prompt of one block: prefill, AR token at 32, then 31 masks -> 31 denoise + 1 commit.
+    out = generate(
+        model,
+        [prompt(32)],
+        IDS,
+        GenerationConfig(max_new_tokens=33, threshold=1.0, ignore_eos=True),
+    )
+    assert out.stats.forwards == {"prefill": 1, "denoise_full": 31, "denoise_sub": 0, "commit": 1}
+    assert out.stats.generated_tokens == 33
+
+
+def test_lower_threshold_commits_several_tokens_per_forward(model):
+    cfg = dict(max_new_tokens=64, ignore_eos=True)
+    slow = generate(model, [prompt(10)], IDS, GenerationConfig(threshold=1.0, **cfg)).stats
+    fast = generate(model, [prompt(10)], IDS, GenerationConfig(threshold=0.03, **cfg)).stats
+    assert fast.forwards["denoise_full"] < slow.forwards["denoise_full"]
+
+
+def test_sampling_is_per_row():
+    """Near-zero temperature samples each row's own argmax (sub-blocks of one slot fix the
+    decoding order); the release's bug (every row sampled from row 0's distribution) would give
+    row 1 row 0's tokens."""
+    model = random_network(seed=12, std=0.05)  # a seed with no near-tie in the argmax
+    prompts = [prompt(20, 0), prompt(20, 9)]
+    one_slot = dict(max_new_tokens=20, threshold=1.0, small_block_size=1)
+    greedy = [generate(model, [p], IDS, GenerationConfig(**one_slot)).outputs[0] for p in prompts]
+    sampled = generate(
+        model, prompts, IDS, GenerationConfig(**one_slot, temperature=1e-6, top_p=0.9, seed=0)
+    )
+    assert [o.token_ids for o in sampled.outputs] == [g.token_ids for g in greedy]
+    assert greedy[0].token_ids != greedy[1].token_ids
+    warm = GenerationConfig(max_new_tokens=20, threshold=1.0, temperature=1.0, seed=7)
+    first, again = (generate(model, prompts, IDS, warm).outputs for _ in range(2))
+    assert [o.token_ids for o in first] == [o.token_ids for o in again]  # seeded: reproducible
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(threshold=0.0), "threshold"),
+        (dict(small_block_size=5), "divide"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(top_p=1.5), "top_p"),
+    ],
+)
+def test_bad_config_is_a_clear_error(model, kwargs, message):
+    with pytest.raises(GenerationError, match=message):
+        generate(model, [prompt(5)], IDS, GenerationConfig(**kwargs))
+
+
+def test_bad_prompts_are_clear_errors(model):
+    with pytest.raises(GenerationError, match="no prompts"):
+        generate(model, [], IDS)
+    with pytest.raises(GenerationError, match="empty prompt"):
+        generate(model, [[]], IDS)
+    with pytest.raises(GenerationError, match="positions"):
+        generate(model, [prompt(600)], IDS)
+
+
+def run_cli(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_json(capsys, checkpoint):
+    code, out, _ = run_cli(
+        capsys,
+        "--model",
+        str(checkpoint),
+        "--prompt",
+        "Tom has 3 apples.",
+        "--prompt",
+        "Hi",
+        "--chat",
+        "--max-new-tokens",
+        "40",
+        "--json",
+    )
+    assert code == 0
+    result = json.loads(out)
+    assert len(result["outputs"]) == 2
+    assert set(result["outputs"][0]) == {"text", "token_ids", "finish_reason"}
+    stats = result["stats"]
+    assert set(stats["forwards"]) == {"prefill", "denoise_full", "denoise_sub", "commit"}
+    for key in (
+        "generated_tokens",
+        "tokens_per_forward",
+        "executed_units",
+        "baseline_units",
+        "executed_flops",
+        "baseline_flops",
+        "wall_seconds",
+        "tokens_per_second",
+    ):
+        assert key in stats
+    assert stats["generated_tokens"] == sum(len(o["token_ids"]) for o in result["outputs"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt", ""], "empty prompt"),
+        (["--prompt", "x " * 600], "positions"),
+        (["--prompt", "hi", "--threshold", "0"], "threshold"),
+        (["--prompt", "hi", "--small-block-size", "5"], "divide"),
+        (["--prompt", "hi", "--mask-token", "<nope>"], "mask_token"),
+    ],
+)
+def test_cli_bad_input_is_one_line(capsys, checkpoint, args, message):
+    code, _, err = run_cli(capsys, "--model", str(checkpoint), *args)
+    assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_cli_missing_checkpoint(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "--model", str(tmp_path / "none"), "--prompt", "hi")
+    assert code == 2 and "not found" in err and err.count("\n") == 1
