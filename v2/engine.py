@@ -105,8 +105,11 @@ class Engine:
         kind = "denoise_full" if w == B else "denoise_sub"
         ctx = ForwardContext(self.step, window_start, w, b, L, B)
         self.step += 1
-        baseline_units = int(units.sum()) if units is not None else b * w
-        self._count_forward(kind, b, baseline_units)
+        if units is None:
+            rows, baseline_units = b, b * w
+        else:
+            rows, baseline_units = (int(t) for t in (units.any(1).sum(), units.sum()))
+        self._count_forward(kind, rows, baseline_units)
         if self.policy is not None:
             self.policy.begin_forward(ctx)
         start, end = P + window_start, P + B

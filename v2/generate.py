@@ -174,28 +174,34 @@ def generate(
         stopped = torch.zeros(active.numel(), dtype=torch.bool, device=device)
         if not cfg.ignore_eos:
             stopped = _eos_stops(block, pending, generated, ids.eos)
-        has_block_kv = False
+        has_block_kv = torch.zeros_like(stopped)
         for k in range(B // S):
             sub = slice(k * S, (k + 1) * S)
             while True:
                 candidates = pending[:, sub] & ~stopped[:, None]
                 if not bool(candidates.any()):
                     break
-                window, units = 0, None
-                if cfg.use_block_cache and has_block_kv:
-                    # A row runs a full-block forward only while its sub-block's first slot is
-                    # a mask; otherwise just its sub-block, against the block K/V it last had.
-                    full = pending[:, k * S]
+                # Only rows with candidates run (the others wait for the batch at no cost).
+                busy = candidates.any(1)
+                window, width = 0, B
+                units = busy[:, None].expand(-1, B)
+                if cfg.use_block_cache:
+                    # A row runs a full-block forward while it has no block K/V yet or its
+                    # sub-block's first slot is a mask; otherwise just its sub-block, against
+                    # the block K/V it last computed.
+                    full = busy & (~has_block_kv | pending[:, k * S])
+                    in_sub = (cols >= k * S) & (cols < (k + 1) * S)
                     if not bool(full.any()):
-                        window = k * S
-                    elif not bool(full.all()):
-                        units = full[:, None] | ((cols >= k * S) & (cols < (k + 1) * S))[None]
-                width = S if window else B
+                        window, width, units = k * S, S, busy[:, None].expand(-1, S)
+                    else:
+                        units = full[:, None] | (busy[:, None] & in_sub[None])
+                    has_block_kv |= full
+                if bool(units.all()):
+                    units = None
                 out_pos = (torch.arange(k * S, (k + 1) * S, device=device) - 1 - window).clamp(
                     min=0
                 )
                 hidden = engine.denoise(block[:, window : window + width], window, out_pos, units)
-                has_block_kv = True
                 token, conf = _propose(model.logits(hidden), cfg, gen)
                 conf = torch.where(candidates, conf, -1.0)
                 take = candidates & (conf > cfg.threshold)
