@@ -107,7 +107,9 @@ def test_threshold_one_is_one_token_per_denoise_forward(model):
     )
     assert out.stats.forwards == {"prefill": 1, "denoise_full": 31, "denoise_sub": 0, "commit": 1}
     assert out.stats.generated_tokens == 33
-    cached = GenerationConfig(max_new_tokens=33, threshold=1.0, ignore_eos=True, use_block_cache=True)
+    cached = GenerationConfig(
+        max_new_tokens=33, threshold=1.0, ignore_eos=True, use_block_cache=True
+    )
     out = generate(model, [prompt(32)], IDS, cached)
     # One full-block forward opens each sub-block; the rest run on the sub-block alone.
     assert out.stats.forwards == {"prefill": 1, "denoise_full": 4, "denoise_sub": 27, "commit": 1}

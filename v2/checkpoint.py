@@ -201,9 +201,17 @@ def save_release_checkpoint(
 def load_tokenizer(path: str | Path, mask_token: str | None = None):
     """The checkpoint's tokenizer and its mask / stop / pad ids. Never runs remote code."""
     from transformers import AutoTokenizer
+    from transformers.utils import logging
 
     directory = resolve(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    # The release's model_type is unknown to transformers, which warns about it on every load
+    # although only the tokenizer is read here.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    finally:
+        logging.set_verbosity(verbosity)
     return tokenizer, token_ids(tokenizer, mask_token)
 
 

@@ -103,7 +103,7 @@ class Engine:
         b, w = ids.shape
         B, P, L = self.B, self.prefix_len, self.cfg.num_hidden_layers
         kind = "denoise_full" if w == B else "denoise_sub"
-        ctx = ForwardContext(self.step, window_start, w, b, L, B)
+        ctx = ForwardContext(self.step, window_start, w, b, L, B, units)
         self.step += 1
         if units is None:
             rows, baseline_units = b, b * w
@@ -194,14 +194,14 @@ class Engine:
             # complete for the sub-block forwards after it: a row there is computed, not passed.
             rows = full_rows if full_rows is not None else torch.ones_like(passed[:, 0])
             passed = passed & ~rows[:, None]
-        if self._keeps_deltas:
-            has_ref = self.has_ref[i, :, window_start : window_start + w]
-            reuse = (actions == REUSE) & has_ref
+        if self._keeps_deltas:  # a unit never computed in this block has nothing to reuse
+            reuse = (actions == REUSE) & self.has_ref[i, :, window_start : window_start + w]
+            compute = ~passed & ~reuse
         else:
-            reuse = torch.zeros_like(passed)
-        compute = ~passed & ~reuse
+            reuse, compute = None, ~passed
         if units is not None:
-            compute, reuse = compute & units, reuse & units
+            compute = compute & units
+            reuse = reuse & units if reuse is not None else None
         elif not bool((actions != COMPUTE).any()):
             return None, None
         return compute, reuse
@@ -212,7 +212,7 @@ class Engine:
         rows, pos = compute.nonzero(as_tuple=True)
         n = rows.numel()
         out = x
-        if self._keeps_deltas:
+        if reuse is not None:
             delta = self.delta[i, :, window_start : window_start + w]
             out = x + torch.where(
                 reuse[..., None], delta, torch.zeros((), dtype=x.dtype, device=x.device)

@@ -32,6 +32,10 @@ class ForwardContext:
     batch_size: int
     num_layers: int
     block_size: int
+    # [batch, window] bool: the units this forward runs for each row (None = all). Rows waiting
+    # for the rest of the batch, and positions outside a sub-block-cache row's sub-block, are
+    # out of scope: their hidden states are not updated, so a policy should not learn from them.
+    units: torch.Tensor | None = None
 
 
 class Policy:
