@@ -1,0 +1,151 @@
+"""Skipping policies on the tiny model, measured with the engine directly (no lm_eval needed, so
+it runs on a bare GPU machine): accuracy on the whole test split, executed FLOPs, tokens per
+forward, forwards per problem, and wall-clock tokens/s at batch 32 and batch 1.
+
+    python -m v2.tiny.policy_sweep --out docs/results/tiny_sweep.json
+
+Scoring is tiny_gsm's: strict = the `#### N` answer, flexible = the last number in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from v2.generate import FastDLLM, GenerationConfig
+from v2.policies import make_policy
+from v2.tiny.data import read_jsonl
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# (config id, policy name, options)
+CONFIGS = [
+    ("baseline", "none", {}),
+    *[
+        (f"token_ct{t}", "token", {"cosine_threshold": t})
+        for t in (1.0, 0.999, 0.995, 0.99, 0.98, 0.95, 0.9)
+    ],
+    *[(f"token_rr{r}", "token", {"reuse_ratio": r}) for r in (0.25, 0.5, 0.75)],
+    *[
+        (f"layer_ct{t}", "layer", {"cosine_threshold": t})
+        for t in (1.0, 0.999, 0.995, 0.99, 0.98, 0.95)
+    ],
+    *[
+        (
+            f"layer_ct{t}_pf2_pl2",
+            "layer",
+            {"cosine_threshold": t, "protect_first": 2, "protect_last": 2},
+        )
+        for t in (0.999, 0.99, 0.95)
+    ],
+    ("reuse_k1", "reuse", {"reuse_k": 1, "layer_subset": "middle"}),
+    *[
+        (f"reuse_k{k}_{s}", "reuse", {"reuse_k": k, "layer_subset": s})
+        for k in (2, 3)
+        for s in ("first", "middle", "last")
+    ],
+]
+
+
+def answer(text: str) -> tuple[str | None, str | None]:
+    strict = re.search(r"#### (\-?[0-9\.\,]+)", text)
+    numbers = re.findall(r"-?[0-9][0-9\.\,]*", text)
+    clean = lambda s: s.replace(",", "").rstrip(".") if s else None  # noqa: E731
+    return clean(strict.group(1) if strict else None), clean(numbers[-1] if numbers else None)
+
+
+def accuracy(hits: list[bool]) -> dict:
+    n = len(hits)
+    p = sum(hits) / n
+    return {"value": p, "stderr": math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else 0.0, "n": n}
+
+
+def run(lm, texts, gold, policy_name, options, batch, threshold) -> dict:
+    cfg = GenerationConfig(max_new_tokens=256, threshold=threshold)
+    strict, flexible, stats = [], [], None
+    for i in range(0, len(texts), batch):
+        result = lm.generate(
+            texts[i : i + batch], cfg, make_policy(policy_name, **options), chat=True
+        )
+        for o, g in zip(result.outputs, gold[i : i + batch], strict=True):
+            s, f = answer(o.text)
+            strict.append(s == g)
+            flexible.append(f == g)
+        if stats is None:
+            stats = result.stats
+        else:
+            stats.add(result.stats)
+    d = stats.to_dict()
+    return {
+        "strict": accuracy(strict),
+        "flexible": accuracy(flexible),
+        "stats": d,
+        "forwards_per_problem": sum(d["row_forwards"].values()) / len(texts),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "tiny_sweep.json")
+    p.add_argument("--threshold", type=float, default=1.0, help="decoding threshold")
+    p.add_argument("--n", type=int, default=None, help="problems for accuracy (default: all)")
+    p.add_argument("--n-speed32", type=int, default=128)
+    p.add_argument("--n-speed1", type=int, default=16)
+    p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--budget-seconds", type=float, default=1e9)
+    args = p.parse_args(argv)
+    problems = read_jsonl(ROOT / "v2" / "tiny" / "data" / "test.jsonl")[: args.n]
+    texts = [f"Question: {q['question']}\nAnswer:" for q in problems]
+    gold = [q["answer"].split("####")[-1].strip() for q in problems]
+    lm = FastDLLM.load(ROOT / "v2" / "tiny" / "checkpoint")
+    device = str(lm.model.embed_tokens.weight.device)
+    lm.generate(texts[:32], GenerationConfig(max_new_tokens=64), chat=True)  # warm-up
+    record = {
+        "command": " ".join(sys.argv),
+        "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "threshold": args.threshold,
+        "configs": {},
+    }
+    t0 = time.time()
+    for cid, name, options in CONFIGS:
+        if args.only and cid not in args.only:
+            continue
+        if time.time() - t0 > args.budget_seconds:
+            print(f"budget spent; skipping {cid}", flush=True)
+            continue
+        full = run(lm, texts, gold, name, options, 250, args.threshold)
+        b32 = run(
+            lm, texts[: args.n_speed32], gold[: args.n_speed32], name, options, 32, args.threshold
+        )
+        b1 = run(
+            lm, texts[: args.n_speed1], gold[: args.n_speed1], name, options, 1, args.threshold
+        )
+        record["configs"][cid] = {
+            "policy": name,
+            "options": options,
+            "accuracy": full,
+            "tokens_per_second_b32": b32["stats"]["tokens_per_second"],
+            "tokens_per_second_b1": b1["stats"]["tokens_per_second"],
+        }
+        s = full["stats"]
+        print(
+            f"{cid:24s} flex {full['flexible']['value']:.3f}+-{full['flexible']['stderr']:.3f} "
+            f"flops/fwd {s['flops_ratio']:.3f} tpf {s['tokens_per_forward']:.2f} "
+            f"tok/s b32 {b32['stats']['tokens_per_second']:.0f} "
+            f"b1 {b1['stats']['tokens_per_second']:.0f}",
+            flush=True,
+        )
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
