@@ -1,0 +1,197 @@
+"""v2.bench: the CLI writes its reports on CPU; the forced policies skip exactly what they say."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from v2.bench import (
+    SHAPES,
+    TARGET_GOALS,
+    AutoRegressive,
+    Clock,
+    ForcedLayerPass,
+    ForcedLayerReuse,
+    ForcedTokenReuse,
+    build_random,
+    forward_spans,
+    slug,
+    spread_layers,
+    targets,
+)
+from v2.engine import Engine
+from v2.model import ModelConfig, Network, block_causal_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
+
+
+def small(layers: int, **overrides) -> Network:
+    cfg = dict(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    return build_random(ModelConfig(**{**cfg, **overrides}), CPU, torch.float32)
+
+
+def run_block(engine: Engine, batch: int, prefix: int, steps: int) -> list[list[int]]:
+    """Prefill, then `steps` full-window denoise forwards; executed units per layer per step."""
+    B = engine.B
+    engine.allocate(batch, prefix + B)
+    g = torch.Generator().manual_seed(0)
+    engine.prefill(torch.randint(0, 60, (batch, prefix), generator=g))
+    engine.begin_block()
+    block = torch.randint(0, 60, (batch, B), generator=g)
+    out = torch.arange(7, 15)
+    per_step = []
+    for _ in range(steps):
+        before = list(engine.stats.executed_units_per_layer)
+        engine.denoise(block, 0, out)
+        after = engine.stats.executed_units_per_layer
+        per_step.append([a - b for a, b in zip(after, before, strict=True)])
+    return per_step
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, "-m", "v2.bench", "--models", "test", "--quick", "--device", "cpu"]
+    # One thread: CPU timing is a smoke test, and threads contend on a shared machine.
+    cmd += ["--out", str(out), "--name", "t", "--threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "[bench" in proc.stdout  # progress lines
+    return out, json.loads((out / "t.json").read_text())
+
+
+def test_cli_writes_json_markdown_and_plot(report):
+    out, data = report
+    assert data["complete"] and data["errors"] == [] and data["skipped"] == []
+    assert data["torch"] == torch.__version__ and data["device"] == "cpu"
+    assert "--models test" in data["command"]
+    assert data["bandwidth"]["bytes_per_s"] > 0 and data["matmul"]["flops_per_s"] > 0
+    assert data["models"]["test"]["parameters"] > 0
+    md = (out / "t.md").read_text()
+    for heading in ("## Targets", "## Forward latency", "## Forced skipping", "## End to end"):
+        assert heading in md
+    assert (out / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_rows_have_the_measurements(report):
+    _, data = report
+    kinds = {(r["kind"], r["batch"]) for r in data["forwards"]}
+    assert kinds == {
+        (k, b) for k in ("prefill", "denoise32", "denoise8", "commit") for b in (1, 32)
+    }
+    for r in data["forwards"]:
+        for key in ("median_ms", "bw_bound_ms", "compute_bound_ms", "bound_fraction", "flops"):
+            assert r[key] > 0, (key, r)
+        assert r["prefix"] == 512 and r["tokens"] == r["batch"] * r["window"]
+    d32 = next(r for r in data["forwards"] if r["kind"] == "denoise32" and r["batch"] == 1)
+    assert d32["window"] == 32 and d32["kv_bytes"] > 0
+    (e2e,) = data["e2e"]
+    assert e2e["generated_tokens"] == e2e["new_tokens"] == 64
+    assert e2e["tokens_per_s"] > 0 and e2e["forwards_per_s"] > 0
+    assert 0 < e2e["forward_sum_s"] <= e2e["wall_s"] and e2e["loop_overhead"] >= 0
+    labels = {"none", "disabled", "token_reuse_0", "token_reuse_25", "token_reuse_50"}
+    labels |= {"token_reuse_75", "layer_pass_0", "layer_pass_4", "layer_pass_8", "reuse_k2_12"}
+    for b in (1, 32):
+        rows = {r["policy"]: r for r in data["skip"] if r["batch"] == b}
+        assert set(rows) == labels
+        assert rows["none"]["wall_ratio"] == 1.0
+        # 4 layers: layer 0 always computes, layers 1-3 reuse half.
+        assert rows["token_reuse_50"]["units_ratio_per_layer"] == [1.0, 0.5, 0.5, 0.5]
+        assert rows["token_reuse_50"]["flops_ratio"] < 0.7
+        assert rows["reuse_k2_12"]["cycle_wall_ratio"] > 0
+    (ar,) = data["ar"]
+    assert ar["step_ms"] > 0 and ar["decode_tokens_per_s"] > 0 and ar["dllm_over_ar"] > 0
+    assert [t["name"] for t in data["targets"]] == list(TARGET_GOALS)
+    for t in data["targets"]:
+        assert set(t) >= {"name", "value", "goal", "met"}
+        assert t["value"] is not None and isinstance(t["met"], bool) and not t["official"]
+
+
+def test_forced_token_reuse_removes_half_of_the_units_after_the_first_forward():
+    L, b = 5, 3
+    steps = run_block(Engine(small(L), ForcedTokenReuse(2)), b, 64, 3)
+    assert steps[0] == [b * 32] * L  # nothing to reuse yet
+    for s in steps[1:]:
+        assert s[0] == b * 32 and s[1:] == [b * 16] * (L - 1)
+    for k, expected in ((0, 32), (1, 24), (3, 8), (4, 0)):
+        s = run_block(Engine(small(L), ForcedTokenReuse(k)), b, 32, 2)[1]
+        assert s == [b * 32] + [b * expected] * (L - 1), k
+
+
+def test_forced_layer_pass_passes_exactly_the_requested_layers():
+    L, b = 28, 2
+    model = small(L)
+    for n in (4, 8):
+        layers = spread_layers(n, L)
+        assert len(set(layers)) == n and 0 not in layers and L - 1 not in layers
+        policy = ForcedLayerPass(n)
+        (s,) = run_block(Engine(model, policy), b, 32, 1)
+        assert policy.layers == layers
+        assert [i for i in range(L) if s[i] == 0] == layers
+        assert all(s[i] == b * 32 for i in range(L) if i not in layers)
+    assert spread_layers(8, 28) == [2, 5, 9, 12, 15, 18, 22, 25]
+
+
+def test_forced_layer_reuse_skips_middle_layers_on_odd_steps():
+    L, b = 28, 2
+    policy = ForcedLayerReuse(12, 2)
+    steps = run_block(Engine(small(L), policy), b, 32, 4)
+    assert policy.layers == list(range(8, 20))
+    for step, s in enumerate(steps):
+        skipped = [i for i in range(L) if s[i] == 0]
+        assert skipped == (policy.layers if step % 2 else []), step
+
+
+def test_autoregressive_baseline_matches_a_causal_forward():
+    model = small(3)
+    ids = torch.randint(0, 60, (2, 20), generator=torch.Generator().manual_seed(1))
+    ar = AutoRegressive(model, 2, 24)
+    greedy = [ar.step(ids[:, p : p + 1], p)[:, 0] for p in range(ids.shape[1])]
+    pos = torch.arange(ids.shape[1])
+    causal = block_causal_mask(pos, pos, 1)  # blocks of one token: plain causal attention
+    with torch.no_grad():
+        ref = model(ids, pos, causal).argmax(-1)
+    assert torch.equal(torch.stack(greedy, 1), ref)
+
+
+def test_forward_spans_restores_the_engine():
+    model = small(2)
+    originals = (Engine.prefill, Engine.denoise, Engine.commit)
+    with forward_spans(model, Clock(CPU)) as spans:
+        run_block(Engine(model), 1, 32, 2)
+        model.logits(torch.zeros(1, 32))
+    assert [k for k, _, _ in spans] == ["prefill", "denoise", "denoise", "logits"]
+    assert (Engine.prefill, Engine.denoise, Engine.commit) == originals
+    assert "logits" not in vars(model)
+
+
+def test_release_shapes():
+    counts = {}
+    for name in ("7b", "1.5b"):
+        with torch.device("meta"):
+            counts[name] = sum(p.numel() for p in Network(SHAPES[name]).parameters())
+    assert counts == {"7b": 7_615_616_512, "1.5b": 1_543_714_304}
+    assert SHAPES["1.5b"].tie_word_embeddings and not SHAPES["7b"].tie_word_embeddings
+
+
+def test_slug_and_targets_without_data():
+    assert slug("NVIDIA H100 80GB HBM3") == "h100"
+    assert slug("NVIDIA A100-SXM4-80GB") == "a100"
+    assert slug("NVIDIA H200") == "h200"
+    assert slug("cpu") == "cpu"
+    empty = {"models": {}, "forwards": [], "skip": [], "e2e": [], "gpu": None, "grid": "full"}
+    assert all(t["value"] is None and t["met"] is None for t in targets(empty))
