@@ -1,0 +1,408 @@
+"""lm_eval integration: v2/eval.py (CLI, summary.json, data parallel), v2/lm_adapter.py (the
+`fast_dllm_v2` model) and the boxed GSM8K tasks. CPU only, offline, on the random checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+
+from v2 import lm_adapter
+from v2.eval import find_results_file, prepare_argv
+from v2.lm_adapter import (
+    EvalError,
+    FastDLLMEvalLM,
+    cut_at_stop,
+    release_loglikelihood,
+    split_stats,
+    sum_stats,
+)
+from v2.stats import Stats
+
+REPO = Path(__file__).resolve().parent.parent
+EVAL = REPO / "v2" / "eval.py"
+TASKS = REPO / "v2" / "tasks"
+SUMMARY_KEYS = {
+    "schema",
+    "model",
+    "pretrained",
+    "config",
+    "limit",
+    "smoke_test",
+    "tasks",
+    "stats",
+    "env",
+    "results_file",
+}
+CONFIG_KEYS = {
+    "policy",
+    "threshold",
+    "block_size",
+    "small_block_size",
+    "use_block_cache",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "batch_size",
+    "release_recipe",
+    "dtype",
+    "num_processes",
+}
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    return {
+        **env,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **extra,
+    }
+
+
+def _eval_args(checkpoint: Path, out: Path, model_args: str = "", *more: str) -> list[str]:
+    return [
+        "--model",
+        "fast_dllm_v2",
+        "--model_args",
+        f"pretrained={checkpoint},threshold=1,max_new_tokens=32{model_args}",
+        "--tasks",
+        "tiny_gsm",
+        "--apply_chat_template",
+        "--limit",
+        "5",
+        "--output_path",
+        str(out),
+        *more,
+    ]
+
+
+def _run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        cmd, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=300
+    )
+
+
+def _outputs(out: Path) -> tuple[dict, dict, list[dict]]:
+    """(results, summary, request lines) of the one model folder under `out`."""
+    (run_dir,) = [d for d in out.iterdir() if d.is_dir()]
+    results_file = find_results_file(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["results_file"] == results_file.name
+    lines = (run_dir / "request_stats.jsonl").read_text().splitlines()
+    return json.loads(results_file.read_text()), summary, [json.loads(x) for x in lines]
+
+
+@pytest.fixture(scope="module")
+def single_run(checkpoint, tmp_path_factory):
+    """One process, --limit 5 (shared by the summary test and the data-parallel comparison)."""
+    out = tmp_path_factory.mktemp("single")
+    r = _run([sys.executable, str(EVAL), *_eval_args(checkpoint, out)], cwd=out)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return out
+
+
+def test_single_process_results_and_summary(single_run, checkpoint):
+    from lm_eval.utils import sanitize_model_name
+
+    # lm_eval files results under a folder named after pretrained=
+    assert (single_run / sanitize_model_name(str(checkpoint))).is_dir()
+    results, summary, requests = _outputs(single_run)
+    assert set(summary) == SUMMARY_KEYS and summary["schema"] == 1
+    assert set(summary["config"]) == CONFIG_KEYS
+    assert summary["config"]["policy"] == {"policy": "none"}
+    assert summary["config"]["max_new_tokens"] == 32 and summary["config"]["threshold"] == 1.0
+    assert summary["config"]["num_processes"] == 1 and summary["config"]["dtype"] == "float32"
+    assert summary["model"] == checkpoint.name and summary["pretrained"] == str(checkpoint)
+    assert summary["limit"] == 5 and summary["smoke_test"] is True
+    assert set(summary["env"]) == {
+        "git_commit",
+        "gpu",
+        "torch",
+        "transformers",
+        "lm_eval",
+        "python",
+    }
+    task = summary["tasks"]["tiny_gsm"]
+    assert task["n"] == results["n-samples"]["tiny_gsm"]["effective"] == 5
+    for key in ("exact_match,strict-match", "exact_match,flexible-extract"):
+        assert task["metrics"][key]["value"] == results["results"]["tiny_gsm"][key]
+
+    # totals are sums over the requests, each scored once and within its budget
+    assert sorted(r["doc_id"] for r in requests) == list(range(5))
+    tokens = [r["stats"]["generated_tokens"] for r in requests]
+    assert all(1 <= t <= 32 for t in tokens)
+    assert summary["stats"]["generated_tokens"] == task["stats"]["generated_tokens"] == sum(tokens)
+    for field in ("forwards", "row_forwards"):
+        assert summary["stats"][field] == task["stats"][field]
+        for kind, n in summary["stats"][field].items():
+            assert n == sum(r["stats"][field][kind] for r in requests)
+    for field in ("executed_flops", "baseline_flops", "executed_units"):
+        assert summary["stats"][field] == sum(r["stats"][field] for r in requests)
+    assert summary["stats"]["wall_seconds"] == pytest.approx(
+        sum(r["stats"]["wall_seconds"] for r in requests)
+    )
+    assert summary["stats"]["wall_seconds"] > 0
+
+
+def test_data_parallel_matches_single_process(single_run, checkpoint, tmp_path):
+    # --limit 5 over 2 ranks: lm_eval pads rank 1 with a copy of its last request.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = _run([*cmd, str(EVAL), *_eval_args(checkpoint, tmp_path)], tmp_path, ACCELERATE_USE_CPU="1")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert len(list(tmp_path.rglob("results_*.json"))) == 1
+    results, summary, requests = _outputs(tmp_path)
+    ref_results, ref_summary, ref_requests = _outputs(single_run)
+    assert summary["config"]["num_processes"] == 2
+    assert summary["tasks"]["tiny_gsm"]["n"] == 5
+    assert summary["tasks"]["tiny_gsm"]["metrics"] == ref_summary["tasks"]["tiny_gsm"]["metrics"]
+    assert results["results"] == ref_results["results"]
+    # no request counted twice: the same work as one process, request by request
+    assert summary["stats"]["generated_tokens"] == ref_summary["stats"]["generated_tokens"]
+    assert summary["stats"]["forwards"] == ref_summary["stats"]["forwards"]
+
+    def per_doc(reqs):
+        return {r["doc_id"]: r["stats"]["generated_tokens"] for r in reqs}
+
+    assert len(requests) == 5 and per_doc(requests) == per_doc(ref_requests)
+
+
+@pytest.mark.parametrize(
+    ("model_args", "extra", "message"),
+    [
+        (",bogus=3", [], "unknown model_args bogus"),
+        (",threshold=high", [], "threshold"),
+        ("", ["--batch_size", "0"], "batch_size"),
+        ("", ["--batch_size", "auto"], "batch_size"),
+    ],
+)
+def test_bad_input_is_one_clear_line(checkpoint, tmp_path, model_args, extra, message):
+    r = _run(
+        [sys.executable, str(EVAL), *_eval_args(checkpoint, tmp_path, model_args, *extra)], tmp_path
+    )
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+
+
+def test_missing_checkpoint_is_one_clear_line(tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    r = _run([sys.executable, str(EVAL), *_eval_args(missing, tmp_path)], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: checkpoint not found: {missing} is not a directory"
+    )
+
+
+# ---- in-process tests of the model ----------------------------------------------------------
+
+
+def _instance(kind: str, args: tuple, doc_id: int, task: str = "t", idx: int = 0) -> Instance:
+    return Instance(kind, doc={}, arguments=args, idx=idx, metadata=(task, doc_id, 1))
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoint):
+    lm_adapter.reset_run()
+    return FastDLLMEvalLM(pretrained=str(checkpoint), batch_size="3", device="cpu")
+
+
+def test_model_args_errors(checkpoint):
+    with pytest.raises(EvalError, match="unknown model_args nope; valid model_args: pretrained"):
+        FastDLLMEvalLM(pretrained=str(checkpoint), nope=1)
+    with pytest.raises(EvalError, match="batch_size"):
+        FastDLLMEvalLM(pretrained=str(checkpoint), batch_size="auto")
+    with pytest.raises(EvalError, match="pretrained"):
+        FastDLLMEvalLM(threshold=1)
+
+
+def _reference_score(model, ids, ctx: list[int], cont: list[int], B: int) -> tuple[float, bool]:
+    """The release's rule written out: mask the first continuation token, pad with masks to the
+    next block boundary (a whole block when aligned), EOS first, block-causal forward."""
+    seq = ctx + cont
+    target = seq[len(ctx)]
+    seq[len(ctx)] = ids.mask
+    pad = B - len(seq) % B
+    seq = seq + [ids.eos] + [ids.mask] * (pad - 1)
+    pos = torch.arange(len(seq))
+    visible = (pos[:, None] // B) >= (pos[None, :] // B)
+    with torch.no_grad():
+        logits = model(torch.tensor([seq]), pos, visible)[0]
+    logp = logits[len(ctx) - 1].log_softmax(-1)
+    return logp[target].item(), int(logp.argmax()) == target
+
+
+def test_loglikelihood_is_the_release_rule(lm):
+    B, ids = lm.block_size, lm.ids
+    # token pairs whose total length is below, at and above a block boundary, batched together
+    pairs = [
+        ([5 + i for i in range(n_ctx)], [40 + i for i in range(n_cont)])
+        for n_ctx, n_cont in [(20, 3), (30, 2), (33, 4), (1, 1), (63, 1)]
+    ]
+    got = release_loglikelihood(lm.model, ids, [(list(c), list(x)) for c, x in pairs], B, 3)
+    for (ctx, cont), (score, greedy) in zip(pairs, got, strict=True):
+        ref_score, ref_greedy = _reference_score(lm.model, ids, list(ctx), list(cont), B)
+        assert score == pytest.approx(ref_score, abs=1e-4) and greedy == ref_greedy
+
+    # through lm_eval's interface: text requests
+    tok = lm.tokenizer
+    context, continuation = "Question: What is 2 + 3?\nAnswer:", " 2 + 3 = 5"
+    ctx = tok.encode(context, add_special_tokens=False)
+    whole = tok.encode(context + continuation, add_special_tokens=False)
+    assert whole[: len(ctx)] == ctx
+    reqs = [_instance("loglikelihood", (context, continuation), 0)]
+    reqs.append(_instance("loglikelihood", ("Question: 7 * 8?", " 56"), 1))
+    (score, greedy), _ = lm.loglikelihood(reqs)
+    ref = _reference_score(lm.model, ids, ctx, whole[len(ctx) :], B)
+    assert score == pytest.approx(ref[0], abs=1e-4) and greedy == ref[1]
+
+
+def test_loglikelihood_rolling_is_not_supported(lm):
+    with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
+        lm.loglikelihood_rolling([_instance("loglikelihood_rolling", ("text",), 0)])
+
+
+def test_generate_until_budgets_stops_and_padding(lm):
+    run = lm_adapter.reset_run()
+    prompt = lm.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}])
+    assert prompt.endswith("<|im_start|>assistant\n")
+    short = {"until": ["<|im_end|>"], "max_gen_toks": 5}
+    long = {"until": ["e", "a"], "max_gen_toks": 40}
+    reqs = [
+        _instance("generate_until", (prompt, short), 0),
+        _instance("generate_until", ("Question: 1 + 1?\nAnswer:", short), 1),
+        _instance("generate_until", (prompt, long), 2),
+        _instance("generate_until", ("Question: 9 * 9?\nAnswer:", long), 3, task="u"),
+    ]
+    reqs.append(reqs[-1])  # lm_eval's data-parallel padding repeats the last request
+    out = lm.generate_until(reqs)
+    assert len(out) == 5 and out[3] == out[4]
+    assert set(run.requests) == {("t", 0, 0), ("t", 1, 0), ("t", 2, 0), ("u", 3, 0)}
+    tokens = {k: v[0].generated_tokens for k, v in run.requests.items()}
+    assert all(len(v) == 1 for v in run.requests.values())
+    assert tokens[("t", 0, 0)] <= 5 and tokens[("t", 1, 0)] <= 5
+    assert tokens[("t", 2, 0)] <= 40 and tokens[("u", 3, 0)] <= 40
+    assert not any(s in out[i] for i in (2, 3) for s in ("e", "a"))
+
+
+def test_release_recipe_rewrites_prompt_and_ignores_stops(checkpoint):
+    lm_adapter.reset_run()
+    lm = FastDLLMEvalLM(pretrained=str(checkpoint), release_recipe=True, max_new_tokens=8)
+    assert lm._until_and_budget({"until": ["x"], "max_gen_toks": 3}) == ([], 8)
+    prompt = lm.tokenizer.decode(lm._prompt("Question: 2+2?\nAnswer:"))
+    assert prompt.endswith(lm_adapter.BOXED_INSTRUCTION)
+    assert lm_adapter.RUN.config["max_new_tokens"] == 8 and lm_adapter.RUN.config["release_recipe"]
+
+
+def test_default_policy_selection(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(lm_adapter, "make_policy", lambda name, **o: chosen.append((name, o)))
+    base = {**lm_adapter.MODEL_ARGS}
+    lm_adapter.select_policy(base, "token")
+    lm_adapter.select_policy({**base, "reuse_k": 2, "layer_subset": [1, 2]}, "layer")
+    lm_adapter.select_policy({**base, "cosine_threshold": 0.9}, "layer")
+    lm_adapter.select_policy({**base, "policy": "none"}, "layer")
+    lm_adapter.select_policy(base, None)
+    assert chosen == [
+        ("token", {}),
+        ("reuse", {"reuse_k": 2, "layer_subset": "1,2"}),
+        ("layer", {"cosine_threshold": 0.9}),
+        ("none", {}),
+        (None, {}),
+    ]
+
+
+def test_split_stats_sums_exactly():
+    total = Stats(num_layers=2, executed_units_per_layer=[7, 5], baseline_units_per_layer=[9, 9])
+    total.forwards.update(denoise_full=10, commit=3)
+    total.row_forwards.update(denoise_full=23, commit=7)
+    total.generated_tokens, total.executed_flops, total.baseline_flops = 11, 1001, 2002
+    total.wall_seconds = 1.5
+    parts = split_stats(total, [4, 0, 7])
+    assert [p.generated_tokens for p in parts] == [4, 0, 7]
+    back = sum_stats(parts, 2)
+    back_d, total_d = back.to_dict(), total.to_dict()
+    assert back_d.pop("wall_seconds") == pytest.approx(total_d.pop("wall_seconds"))
+    assert back_d.pop("tokens_per_second") == pytest.approx(total_d.pop("tokens_per_second"))
+    assert back_d == total_d
+    assert cut_at_stop("abc\n\nQuestion: x", ["Question:", "\n\n"]) == "abc"
+    assert cut_at_stop("abc", []) == "abc"
+
+
+def test_prepare_argv():
+    argv = prepare_argv(["--model_args", "model_path=/m,threshold=1", "--tasks", "x"])
+    assert argv[:4] == ["--model_args", "pretrained=/m,threshold=1", "--tasks", "x"]
+    assert argv[4:] == ["--include_path", str(TASKS)]
+    kept = prepare_argv(["--model_args=pretrained=/a,model_path=/b", "--include_path", "y"])
+    assert kept == ["--model_args=pretrained=/a,model_path=/b", "--include_path", "y"]
+    as_json = prepare_argv(["-a", '{"model_path": "/m"}', "--include_path=z"])
+    assert json.loads(as_json[1]) == {"pretrained": "/m"}
+
+
+# ---- the boxed GSM8K tasks ------------------------------------------------------------------
+
+
+@pytest.fixture
+def boxed_tasks(tmp_path, monkeypatch):
+    from lm_eval.tasks import TaskManager
+
+    fixture = tmp_path / "gsm8k_test.jsonl"
+    rows = [
+        {"question": "Ann has 3 apples and buys 4. How many?", "answer": "3+4=7\n#### 7"},
+        {"question": "What is 1000 + 234?", "answer": "1000+234=1234\n#### 1,234"},
+    ]
+    fixture.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setenv("FAST_DLLM_GSM8K_JSONL", str(fixture))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.chdir(tmp_path)
+    manager = TaskManager(include_path=str(TASKS), include_defaults=False)
+    return manager.load(["gsm8k_boxed", "tiny_gsm_boxed"])["tasks"]
+
+
+def test_boxed_tasks_score_the_last_boxed_answer(boxed_tasks):
+    gsm = boxed_tasks["gsm8k_boxed"]
+    assert len(list(gsm.test_docs())) == 2  # the local fixture, not the hub
+    for task in boxed_tasks.values():
+        gk = task.config.generation_kwargs
+        assert gk["until"] == ["<|im_end|>"] and gk["max_gen_toks"] == 1024
+        assert not any(s.strip() == "" for s in gk["until"])
+        assert task.config.num_fewshot == 0
+    doc = gsm.test_docs()[0]
+    assert gsm.doc_to_text(doc) == (
+        "Question: Ann has 3 apples and buys 4. How many?\n"
+        "Please reason step by step, and put your final answer within \\boxed{}."
+    )
+
+    gsm.build_all_requests(limit=2, rank=0, world_size=1)
+    right, wrong = gsm.instances
+    right.resps = ["3 + 4 = 7.\n\nFirst \\boxed{6}, no: the answer is \\boxed{7}."]
+    wrong.resps = ["1000 + 234 = 1234, so \\boxed{1,243}.\n#### 1,234"]
+    gsm.apply_filters()
+    assert right.filtered_resps["boxed"] == "7"
+    assert wrong.filtered_resps["boxed"] == "1,243"
+
+    def score(inst, name):
+        return gsm.process_results(inst.doc, [inst.filtered_resps[name]])["exact_match"]
+
+    assert score(right, "boxed") == 1.0 and score(wrong, "boxed") == 0.0
+    assert score(right, "strict-match") == 0.0 and score(wrong, "strict-match") == 1.0
+    assert score(right, "flexible-extract") == 1.0
+
+
+def test_boxed_answer_extraction():
+    from v2.tasks.boxed_utils import INVALID, boxed_answer
+
+    assert boxed_answer("so \\boxed{\\$18 \\text{ dollars}}") == "18"
+    assert boxed_answer("\\boxed{\\frac{1}{2}} then \\boxed{-3}") == "-3"
+    assert boxed_answer("\\boxed{\\frac{1}{2}}") == "\\frac{1}{2}"
+    assert boxed_answer("no box, 42") == INVALID
+    assert boxed_answer("unclosed \\boxed{12") == INVALID

@@ -1,0 +1,274 @@
+"""Evaluate a Fast-dLLM v2 checkpoint with lm_eval (docs/evaluation.md):
+
+    python v2/eval.py --model fast_dllm_v2 --model_args pretrained=DIR,threshold=1 \\
+        --tasks gsm8k_boxed --apply_chat_template --output_path OUT
+    accelerate launch v2/eval.py ...        (data parallel; torchrun works too)
+
+All of lm_eval's flags work. Added here: the tasks in v2/tasks are found without
+--include_path, `model_path=` is filed like `pretrained=`, and rank 0 writes `summary.json`
+(config, metrics with n and stderr, decoding statistics, environment) beside lm_eval's
+`results_<timestamp>.json`, plus `request_stats.jsonl` (one line per scored generate request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: the repository root, not v2/, is importable
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS_DIR = REPO / "v2" / "tasks"
+
+
+def prepare_argv(argv: list[str]) -> list[str]:
+    """lm_eval's argv with our tasks folder included and model_path= renamed to pretrained=
+    (lm_eval names the results folder after pretrained=; model_path= gets a random name)."""
+    argv = list(argv)
+    if not any(a == "--include_path" or a.startswith("--include_path=") for a in argv):
+        argv += ["--include_path", str(TASKS_DIR)]
+    in_model_args = False
+    for i, a in enumerate(argv):
+        if a in ("--model_args", "-a"):
+            in_model_args = True
+            continue
+        if a.startswith("-"):
+            in_model_args = False
+            if a.startswith("--model_args="):
+                argv[i] = "--model_args=" + _rename_model_path(a.split("=", 1)[1])
+            continue
+        if in_model_args:
+            argv[i] = _rename_model_path(a)
+    return argv
+
+
+def _rename_model_path(value: str) -> str:
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict):
+        if "model_path" in parsed and "pretrained" not in parsed:
+            parsed["pretrained"] = parsed.pop("model_path")
+        return json.dumps(parsed)
+    if re.search(r"(^|,)pretrained=", value):
+        return value
+    return re.sub(r"(^|,)model_path=", r"\1pretrained=", value)
+
+
+def _preparse(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--output_path", "-o", default=None)
+    p.add_argument("--limit", "-L", type=float, default=None)
+    return p.parse_known_args(argv)[0]
+
+
+def precheck(argv: list[str], default_policy: str | None) -> None:
+    """Fail in a second on bad model_args, batch size or checkpoint path, before lm_eval spends
+    its start-up indexing tasks (the model checks the same things again when lm_eval builds it)."""
+    from lm_eval._cli.utils import MergeDictAction
+
+    from v2.checkpoint import read_config
+    from v2.lm_adapter import MODEL_NAME, parse_model_args
+
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--model", "-M", default=None)
+    p.add_argument("--model_args", "-a", nargs="+", action=MergeDictAction, default=None)
+    p.add_argument("--batch_size", "-b", default=None)
+    ns = p.parse_known_args(argv)[0]
+    if ns.model != MODEL_NAME:
+        return
+    settings = parse_model_args(ns.model_args or {}, ns.batch_size or 1, default_policy)
+    path = settings.path
+    hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    if Path(path).expanduser().exists() or not hub_id:  # hub ids are fetched by the model
+        read_config(path)
+
+
+def find_results_file(run_dir: str | Path) -> Path:
+    """The newest `results_*.json` lm_eval wrote under `<output_path>/<model name>/`."""
+    files = sorted(
+        Path(run_dir).glob("results_*.json"), key=lambda f: (f.stat().st_mtime_ns, f.name)
+    )
+    if not files:
+        raise FileNotFoundError(f"no results_*.json under {run_dir}")
+    return files[-1]
+
+
+def _results_file(output_path: str, pretrained: str) -> Path:
+    from lm_eval.utils import sanitize_model_name
+
+    out = Path(output_path)
+    if out.suffix == ".json":  # lm_eval writes <stem>_<timestamp>.json beside it
+        files = sorted(out.parent.glob(f"{out.stem}_*.json"), key=lambda f: f.stat().st_mtime_ns)
+        if not files:
+            raise FileNotFoundError(f"no {out.stem}_*.json in {out.parent}")
+        return files[-1]
+    return find_results_file(out / sanitize_model_name(pretrained))
+
+
+def readable_name(pretrained: str) -> str:
+    """The checkpoint folder's name for a local directory, the hub id otherwise."""
+    p = Path(pretrained).expanduser()
+    return p.resolve().name if p.is_dir() else pretrained
+
+
+def environment() -> dict:
+    import lm_eval
+    import torch
+    import transformers
+
+    try:
+        commit = (
+            subprocess.run(
+                ["git", "-C", str(REPO), "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "git_commit": commit,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "lm_eval": getattr(lm_eval, "__version__", None),
+        "python": platform.python_version(),
+    }
+
+
+def _leaves(name: str, group_subtasks: dict) -> list[str]:
+    subs = group_subtasks.get(name) or []
+    return [leaf for s in subs for leaf in _leaves(s, group_subtasks)] if subs else [name]
+
+
+def _metrics(entry: dict) -> dict:
+    out = {}
+    for key, value in entry.items():
+        if "," not in key or "_stderr," in key:
+            continue
+        metric, filt = key.split(",", 1)
+        stderr = entry.get(f"{metric}_stderr,{filt}")
+        out[key] = {
+            "value": value,
+            "stderr": stderr if isinstance(stderr, int | float) else None,
+        }
+    return out
+
+
+def build_summary(results: dict, results_file: Path, run, records: dict, limit) -> dict:
+    """summary.json (schema 1) from lm_eval's results and the per-request statistics."""
+    from v2.lm_adapter import sum_stats
+
+    n_layers = run.num_layers
+    by_task: dict[str, list] = {}
+    for (task, _doc, _idx), stats in records.items():
+        by_task.setdefault(task, []).extend(stats)
+    groups = results.get("group_subtasks", {})
+    n_samples = results.get("n-samples", {})
+    tasks = {}
+    for name, entry in results.get("results", {}).items():
+        leaves = _leaves(name, groups)
+        tasks[name] = {
+            "n": sum(int(n_samples.get(t, {}).get("effective", 0)) for t in leaves),
+            "metrics": _metrics(entry),
+            "stats": sum_stats((s for t in leaves for s in by_task.get(t, [])), n_layers).to_dict(),
+        }
+    return {
+        "schema": 1,
+        "model": readable_name(run.pretrained),
+        "pretrained": run.pretrained,
+        "config": run.config,
+        "limit": int(limit) if limit is not None and float(limit).is_integer() else limit,
+        "smoke_test": limit is not None,
+        "tasks": tasks,
+        "stats": sum_stats((s for v in records.values() for s in v), n_layers).to_dict(),
+        "env": environment(),
+        "results_file": results_file.name,
+    }
+
+
+def _gathered_records(run) -> dict | None:
+    """Every rank's per-request statistics on rank 0 (None elsewhere), first copy of a key wins."""
+    if run.world_size <= 1:
+        return dict(run.requests)
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return dict(run.requests) if run.rank == 0 else None
+    parts = [None] * run.world_size if run.rank == 0 else None
+    dist.gather_object(run.requests, parts, dst=0)
+    if run.rank != 0:
+        return None
+    merged: dict = {}
+    for part in parts:
+        for key, stats in part.items():
+            merged.setdefault(key, stats)
+    return merged
+
+
+def write_summary(output_path: str | None, limit) -> Path | None:
+    """After lm_eval: gather the statistics and, on rank 0, write summary.json and
+    request_stats.jsonl beside the results file. Returns summary.json's path (rank 0)."""
+    from v2 import lm_adapter
+
+    run = lm_adapter.RUN
+    if not run.config:  # no fast_dllm_v2 model was built (another model or subcommand)
+        return None
+    records = _gathered_records(run)
+    if records is None or output_path is None:
+        return None
+    results_file = _results_file(output_path, run.pretrained)
+    results = json.loads(results_file.read_text())
+    summary = build_summary(results, results_file, run, records, limit)
+    path = results_file.parent / "summary.json"
+    path.write_text(json.dumps(summary, indent=2) + "\n")
+    with (results_file.parent / "request_stats.jsonl").open("w") as f:
+        for (task, doc_id, idx), stats in sorted(records.items(), key=lambda kv: str(kv[0])):
+            for s in stats:
+                line = {"task": task, "doc_id": doc_id, "idx": idx, "stats": s.to_dict()}
+                f.write(json.dumps(line) + "\n")
+    print(f"[fast_dllm_v2] wrote {path}", file=sys.stderr)
+    return path
+
+
+def main(argv: list[str] | None = None, default_policy: str | None = None) -> int:
+    """Run lm_eval with our model and tasks, then write summary.json. `default_policy` is the
+    policy used when model_args give no policy= (token_skip_eval.py, layer_skip_eval.py)."""
+    from v2 import lm_adapter
+    from v2.checkpoint import CheckpointError
+    from v2.generate import GenerationError
+
+    argv = prepare_argv(sys.argv[1:] if argv is None else argv)
+    opts = _preparse(argv)
+    lm_adapter.reset_run(default_policy)
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "v2/eval.py", *argv]
+    try:
+        precheck(argv, default_policy)
+        from lm_eval.__main__ import cli_evaluate
+
+        cli_evaluate()
+        write_summary(opts.output_path, opts.limit)
+    except (lm_adapter.EvalError, CheckpointError, GenerationError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        sys.argv = saved
+        lm_adapter.close_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
