@@ -1,0 +1,197 @@
+"""v2.report: tables and Pareto plots from summary.json files (schema 1 of v2/eval.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from v2 import report
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def summary_dict(
+    policy: dict | None = None,
+    accuracy: float = 0.99,
+    n: int = 100,
+    executed_flops: int = 1000,
+    baseline_flops: int = 1000,
+    tokens_per_second: float = 50.0,
+    limit: int | None = None,
+    task: str = "tiny_gsm",
+    threshold: float = 0.9,
+    decode_row_forwards: int = 400,
+) -> dict:
+    """A summary.json in the adapter's schema, with numbers a test can check."""
+    policy = policy or {"policy": "none"}
+    stats = {
+        "forwards": {"prefill": 4, "denoise_full": 0, "denoise_sub": 30, "commit": 10},
+        "row_forwards": {
+            "prefill": n,
+            "denoise_full": 0,
+            "denoise_sub": decode_row_forwards - n,
+            "commit": n,
+        },
+        "generated_tokens": 20 * n,
+        "tokens_per_forward": 20 * n / decode_row_forwards,
+        "executed_units": executed_flops // 10,
+        "baseline_units": baseline_flops // 10,
+        "executed_flops": executed_flops,
+        "baseline_flops": baseline_flops,
+        "flops_ratio": executed_flops / baseline_flops,
+        "skip_rate_per_layer": [0.0, 0.1],
+        "executed_units_per_layer": [1, 1],
+        "baseline_units_per_layer": [1, 1],
+        "wall_seconds": 20 * n / tokens_per_second,
+        "tokens_per_second": tokens_per_second,
+    }
+    se = (accuracy * (1 - accuracy) / max(n - 1, 1)) ** 0.5
+    metrics = {
+        "exact_match,strict-match": {"value": accuracy - 0.01, "stderr": se},
+        "exact_match,flexible-extract": {"value": accuracy, "stderr": se},
+    }
+    return {
+        "schema": 1,
+        "model": "tiny",
+        "pretrained": "v2/tiny/checkpoint",
+        "config": {
+            "policy": policy,
+            "threshold": threshold,
+            "block_size": 32,
+            "small_block_size": 8,
+            "use_block_cache": False,
+            "max_new_tokens": 256,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "batch_size": 32,
+            "release_recipe": False,
+            "dtype": "float32",
+            "num_processes": 1,
+        },
+        "limit": limit,
+        "smoke_test": limit is not None,
+        "tasks": {task: {"n": n, "metrics": metrics, "stats": stats}},
+        "stats": stats,
+        "env": {"git_commit": "abc1234def", "gpu": "cpu", "torch": "2.13", "python": "3.11"},
+        "results_file": "results_2026.json",
+    }
+
+
+def write_summary(run_dir: Path, summary: dict, model: str = "tiny") -> Path:
+    path = run_dir / model / "summary.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(summary))
+    return path
+
+
+def make_sweep(root: Path) -> Path:
+    """baseline, a token and a layer configuration, and a --limit run that must stay out."""
+    sweep = root / "tiny_default"
+    write_summary(sweep / "baseline", summary_dict(accuracy=0.99, tokens_per_second=50.0))
+    write_summary(
+        sweep / "token_ct0.95",
+        summary_dict(
+            {"policy": "token", "cosine_threshold": 0.95},
+            accuracy=0.97,
+            executed_flops=800,
+            baseline_flops=1000,
+            tokens_per_second=60.0,
+        ),
+    )
+    write_summary(
+        sweep / "layer_ct0.99",
+        summary_dict(
+            {"policy": "layer", "cosine_threshold": 0.99},
+            accuracy=0.95,
+            executed_flops=1100,  # more forwards than the baseline: a net loss end to end
+            baseline_flops=1400,
+            tokens_per_second=40.0,
+        ),
+    )
+    limited = summary_dict({"policy": "token", "cosine_threshold": 0.9}, limit=4, n=4)
+    write_summary(sweep / "_limit4" / "token_ct0.9", limited)
+    (sweep / "_manifests").mkdir()
+    return sweep
+
+
+def table_rows(md: str) -> list[str]:
+    return [line for line in md.splitlines() if line.startswith("| ") and "---" not in line]
+
+
+def test_table_baseline_first_and_both_flops_ratios(tmp_path):
+    sweep = make_sweep(tmp_path)
+    md_path, plots, rows = report.build(sweep)
+    assert md_path == sweep / "_report" / "results.md"
+    md = md_path.read_text()
+    assert [r.config_id for r in rows] == ["baseline", "token_ct0.95", "layer_ct0.99"]
+    body = table_rows(md.split("## Runs")[0])[1:]
+    assert body[0].startswith("| **baseline** | 100 | 99.00 ± 1.00 | 50.0 |")
+    token = next(line for line in body if line.startswith("| token_ct0.95"))
+    cells = [c.strip() for c in token.strip("|").split("|")]
+    # config, n, accuracy, tokens/s, tokens/fwd, fwd/problem, FLOPs/fwd, FLOPs vs baseline, skip
+    assert cells[1] == "100" and cells[2].startswith("97.00 ± ")
+    assert cells[3] == "60.0" and cells[4] == "5.00" and cells[5] == "4.0"
+    assert cells[6] == "80.0 %" and cells[7] == "80.0 %" and cells[8] == "20.0 %"
+    layer = next(r for r in rows if r.config_id == "layer_ct0.99")
+    assert round(layer.flops_ratio, 4) == round(1100 / 1400, 4)
+    assert layer.end_to_end_ratio == 1.1  # per forward saves, end to end costs more
+    assert "_limit4" not in md and "Smoke test" not in md
+    assert "exact_match,flexible-extract" in md
+    assert len(plots) == 2
+    for p in plots:
+        assert p.exists() and p.read_bytes()[:8] == PNG
+        assert f"![{p.stem}]({p.name})" in md
+
+
+def test_limit_runs_only_on_request_and_labelled(tmp_path):
+    sweep = make_sweep(tmp_path)
+    _, _, rows = report.build(sweep, include_limit=True, out=tmp_path / "with_limit")
+    limited = [r for r in rows if r.limit]
+    assert [r.config_id for r in limited] == ["_limit4/token_ct0.9"]
+    assert limited[0].baseline is None  # a smoke run is never compared with a full baseline
+    md = (tmp_path / "with_limit" / "results.md").read_text()
+    assert "Smoke test" in md and "4 (limit 4)" in md
+    # a _limit folder given directly is its own sweep, labelled as a smoke test
+    _, _, rows = report.build(sweep / "_limit4")
+    assert [r.config_id for r in rows] == ["token_ct0.9"] and rows[0].smoke
+
+
+def test_metric_choice_and_override(tmp_path):
+    sweep = make_sweep(tmp_path)
+    rows = report.collect(sweep, metric="exact_match,strict-match")
+    assert {r.metric for r in rows} == {"exact_match,strict-match"}
+    assert report.main_metric({"acc,none": {}, "acc_norm,none": {}}) == "acc,none"
+    assert report.main_metric({"foo": {}}) == "foo"
+
+
+def test_resumed_runs_are_flagged(tmp_path):
+    sweep = make_sweep(tmp_path)
+    (sweep / "token_ct0.95" / "DONE").write_text(json.dumps({"resumed_from_cache": True}))
+    md = report.build(sweep)[0].read_text()
+    assert "| token_ct0.95 † |" in md and "resumed from lm_eval's request cache" in md
+
+
+def test_pareto_front():
+    pts = [(0, 99), (10, 98), (20, 99.5), (30, 90), (25, 80)]
+    assert report.pareto_front(pts) == [(20, 99.5), (30, 90)]
+
+
+def test_cli(tmp_path, capsys):
+    sweep = make_sweep(tmp_path)
+    assert report.main([str(sweep), "--out", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "| **baseline** |" in out and "plot: " in out
+    assert (tmp_path / "out" / "pareto_speed_tiny_gsm.png").exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert report.main([str(empty)]) == 1
+
+
+def test_baseline_is_the_same_decoding_threshold(tmp_path):
+    sweep = make_sweep(tmp_path)
+    at_one = summary_dict({"policy": "token", "cosine_threshold": 0.95}, threshold=1.0)
+    write_summary(sweep / "thr1.0_token_ct0.95", at_one)
+    rows = {r.config_id: r for r in report.collect(sweep)}
+    assert rows["token_ct0.95"].baseline is rows["baseline"]
+    assert rows["thr1.0_token_ct0.95"].baseline is None  # the baseline ran at threshold 0.9
+    assert rows["thr1.0_token_ct0.95"].end_to_end_ratio is None
