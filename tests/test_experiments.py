@@ -1,0 +1,623 @@
+"""v2.experiments: sweep files, state markers, local runs that survive crashes, SLURM arrays.
+
+SLURM is faked: `sbatch`, `squeue` and `sacct` are small scripts on PATH that record their
+arguments; the evaluation is a fake script (FAST_DLLM_EVAL_CMD) that writes a summary.json in the
+adapter's schema and can crash, or kill the runner, once. The last test runs the real adapter
+(v2/eval.py) on the committed tiny model when it exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from test_report import summary_dict, write_summary
+
+from v2 import experiments as ex
+from v2 import report
+
+REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+IDS5 = ["baseline", "token_ct0.95", "layer_ct0.99", "reuse_k2_middle", "reuse_k3_middle"]
+
+FAKE_EVAL = """
+import argparse, json, os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+from test_report import summary_dict
+
+p = argparse.ArgumentParser()
+for a in ("--model", "--model_args", "--tasks", "--batch_size", "--output_path", "--use_cache"):
+    p.add_argument(a)
+p.add_argument("--limit", type=int)
+args, _ = p.parse_known_args()
+out = Path(args.output_path)
+model_args = dict(kv.split("=", 1) for kv in args.model_args.split(","))
+log = Path(os.environ["FAKE_EVAL_LOG"])
+with log.open("a") as f:
+    seen = {{k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_CACHE")}}
+    f.write(json.dumps({{"config": out.name, "argv": sys.argv[1:], "env": seen}}) + "\\n")
+if args.use_cache:
+    Path(args.use_cache).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.use_cache + "_rank0.db").write_text("cached answers")
+flag = Path(str(log) + ".crashed")
+if os.environ.get("FAKE_EVAL_CRASH_ON") == out.name and not flag.exists():
+    flag.write_text("once")
+    if os.environ.get("FAKE_EVAL_CRASH_MODE") != "kill-runner":
+        sys.exit(3)
+    # kill the runner, then carry on as an orphan until the test releases us
+    os.kill(os.getppid(), signal.SIGKILL)
+    release = Path(os.environ["FAKE_EVAL_RELEASE"])
+    for _ in range(600):
+        if release.exists():
+            break
+        time.sleep(0.1)
+time.sleep(float(os.environ.get("FAKE_EVAL_SLEEP", "0")))
+policy = model_args["policy"]
+numbers = {{"none": (0.99, 1000, 50.0), "token": (0.97, 800, 60.0)}}.get(policy, (0.95, 900, 55.0))
+s = summary_dict({{"policy": policy}}, accuracy=numbers[0], executed_flops=numbers[1],
+                 tokens_per_second=numbers[2], limit=args.limit, task=args.tasks.split(",")[0],
+                 n=args.limit or 100)
+(out / "fake_model").mkdir(parents=True, exist_ok=True)
+(out / "fake_model" / "results_1.json").write_text("{{}}")
+(out / "fake_model" / "summary.json").write_text(json.dumps(s))
+"""
+
+FAKE_SLURM = """#!{python}
+import json, os, sys
+from pathlib import Path
+d = Path(os.environ["FAKE_SLURM_DIR"])
+name = Path(sys.argv[0]).name
+with (d / "calls.jsonl").open("a") as f:
+    f.write(json.dumps([name, *sys.argv[1:]]) + "\\n")
+if name == "sbatch":
+    print(os.environ.get("FAKE_SBATCH_JOB", "777") + ";cluster")
+else:
+    job = sys.argv[sys.argv.index("-j") + 1]
+    out = d / (name + ".out")
+    for line in out.read_text().splitlines() if out.exists() else []:
+        if line.split("_")[0] == job:
+            print(line)
+"""
+
+
+def write_sweep(tmp_path: Path, n: int = 3, **extra) -> Path:
+    grid = [
+        {"policy": "none"},
+        {"policy": "token", "cosine_threshold": 0.95},
+        {"policy": "layer", "cosine_threshold": 0.99},
+        {"policy": "reuse", "reuse_k": [2, 3], "layer_subset": "middle"},
+    ]
+    data = {
+        "name": "fake",
+        "pretrained": "v2/tiny/checkpoint",
+        "tasks": ["tiny_gsm"],
+        "threshold": 0.9,
+        "lm_eval": {"batch_size": 32, "apply_chat_template": True},
+        "grid": grid[:n] if n < 4 else grid,
+        **extra,
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture
+def fake_eval(tmp_path, monkeypatch) -> Path:
+    """FAST_DLLM_EVAL_CMD runs the fake; returns its invocation log."""
+    script = tmp_path / "fake_eval.py"
+    script.write_text(FAKE_EVAL.format(tests=str(TESTS)))
+    log = tmp_path / "fake_eval.jsonl"
+    monkeypatch.setenv(ex.EVAL_CMD_ENV, f"{sys.executable} {script}")
+    monkeypatch.setenv("FAKE_EVAL_LOG", str(log))
+    monkeypatch.setenv(ex.NUM_GPUS_ENV, "0")
+    for k in ("FAKE_EVAL_CRASH_ON", "FAKE_EVAL_CRASH_MODE", "FAKE_EVAL_SLEEP"):
+        monkeypatch.delenv(k, raising=False)
+    return log
+
+
+@pytest.fixture
+def slurm(tmp_path, monkeypatch) -> Path:
+    """Fake sbatch/squeue/sacct on PATH; returns their folder (calls.jsonl, squeue.out, ...)."""
+    d = tmp_path / "slurm"
+    d.mkdir()
+    for name in ("sbatch", "squeue", "sacct"):
+        (d / name).write_text(FAKE_SLURM.format(python=sys.executable))
+        (d / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{d}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SLURM_DIR", str(d))
+    monkeypatch.setenv("FDLLM_ACCOUNT", "gts-test")
+    monkeypatch.delenv("FDLLM_ARRAY_CAP", raising=False)
+    return d
+
+
+def invoked(log: Path) -> list[str]:
+    return (
+        [json.loads(line)["config"] for line in log.read_text().splitlines()]
+        if log.exists()
+        else []
+    )
+
+
+def calls(slurm: Path, name: str) -> list[list[str]]:
+    f = slurm / "calls.jsonl"
+    rows = [json.loads(line) for line in f.read_text().splitlines()] if f.exists() else []
+    return [r[1:] for r in rows if r[0] == name]
+
+
+def flag(args: list[str], name: str) -> str:
+    return next(a.split("=", 1)[1] for a in args if a.startswith(name + "="))
+
+
+def state_map(sweep: ex.Sweep, limit: int | None = None) -> dict[str, str]:
+    return {k: v.state for k, v in ex.states(sweep, sweep.configs, limit).items()}
+
+
+def mark_done(sweep: ex.Sweep, cid: str, policy: str = "none") -> None:
+    run_dir = sweep.run_dir(cid, None)
+    write_summary(run_dir, summary_dict({"policy": policy}), model="fake_model")
+    ex.write_marker(run_dir, ex.DONE, {"config_id": cid})
+
+
+# --------------------------------------------------------------------------- definitions
+
+
+def test_tiny_default_ids_and_shipped_sweeps():
+    s = ex.load_sweep(REPO / "configs/sweeps/tiny_default.yaml")
+    assert [c.id for c in s.configs] == [
+        "baseline",
+        "token_ct0.99",
+        "token_ct0.95",
+        "token_rr0.5",
+        "layer_ct0.99",
+        "layer_ct0.95",
+        "reuse_k2_middle",
+        "reuse_k3_middle",
+    ]
+    assert s.pretrained == "v2/tiny/checkpoint" and s.tasks == ["tiny_gsm"] and s.limit_cpu
+    assert s.run_dir("token_ct0.95", None) == REPO / "results/tiny_default/token_ct0.95"
+    assert s.run_dir("token_ct0.95", 4) == REPO / "results/tiny_default/_limit4/token_ct0.95"
+    sizes = {"tiny_token": 11, "tiny_layer": 22, "fast_dllm_v2_7b_gsm8k": 7}
+    for f in sorted((REPO / "configs/sweeps").glob("*.yaml")):
+        sw = ex.load_sweep(f)
+        assert sw.name == f.stem and sw.configs[0].id.startswith("baseline")
+        assert len(sw.configs) == sizes.get(sw.name, len(sw.configs))
+    big = ex.load_sweep(REPO / "configs/sweeps/fast_dllm_v2_7b_gsm8k.yaml")
+    assert big.pretrained == "Efficient-Large-Model/Fast_dLLM_v2_7B"
+    assert big.tasks == ["gsm8k_boxed"] and big.lm_eval["batch_size"] == 32
+    layer = ex.load_sweep(REPO / "configs/sweeps/tiny_layer.yaml")
+    assert "layer_ct0.99_pf2_pl2" in [c.id for c in layer.configs]
+
+
+def test_grid_ids_threshold_split_and_errors(tmp_path):
+    path = write_sweep(tmp_path, 1, threshold=[0.9, 1.0])
+    assert [c.id for c in ex.load_sweep(path).configs] == ["thr0.9_baseline", "thr1.0_baseline"]
+    path = write_sweep(tmp_path, 1, tasks=["a", "b"], split_tasks=True)
+    cfgs = ex.load_sweep(path).configs
+    assert [(c.id, c.tasks) for c in cfgs] == [("baseline@a", ("a",)), ("baseline@b", ("b",))]
+    grid = [{"policy": "reuse", "reuse_k": 2, "layer_subset": ["3;4;5", "last"], "subset_size": 2}]
+    cfgs = ex.load_sweep(write_sweep(tmp_path, grid=grid)).configs
+    assert [c.id for c in cfgs] == ["reuse_k2_L3-4-5_n2", "reuse_k2_last_n2"]
+    bad = [
+        ({"grid": [{"policy": "token", "reuse_k": 2}]}, "takes"),
+        ({"grid": [{"policy": "none"}, {"policy": "none"}]}, "two configurations"),
+        ({"grid": [{"policy": "warp"}]}, "unknown policy"),
+        ({"gird": []}, "unknown keys"),
+        ({"grid": [{"policy": "reuse", "layer_subset": "1,2"}]}, "','"),
+    ]
+    for extra, message in bad:
+        with pytest.raises(ex.SweepError, match=message):
+            ex.load_sweep(write_sweep(tmp_path, **extra))
+
+
+def test_command_of_one_configuration(tmp_path):
+    sweep = ex.load_sweep(write_sweep(tmp_path, 2), results=tmp_path / "r")
+    token = sweep.config("token_ct0.95")
+    args = ex.lm_eval_args(sweep, token, sweep.run_dir(token.id, 4), 4)
+    joined = " ".join(args)
+    assert (
+        "--model fast_dllm_v2 --model_args pretrained=v2/tiny/checkpoint,threshold=0.9," in joined
+    )
+    assert "policy=token,cosine_threshold=0.95 --tasks tiny_gsm --batch_size 32" in joined
+    run_dir = tmp_path / "r/fake/_limit4/token_ct0.95"
+    assert f"--output_path {run_dir}" in joined and "--apply_chat_template" in args
+    assert f"--use_cache {run_dir}/lm_cache/requests" in joined  # one cache per configuration
+    assert args[args.index("--limit") + 1] == "4"
+    task = ex.make_task(sweep, token, None, 2)
+    argv = ex.eval_argv(task, port=29511)
+    assert argv[:7] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
+                        "--main_process_port", "29511"]  # fmt: skip
+    assert argv[7] == "v2/eval.py" and "--limit" not in argv
+    assert ex.eval_argv({**task, "num_processes": 1})[:2] == [sys.executable, "v2/eval.py"]
+
+
+def test_ports_distinct_per_array_task(monkeypatch):
+    monkeypatch.delenv("MAIN_PROCESS_PORT", raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "123456")
+    ports = set()
+    for i in range(40):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
+        ports.add(ex.main_process_port())
+    assert len(ports) == 40 and all(29500 <= p < 30500 for p in ports)
+    monkeypatch.setenv("MAIN_PROCESS_PORT", "31000")
+    assert ex.main_process_port() == 31000
+
+
+def test_array_spec():
+    assert ex.array_spec([0, 2, 3, 4, 7]) == "0,2-4,7"
+    assert ex.array_spec([5]) == "5"
+    assert ex.array_spec([1, 0]) == "0-1"
+
+
+# --------------------------------------------------------------------------- state
+
+
+def test_state_from_markers(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no squeue / sacct here
+    slurm = ex.SlurmView()
+    run_dir = tmp_path / "cfg"
+    assert ex.config_state(run_dir, slurm).state == "missing"
+    ex.write_marker(run_dir, ex.RUNNING, {"host": ex.HOST, "pid": os.getpid()})
+    assert ex.config_state(run_dir, slurm).state == "running"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    ex.write_marker(run_dir, ex.RUNNING, {"host": ex.HOST, "pid": dead.pid})
+    assert ex.config_state(run_dir, slurm).state == "missing"
+    ex.write_marker(run_dir, ex.RUNNING, {"host": "elsewhere", "pid": 1})
+    assert ex.config_state(run_dir, slurm).state == "running"  # fresh heartbeat
+    old = time.time() - ex.STALE_S - 10
+    os.utime(run_dir / ex.RUNNING, (old, old))
+    assert ex.config_state(run_dir, slurm).state == "missing"
+    ex.write_marker(run_dir, ex.FAILED, {"rc": 3, "reason": "exit 3"})
+    assert ex.config_state(run_dir, slurm) == ex.State("failed", "exit 3")
+    ex.write_marker(run_dir, ex.DONE, {})
+    assert ex.config_state(run_dir, slurm).state == "done"
+    assert not list(run_dir.glob(".*.tmp"))  # markers are written through a temp file
+
+
+def test_limit_results_never_count(tmp_path, fake_eval, slurm):
+    path = write_sweep(tmp_path, 5)
+    results = tmp_path / "results"
+    assert ex.main([str(path), "--local", "--limit", "4", "--results", str(results)]) == 0
+    sweep = ex.load_sweep(path, results)
+    assert set(state_map(sweep, 4).values()) == {"done"}
+    assert set(state_map(sweep).values()) == {"missing"}
+    assert all("--limit" in json.loads(x)["argv"] for x in fake_eval.read_text().splitlines())
+    assert ex.main([str(path), "--results", str(results)]) == 0
+    assert flag(calls(slurm, "sbatch")[0], "--array") == "0-4%4"
+    # a smoke-test summary in a full-run folder is not a result either
+    limited = sweep.run_dir("baseline", 4) / "fake_model" / "summary.json"
+    expect = {"tasks": ["tiny_gsm"], "limit": None, "policy": "none"}
+    assert ex.check_summary(limited, expect) == ["limit 4, expected None"]
+    assert ex.check_summary(limited, {**expect, "limit": 4}) == []
+    assert "no metrics for task gsm8k" in ex.check_summary(limited, {**expect, "tasks": ["gsm8k"]})
+
+
+# --------------------------------------------------------------------------- SLURM
+
+
+def test_array_covers_exactly_what_is_not_done(tmp_path, slurm, capsys):
+    path = write_sweep(tmp_path, 5)
+    results = tmp_path / "results"
+    sweep = ex.load_sweep(path, results)
+    mark_done(sweep, "baseline")
+    ex.write_marker(sweep.run_dir("token_ct0.95", None), ex.SUBMITTED, {"slurm_job": "500_1"})
+    ex.write_marker(sweep.run_dir("layer_ct0.99", None), ex.SUBMITTED, {"slurm_job": "500_2"})
+    (slurm / "squeue.out").write_text("500_1|RUNNING\n")
+    (slurm / "sacct.out").write_text("500_1|RUNNING\n500_2|CANCELLED by 4242\n")
+    assert state_map(sweep) == dict(
+        zip(IDS5, ["done", "running", "failed", "missing", "missing"], strict=True)
+    )
+
+    assert ex.main([str(path), "--results", str(results)]) == 0
+    (args,) = calls(slurm, "sbatch")
+    assert flag(args, "--array") == "2-4%4"  # failed + missing; not done, not running
+    assert "--parsable" in args and f"--chdir={REPO}" in args
+    assert {"--account=gts-test", "--qos=inferno", "--gres=gpu:H100:1"} <= set(args)
+    assert args[-2] == str(REPO / "sbatch/array_job.sh")
+    manifest = json.loads(Path(args[-1]).read_text())
+    assert Path(args[-1]).parent == results / "fake/_manifests"
+    assert [t["config_id"] for t in manifest["tasks"]] == IDS5  # frozen: the whole sweep
+    assert [t["index"] for t in manifest["tasks"]] == list(range(5))
+    assert flag(args, "--output").endswith("fake/_manifests/slurm-%A_%a.log")
+    for i in (2, 3, 4):
+        m = ex.read_marker(sweep.run_dir(IDS5[i], None), ex.SUBMITTED)
+        assert m["slurm_job"] == f"777_{i}" and m["manifest"] == args[-1]
+    assert not (sweep.run_dir("layer_ct0.99", None) / ex.FAILED).exists()
+
+    (slurm / "squeue.out").write_text(
+        "500_1|RUNNING\n777_2|PENDING\n777_3|RUNNING\n777_4|PENDING\n"
+    )
+    capsys.readouterr()
+    assert ex.main([str(path), "--status", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "1 done, 4 running, 0 failed, 0 missing of 5" in out and "slurm 777_3 RUNNING" in out
+    assert ex.main([str(path), "--results", str(results)]) == 0  # nothing left to submit
+    assert len(calls(slurm, "sbatch")) == 1
+
+
+def test_force_resubmits_what_it_should(tmp_path, slurm, monkeypatch):
+    path = write_sweep(tmp_path, 5)
+    results = tmp_path / "results"
+    sweep = ex.load_sweep(path, results)
+    for cid in IDS5:
+        mark_done(sweep, cid)
+    monkeypatch.setattr(ex.time, "strftime", lambda fmt, *t: "20260101-000000")  # one second
+    assert ex.main([str(path), "--results", str(results)]) == 0
+    assert calls(slurm, "sbatch") == []
+
+    assert ex.main([str(path), "--results", str(results), "--force", "token_ct0.95"]) == 0
+    assert flag(calls(slurm, "sbatch")[-1], "--array") == "1%4"
+    replaced = list((results / "fake/_replaced").iterdir())
+    assert [p.name.rsplit("-", 2)[0] for p in replaced] == ["token_ct0.95"]
+    assert (replaced[0] / ex.DONE).exists()  # moved aside, not deleted
+    assert state_map(sweep)["baseline"] == "done"
+
+    (slurm / "squeue.out").write_text("777_1|PENDING\n")
+    monkeypatch.setenv("FDLLM_ARRAY_CAP", "2")  # cluster.env values yield to the environment
+    assert ex.main([str(path), "--results", str(results), "--force"]) == 0
+    assert flag(calls(slurm, "sbatch")[-1], "--array") == "0,2-4%2"  # the running one is spared
+    assert ex.main([str(path), "--results", str(results), "--force", "nope"]) == 2
+    # each submission froze its own manifest, though both came within the same second
+    manifests = [c[-1] for c in calls(slurm, "sbatch")]
+    assert len(set(manifests)) == 2 and all(Path(m).exists() for m in manifests)
+
+
+def test_dry_run_changes_nothing(tmp_path, slurm, fake_eval, capsys, monkeypatch):
+    path = write_sweep(tmp_path, 3)
+    results = tmp_path / "results"
+    monkeypatch.setenv("FDLLM_ACCOUNT", "gts-<pi>")  # a placeholder is fine for a dry run
+    assert ex.main([str(path), "--dry-run", "--results", str(results)]) == 0
+    assert "would submit: sbatch --parsable --array=0-2%4" in capsys.readouterr().out
+    assert ex.main([str(path), "--results", str(results)]) == 2  # ... but not for a submission
+    assert ex.main([str(path), "--dry-run", "--local", "--results", str(results)]) == 0
+    assert "--output_path" in capsys.readouterr().out
+    assert calls(slurm, "sbatch") == [] and not results.exists() and invoked(fake_eval) == []
+
+
+def test_array_job_script_runs_its_task_offline_and_requeue_safe(tmp_path, slurm, fake_eval):
+    path = write_sweep(tmp_path, 3)
+    results = tmp_path / "results"
+    assert ex.main([str(path), "--results", str(results)]) == 0
+    manifest = calls(slurm, "sbatch")[0][-1]
+    seed = tmp_path / "seed"
+    (seed / "gsm8k").mkdir(parents=True)
+    (seed / "gsm8k" / "data.arrow").write_text("rows")
+    env = {
+        **os.environ,
+        "SLURM_ARRAY_JOB_ID": "777",
+        "SLURM_ARRAY_TASK_ID": "2",
+        "SLURM_JOB_ID": "780",
+        "TMPDIR": str(tmp_path / "node"),
+        "FDLLM_DATASETS_SEED": str(seed),
+    }
+    env.pop("HF_HUB_OFFLINE", None)
+    (tmp_path / "node").mkdir()
+    for _ in range(2):  # the second time is a requeue of a finished task
+        r = subprocess.run(["bash", "sbatch/array_job.sh", manifest], cwd=REPO, env=env)
+        assert r.returncode == 0
+    assert invoked(fake_eval) == ["layer_ct0.99"]
+    run_dir = results / "fake/layer_ct0.99"
+    assert (run_dir / ex.DONE).exists() and not (run_dir / ex.SUBMITTED).exists()
+    log = (run_dir / "slurm-777_2.log").read_text()
+    assert "layer_ct0.99 on" in log and "already done" in log
+    seen = json.loads(fake_eval.read_text())["env"]
+    assert seen["HF_HUB_OFFLINE"] == "1"
+    cache = Path(seen["HF_DATASETS_CACHE"])
+    assert cache.parent == tmp_path / "node" and (cache / "gsm8k" / "data.arrow").exists()
+
+
+def test_run_single_submits_itself_then_runs_in_the_job(tmp_path, slurm, fake_eval, monkeypatch):
+    path = write_sweep(tmp_path, 2, results=str(tmp_path / "results"))
+    single = ["bash", "sbatch/run_single.sh", str(path)]
+    assert subprocess.run([*single, "token_ct0.95"], cwd=REPO).returncode == 0
+    (args,) = calls(slurm, "sbatch")
+    assert "--account=gts-test" in args and args[-3:] == [
+        str(REPO / "sbatch/run_single.sh"),
+        str(path),
+        "token_ct0.95",
+    ]
+    assert flag(args, "--output") == f"{tmp_path}/results/fake/_manifests/single-%j.log"
+    # nothing is queued for an unknown configuration or with the placeholder account
+    assert subprocess.run([*single, "token_ct0.9"], cwd=REPO).returncode == 2
+    monkeypatch.setenv("FDLLM_ACCOUNT", "gts-<pi>")
+    assert subprocess.run([*single, "token_ct0.95"], cwd=REPO).returncode == 2
+    assert len(calls(slurm, "sbatch")) == 1
+    monkeypatch.setenv("FDLLM_ACCOUNT", "gts-test")
+    env = {**os.environ, "SLURM_JOB_ID": "900", "SLURM_SUBMIT_DIR": str(REPO)}
+    env["FDLLM_DATASETS_SEED"] = ""
+    r = subprocess.run(
+        ["bash", "sbatch/run_single.sh", str(path), "token_ct0.95"], cwd=REPO, env=env
+    )
+    assert r.returncode == 0
+    run_dir = tmp_path / "results/fake/token_ct0.95"
+    assert (run_dir / ex.DONE).exists() and (run_dir / "slurm-900.log").exists()
+
+
+# --------------------------------------------------------------------------- local runs
+
+
+def test_local_crash_then_rerun_repeats_only_the_unfinished(tmp_path, fake_eval, monkeypatch):
+    path = write_sweep(tmp_path, 3)
+    results = tmp_path / "results"
+    sweep = ex.load_sweep(path, results)
+    monkeypatch.setenv("FAKE_EVAL_CRASH_ON", "token_ct0.95")  # the 2nd configuration, once
+    assert ex.main([str(path), "--local", "--results", str(results)]) == 1
+    assert invoked(fake_eval) == ["baseline", "token_ct0.95", "layer_ct0.99"]
+    assert state_map(sweep) == {
+        "baseline": "done",
+        "token_ct0.95": "failed",
+        "layer_ct0.99": "done",
+    }
+    kept = {c: (sweep.run_dir(c, None) / ex.DONE).read_text() for c in ("baseline", "layer_ct0.99")}
+
+    assert ex.main([str(path), "--local", "--results", str(results)]) == 0
+    assert invoked(fake_eval)[3:] == ["token_ct0.95"]
+    assert set(state_map(sweep).values()) == {"done"}
+    for c, text in kept.items():
+        assert (sweep.run_dir(c, None) / ex.DONE).read_text() == text
+    done = ex.read_marker(sweep.run_dir("token_ct0.95", None), ex.DONE)
+    assert done["resumed_from_cache"] is True  # its lm_cache survived the crash
+    assert done["summary"] == "fake_model/summary.json"
+    rows = report.collect(results / "fake")
+    assert [r.config_id for r in rows] == ["baseline", "token_ct0.95", "layer_ct0.99"]
+    assert (results / "fake/_report/results.md").exists()
+
+
+def test_local_runner_killed_while_its_evaluation_goes_on(tmp_path, fake_eval, monkeypatch):
+    """The runner dies (SIGKILL) and its evaluation goes on as an orphan: a rerun does not start
+    that configuration twice, and once the orphan has finished, its result is kept, not redone."""
+    path = write_sweep(tmp_path, 3)
+    results = tmp_path / "results"
+    sweep = ex.load_sweep(path, results)
+    monkeypatch.setenv("FAKE_EVAL_CRASH_ON", "token_ct0.95")
+    monkeypatch.setenv("FAKE_EVAL_CRASH_MODE", "kill-runner")
+    release = tmp_path / "release"
+    monkeypatch.setenv("FAKE_EVAL_RELEASE", str(release))
+    cmd = [sys.executable, "-m", "v2.experiments", str(path), "--local", "--results", str(results)]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == -9, r.stdout + r.stderr
+    orphan = ex.read_marker(sweep.run_dir("token_ct0.95", None), ex.RUNNING)["child_pid"]
+    assert ex.pid_alive(orphan)
+    assert state_map(sweep) == {
+        "baseline": "done",
+        "token_ct0.95": "running",
+        "layer_ct0.99": "missing",
+    }
+    first = (sweep.run_dir("baseline", None) / ex.DONE).read_text()
+
+    assert ex.main([str(path), "--local", "--results", str(results)]) == 0
+    assert invoked(fake_eval) == ["baseline", "token_ct0.95", "layer_ct0.99"]  # not twice
+
+    release.write_text("go")
+    deadline = time.time() + 60
+    while ex.pid_alive(orphan):
+        assert time.time() < deadline, "the orphaned evaluation did not finish"
+        time.sleep(0.1)
+    assert state_map(sweep)["token_ct0.95"] == "missing"  # a summary, but no DONE yet
+    assert ex.main([str(path), "--local", "--results", str(results)]) == 0
+    assert invoked(fake_eval) == ["baseline", "token_ct0.95", "layer_ct0.99"]  # adopted, not rerun
+    assert ex.read_marker(sweep.run_dir("token_ct0.95", None), ex.DONE)["adopted"] is True
+    assert (sweep.run_dir("baseline", None) / ex.DONE).read_text() == first
+    assert set(state_map(sweep).values()) == {"done"}
+
+
+def test_cpu_limit_and_status_table(tmp_path, fake_eval, capsys):
+    path = write_sweep(tmp_path, 3, limit_cpu=2)
+    results = tmp_path / "results"
+    assert ex.main([str(path), "--local", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    assert "limit 2 per task: smoke test (limit_cpu" in out and "plot: " in out
+    assert all(json.loads(x)["argv"][-2:] != [] for x in fake_eval.read_text().splitlines())
+    assert (results / "fake/_limit2/baseline/DONE").exists()
+    assert ex.main([str(path), "--status", "--local", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("base", "tok"))}
+    # the numbers are those of the summary.json the (fake) evaluation wrote
+    summary = json.loads((results / "fake/_limit2/baseline/fake_model/summary.json").read_text())
+    m = summary["tasks"]["tiny_gsm"]["metrics"]["exact_match,flexible-extract"]
+    shown = f"{100 * m['value']:.2f} ± {100 * m['stderr']:.2f}"
+    assert shown == "99.00 ± 9.95" and "done" in lines["baseline"] and shown in lines["baseline"]
+    assert "60.0" in lines["token_ct0.95"] and "20.0% / 20.0%" in lines["token_ct0.95"]
+    assert "3 done, 0 running, 0 failed, 0 missing of 3" in out
+    # without --local and no sbatch a plain command runs here, so --status shows the same runs
+    assert ex.main([str(path), "--status", "--results", str(results), "--only", "baseline"]) == 0
+    assert "1 done, 0 running, 0 failed, 0 missing of 1" in capsys.readouterr().out
+
+
+def test_cpu_smoke_results_do_not_count_on_the_cluster(tmp_path, fake_eval, slurm, capsys):
+    path = write_sweep(tmp_path, 3, limit_cpu=2)
+    results = tmp_path / "results"
+    assert ex.main([str(path), "--local", "--results", str(results)]) == 0
+    assert (results / "fake/_limit2/baseline/DONE").exists()
+    capsys.readouterr()
+    assert ex.main([str(path), "--status", "--results", str(results)]) == 0  # sbatch: full runs
+    assert "0 done, 0 running, 0 failed, 3 missing of 3" in capsys.readouterr().out
+    assert ex.main([str(path), "--results", str(results)]) == 0
+    assert flag(calls(slurm, "sbatch")[0], "--array") == "0-2%4"
+    manifest = json.loads(Path(calls(slurm, "sbatch")[0][-1]).read_text())
+    assert all("--limit" not in t["lm_eval_args"] for t in manifest["tasks"])
+
+
+def test_tiny_model_sweep_killed_midway_then_rerun(tmp_path, monkeypatch, capsys):
+    """End to end on the committed tiny model through v2/eval.py, CPU, --limit 4: baseline, token
+    skip and layer reuse. The runner and its evaluation are killed together (SIGKILL to the
+    process group, as when a terminal or a job goes away) during the second configuration; the
+    same command again runs only the second and third, keeps the first, and ends with the
+    table and the plots."""
+    monkeypatch.delenv(ex.EVAL_CMD_ENV, raising=False)
+    monkeypatch.setenv(ex.NUM_GPUS_ENV, "0")
+    grid = [
+        {"policy": "none"},
+        {"policy": "token", "cosine_threshold": 0.95},
+        {"policy": "reuse", "reuse_k": 2, "layer_subset": "middle"},
+    ]
+    path = write_sweep(tmp_path, grid=grid, model_args={"max_new_tokens": 16})
+    results = tmp_path / "results"
+    argv = [str(path), "--local", "--limit", "4", "--results", str(results)]
+    sweep = ex.load_sweep(path, results)
+    ids = [c.id for c in sweep.configs]
+    assert ids == ["baseline", "token_ct0.95", "reuse_k2_middle"]
+
+    runner = subprocess.Popen(
+        [sys.executable, "-m", "v2.experiments", *argv],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    second = sweep.run_dir("token_ct0.95", 4)
+    deadline = time.time() + 300
+    while "child_pid" not in (ex.read_marker(second, ex.RUNNING) or {}):
+        assert runner.poll() is None and time.time() < deadline, "never reached the 2nd config"
+        time.sleep(0.1)
+    evaluation = ex.read_marker(second, ex.RUNNING)["child_pid"]
+    os.killpg(runner.pid, signal.SIGKILL)
+    assert runner.wait() == -signal.SIGKILL
+    while ex.pid_alive(evaluation):
+        assert time.time() < deadline
+        time.sleep(0.1)
+    assert state_map(sweep, 4) == dict(zip(ids, ["done", "missing", "missing"], strict=True))
+    first = (sweep.run_dir("baseline", 4) / ex.DONE).read_text()
+
+    capsys.readouterr()
+    assert ex.main(argv) == 0
+    out = capsys.readouterr().out
+    assert set(state_map(sweep, 4).values()) == {"done"}
+    assert (sweep.run_dir("baseline", 4) / ex.DONE).read_text() == first  # kept as it was
+    starts = {
+        c: sum(
+            len(re.findall(r"^=== ", log.read_text(), re.M))
+            for log in sweep.run_dir(c, 4).glob("local-*.log")
+        )
+        for c in ids
+    }
+    assert starts == {"baseline": 1, "token_ct0.95": 2, "reuse_k2_middle": 1}
+    assert set(state_map(sweep).values()) == {"missing"}  # --limit results are no full results
+
+    # the run ends with the table and the plots of the smoke test
+    assert "| **baseline** | 4 (limit 4) |" in out and "Smoke test" in out
+    plots = [Path(line.split("plot: ", 1)[1]) for line in out.splitlines() if "plot: " in line]
+    assert [p.name for p in plots] == ["pareto_flops_tiny_gsm.png", "pareto_speed_tiny_gsm.png"]
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
+    assert out.rstrip().splitlines()[-1] == f"plot: {plots[-1]}"
+    rows = report.collect(results / "fake/_limit4")
+    assert [r.config_id for r in rows] == ids
+    assert all(r.n == 4 and r.smoke and r.value is not None for r in rows)
+    assert rows[0].flops_ratio == 1.0 and rows[0].end_to_end_ratio == 1.0
+    assert rows[2].flops_ratio < 1.0  # reuse skips work on every other denoise step
+
+    # --status reads the summary files the adapter wrote
+    assert ex.main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("reuse_k2_middle "))
+    assert "done" in line and report.accuracy_text(rows[2]) in line
+    assert f"{rows[2].tokens_per_second:.1f}" in line

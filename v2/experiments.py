@@ -1,0 +1,1069 @@
+"""Sweeps of evaluation runs: configurations as data (configs/sweeps/*.yaml), one results folder
+per configuration, its state, and running what is not done - here, one configuration after
+another (--local), or as one SLURM array.
+
+    python -m v2.experiments configs/sweeps/tiny_default.yaml --status
+    python -m v2.experiments configs/sweeps/tiny_default.yaml --local
+    python -m v2.experiments configs/sweeps/fast_dllm_v2_7b_gsm8k.yaml --dry-run
+    python -m v2.experiments SWEEP.yaml [--force [ID ...]] [--only ID ...] [--limit N]
+
+Layout: results/<sweep>/<config_id>/ holds one configuration's lm_eval output
+(<model>/results_*.json and <model>/summary.json), its request cache (lm_cache/: lm_eval's
+--use_cache, one per configuration because cache keys ignore model_args), logs and state markers.
+--limit N runs go to results/<sweep>/_limit<N>/<config_id>/ and never count as full results.
+
+State of a configuration:
+- done: DONE exists. It is written (temp file + os.replace) only after the run exited 0 and its
+  summary.json was found and checked (schema, tasks, limit, policy);
+- running: a RUNNING or SUBMITTED marker names a SLURM job that squeue still lists, or a process
+  on this host that is alive (or, on another host, that touched its marker in the last minutes);
+- failed: a FAILED marker (non-zero exit or a bad summary), or sacct says the marker's job ended
+  FAILED / CANCELLED / TIMEOUT / OUT_OF_MEMORY / NODE_FAIL / ...;
+- missing: anything else.
+A plain run starts every configuration that is missing or failed (a failed one resumes from its
+request cache); --force [ID ...] moves the old results to results/<sweep>/_replaced/ first and
+runs again from scratch. Running configurations are never started twice.
+
+The command that evaluates one configuration is `python v2/eval.py ...` (`accelerate launch` with
+more than one GPU); FAST_DLLM_EVAL_CMD (or the eval_cmd argument) replaces the launcher and entry,
+e.g. FAST_DLLM_EVAL_CMD="python my_fake_eval.py" in tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+CLUSTER_ENV = REPO / "sbatch" / "cluster.env"
+ARRAY_JOB = REPO / "sbatch" / "array_job.sh"
+EVAL_CMD_ENV = "FAST_DLLM_EVAL_CMD"
+NUM_GPUS_ENV = "FAST_DLLM_NUM_GPUS"
+
+DONE, RUNNING, FAILED, SUBMITTED = "DONE", "RUNNING", "FAILED", "SUBMITTED"
+STATES = ("done", "running", "failed", "missing")
+SLURM_FAILED = {
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "OUT_OF_MEMORY",
+    "NODE_FAIL",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
+HEARTBEAT_S = 30  # a running task touches its RUNNING marker this often
+STALE_S = 300  # ... and a marker untouched for longer, on a host we cannot check, is dead
+HOST = socket.gethostname()
+
+# Short names of policy options in configuration ids; layer_subset shows its value.
+ID_ABBREV = {
+    "cosine_threshold": "ct",
+    "reuse_ratio": "rr",
+    "min_layer": "ml",
+    "refresh_every": "re",
+    "max_consecutive_skips": "mcs",
+    "protect_first": "pf",
+    "protect_last": "pl",
+    "reuse_k": "k",
+    "subset_size": "n",
+}
+
+
+class SweepError(ValueError):
+    """A bad sweep file or request; the message is meant for the user."""
+
+
+# --------------------------------------------------------------------------- sweep definitions
+
+
+@dataclass(frozen=True)
+class Config:
+    """One configuration: a policy with its options, a decoding threshold, its tasks."""
+
+    id: str
+    policy: str
+    options: dict
+    threshold: float | None
+    tasks: tuple[str, ...]
+    model_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class Sweep:
+    name: str
+    file: Path
+    pretrained: str
+    tasks: list[str]
+    configs: list[Config]
+    model_args: dict
+    lm_eval: dict
+    limit: int | None
+    limit_cpu: int | None
+    main_metric: str | None
+    results: Path
+
+    def config(self, config_id: str) -> Config:
+        for c in self.configs:
+            if c.id == config_id:
+                return c
+        raise SweepError(f"{self.file}: no configuration {config_id!r}; it has {self.ids()}")
+
+    def ids(self) -> str:
+        return ", ".join(c.id for c in self.configs)
+
+    def run_dir(self, config_id: str, limit: int | None) -> Path:
+        return self.results / (f"_limit{limit}" if limit else "") / config_id
+
+    def runs_root(self, limit: int | None) -> Path:
+        return self.results / f"_limit{limit}" if limit else self.results
+
+
+LM_EVAL_DEFAULTS = {
+    "entry": "v2/eval.py",
+    "model": "fast_dllm_v2",
+    "batch_size": 32,
+    "apply_chat_template": True,
+    "fewshot_as_multiturn": None,
+    "num_fewshot": None,
+    "gen_kwargs": None,
+    "include_path": None,
+    "log_samples": False,
+    "use_cache": True,
+    "extra_args": [],
+}
+SWEEP_KEYS = {
+    "name",
+    "description",
+    "pretrained",
+    "model_args",
+    "tasks",
+    "split_tasks",
+    "threshold",
+    "lm_eval",
+    "limit",
+    "limit_cpu",
+    "main_metric",
+    "results",
+    "grid",
+}
+
+
+def _alternatives(v) -> list:
+    return list(v) if isinstance(v, list) else [v]
+
+
+def _fmt(v) -> str:
+    return repr(float(v)) if isinstance(v, float) else str(v)
+
+
+def _subset_label(v) -> str:
+    s = str(v)
+    if s in ("first", "middle", "last"):
+        return s
+    return "L" + "-".join(s.replace(";", " ").replace("+", " ").split())
+
+
+def config_id(policy: str, options: dict, threshold, show_threshold: bool) -> str:
+    """`baseline`, `token_ct0.95`, `layer_ct0.99_pf2_pl2`, `reuse_k2_middle`; `thr0.9_...` first
+    when the sweep varies the decoding threshold."""
+    parts = [f"thr{_fmt(threshold)}"] if show_threshold else []
+    if policy == "none":
+        parts.append("baseline")
+    else:
+        parts.append(policy)
+        for k, v in options.items():
+            parts.append(_subset_label(v) if k == "layer_subset" else ID_ABBREV.get(k, k) + _fmt(v))
+    return "_".join(parts)
+
+
+def _policy_options() -> dict[str, dict[str, type]]:
+    from v2.policies import POLICIES
+
+    return {"none": {}, **{name: opts for name, (_, _, opts) in POLICIES.items()}}
+
+
+def expand_grid(grid: list, threshold, tasks: list[str], split_tasks: bool, where: str):
+    """Configurations of a grid: every list-valued key of an entry is a set of alternatives."""
+    known = _policy_options()
+    raw = []
+    for n, entry in enumerate(grid):
+        if not isinstance(entry, dict):
+            raise SweepError(f"{where}: grid entry {n} must be a mapping, got {entry!r}")
+        entry = dict(entry)
+        policy = entry.pop("policy", "none")
+        if policy not in known:
+            raise SweepError(f"{where}: unknown policy {policy!r}; choose {', '.join(known)}")
+        explicit = entry.pop("id", None)
+        model_args = entry.pop("model_args", {}) or {}
+        thr = entry.pop("threshold", threshold)
+        foreign = sorted(set(entry) - set(known[policy]))
+        if foreign:
+            raise SweepError(
+                f"{where}: policy {policy!r} takes {', '.join(known[policy]) or 'no options'}; "
+                f"not {', '.join(foreign)}"
+            )
+        order = [k for k in known[policy] if k in entry]
+        combos = list(
+            itertools.product(_alternatives(thr), *(_alternatives(entry[k]) for k in order))
+        )
+        if explicit and len(combos) > 1:
+            raise SweepError(f"{where}: entry {n} has an id but expands to {len(combos)} configs")
+        raw += [
+            (policy, dict(zip(order, c[1:], strict=True)), c[0], explicit, model_args)
+            for c in combos
+        ]
+    show_thr = len({r[2] for r in raw}) > 1
+    configs = []
+    for policy, options, thr, explicit, model_args in raw:
+        cid = explicit or config_id(policy, options, thr, show_thr)
+        for t in tasks if split_tasks else [None]:
+            configs.append(
+                Config(
+                    id=f"{cid}@{t}" if t else cid,
+                    policy=policy,
+                    options=options,
+                    threshold=thr,
+                    tasks=(t,) if t else tuple(tasks),
+                    model_args=dict(model_args),
+                )
+            )
+    seen = set()
+    for c in configs:
+        if c.id in seen:
+            raise SweepError(f"{where}: two configurations have the id {c.id!r}")
+        seen.add(c.id)
+    return configs
+
+
+def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
+    """Read and check a sweep file. Relative paths in it are relative to the repository root."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise SweepError(f"cannot read sweep {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise SweepError(f"{path}: a sweep file is a mapping")
+    unknown = sorted(set(data) - SWEEP_KEYS)
+    if unknown:
+        raise SweepError(f"{path}: unknown keys {', '.join(unknown)}; known: {sorted(SWEEP_KEYS)}")
+    for key in ("pretrained", "tasks", "grid"):
+        if not data.get(key):
+            raise SweepError(f"{path}: `{key}` is required")
+    tasks = _alternatives(data["tasks"])
+    lm_eval = {**LM_EVAL_DEFAULTS, **(data.get("lm_eval") or {})}
+    unknown = sorted(set(lm_eval) - set(LM_EVAL_DEFAULTS) - {"limit"})
+    if unknown:
+        raise SweepError(f"{path}: unknown lm_eval keys {', '.join(unknown)}")
+    limit = data.get("limit", lm_eval.pop("limit", None))
+    configs = expand_grid(
+        data["grid"], data.get("threshold"), tasks, bool(data.get("split_tasks")), str(path)
+    )
+    model_args = dict(data.get("model_args") or {})
+    for c in configs:
+        for k, v in {**model_args, **c.model_args, **c.options}.items():
+            if any(ch in str(v) for ch in ",="):
+                raise SweepError(f"{path}: {c.id}: model_args value {k}={v!r} has ',' or '='")
+    name = str(data.get("name") or path.stem)
+    root = Path(results) if results else REPO / str(data.get("results") or "results")
+    return Sweep(
+        name=name,
+        file=path,
+        pretrained=str(data["pretrained"]),
+        tasks=tasks,
+        configs=configs,
+        model_args=model_args,
+        lm_eval=lm_eval,
+        limit=int(limit) if limit else None,
+        limit_cpu=int(data["limit_cpu"]) if data.get("limit_cpu") else None,
+        main_metric=data.get("main_metric"),
+        results=root / name,
+    )
+
+
+# --------------------------------------------------------------------------- one configuration
+
+
+def model_args_text(sweep: Sweep, cfg: Config) -> str:
+    args = {"pretrained": sweep.pretrained}
+    if cfg.threshold is not None:
+        args["threshold"] = cfg.threshold
+    args |= {"policy": cfg.policy, **cfg.options, **sweep.model_args, **cfg.model_args}
+    return ",".join(f"{k}={v}" for k, v in args.items())
+
+
+def lm_eval_args(sweep: Sweep, cfg: Config, run_dir: Path, limit: int | None) -> list[str]:
+    """Everything after the entry script (`v2/eval.py`)."""
+    e = sweep.lm_eval
+    args = ["--model", e["model"], "--model_args", model_args_text(sweep, cfg)]
+    args += ["--tasks", ",".join(cfg.tasks), "--batch_size", str(e["batch_size"])]
+    args += ["--output_path", str(run_dir)]
+    if e["apply_chat_template"]:
+        args.append("--apply_chat_template")
+    if e["fewshot_as_multiturn"]:
+        args.append("--fewshot_as_multiturn")
+    if e["num_fewshot"] is not None:
+        args += ["--num_fewshot", str(e["num_fewshot"])]
+    if e["gen_kwargs"]:
+        args += ["--gen_kwargs", str(e["gen_kwargs"])]
+    if e["include_path"]:
+        args += ["--include_path", str(e["include_path"])]
+    if e["log_samples"]:
+        args.append("--log_samples")
+    if limit:
+        args += ["--limit", str(limit)]
+    if e["use_cache"]:
+        args += ["--use_cache", str(run_dir / "lm_cache" / "requests")]
+    return args + [str(a) for a in e["extra_args"]]
+
+
+def make_task(
+    sweep: Sweep, cfg: Config, limit: int | None, num_processes: int, index: int = 0
+) -> dict:
+    """What running one configuration needs, as plain data (a manifest line)."""
+    run_dir = sweep.run_dir(cfg.id, limit).resolve()
+    return {
+        "index": index,
+        "sweep": sweep.name,
+        "config_id": cfg.id,
+        "run_dir": str(run_dir),
+        "cwd": str(REPO),
+        "entry": sweep.lm_eval["entry"],
+        "num_processes": num_processes,
+        "lm_eval_args": lm_eval_args(sweep, cfg, run_dir, limit),
+        "expect": {"tasks": list(cfg.tasks), "limit": limit, "policy": cfg.policy},
+    }
+
+
+def eval_cmd_from_env() -> list[str] | None:
+    v = os.environ.get(EVAL_CMD_ENV, "").strip()
+    return shlex.split(v) if v else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main_process_port() -> int:
+    """MAIN_PROCESS_PORT, else distinct per array task (29500 + (array job + task) % 1000: tasks of
+    one array never collide, two arrays are shifted apart), else a free port here."""
+    if os.environ.get("MAIN_PROCESS_PORT"):
+        return int(os.environ["MAIN_PROCESS_PORT"])
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job:
+        return 29500 + (int(job) + int(os.environ.get("SLURM_ARRAY_TASK_ID", 0))) % 1000
+    return free_port()
+
+
+def eval_argv(task: dict, eval_cmd: list[str] | None = None, port: int | None = None) -> list[str]:
+    if eval_cmd:
+        prefix = list(eval_cmd)
+    elif task["num_processes"] > 1:
+        prefix = ["accelerate", "launch", "--multi_gpu", "--num_processes"]
+        prefix += [str(task["num_processes"]), "--main_process_port", str(port or free_port())]
+        prefix.append(task["entry"])
+    else:
+        prefix = [sys.executable, task["entry"]]
+    return prefix + task["lm_eval_args"]
+
+
+def check_summary(path: Path, expect: dict) -> list[str]:
+    """What is wrong with a summary.json for the run that `expect` describes ([] if nothing)."""
+    try:
+        s = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return [f"unreadable: {e}"]
+    if not isinstance(s, dict):
+        return ["not a JSON object"]
+    problems = []
+    if s.get("schema") != 1:
+        problems.append(f"schema {s.get('schema')!r}, expected 1")
+    tasks = s.get("tasks") if isinstance(s.get("tasks"), dict) else {}
+    for t in expect["tasks"]:
+        entry = tasks.get(t)
+        if not isinstance(entry, dict) or not entry.get("metrics"):
+            problems.append(f"no metrics for task {t}")
+        elif not isinstance(entry.get("n"), int):
+            problems.append(f"no n for task {t}")
+    if not isinstance(s.get("stats"), dict) or "executed_flops" not in s["stats"]:
+        problems.append("no stats")
+    if s.get("limit") != expect["limit"]:
+        problems.append(f"limit {s.get('limit')!r}, expected {expect['limit']!r}")
+    policy = ((s.get("config") or {}).get("policy") or {}).get("policy", "none")
+    if policy != expect["policy"]:
+        problems.append(f"policy {policy!r}, expected {expect['policy']!r}")
+    return problems
+
+
+def find_summary(run_dir: Path, expect: dict) -> tuple[Path | None, list[str]]:
+    """The newest <run_dir>/<model>/summary.json that passes check_summary."""
+    found = sorted(run_dir.glob("*/summary.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    problems = [] if found else [f"no summary.json under {run_dir}/*/"]
+    for p in found:
+        bad = check_summary(p, expect)
+        if not bad:
+            return p, []
+        problems.append(f"{p}: {'; '.join(bad)}")
+    return None, problems
+
+
+# --------------------------------------------------------------------------- markers and state
+
+
+def write_marker(run_dir: Path, name: str, data: dict) -> None:
+    """Atomically: readers see the old marker or the new one, never half of one."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tmp = run_dir / f".{name}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"time": time.time(), **data}, indent=1))
+    os.replace(tmp, run_dir / name)
+
+
+def read_marker(run_dir: Path, name: str) -> dict | None:
+    try:
+        m = json.loads((run_dir / name).read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
+def remove_markers(run_dir: Path, *names: str) -> None:
+    for n in names:
+        with contextlib.suppress(FileNotFoundError):
+            (run_dir / n).unlink()
+
+
+def pid_alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError, TypeError):
+        return False
+    return True
+
+
+def slurm_job_here() -> str | None:
+    """This process's SLURM job as squeue -r names it: <array job>_<task> or <job>."""
+    if os.environ.get("SLURM_ARRAY_JOB_ID"):
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+class SlurmView:
+    """squeue and sacct, asked once per job id and only when a marker names a job."""
+
+    def __init__(self) -> None:
+        self.queued: dict[str, str] = {}
+        self.accounted: dict[str, str] = {}
+        self.asked: set[str] = set()
+        self.has_squeue = shutil.which("squeue") is not None
+        self.has_sacct = shutil.which("sacct") is not None
+
+    @staticmethod
+    def _lines(argv: list[str]) -> list[str]:
+        try:
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return r.stdout.splitlines() if r.returncode == 0 else []
+
+    def ask(self, job: str) -> None:
+        base = job.split("_")[0]
+        if base in self.asked:
+            return
+        self.asked.add(base)
+        if self.has_squeue:
+            for line in self._lines(["squeue", "-h", "-r", "-j", base, "-o", "%i|%T"]):
+                jid, _, state = line.strip().partition("|")
+                self.queued[jid] = state
+        if self.has_sacct:
+            argv = ["sacct", "-n", "-X", "-P", "-j", base, "-o", "JobID,State"]
+            for line in self._lines(argv):
+                jid, _, state = line.strip().partition("|")
+                self.accounted[jid] = state.split()[0] if state.split() else ""
+
+    def queue_state(self, job: str) -> str | None:
+        self.ask(job)
+        return self.queued.get(job)
+
+    def final_state(self, job: str) -> str | None:
+        self.ask(job)
+        return self.accounted.get(job)
+
+
+@dataclass
+class State:
+    state: str  # done | running | failed | missing
+    note: str = ""
+
+
+def config_state(run_dir: Path, slurm: SlurmView) -> State:
+    if (run_dir / DONE).exists():
+        return State("done")
+    running, submitted = read_marker(run_dir, RUNNING), read_marker(run_dir, SUBMITTED)
+    for m in (running, submitted):
+        job = (m or {}).get("slurm_job")
+        if job and (st := slurm.queue_state(job)):
+            return State("running", f"slurm {job} {st}")
+    if running:
+        pids = [running.get("pid"), running.get("child_pid")]
+        if running.get("host") == HOST and any(pid_alive(p) for p in pids if p):
+            return State("running", f"pid {running.get('child_pid') or running.get('pid')}")
+        try:
+            age = time.time() - (run_dir / RUNNING).stat().st_mtime
+        except FileNotFoundError:  # it ended while we looked
+            return config_state(run_dir, slurm)
+        checkable = running.get("host") == HOST or (running.get("slurm_job") and slurm.has_squeue)
+        if not checkable and age < STALE_S:
+            return State("running", f"on {running.get('host')} ({age:.0f} s since heartbeat)")
+    failed = read_marker(run_dir, FAILED)
+    if failed:
+        return State("failed", failed.get("reason", ""))
+    for m in (running, submitted):
+        job = (m or {}).get("slurm_job")
+        if job and (st := slurm.final_state(job)) in SLURM_FAILED:
+            return State("failed", f"slurm {job} {st}")
+    if running or submitted:
+        return State("missing", "an earlier attempt ended without a result")
+    return State("missing")
+
+
+def states(sweep: Sweep, configs: list[Config], limit: int | None) -> dict[str, State]:
+    slurm = SlurmView()
+    return {c.id: config_state(sweep.run_dir(c.id, limit), slurm) for c in configs}
+
+
+# --------------------------------------------------------------------------- running a task
+
+
+def _log(msg: str) -> None:
+    print(f"[experiments {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run_task(
+    task: dict,
+    log_path: Path | None = None,
+    eval_cmd: list[str] | None = None,
+    port: int | None = None,
+) -> int:
+    """Run one configuration unless it is done; DONE only after a checked summary.json.
+    With log_path the evaluation's output goes there, else to this process's stdout."""
+    run_dir = Path(task["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if (run_dir / DONE).exists():
+        _log(f"{task['config_id']}: already done ({run_dir / DONE})")
+        return 0
+    summary, _ = find_summary(run_dir, task["expect"])
+    if summary:  # an earlier attempt finished but was stopped before it could write DONE
+        _write_done(run_dir, task, summary, started=time.time(), adopted=True)
+        _log(f"{task['config_id']}: adopted the summary an earlier attempt wrote: {summary}")
+        return 0
+    cache = run_dir / "lm_cache"
+    resumed = cache.is_dir() and any(p.stat().st_size > 0 for p in cache.iterdir())
+    argv = eval_argv(task, eval_cmd or eval_cmd_from_env(), port)
+    remove_markers(run_dir, FAILED)
+    started = time.time()
+    marker = {
+        "host": HOST,
+        "pid": os.getpid(),
+        "slurm_job": slurm_job_here(),
+        "attempt": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+        "log": str(log_path) if log_path else None,
+        "argv": argv,
+    }
+    write_marker(run_dir, RUNNING, marker)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [task["cwd"], env.get("PYTHONPATH")]))
+    with contextlib.ExitStack() as stack:
+        out = None
+        if log_path:
+            out = stack.enter_context(open(log_path, "a"))
+            out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv)}\n")
+            out.flush()
+        else:
+            _log(f"{task['config_id']}: {shlex.join(argv)}")
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=task["cwd"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+            )
+        except OSError as e:
+            _write_failed(run_dir, {"rc": None, "reason": f"cannot start: {e}"})
+            return 127
+        write_marker(run_dir, RUNNING, {**marker, "child_pid": proc.pid})
+        while True:
+            try:
+                rc = proc.wait(timeout=HEARTBEAT_S)
+                break
+            except subprocess.TimeoutExpired:
+                os.utime(run_dir / RUNNING)
+    # The evaluation has ended: from here on RUNNING would be a lie (its pid is this process,
+    # alive while a local runner goes on with the next configuration), so FAILED replaces it.
+    if rc != 0:
+        reason = f"exit {rc}" + (f", log {log_path}" if log_path else "")
+        _write_failed(run_dir, {"rc": rc, "reason": reason, **marker})
+        return rc
+    summary, problems = find_summary(run_dir, task["expect"])
+    if summary is None:
+        reason = "no valid summary: " + " | ".join(problems)
+        _write_failed(run_dir, {"rc": 0, "reason": reason, **marker})
+        _log(f"{task['config_id']}: {reason}")
+        return 1
+    _write_done(run_dir, task, summary, started, resumed_from_cache=resumed)
+    return 0
+
+
+def _write_failed(run_dir: Path, data: dict) -> None:
+    write_marker(run_dir, FAILED, data)
+    remove_markers(run_dir, RUNNING)
+
+
+def _write_done(run_dir: Path, task: dict, summary: Path, started: float, **extra) -> None:
+    s = json.loads(summary.read_text())
+    write_marker(
+        run_dir,
+        DONE,
+        {
+            "config_id": task["config_id"],
+            "summary": str(summary.relative_to(run_dir)),
+            "results_file": s.get("results_file"),
+            "limit": task["expect"]["limit"],
+            "host": HOST,
+            "slurm_job": slurm_job_here(),
+            "seconds": round(time.time() - started, 1),
+            "resumed_from_cache": False,
+            **extra,
+        },
+    )
+    remove_markers(run_dir, RUNNING, SUBMITTED, FAILED)
+
+
+# --------------------------------------------------------------------------- SLURM
+
+
+def cluster_settings(env_file: Path = CLUSTER_ENV) -> dict[str, str]:
+    """sbatch/cluster.env evaluated by bash, so environment variables override its defaults."""
+    r = subprocess.run(
+        ["bash", "-c", 'set -a; source "$1" >/dev/null; env -0', "bash", str(env_file)],
+        capture_output=True,
+        text=True,
+    )
+    if r.returncode != 0:
+        raise SweepError(f"cannot read {env_file}: {r.stderr.strip()}")
+    pairs = (item.partition("=") for item in r.stdout.split("\0") if item)
+    return {k: v for k, _, v in pairs if k.startswith("FDLLM_")}
+
+
+def sbatch_resource_args(s: dict[str, str], strict: bool = True) -> list[str]:
+    """The resource flags of cluster.env (account, QoS, partition, GPUs, time, memory, cpus)."""
+    account = s.get("FDLLM_ACCOUNT", "")
+    if strict and (not account or "<" in account):
+        raise SweepError(
+            f"set FDLLM_ACCOUNT (now {account!r}) in sbatch/cluster.env or the environment; "
+            "`pace-quota` lists your charge accounts"
+        )
+    args = [f"--account={account}"]
+    for key, flag in (
+        ("FDLLM_QOS", "--qos"),
+        ("FDLLM_PARTITION", "--partition"),
+        ("FDLLM_CONSTRAINT", "--constraint"),
+        ("FDLLM_TIME", "--time"),
+        ("FDLLM_MEM", "--mem"),
+        ("FDLLM_CPUS", "--cpus-per-task"),
+        ("FDLLM_TMP", "--tmp"),
+    ):
+        if s.get(key):
+            args.append(f"{flag}={s[key]}")
+    gpus, gtype = s.get("FDLLM_GPUS", "1"), s.get("FDLLM_GPU_TYPE", "")
+    if gpus and gpus != "0":
+        args.append(f"--gres=gpu:{gtype}:{gpus}" if gtype else f"--gres=gpu:{gpus}")
+    return args + shlex.split(s.get("FDLLM_EXTRA_SBATCH", ""))
+
+
+def array_spec(indices: list[int]) -> str:
+    """0,2,3,4,7 -> '0,2-4,7'."""
+    parts, run = [], []
+    for i in sorted(indices):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+        run = [i]
+    if run:
+        parts.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
+    return ",".join(parts)
+
+
+def submit_array(
+    sweep: Sweep, to_run: list[Config], limit: int | None, dry_run: bool = False
+) -> str | None:
+    """One sbatch --array over a manifest of the whole sweep frozen now; SUBMITTED markers."""
+    settings = cluster_settings()
+    gpus = int(settings.get("FDLLM_GPUS") or 1)
+    tasks = [make_task(sweep, c, limit, gpus, i) for i, c in enumerate(sweep.configs)]
+    index = {c.id: i for i, c in enumerate(sweep.configs)}
+    spec = array_spec([index[c.id] for c in to_run])
+    manifests = (sweep.results / "_manifests").resolve()
+    stem = time.strftime("%Y%m%d-%H%M%S") + (f"_limit{limit}" if limit else "")
+    manifest = next(  # never overwrite: an earlier array may still be reading its manifest
+        p
+        for n in itertools.count()
+        if not (p := manifests / (f"{stem}-{n}.json" if n else f"{stem}.json")).exists()
+    )
+    cap = settings.get("FDLLM_ARRAY_CAP") or "4"
+    argv = ["sbatch", "--parsable", f"--array={spec}%{cap}", f"--job-name=fdllm-{sweep.name}"]
+    argv += [f"--output={manifests}/slurm-%A_%a.log", f"--chdir={REPO}"]
+    argv += [*sbatch_resource_args(settings, strict=not dry_run), str(ARRAY_JOB), str(manifest)]
+    if dry_run:
+        print("would submit: " + shlex.join(argv))
+        return None
+    manifests.mkdir(parents=True, exist_ok=True)
+    created = time.strftime("%Y-%m-%d %H:%M:%S")
+    data = {"sweep": sweep.name, "sweep_file": str(sweep.file), "created": created, "limit": limit}
+    manifest.write_text(json.dumps({**data, "array": spec, "tasks": tasks}, indent=1))
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SweepError(f"sbatch failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+    job = r.stdout.strip().split(";")[0]
+    for c in to_run:
+        run_dir = sweep.run_dir(c.id, limit)
+        remove_markers(run_dir, FAILED, RUNNING)
+        marker = {"slurm_job": f"{job}_{index[c.id]}", "manifest": str(manifest)}
+        write_marker(run_dir, SUBMITTED, marker)
+    print(f"submitted array job {job}: --array={spec}%{cap} ({len(to_run)} configurations)")
+    print(f"manifest: {manifest}")
+    print(f"logs: {sweep.runs_root(limit)}/<config>/slurm-{job}_<index>.log")
+    print(f"state: python -m v2.experiments {sweep.file} --status" + _limit_flag(limit))
+    return job
+
+
+def _limit_flag(limit: int | None) -> str:
+    return f" --limit {limit}" if limit else ""
+
+
+# --------------------------------------------------------------------------- local runs
+
+
+def num_gpus() -> int:
+    if os.environ.get(NUM_GPUS_ENV):
+        return int(os.environ[NUM_GPUS_ENV])
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count()
+
+
+def run_local(
+    sweep: Sweep,
+    to_run: list[Config],
+    limit: int | None,
+    gpus: int,
+    eval_cmd: list[str] | None = None,
+) -> list[tuple[str, int]]:
+    """One configuration after another on this machine; a failure does not stop the others."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    results = []
+    for n, cfg in enumerate(to_run, 1):
+        task = make_task(sweep, cfg, limit, max(gpus, 1))
+        log = Path(task["run_dir"]) / f"local-{stamp}.log"
+        _log(f"[{n}/{len(to_run)}] {cfg.id}: running (log {log})")
+        t0 = time.time()
+        rc = run_task(task, log_path=log, eval_cmd=eval_cmd)
+        took = f"{time.time() - t0:.1f} s"
+        if rc == 0:
+            _log(f"[{n}/{len(to_run)}] {cfg.id}: done in {took}")
+        else:
+            _log(f"[{n}/{len(to_run)}] {cfg.id}: FAILED (exit {rc}) after {took}; end of {log}:")
+            with contextlib.suppress(OSError):
+                print("".join(log.read_text().splitlines(keepends=True)[-15:]), flush=True)
+        results.append((cfg.id, rc))
+    return results
+
+
+# --------------------------------------------------------------------------- status and CLI
+
+
+def _fmt_pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def status_rows(sweep: Sweep, configs: list[Config], st: dict[str, State], limit: int | None):
+    """Table rows: one per (configuration, task) once done, else one per configuration."""
+    from v2 import report
+
+    found: dict[str, list[report.Row]] = {}
+    for c in configs:
+        run_dir = sweep.run_dir(c.id, limit)
+        if st[c.id].state == "done" and (s := report.newest_summary(run_dir)):
+            found[c.id] = report.rows_from_summary(c.id, s[0], s[1], sweep.main_metric)
+    flat = [r for rs in found.values() for r in rs]
+    for r in flat:
+        r.baseline = report.find_baseline(r, flat)
+    rows = []
+    for c in configs:
+        if c.id not in found:
+            rows.append([c.id, ",".join(c.tasks), st[c.id].state, "-", "-", "-", st[c.id].note])
+            continue
+        for r in found[c.id]:
+            saved = "-" if r.flops_ratio is None else _fmt_pct(1 - r.flops_ratio)
+            if r.end_to_end_ratio is not None:
+                saved += f" / {_fmt_pct(1 - r.end_to_end_ratio)}"
+            tps = "-" if r.tokens_per_second is None else f"{r.tokens_per_second:.1f}"
+            rows.append([c.id, r.task, "done", report.accuracy_text(r), tps, saved, r.metric or ""])
+    return rows
+
+
+def print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=True)]
+    for line in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip())
+
+
+def print_status(sweep: Sweep, configs: list[Config], limit: int | None) -> dict[str, int]:
+    st = states(sweep, configs, limit)
+    rows = status_rows(sweep, configs, st, limit)
+    where = sweep.runs_root(limit)
+    print(
+        f"sweep {sweep.name} ({sweep.file}): {where}" + (" [--limit: smoke test]" if limit else "")
+    )
+    header = ["config", "task", "state", "accuracy %", "tokens/s", "FLOPs saved fwd/e2e", "note"]
+    print_table(header, rows)
+    counts = dict.fromkeys(STATES, 0)
+    for s in st.values():
+        counts[s.state] += 1
+    print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" of {len(configs)}")
+    return counts
+
+
+def archive(sweep: Sweep, cfg: Config, limit: int | None) -> Path | None:
+    """Move a configuration's folder aside (results/<sweep>/_replaced/) before a forced rerun:
+    nothing is deleted, and its request cache cannot answer the new run."""
+    run_dir = sweep.run_dir(cfg.id, limit)
+    if not run_dir.exists():
+        return None
+    label = f"_limit{limit}-" if limit else ""
+    dest = sweep.results / "_replaced" / f"{label}{cfg.id}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run_dir), dest)
+    return dest
+
+
+def select(sweep: Sweep, only: list[str] | None) -> list[Config]:
+    if not only:
+        return list(sweep.configs)
+    return [sweep.config(i) for i in dict.fromkeys(only)]
+
+
+def plan(
+    configs: list[Config], st: dict[str, State], force: list[str] | None
+) -> tuple[list[Config], list[str]]:
+    """(configurations to run, notes). Default: missing or failed. --force: all (running ones
+    excepted); --force ID ...: exactly those."""
+    notes = []
+    if force is None:
+        todo = [c for c in configs if st[c.id].state in ("missing", "failed")]
+    else:
+        wanted = {c.id for c in configs} if not force else set(force)
+        todo = []
+        for c in configs:
+            if c.id not in wanted:
+                continue
+            if st[c.id].state == "running":
+                notes.append(f"{c.id} is running ({st[c.id].note}); not forced")
+            else:
+                todo.append(c)
+    return todo, notes
+
+
+def effective_limit(sweep: Sweep, args_limit: int | None, local: bool, gpus: int) -> int | None:
+    if args_limit:
+        return args_limit
+    if sweep.limit:
+        return sweep.limit
+    if local and gpus == 0 and sweep.limit_cpu:
+        return sweep.limit_cpu
+    return None
+
+
+def use_slurm(local: bool) -> bool:
+    return not local and shutil.which("sbatch") is not None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m v2.experiments", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("sweep", type=Path, help="a sweep file, e.g. configs/sweeps/tiny_default.yaml")
+    p.add_argument("--status", action="store_true", help="print each configuration's state")
+    p.add_argument("--force", nargs="*", metavar="ID", help="rerun all, or these, from scratch")
+    p.add_argument("--only", nargs="+", metavar="ID", help="restrict to these configurations")
+    p.add_argument("--limit", type=int, default=None, help="smoke test on N problems per task")
+    p.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
+    p.add_argument("--local", action="store_true", help="run here, one configuration at a time")
+    p.add_argument("--results", type=Path, default=None, help="results root (default: results/)")
+    return p
+
+
+def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "task":
+        return task_main(argv[1:], eval_cmd)
+    if argv and argv[0] == "sbatch-args":
+        return sbatch_args_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        sweep = load_sweep(args.sweep, args.results)
+        configs = select(sweep, args.only)
+        if args.force:
+            forced = {c.id for c in select(sweep, args.force)}
+            if not forced <= {c.id for c in configs}:
+                raise SweepError(f"--force {' '.join(sorted(forced))}: not all are in --only")
+        slurm = use_slurm(args.local)
+        gpus = 0 if slurm else num_gpus()
+        limit = effective_limit(sweep, args.limit, not slurm, gpus)
+        if args.status:
+            print_status(sweep, configs, limit)
+            return 0
+        st = states(sweep, configs, limit)
+        todo, notes = plan(configs, st, args.force)
+        for n in notes:
+            print(f"note: {n}")
+        where = "SLURM array" if slurm else f"here ({gpus} GPU{'s' * (gpus != 1)})"
+        label = f", limit {limit} per task: smoke test" if limit else ""
+        if limit and not args.limit and not sweep.limit:
+            label += f" (limit_cpu of {sweep.file.name}: no GPU here)"
+        print(f"sweep {sweep.name}: {len(todo)} of {len(configs)} to run {where}{label}")
+        for c in configs:
+            mark = "run " if c in todo else "skip"
+            print(f"  {mark} {c.id:<28} {st[c.id].state:<8} {st[c.id].note}")
+        if not todo:
+            print("nothing to run (--force [ID ...] reruns)")
+            return 0
+        if args.dry_run:
+            if slurm:
+                submit_array(sweep, todo, limit, dry_run=True)
+            else:
+                cmd = eval_cmd or eval_cmd_from_env()
+                for c in todo:
+                    task = make_task(sweep, c, limit, max(gpus, 1))
+                    print(f"  {c.id}: {shlex.join(eval_argv(task, cmd, port=29500))}")
+            return 0
+        if args.force is not None:
+            for c in todo:
+                if dest := archive(sweep, c, limit):
+                    print(f"moved the old {c.id} to {dest}")
+        if slurm:
+            submit_array(sweep, todo, limit)
+            return 0
+        results = run_local(sweep, todo, limit, gpus, eval_cmd)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted: rerun the same command to finish what is not done", file=sys.stderr)
+        return 130
+    print()
+    print_status(sweep, configs, limit)
+    finish_report(sweep.runs_root(limit), sweep.main_metric)
+    failed = [cid for cid, rc in results if rc != 0]
+    if failed:
+        print(f"failed: {', '.join(failed)} (rerun the same command to retry only those)")
+    return 1 if failed else 0
+
+
+def sbatch_args_main(argv: list[str]) -> int:
+    """`sbatch-args SWEEP ID`: the sbatch flags of a job that runs configuration ID of the sweep
+    (run_single.sh), one a line: cluster.env's resources and --output in
+    results/<sweep>/_manifests/ (setup messages; the configuration's log is
+    <run_dir>/slurm-<job>.log). Fails, before anything is queued, on a bad sweep, an unknown ID
+    or a placeholder account."""
+    if len(argv) != 2:
+        print("usage: python -m v2.experiments sbatch-args SWEEP ID", file=sys.stderr)
+        return 2
+    try:
+        sweep = load_sweep(argv[0])
+        sweep.config(argv[1])
+        flags = sbatch_resource_args(cluster_settings())
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    logs = (sweep.results / "_manifests").resolve()
+    logs.mkdir(parents=True, exist_ok=True)
+    print("\n".join([*flags, f"--output={logs}/single-%j.log"]))
+    return 0
+
+
+def finish_report(root: Path, metric: str | None) -> None:
+    from v2 import report
+
+    if not root.is_dir():
+        return
+    md, plots, rows = report.build(root, metric=metric)
+    if rows:
+        print()
+        print(md.read_text())
+        print(f"report: {md}")
+        for p in plots:
+            print(f"plot: {p}")
+
+
+def task_main(argv: list[str], eval_cmd: list[str] | None = None) -> int:
+    """Inside a job: `task MANIFEST INDEX` (array_job.sh) or `task --sweep FILE --id ID`
+    (run_single.sh). Output goes to <run_dir>/slurm-<job>.log."""
+    p = argparse.ArgumentParser(prog="python -m v2.experiments task")
+    p.add_argument("manifest", nargs="?", type=Path)
+    p.add_argument("index", nargs="?", type=int)
+    p.add_argument("--sweep", type=Path)
+    p.add_argument("--id")
+    p.add_argument("--limit", type=int, default=None)
+    args = p.parse_args(argv)
+    try:
+        if args.manifest:
+            tasks = json.loads(args.manifest.read_text())["tasks"]
+            task = tasks[args.index]
+            if task["index"] != args.index:
+                raise SweepError(f"{args.manifest}: line {args.index} is task {task['index']}")
+        elif args.sweep and args.id:
+            sweep = load_sweep(args.sweep)
+            gpus = int(os.environ.get("SLURM_GPUS_ON_NODE") or 0) or num_gpus()
+            task = make_task(sweep, sweep.config(args.id), args.limit, max(gpus, 1))
+        else:
+            p.error("give MANIFEST INDEX or --sweep FILE --id ID")
+    except (OSError, ValueError, KeyError, IndexError, SweepError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    run_dir = Path(task["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    job = slurm_job_here()
+    log = run_dir / (f"slurm-{job}.log" if job else f"task-{time.strftime('%Y%m%d-%H%M%S')}.log")
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    restart = os.environ.get("SLURM_RESTART_COUNT", 0)
+    _log(f"{task['config_id']} on {HOST}, job {job}, restart {restart}")
+    return run_task(task, eval_cmd=eval_cmd, port=main_process_port())
+
+
+if __name__ == "__main__":
+    sys.exit(main())
