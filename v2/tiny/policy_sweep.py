@@ -13,8 +13,11 @@ import argparse
 import json
 import math
 import re
+import shlex
+import subprocess
 import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -91,6 +94,28 @@ def run(lm, texts, gold, policy_name, options, batch, threshold) -> dict:
     }
 
 
+def _command(argv: list[str] | None) -> str:
+    """The command line as typed (`python -m ...`), not the script path sys.argv holds."""
+    if argv is not None:
+        return shlex.join(["python", "-m", "v2.tiny.policy_sweep", *argv])
+    args = list(getattr(sys, "orig_argv", sys.argv))
+    return shlex.join([Path(args[0]).name, *args[1:]])
+
+
+def _git_commit() -> str | None:
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "tiny_sweep.json")
@@ -108,9 +133,21 @@ def main(argv: list[str] | None = None) -> int:
     device = str(lm.model.embed_tokens.weight.device)
     lm.generate(texts[:32], GenerationConfig(max_new_tokens=64), chat=True)  # warm-up
     record = {
-        "command": " ".join(sys.argv),
+        "command": _command(argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
+        "torch": torch.__version__,
+        "git_commit": _git_commit(),
         "threshold": args.threshold,
+        "settings": {
+            "n_accuracy": len(problems),
+            "batch_accuracy": 250,
+            "n_speed32": min(args.n_speed32, len(problems)),
+            "n_speed1": min(args.n_speed1, len(problems)),
+            "max_new_tokens": 256,
+            "budget_seconds": args.budget_seconds,
+        },
+        "planned": [cid for cid, _, _ in CONFIGS if not args.only or cid in args.only],
         "configs": {},
     }
     t0 = time.time()
