@@ -40,6 +40,10 @@ class LayerSkipPolicy(Policy):
         self.max_consecutive_skips = max_consecutive_skips
         self.protect_first, self.protect_last = protect_first, protect_last
 
+    @property
+    def enabled(self) -> bool:
+        return self.cosine_threshold < 1
+
     def protected_layers(self, num_layers: int) -> set[int]:
         return set(range(self.protect_first)) | set(
             range(num_layers - self.protect_last, num_layers)
@@ -54,7 +58,7 @@ class LayerSkipPolicy(Policy):
         if self.cosine_threshold >= 1:
             return None
         if layer in self.protected or self.last_input is None:
-            self.last_input = x
+            self.last_input = x.clone()  # x is the engine's buffer: valid only during this call
             self.run_of_skips = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             return None
         cos = F.cosine_similarity(x.float(), self.last_input.float(), dim=-1)
@@ -119,6 +123,10 @@ class LayerReusePolicy(Policy):
         self.reuse_k, self.layer_subset, self.subset_size = reuse_k, layer_subset, subset_size
         if not (isinstance(layer_subset, str) and layer_subset in SUBSETS):
             subset_layers(layer_subset, 10**6)  # syntax now; bounds once the depth is known
+
+    @property
+    def enabled(self) -> bool:
+        return self.reuse_k > 1
 
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
         self.layers = set(subset_layers(self.layer_subset, num_layers, self.subset_size))

@@ -8,6 +8,11 @@ prefix_len + B) holds the K/V of each block position's last computation; a denoi
 the units it computes there and attends to [0, prefix_len + B). That one region serves the full
 window, the sub-block cache (positions outside the sub-block keep their last K/V) and REUSE
 (a reused unit keeps the K/V of its last computation), with no per-step concatenation.
+
+On CUDA, every layer that computes all of its units runs as a CUDA graph captured for the
+forward's shape (rows, window, key length): eager PyTorch spends ~0.6 ms of host time per layer,
+more than an H100 needs to read a 7B layer's weights. A layer whose plan skips or reuses units runs
+eagerly on the same buffers, so a policy can still decide layer by layer.
 """
 
 from __future__ import annotations
@@ -30,17 +35,24 @@ class Engine:
         policy: Policy | None = None,
         block_size: int | None = None,
         block_cache: bool = False,
+        cuda_graphs: bool | None = None,
     ):
         self.model = model
         self.cfg = model.cfg
         self.B = block_size or model.cfg.block_size
         self.block_cache = block_cache
-        self.policy = policy
+        # A policy that can never skip (e.g. cosine_threshold >= 1) is no policy: same output,
+        # no per-layer planning cost.
+        self.policy = policy if policy is not None and policy.enabled else None
         self.stats = Stats(self.cfg.num_hidden_layers)
         self.prefix_len = 0
         self._protected: set[int] = (
-            policy.protected_layers(self.cfg.num_hidden_layers) if policy else set()
+            self.policy.protected_layers(self.cfg.num_hidden_layers) if self.policy else set()
         )
+        w = model.embed_tokens.weight
+        self.cuda_graphs = w.is_cuda if cuda_graphs is None else cuda_graphs
+        self._graphs: dict[tuple, _LayerGraphs] = {}
+        self.delta = self.has_ref = None
 
     # ---- cache and per-block state -------------------------------------------------------
 
@@ -50,10 +62,12 @@ class Engine:
         self.k = torch.empty(shape, dtype=w.dtype, device=w.device)
         self.v = torch.empty(shape, dtype=w.dtype, device=w.device)
         self.prefix_len = 0
+        self._graphs.clear()
 
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Drop finished rows from the cache (at block ends)."""
         self.k, self.v = self.k[:, rows], self.v[:, rows]
+        self._graphs.clear()
 
     def begin_block(self) -> None:
         """Reset per-position state; the policy's too."""
@@ -63,9 +77,17 @@ class Engine:
         if self.policy is not None:
             self.policy.begin_block(b, B, L)
             if self.policy.reuses:
+                # Zeroed in place, not reallocated: captured graphs write into these buffers.
                 w = self.model.embed_tokens.weight
-                self.delta = torch.zeros(L, b, B, cfg.hidden_size, dtype=w.dtype, device=w.device)
-                self.has_ref = torch.zeros(L, b, B, dtype=torch.bool, device=w.device)
+                if self.delta is None or self.delta.shape[1] != b:
+                    shape = (L, b, B, cfg.hidden_size)
+                    self.delta = torch.zeros(shape, dtype=w.dtype, device=w.device)
+                    self.has_ref = torch.zeros(shape[:3], dtype=torch.bool, device=w.device)
+                else:
+                    self.delta.zero_()
+                    self.has_ref.zero_()
+        end = self.prefix_len + B  # graphs of earlier blocks attend to fewer keys: drop them
+        self._graphs = {key: g for key, g in self._graphs.items() if key[2] == end}
 
     # ---- the three forward kinds --------------------------------------------------------------
 
@@ -116,7 +138,11 @@ class Engine:
         x = self.model.embed_tokens(ids)
         pos = torch.arange(start, start + w, device=ids.device)
         cos, sin = self.model.rope(pos)
+        graphs = self._layer_graphs(b, w, end, self._keeps_deltas)
+        if graphs is not None:
+            x = graphs.load(x, pos, cos, sin, window_start)
         full_rows = None if units is None or w < B else units.all(1)
+        self._forward_units, self._units_gather = units, None
         st = self.stats
         for i, layer in enumerate(self.model.layers):
             actions = self.policy.plan(i, x, ctx) if self.policy is not None else None
@@ -124,14 +150,19 @@ class Engine:
                 raise PolicyError(f"{self.policy.name}: planned skipping on protected layer {i}")
             compute, reuse = self._resolve(i, actions, units, full_rows, window_start, w)
             if compute is None:
-                out = layer(x, cos, sin, self._dense_attend(i, start, end, None))
                 n = b * w
-                if self._keeps_deltas:
-                    self.delta[i, :, window_start : window_start + w] = out - x
-                    self.has_ref[i, :, window_start : window_start + w] = True
-                x = out
+                if graphs is not None:
+                    graphs.run(i)  # updates x (graphs.x) in place
+                else:
+                    out = layer(x, cos, sin, self._dense_attend(i, start, end, None))
+                    if self._keeps_deltas:
+                        self.delta[i, :, window_start : window_start + w] = out - x
+                        self.has_ref[i, :, window_start : window_start + w] = True
+                    x = out
             else:
-                x, n = self._planned_layer(i, layer, x, compute, reuse, start, end, window_start)
+                out, n = self._planned_layer(i, layer, x, compute, reuse, start, end, window_start)
+                # With graphs, the next layer's input lives in the graphs' buffer.
+                x = graphs.x.copy_(out) if graphs is not None and out is not graphs.x else out
             st.executed_units_per_layer[i] += n
             st.executed_flops += n * self._unit_flops(end)
         st.baseline_flops += baseline_units * L * self._unit_flops(end)
@@ -150,9 +181,17 @@ class Engine:
         b, w = ids.shape
         self._count_forward(kind, b, b * w)
         x = self.model.embed_tokens(ids)
-        cos, sin = self.model.rope(torch.arange(start, start + w, device=ids.device))
+        pos = torch.arange(start, start + w, device=ids.device)
+        cos, sin = self.model.rope(pos)
+        # A commit forward has a denoise window's shape: it replays the block's denoise graphs.
+        graphs = self._layer_graphs(b, w, end, False) if mask is None and w == self.B else None
+        if graphs is not None:
+            x = graphs.load(x, pos, cos, sin, 0)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, self._dense_attend(i, start, end, mask))
+            if graphs is not None:
+                graphs.run(i)
+            else:
+                x = layer(x, cos, sin, self._dense_attend(i, start, end, mask))
             self.stats.executed_units_per_layer[i] += b * w
         keys = end * w if keys_per_query is None else int(keys_per_query.sum())
         attn = 4 * keys * self.cfg.num_attention_heads * self.cfg.head_dim
@@ -173,6 +212,14 @@ class Engine:
             return sdpa(q.transpose(1, 2), keys, values, mask, eager).transpose(1, 2)
 
         return attend
+
+    def _layer_graphs(self, b: int, w: int, end: int, deltas: bool) -> _LayerGraphs | None:
+        if not self.cuda_graphs or self.model.eager_attention:
+            return None
+        key = (b, w, end, deltas, self.k.data_ptr(), self.v.data_ptr())
+        if key not in self._graphs:
+            self._graphs[key] = _LayerGraphs(self, b, w, end, deltas)
+        return self._graphs[key]
 
     def _resolve(self, i, actions, units, full_rows, window_start, w):
         """(compute, reuse) boolean [b, w] masks, or (None, None) when every unit computes."""
@@ -206,10 +253,25 @@ class Engine:
             return None, None
         return compute, reuse
 
+    def _gather(self, compute: torch.Tensor, start: int) -> tuple:
+        """Indices of the computed units: rows, window positions, rank within the row (the
+        padded query slot), padded width, and their RoPE. Synchronises with the device."""
+        rows, pos = compute.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return rows, pos, None, 0, None, None
+        rank = (compute.cumsum(1) - 1)[rows, pos]
+        cos, sin = self.model.rope(start + pos)
+        return rows, pos, rank, int(rank.max()) + 1, cos, sin
+
     def _planned_layer(self, i, layer, x, compute, reuse, start, end, window_start):
         """Run layer i on the computed units only; reused units get their last update back."""
         b, w, d = x.shape
-        rows, pos = compute.nonzero(as_tuple=True)
+        if compute is self._forward_units:  # no plan, only the forward's units: gather once
+            if self._units_gather is None:
+                self._units_gather = self._gather(compute, start)
+            rows, pos, rank, width, cos, sin = self._units_gather
+        else:
+            rows, pos, rank, width, cos, sin = self._gather(compute, start)
         n = rows.numel()
         out = x
         if reuse is not None:
@@ -219,9 +281,6 @@ class Engine:
             )
         if n == 0:
             return out, 0
-        rank = (compute.cumsum(1) - 1)[rows, pos]
-        width = int(rank.max()) + 1
-        cos, sin = self.model.rope(start + pos)
         eager = self.model.eager_attention
         cfg = self.cfg
 
@@ -258,3 +317,78 @@ class Engine:
 
     def _head_flops(self, rows: int) -> int:
         return rows * 2 * self.cfg.hidden_size * self.cfg.vocab_size
+
+
+class _LayerGraphs:
+    """One CUDA graph per layer for a dense forward of one shape: `rows` rows of a `w`-position
+    window attending to the cache's first `end` keys. Every graph reads and updates one static
+    hidden-state buffer `x` in place, so a layer that is skipped is simply not replayed, and an
+    eagerly run (planned) layer writes its result back into `x`. Window positions are device
+    tensors, so the four sub-block windows of a block share one set of graphs; a commit replays
+    the full-window set. A layer runs eagerly once (warm-up) before it is captured."""
+
+    def __init__(self, engine: Engine, rows: int, w: int, end: int, deltas: bool):
+        cfg, weight = engine.cfg, engine.model.embed_tokens.weight
+        dev, dtype = weight.device, weight.dtype
+        self.engine, self.end, self.deltas = engine, end, deltas
+        self.x = torch.zeros(rows, w, cfg.hidden_size, dtype=dtype, device=dev)
+        self.pos = torch.zeros(w, dtype=torch.long, device=dev)  # absolute positions
+        self.win = torch.zeros(w, dtype=torch.long, device=dev)  # block offsets
+        self.cos = torch.zeros(w, 1, cfg.head_dim, dtype=dtype, device=dev)
+        self.sin = torch.zeros_like(self.cos)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.warm: set[int] = set()
+        # One memory pool per set: its graphs live and die together (a pool shared with graphs
+        # already freed is released by the allocator and cannot be captured into again).
+        self.pool = torch.cuda.graph_pool_handle()
+        if not hasattr(engine, "_side_stream"):
+            engine._side_stream = torch.cuda.Stream(device=dev)
+
+    def load(self, x, pos, cos, sin, window_start: int) -> torch.Tensor:
+        self.x.copy_(x)
+        self.pos.copy_(pos)
+        self.win.copy_(pos - (pos[0] - window_start))
+        self.cos.copy_(cos)
+        self.sin.copy_(sin)
+        return self.x
+
+    def _body(self, i: int) -> None:
+        e = self.engine
+        k_cache, v_cache = e.k[i], e.v[i]  # [rows, kv_heads, max_len, head_dim]
+        end, eager = self.end, e.model.eager_attention
+
+        def attend(q, k, v):
+            k_cache.index_copy_(2, self.pos, k.transpose(1, 2))
+            v_cache.index_copy_(2, self.pos, v.transpose(1, 2))
+            o = sdpa(q.transpose(1, 2), k_cache[:, :, :end], v_cache[:, :, :end], None, eager)
+            return o.transpose(1, 2)
+
+        out = e.model.layers[i](self.x, self.cos, self.sin, attend)
+        if self.deltas:
+            e.delta[i].index_copy_(1, self.win, out - self.x)
+            e.has_ref[i].index_fill_(1, self.win, True)
+        self.x.copy_(out)
+
+    def run(self, i: int) -> None:
+        graph = self.graphs.get(i)
+        if graph is not None:
+            graph.replay()
+            return
+        e = self.engine
+        side, main = e._side_stream, torch.cuda.current_stream()
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            if i not in self.warm:  # warm-up: a real, eager run on a side stream
+                self.warm.add(i)
+                self._body(i)
+            else:  # capture (records, runs nothing), then replay
+                graph = torch.cuda.CUDAGraph()
+                graph.capture_begin(pool=self.pool)
+                try:
+                    self._body(i)
+                finally:
+                    graph.capture_end()
+                self.graphs[i] = graph
+        main.wait_stream(side)
+        if graph is not None:
+            graph.replay()

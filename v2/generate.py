@@ -42,6 +42,7 @@ class GenerationConfig:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False
+    cuda_graphs: bool | None = None  # None: on when the model is on a GPU (v2/engine.py)
 
     def validate(self, block_size: int) -> None:
         if self.max_new_tokens < 1:
@@ -150,7 +151,9 @@ def generate(
     if cfg.temperature > 0:
         gen = torch.Generator(device=device)
         gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-    engine = Engine(model, policy, block_size=B, block_cache=cfg.use_block_cache)
+    engine = Engine(
+        model, policy, block_size=B, block_cache=cfg.use_block_cache, cuda_graphs=cfg.cuda_graphs
+    )
     engine.allocate(n, total)
     final_len = [0] * n
     finish = [""] * n

@@ -45,6 +45,12 @@ class Policy:
     # True when the policy may answer REUSE: the engine then keeps every unit's last update.
     reuses = False
 
+    @property
+    def enabled(self) -> bool:
+        """False when the policy can never skip anything (e.g. a threshold of 1): the engine
+        then runs exactly as with no policy."""
+        return True
+
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
         """A new block starts: forget per-position state."""
 
@@ -53,7 +59,8 @@ class Policy:
 
     def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         """Actions [batch, window] (int8 of COMPUTE / REUSE / PASS) for layer `layer` given its
-        input x [batch, window, hidden]; None means compute every unit."""
+        input x [batch, window, hidden]; None means compute every unit. x is the engine's buffer,
+        overwritten by the layer: copy what must outlive the call."""
         return None
 
     def protected_layers(self, num_layers: int) -> set[int]:
