@@ -152,8 +152,9 @@ def test_limit_runs_only_on_request_and_labelled(tmp_path):
     md = (tmp_path / "with_limit" / "results.md").read_text()
     assert "Smoke test" in md and "4 (limit 4)" in md
     # a _limit folder given directly is its own sweep, labelled as a smoke test
-    _, _, rows = report.build(sweep / "_limit4")
+    md, _, rows = report.build(sweep / "_limit4")
     assert [r.config_id for r in rows] == ["token_ct0.9"] and rows[0].smoke
+    assert md.read_text().startswith("# Results: tiny_default/_limit4\n")
 
 
 def test_metric_choice_and_override(tmp_path):

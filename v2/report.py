@@ -259,7 +259,8 @@ def table_row(r: Row) -> str:
 
 
 def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], command: str) -> str:
-    name = Path(sweep_dir).resolve().name
+    d = Path(sweep_dir).resolve()
+    name = f"{d.parent.name}/{d.name}" if d.name.startswith("_limit") else d.name
     lines = [f"# Results: {name}", "", f"Made by `{command}` from {len(rows)} rows.", ""]
     if any(r.smoke for r in rows):
         lines += [
