@@ -84,7 +84,7 @@ else:
     job = sys.argv[sys.argv.index("-j") + 1]
     out = d / (name + ".out")
     for line in out.read_text().splitlines() if out.exists() else []:
-        if line.split("_")[0] == job:
+        if line.split("|")[0].split("_")[0] == job:
             print(line)
 """
 
@@ -281,6 +281,23 @@ def test_state_from_markers(tmp_path, monkeypatch):
     ex.write_marker(run_dir, ex.DONE, {})
     assert ex.config_state(run_dir, slurm).state == "done"
     assert not list(run_dir.glob(".*.tmp"))  # markers are written through a temp file
+
+
+def test_state_of_a_local_run_inside_an_allocation(tmp_path, slurm):
+    """A local runner killed inside `salloc`: its job is still RUNNING, its processes are gone."""
+    run_dir = tmp_path / "cfg"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (slurm / "squeue.out").write_text("4242|RUNNING\n")
+    marker = {"host": ex.HOST, "pid": dead.pid, "slurm_job": "4242"}
+    ex.write_marker(run_dir, ex.RUNNING, marker)
+    assert ex.config_state(run_dir, ex.SlurmView()).state == "missing"
+    ex.write_marker(run_dir, ex.RUNNING, {**marker, "pid": os.getpid()})
+    assert ex.config_state(run_dir, ex.SlurmView()).state == "running"
+    ex.write_marker(run_dir, ex.RUNNING, {**marker, "host": "node-7", "pid": dead.pid})
+    assert ex.config_state(run_dir, ex.SlurmView()) == ex.State("running", "slurm 4242 RUNNING")
+    (slurm / "squeue.out").write_text("")
+    assert ex.config_state(run_dir, ex.SlurmView()).state == "missing"  # squeue: it has ended
 
 
 def test_limit_results_never_count(tmp_path, fake_eval, slurm):

@@ -515,21 +515,26 @@ def config_state(run_dir: Path, slurm: SlurmView) -> State:
     if (run_dir / DONE).exists():
         return State("done")
     running, submitted = read_marker(run_dir, RUNNING), read_marker(run_dir, SUBMITTED)
-    for m in (running, submitted):
-        job = (m or {}).get("slurm_job")
-        if job and (st := slurm.queue_state(job)):
-            return State("running", f"slurm {job} {st}")
-    if running:
+    if running and running.get("host") == HOST:
+        # Its processes decide, not its SLURM job: that may be an interactive allocation that
+        # outlives a local runner killed inside it.
         pids = [running.get("pid"), running.get("child_pid")]
-        if running.get("host") == HOST and any(pid_alive(p) for p in pids if p):
+        if any(pid_alive(p) for p in pids if p):
             return State("running", f"pid {running.get('child_pid') or running.get('pid')}")
+    elif running and running.get("slurm_job") and slurm.has_squeue:
+        job = running["slurm_job"]
+        if st := slurm.queue_state(job):
+            return State("running", f"slurm {job} {st}")
+    elif running:  # another host and no way to ask: trust a recent heartbeat
         try:
             age = time.time() - (run_dir / RUNNING).stat().st_mtime
         except FileNotFoundError:  # it ended while we looked
             return config_state(run_dir, slurm)
-        checkable = running.get("host") == HOST or (running.get("slurm_job") and slurm.has_squeue)
-        if not checkable and age < STALE_S:
+        if age < STALE_S:
             return State("running", f"on {running.get('host')} ({age:.0f} s since heartbeat)")
+    job = (submitted or {}).get("slurm_job")
+    if job and (st := slurm.queue_state(job)):
+        return State("running", f"slurm {job} {st}")
     failed = read_marker(run_dir, FAILED)
     if failed:
         return State("failed", failed.get("reason", ""))
