@@ -67,6 +67,11 @@ class LayerSkipPolicy(Policy):
         skip = (score > self.cosine_threshold) & (self.run_of_skips < self.max_consecutive_skips)
         self.run_of_skips = torch.where(skip, self.run_of_skips + 1, 0)
         self.last_input = torch.where(skip[:, None, None], self.last_input, x)
+        skipped = int(skip.sum())  # the one device round trip of a layer decision
+        if skipped == 0:
+            return None
+        if skipped == x.shape[0]:
+            return PASS  # every row: the engine skips the layer outright
         return (skip[:, None] * PASS).expand(-1, x.shape[1]).to(torch.int8)
 
     def config(self) -> dict:
@@ -134,7 +139,7 @@ class LayerReusePolicy(Policy):
     def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         if self.reuse_k == 1 or layer not in self.layers or ctx.step % self.reuse_k == 0:
             return None
-        return torch.full(x.shape[:2], REUSE, dtype=torch.int8, device=x.device)
+        return REUSE  # every unit in scope
 
     def config(self) -> dict:
         return {

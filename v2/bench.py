@@ -188,7 +188,6 @@ class ForcedLayerPass(Policy):
     def __init__(self, n: int):
         self.n = n
         self.layers: list[int] = []
-        self._plans: dict[tuple, torch.Tensor] = {}
 
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
         self.layers = spread_layers(self.n, num_layers)
@@ -198,12 +197,7 @@ class ForcedLayerPass(Policy):
         return {0, num_layers - 1}
 
     def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
-        if layer not in self._set:
-            return None
-        key = (*x.shape[:2], x.device)
-        if key not in self._plans:
-            self._plans[key] = torch.full(x.shape[:2], PASS, dtype=torch.int8, device=x.device)
-        return self._plans[key]
+        return PASS if layer in self._set else None
 
     def config(self) -> dict:
         return {"policy": self.name, "n": self.n, "layers": self.layers}
@@ -219,19 +213,13 @@ class ForcedLayerReuse(Policy):
         self.n, self.k = n, k
         self.layers: list[int] = []
         self._set: set[int] = set()
-        self._plans: dict[tuple, torch.Tensor] = {}
 
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
         self.layers = middle_layers(self.n, num_layers)
         self._set = set(self.layers)
 
     def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
-        if layer not in self._set or ctx.step % self.k == 0:
-            return None
-        key = (*x.shape[:2], x.device)
-        if key not in self._plans:
-            self._plans[key] = torch.full(x.shape[:2], REUSE, dtype=torch.int8, device=x.device)
-        return self._plans[key]
+        return None if layer not in self._set or ctx.step % self.k == 0 else REUSE
 
     def config(self) -> dict:
         return {"policy": self.name, "n": self.n, "k": self.k, "layers": self.layers}

@@ -74,6 +74,9 @@ class Engine:
         cfg, b = self.cfg, self.k.shape[1]
         L, B = cfg.num_hidden_layers, self.B
         self.step = 0
+        # Per layer, a bit per block offset: every row has a REUSE reference there (host mirror
+        # of has_ref for the dense path, so a whole-layer REUSE needs no device round trip).
+        self._ref_all = [0] * L
         if self.policy is not None:
             self.policy.begin_block(b, B, L)
             if self.policy.reuses:
@@ -144,10 +147,24 @@ class Engine:
         full_rows = None if units is None or w < B else units.all(1)
         self._forward_units, self._units_gather = units, None
         st = self.stats
+        window = slice(window_start, window_start + w)
+        window_bits = ((1 << w) - 1) << window_start
         for i, layer in enumerate(self.model.layers):
             actions = self.policy.plan(i, x, ctx) if self.policy is not None else None
             if actions is not None and i in self._protected:
                 raise PolicyError(f"{self.policy.name}: planned skipping on protected layer {i}")
+            if isinstance(actions, int):  # one action for every unit: no device round trip
+                how = self._uniform(i, actions, units, w, window_bits)
+                if how == "pass":
+                    continue  # the layer does not run; x is its output
+                if how == "reuse":
+                    delta = self.delta[i, :, window]
+                    x = x.add_(delta) if graphs is not None else x + delta
+                    continue
+                if how == "compute":
+                    actions = None
+                else:
+                    actions = torch.full_like(ids, actions, dtype=torch.int8)
             compute, reuse = self._resolve(i, actions, units, full_rows, window_start, w)
             if compute is None:
                 n = b * w
@@ -156,9 +173,11 @@ class Engine:
                 else:
                     out = layer(x, cos, sin, self._dense_attend(i, start, end, None))
                     if self._keeps_deltas:
-                        self.delta[i, :, window_start : window_start + w] = out - x
-                        self.has_ref[i, :, window_start : window_start + w] = True
+                        self.delta[i, :, window] = out - x
+                        self.has_ref[i, :, window] = True
                     x = out
+                if units is None:
+                    self._ref_all[i] |= window_bits
             else:
                 out, n = self._planned_layer(i, layer, x, compute, reuse, start, end, window_start)
                 # With graphs, the next layer's input lives in the graphs' buffer.
@@ -221,6 +240,21 @@ class Engine:
             self._graphs[key] = _LayerGraphs(self, b, w, end, deltas)
         return self._graphs[key]
 
+    def _uniform(self, i: int, action: int, units, w: int, window_bits: int) -> str | None:
+        """How to run a plan that is one action (an int) for every unit: "compute" (the dense
+        layer), "pass", "reuse" (every unit has a reference), or None (expand it to a tensor and
+        take the general path, which checks per unit)."""
+        if action == COMPUTE:
+            return "compute"
+        if units is not None:
+            return None
+        if action == PASS:
+            # The sub-block cache needs a full-window forward's block K/V: it computes.
+            return "compute" if w == self.B and self.block_cache else "pass"
+        if action == REUSE and self._keeps_deltas:
+            return "reuse" if self._ref_all[i] & window_bits == window_bits else None
+        return None
+
     def _resolve(self, i, actions, units, full_rows, window_start, w):
         """(compute, reuse) boolean [b, w] masks, or (None, None) when every unit computes."""
         if actions is None:
@@ -255,13 +289,20 @@ class Engine:
 
     def _gather(self, compute: torch.Tensor, start: int) -> tuple:
         """Indices of the computed units: rows, window positions, rank within the row (the
-        padded query slot), padded width, and their RoPE. Synchronises with the device."""
+        padded query slot), padded width, their RoPE, and for attention the slot of each unit's
+        row among the rows that compute something plus those rows (None when every row does).
+        Synchronises with the device."""
         rows, pos = compute.nonzero(as_tuple=True)
         if rows.numel() == 0:
-            return rows, pos, None, 0, None, None
+            return rows, pos, None, 0, None, None, None, None
         rank = (compute.cumsum(1) - 1)[rows, pos]
         cos, sin = self.model.rope(start + pos)
-        return rows, pos, rank, int(rank.max()) + 1, cos, sin
+        running = compute.any(1)
+        width, a = torch.stack((rank.max() + 1, running.sum())).tolist()
+        if a == compute.shape[0]:
+            return rows, pos, rank, width, cos, sin, rows, None
+        slot = (running.cumsum(0) - 1)[rows]
+        return rows, pos, rank, width, cos, sin, slot, running.nonzero().squeeze(1)
 
     def _planned_layer(self, i, layer, x, compute, reuse, start, end, window_start):
         """Run layer i on the computed units only; reused units get their last update back."""
@@ -269,9 +310,9 @@ class Engine:
         if compute is self._forward_units:  # no plan, only the forward's units: gather once
             if self._units_gather is None:
                 self._units_gather = self._gather(compute, start)
-            rows, pos, rank, width, cos, sin = self._units_gather
+            rows, pos, rank, width, cos, sin, slot, running = self._units_gather
         else:
-            rows, pos, rank, width, cos, sin = self._gather(compute, start)
+            rows, pos, rank, width, cos, sin, slot, running = self._gather(compute, start)
         n = rows.numel()
         out = x
         if reuse is not None:
@@ -283,16 +324,21 @@ class Engine:
             return out, 0
         eager = self.model.eager_attention
         cfg = self.cfg
+        # Attention runs on the rows that compute something (a PASSed or idle row is not fed to
+        # it), each padded to the widest row; the padded query slots run, so they are counted.
+        a = b if running is None else running.numel()
+        self.stats.executed_flops += (a * width - n) * self._query_flops(end)
 
         def attend(q, k, v):
             self.k[i, rows, :, start + pos] = k
             self.v[i, rows, :, start + pos] = v
-            padded = q.new_zeros(b, width, cfg.num_attention_heads, cfg.head_dim)
-            padded[rows, rank] = q
-            o = sdpa(
-                padded.transpose(1, 2), self.k[i, :, :, :end], self.v[i, :, :, :end], None, eager
-            )
-            return o.transpose(1, 2)[rows, rank]
+            keys, values = self.k[i, :, :, :end], self.v[i, :, :, :end]
+            if running is not None:
+                keys, values = keys[running], values[running]
+            padded = q.new_zeros(a, width, cfg.num_attention_heads, cfg.head_dim)
+            padded[slot, rank] = q
+            o = sdpa(padded.transpose(1, 2), keys, values, None, eager)
+            return o.transpose(1, 2)[slot, rank]
 
         x_c = x[rows, pos]
         out_c = layer(x_c, cos, sin, attend)
@@ -312,8 +358,11 @@ class Engine:
             st.baseline_units_per_layer[i] += units_per_layer
 
     def _unit_flops(self, keys: int) -> int:
-        cfg = self.cfg
-        return 2 * cfg.layer_weight_count + 4 * keys * cfg.num_attention_heads * cfg.head_dim
+        return 2 * self.cfg.layer_weight_count + self._query_flops(keys)
+
+    def _query_flops(self, keys: int) -> int:
+        """Attention of one query over `keys` keys: scores and weighted values."""
+        return 4 * keys * self.cfg.num_attention_heads * self.cfg.head_dim
 
     def _head_flops(self, rows: int) -> int:
         return rows * 2 * self.cfg.hidden_size * self.cfg.vocab_size

@@ -59,8 +59,9 @@ class Policy:
 
     def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         """Actions [batch, window] (int8 of COMPUTE / REUSE / PASS) for layer `layer` given its
-        input x [batch, window, hidden]; None means compute every unit. x is the engine's buffer,
-        overwritten by the layer: copy what must outlive the call."""
+        input x [batch, window, hidden]; None means compute every unit, and a plain int the same
+        action for every unit in scope (the engine then needs no device round trip). x is the
+        engine's buffer, overwritten by the layer: copy what must outlive the call."""
         return None
 
     def protected_layers(self, num_layers: int) -> set[int]:
