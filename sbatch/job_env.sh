@@ -9,7 +9,8 @@ if [[ -n "${FDLLM_MODULES}" ]]; then
     module load ${FDLLM_MODULES}
 fi
 if [[ "${FDLLM_TMPDIR_VENV}" == 1 ]]; then
-    eval "$(bash sbatch/setup_tmpdir_venv.sh)"
+    _activate="$(bash sbatch/setup_tmpdir_venv.sh)"  # an assignment, so that set -e stops a failure
+    eval "${_activate}"
 elif [[ -n "${FDLLM_ACTIVATE}" ]]; then
     eval "${FDLLM_ACTIVATE}"
 fi

@@ -26,6 +26,7 @@ from v2 import report
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
+TEXT = {"capture_output": True, "text": True}
 IDS5 = ["baseline", "token_ct0.95", "layer_ct0.99", "reuse_k2_middle", "reuse_k3_middle"]
 
 FAKE_EVAL = """
@@ -457,6 +458,45 @@ def test_run_single_submits_itself_then_runs_in_the_job(tmp_path, slurm, fake_ev
     assert r.returncode == 0
     run_dir = tmp_path / "results/fake/token_ct0.95"
     assert (run_dir / ex.DONE).exists() and (run_dir / "slurm-900.log").exists()
+
+
+FAKE_PYTHON = """#!/bin/bash
+# `python3 -m venv DIR` makes DIR/bin/python, a fake that logs its arguments (and PIP_CACHE_DIR)
+if [[ "$1 $2" == "-m venv" ]]; then
+    mkdir -p "$3/bin"
+    cp "$0" "$3/bin/python"
+    touch "$3/bin/activate"
+    exit 0
+fi
+echo "$PIP_CACHE_DIR $*" >> "$FAKE_PY_LOG"
+[[ -z "${FAKE_PIP_FAIL:-}" ]]
+"""
+
+
+def test_tmpdir_venv_and_job_env(tmp_path):
+    """setup_tmpdir_venv.sh builds the venv in $TMPDIR and prints only its activate line; a failed
+    build stops the job instead of running with the wrong Python."""
+    fake = tmp_path / "python3"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    env = {**os.environ, "FDLLM_PYTHON": str(fake), "TMPDIR": str(tmp_path), "SLURM_JOB_ID": "55"}
+    env |= {"FAKE_PY_LOG": str(tmp_path / "py.log"), "FDLLM_PIP_CACHE": str(tmp_path / "pip")}
+    r = subprocess.run(["bash", "sbatch/setup_tmpdir_venv.sh"], cwd=REPO, env=env, **TEXT)
+    assert r.returncode == 0, r.stderr
+    venv = tmp_path / "fdllm-venv-55"
+    assert r.stdout == f"source {venv}/bin/activate\n" and "[setup_tmpdir_venv]" in r.stderr
+    pip_calls = (tmp_path / "py.log").read_text().splitlines()
+    assert f"{tmp_path / 'pip'} -m pip install -q -e {REPO}" in pip_calls
+    for sabotage in ({}, {"FAKE_PIP_FAIL": "1"}):
+        job = {**env, "FDLLM_TMPDIR_VENV": "1", "FDLLM_DATASETS_SEED": "", **sabotage}
+        script = "set -euo pipefail; source sbatch/job_env.sh; echo reached"
+        r = subprocess.run(["bash", "-c", script], cwd=REPO, env=job, **TEXT)
+        assert ("reached" in r.stdout) == (not sabotage) and (r.returncode == 0) == (not sabotage)
+
+
+def test_scripts_parse():
+    for script in sorted((REPO / "sbatch").glob("*.sh")):
+        assert subprocess.run(["bash", "-n", str(script)]).returncode == 0, script
 
 
 # --------------------------------------------------------------------------- local runs
