@@ -195,3 +195,46 @@ def test_slug_and_targets_without_data():
     assert slug("cpu") == "cpu"
     empty = {"models": {}, "forwards": [], "skip": [], "e2e": [], "gpu": None, "grid": "full"}
     assert all(t["value"] is None and t["met"] is None for t in targets(empty))
+
+
+def test_readme_speed_table_is_rewritten_from_the_json(tmp_path):
+    from v2.bench import README_BEGIN, README_END, update_readme
+
+    data = {
+        "command": "python -m v2.bench",
+        "gpu": "GPU X",
+        "device": "cuda",
+        "dtype": "bfloat16",
+        "targets": [
+            {
+                "name": "e2e_b1_tokens_per_s",
+                "value": 87.1,
+                "goal": ">= 150.0",
+                "met": False,
+                "model": "7b",
+            },
+            {
+                "name": "layer_pass8_b1_wall_ratio",
+                "value": 0.709,
+                "goal": "<= 0.75",
+                "met": True,
+                "model": "7b",
+            },
+        ],
+        "e2e": [
+            {"model": "7b", "batch": 1, "tokens_per_s": 87.1},
+            {"model": "1.5b", "batch": 1, "tokens_per_s": 999.0},
+        ],
+    }
+    (tmp_path / "docs").mkdir()
+    src = tmp_path / "docs" / "b.json"
+    src.write_text(json.dumps(data))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{README_BEGIN}\nold table\n{README_END}\nafter\n")
+    update_readme(src, readme)
+    text = readme.read_text()
+    assert "old table" not in text and text.startswith("intro\n") and text.endswith("after\n")
+    assert "| e2e_b1_tokens_per_s | 87.100 | >= 150.0 | no |" in text
+    assert "| layer_pass8_b1_wall_ratio | 0.709 | <= 0.75 | yes |" in text
+    assert "| tokens/s | 87 |" in text and "999" not in text  # the targets' model only
+    assert "(docs/b.json)" in text

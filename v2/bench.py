@@ -1054,6 +1054,48 @@ SHORT = {
 }
 
 
+README_BEGIN = "<!-- speed table: python -m v2.bench --readme JSON -->"
+README_END = "<!-- /speed -->"
+
+
+def readme_table(data: dict, source: str) -> str:
+    """The README's speed table: the targets and end-to-end tokens/s, from one bench JSON."""
+    model = next((t["model"] for t in data["targets"]), None)
+    lines = [
+        f"Measured by `{data['command']}` on {data['gpu'] or data['device']} "
+        f"({model} shapes, random {data['dtype']} weights; [{source}]({source})):",
+        "",
+        "| measure | value | goal | met |",
+        "|---|---|---|---|",
+    ]
+    for t in data["targets"]:
+        met = {True: "yes", False: "no", None: "-"}[t["met"]]
+        lines.append(f"| {t['name']} | {_f(t['value'], '.3f')} | {t['goal']} | {met} |")
+    rows = [r for r in data["e2e"] if r["model"] == model]
+    if rows:
+        lines += [
+            "",
+            "| end to end, threshold 1, 256 new tokens | "
+            + " | ".join(f"batch {r['batch']}" for r in rows)
+            + " |",
+            "|---|" + "---|" * len(rows),
+            "| tokens/s | " + " | ".join(_f(r["tokens_per_s"], ".0f") for r in rows) + " |",
+        ]
+    return "\n".join(lines)
+
+
+def update_readme(json_path: Path, readme: Path) -> None:
+    data = json.loads(json_path.read_text())
+    text = readme.read_text()
+    if README_BEGIN not in text or README_END not in text:
+        raise SystemExit(f"error: {readme} has no {README_BEGIN} ... {README_END} block")
+    head, rest = text.split(README_BEGIN, 1)
+    tail = rest.split(README_END, 1)[1]
+    source = json_path.resolve().relative_to(readme.resolve().parent).as_posix()
+    table = readme_table(data, source)
+    write_atomic(readme, f"{head}{README_BEGIN}\n{table}\n{README_END}{tail}")
+
+
 def write_plot(data: dict, path: Path) -> None:
     import matplotlib
 
@@ -1169,12 +1211,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=450.0,
         help="skip work not yet started after this many seconds (default 450)",
     )
+    p.add_argument(
+        "--readme",
+        metavar="JSON",
+        default=None,
+        help="measure nothing: rewrite README.md's speed table from this bench JSON",
+    )
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.readme:
+        update_readme(Path(args.readme), Path(__file__).resolve().parent.parent / "README.md")
+        return 0
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in (*SHAPES, "tiny")]
     if unknown:
