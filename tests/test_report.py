@@ -172,6 +172,15 @@ def test_resumed_runs_are_flagged(tmp_path):
     assert "| token_ct0.95 † |" in md and "resumed from lm_eval's request cache" in md
 
 
+def test_point_labels_merge_coinciding_points():
+    pts = [(0.0, 99.0, "baseline"), (12.6, 98.0, "reuse_k3"), (0.02, 99.0, "layer_ct0.99")]
+    pts.append((12.6, 98.0, "reuse_k2"))
+    assert report.point_labels(pts) == [
+        (0.0, 99.0, "baseline\nlayer_ct0.99"),
+        (12.6, 98.0, "reuse_k3\nreuse_k2"),
+    ]
+
+
 def test_pareto_front():
     pts = [(0, 99), (10, 98), (20, 99.5), (30, 90), (25, 80)]
     assert report.pareto_front(pts) == [(20, 99.5), (30, 90)]

@@ -312,6 +312,15 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(front)
 
 
+def point_labels(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """One label per plotted position, by x: configurations that land on the same point (to 0.1
+    on both axes, e.g. settings that skip nothing) share one label, a name per line."""
+    merged: dict[tuple[float, float], list[str]] = {}
+    for x, y, name in points:
+        merged.setdefault((round(x, 1), round(y, 1)), []).append(name)
+    return [(x, y, "\n".join(names)) for (x, y), names in sorted(merged.items())]
+
+
 def plot(rows: list[Row], x_of, x_label: str, title: str, path: Path) -> Path:
     import matplotlib
 
@@ -322,9 +331,22 @@ def plot(rows: list[Row], x_of, x_label: str, title: str, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for x, r in pts:
         y, err = 100 * r.value, 100 * (r.stderr or 0)
-        style = dict(marker="*", ms=14, color="tab:red") if r.is_baseline else dict(marker="o")
+        style = dict(marker="o")
+        if r.is_baseline:
+            style = dict(marker="*", ms=14, color="tab:red", zorder=3)
         ax.errorbar(x, y, yerr=err, capsize=3, ls="none", **style)
-        ax.annotate(r.config_id, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    labels = point_labels([(x, 100 * r.value, r.config_id) for x, r in pts])
+    for i, (x, y, text) in enumerate(labels):
+        # neighbours (by x) go above, below, further above, further below their points
+        dy = (5, -5, 15, -15)[i % 4]
+        ax.annotate(
+            text,
+            (x, y),
+            textcoords="offset points",
+            xytext=(5, dy),
+            va="bottom" if dy > 0 else "top",
+            fontsize=7,
+        )
     front = pareto_front([(x, 100 * r.value) for x, r in pts])
     if len(front) > 1:
         ax.plot(*zip(*front, strict=True), ls="--", lw=1, color="gray", label="Pareto front")
