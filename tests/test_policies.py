@@ -15,6 +15,16 @@ from v2.generate import GenerationConfig, generate
 from v2.policy import COMPUTE, PASS, REUSE, Policy
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These small forwards gain nothing from threads, and on a busy 2-core machine OpenMP
+    threads spinning against other processes cost several times the CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class Scripted(Policy):
     """Answers plan(layer) from a table {(step, layer): actions}; records what it saw."""
 
@@ -245,3 +255,261 @@ def test_token_policy_reuses_unchanged_positions(model):
     ratio = TokenSkipPolicy(reuse_ratio=0.5)
     engine, _ = run_denoise(model, ratio, [[block()], [block(masks=range(11, 32))]])
     assert engine.stats.executed_units_per_layer == [64, 48, 48, 48]
+
+
+# ---- audit against issues 5 and 6 ("what must be shown") ----------------------------------------
+
+
+class Recorder:
+    """Per layer: the rows each of its modules is fed (the layer itself included, name "") and
+    the (batch rows, queries) of every attention call the engine makes for it."""
+
+    def __init__(self, model, monkeypatch):
+        import v2.engine
+
+        self.rows: dict[tuple[int, str], int] = {}
+        self.attention: dict[int, list[tuple[int, int]]] = {}
+        self.current = None
+        self.handles = [
+            m.register_forward_pre_hook(self._hook(i, name))
+            for i, layer in enumerate(model.layers)
+            for name, m in layer.named_modules()
+        ]
+        real = v2.engine.sdpa
+
+        def counting(q, k, v, mask=None, eager=False):
+            self.attention.setdefault(self.current, []).append((q.shape[0], q.shape[2]))
+            return real(q, k, v, mask, eager)
+
+        monkeypatch.setattr(v2.engine, "sdpa", counting)
+
+    def _hook(self, i, name):
+        def fn(module, args):
+            if name == "":
+                self.current = i
+            key = (i, name)
+            self.rows[key] = self.rows.get(key, 0) + args[0].reshape(-1, args[0].shape[-1]).shape[0]
+
+        return fn
+
+    def layer_rows(self, i):
+        """{module name: rows fed} for layer i (empty if the layer was never called)."""
+        return {name: n for (j, name), n in self.rows.items() if j == i}
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def uneven_plan(x):
+    """Row 0 reuses 8 positions, row 1 reuses 20, row 2 computes everything."""
+    a = torch.full(x.shape[:2], COMPUTE, dtype=torch.int8)
+    a[0, :8] = REUSE
+    a[1, :20] = REUSE
+    return a
+
+
+def pass_row(r):
+    def make(x):
+        a = torch.full(x.shape[:2], COMPUTE, dtype=torch.int8)
+        a[r] = PASS
+        return a
+
+    return make
+
+
+def test_flops_match_flop_counter_with_uneven_rows_passed_rows_and_idle_rows(model):
+    """Executed FLOPs equal what runs (FlopCounterMode, eager attention) when rows compute
+    different numbers of units, when a row is PASSED, and when a row is out of the forward's
+    units (waiting for the batch): no hidden padded work."""
+    model.eager_attention = True
+    try:
+        three = [block(0), block(3), block(5)]
+        idle_row2 = torch.tensor([[True] * 32, [True] * 32, [False] * 32])
+        policy = Scripted({(1, 2): uneven_plan, (2, 1): pass_row(0), (2, 3): uneven_plan})
+        engine, _ = run_denoise(model, policy, [three], steps=1)
+        for units in (None, idle_row2):
+            before = engine.stats.executed_flops
+            with FlopCounterMode(display=False) as counter:
+                hidden = engine.denoise(torch.tensor(three), 0, torch.arange(8), units)
+                model.logits(hidden)
+            assert engine.stats.executed_flops - before == counter.get_total_flops()
+    finally:
+        model.eager_attention = False
+
+
+GENERATION_POLICIES = {
+    "token_ratio": lambda: TokenSkipPolicy(reuse_ratio=0.5),
+    "token_cos": lambda: TokenSkipPolicy(cosine_threshold=0.5),
+    "layer": lambda: LayerSkipPolicy(cosine_threshold=0.0),
+    "reuse": lambda: LayerReusePolicy(reuse_k=2, layer_subset="1;2"),
+}
+
+
+@pytest.mark.parametrize("block_cache", [False, True])
+@pytest.mark.parametrize("name", list(GENERATION_POLICIES))
+def test_executed_flops_equal_flop_counter_over_a_whole_generation(name, block_cache):
+    """Every matmul of a whole batched generation (prefill, denoise, commit, logits) is counted
+    by the statistics, no more, no less, and the policy did skip work."""
+    model = random_network(seed=2, std=0.05)
+    model.eager_attention = True
+    prompts = [prompt(n, n) for n in (34, 45, 58, 63)]  # rows idle at different times
+    cfg = GenerationConfig(max_new_tokens=16, threshold=0.9, use_block_cache=block_cache)
+    with FlopCounterMode(display=False) as counter:
+        out = generate(model, prompts, IDS, cfg, GENERATION_POLICIES[name]())
+    s = out.stats
+    assert s.forwards["prefill"] == 1 and s.forwards["commit"] >= 1
+    assert s.executed_flops == counter.get_total_flops()
+    assert s.executed_flops < s.baseline_flops
+
+
+def test_passed_row_reaches_no_module_and_no_attention(model, monkeypatch):
+    """A PASSED row is not fed to any module of the layer (norms, projections, MLP) nor to its
+    attention; a row out of the forward's units neither."""
+    rec = Recorder(model, monkeypatch)
+    try:
+        engine, _ = run_denoise(
+            model, Scripted({(0, 2): pass_row(0)}, reuses=False), [[block(0), block(5)]], steps=1
+        )
+        layer2 = rec.layer_rows(2)
+        assert layer2 and set(layer2.values()) == {32}  # row 1 only, in every module
+        assert set(rec.layer_rows(1).values()) == {64}
+        assert rec.attention[2] == [(1, 32)] and rec.attention[1] == [(2, 32)]
+        rec.rows.clear(), rec.attention.clear()
+        engine.denoise(
+            torch.tensor([block(0), block(5)]),
+            0,
+            torch.arange(32),
+            torch.tensor([[False] * 32, [True] * 32]),
+        )
+        assert all(n == 32 for n in rec.rows.values())
+        assert all(calls == [(1, 32)] for calls in rec.attention.values())
+    finally:
+        rec.close()
+
+
+def test_layer_skip_policy_passed_layer_is_never_called(model, monkeypatch):
+    policy = LayerSkipPolicy(cosine_threshold=-1.0)  # skips whenever allowed: layer 1 here
+    rec = Recorder(model, monkeypatch)
+    try:
+        engine, _ = run_denoise(model, policy, [[block(0), block(5)]], steps=1)
+    finally:
+        rec.close()
+    assert rec.layer_rows(1) == {} and 1 not in rec.attention
+    for i in (0, 2, 3):
+        assert set(rec.layer_rows(i).values()) == {64} and rec.attention[i] == [(2, 32)]
+    assert engine.stats.executed_units_per_layer == [64, 0, 64, 64]
+
+
+@pytest.mark.parametrize(
+    ("protect", "cap", "ran"),
+    [
+        ((1, 1), 1, "RSRSRSRR"),
+        ((2, 2), 1, "RRSRSRRR"),
+        ((2, 2), 2, "RRSSRSRR"),
+        ((2, 2), 3, "RRSSSRRR"),
+        ((1, 3), 9, "RSSSSRRR"),
+    ],
+)
+def test_layer_skip_protections_and_cap_on_a_deeper_model(protect, cap, ran):
+    model = random_network(num_hidden_layers=8)
+    policy = LayerSkipPolicy(
+        cosine_threshold=-1.0,
+        max_consecutive_skips=cap,
+        protect_first=protect[0],
+        protect_last=protect[1],
+    )
+    engine, _ = run_denoise(model, policy, [[block(0), block(5)]] * 2, steps=2)
+    got = "".join("R" if n else "S" for n in engine.stats.executed_units_per_layer)
+    assert got == ran
+    assert all(n in (0, 128) for n in engine.stats.executed_units_per_layer)  # rows alike
+
+
+def test_engine_enforces_protection_on_a_policy_that_ignores_it(model):
+    class Careless(LayerSkipPolicy):
+        def plan(self, layer, x, ctx):
+            return torch.full(x.shape[:2], PASS, dtype=torch.int8)
+
+    with pytest.raises(PolicyError, match="protected layer 0"):
+        run_denoise(model, Careless(cosine_threshold=0.5), [[block()]], steps=1)
+
+
+SKIP_EVERYTHING = {
+    "token": lambda: TokenSkipPolicy(cosine_threshold=-1.0),
+    "layer": lambda: LayerSkipPolicy(cosine_threshold=-1.0),
+    "reuse": lambda: LayerReusePolicy(reuse_k=2, layer_subset="0;1;2;3"),
+    "pass_all": lambda: Scripted(
+        {(s, i): pass_row(slice(None)) for s in range(3) for i in range(4)}, reuses=False
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(SKIP_EVERYTHING))
+def test_prefill_and_commit_write_the_exact_prefix_under_skipping(model, name):
+    """No skip in prefill or commit forwards: after denoise forwards that skipped, the committed
+    block's K/V (all layers) and the commit's last hidden equal an exact prefill of the same
+    tokens with no policy."""
+    ids = torch.tensor([prompt(64), prompt(64, 9)])
+    engine = Engine(model, SKIP_EVERYTHING[name]())
+    engine.allocate(2, 96)
+    engine.prefill(ids[:, :32])
+    engine.begin_block()
+    noisy = torch.tensor([block(0), block(9)])
+    for _ in range(3):
+        engine.denoise(noisy, 0, torch.arange(32))
+    st = engine.stats
+    assert sum(st.executed_units_per_layer) < sum(st.baseline_units_per_layer)  # it skipped
+    last = engine.commit(ids[:, 32:64])
+    exact = Engine(model, None)
+    exact.allocate(2, 96)
+    ref_last = exact.prefill(ids)
+    assert torch.allclose(engine.k[:, :, :, :64], exact.k[:, :, :, :64], atol=1e-5)
+    assert torch.allclose(engine.v[:, :, :, :64], exact.v[:, :, :, :64], atol=1e-5)
+    assert torch.allclose(last, ref_last, atol=1e-5)
+    # Prefill and commit ran every unit of every layer.
+    assert st.forwards["prefill"] == st.forwards["commit"] == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "reused_layers"),
+    [
+        ("token", lambda: TokenSkipPolicy(cosine_threshold=-1.0), (1, 2, 3)),
+        ("reuse", lambda: LayerReusePolicy(reuse_k=2, layer_subset="1;2"), (1, 2)),
+    ],
+)
+def test_reuse_path_never_calls_the_layer(model, monkeypatch, name, make, reused_layers):
+    """A forward whose plan reuses every unit of a layer does not call the layer, any of its
+    modules or its attention; the statistics say so too."""
+    engine, _ = run_denoise(model, make(), [[block(0), block(5)]], steps=1)
+    rec = Recorder(model, monkeypatch)
+    try:
+        engine.denoise(torch.tensor([block(0), block(5)]), 0, torch.arange(32))  # step 1
+    finally:
+        rec.close()
+    for i in range(4):
+        if i in reused_layers:
+            assert rec.layer_rows(i) == {} and i not in rec.attention
+        else:
+            assert rec.layer_rows(i)[""] == 64 and rec.attention[i] == [(2, 32)]
+
+
+def test_scheduled_reuse_re_adds_the_old_update_not_the_old_output(model):
+    """The research group's bug returned the layer's old absolute output. On a reuse step whose
+    layer input changed, the layer's output must be the new input plus the old update."""
+
+    class Recording(LayerReusePolicy):
+        def begin_block(self, *a):
+            super().begin_block(*a)
+            self.inputs = {}
+
+        def plan(self, layer, x, ctx):
+            self.inputs[ctx.step, layer] = x.clone()
+            return super().plan(layer, x, ctx)
+
+    policy = Recording(reuse_k=2, layer_subset="2")
+    run_denoise(model, policy, [[block()], [block(masks=range(11, 32))]])  # slot 10 committed
+    old_in, old_out = policy.inputs[0, 2][0], policy.inputs[0, 3][0]
+    new_in, new_out = policy.inputs[1, 2][0], policy.inputs[1, 3][0]
+    assert not torch.allclose(new_in, old_in, atol=1e-3)  # the input did change
+    assert torch.allclose(new_out, new_in + (old_out - old_in), atol=1e-5)
+    assert not torch.allclose(new_out, old_out, atol=1e-3)  # the group's bug would give this
