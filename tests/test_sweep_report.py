@@ -117,34 +117,42 @@ def test_pages_tables_best_and_plots(data, tmp_path):
         assert "python -m v2.tiny.sweep_report" in md.split("##")[0]
 
     rows = rows_of(token)
-    assert list(rows) == ["baseline", "token_ct1.0", "token_ct0.99", "token_ct0.95", "token_ct0.9"]
-    # config | options | strict | flexible | n | FLOPs vs base | FLOPs vs same fwds | tok/fwd |
-    # fwd/problem | tok/s b32 | x base | tok/s b1 | x base
-    assert rows["token_ct0.95"][1] == "cosine_threshold=0.95"
-    assert rows["token_ct0.95"][3].startswith("89.0 ± 0.99")
-    assert rows["token_ct0.95"][4] == "1000"
-    assert rows["token_ct0.95"][5] == "0.500"
-    assert rows["token_ct0.95"][9:13] == ["90", "0.90×", "8", "0.80×"]
-    assert rows["baseline"][5] == "1.000"
-    assert rows["token_ct0.99"][7:9] == ["0.99", "83.4"]
+    assert list(rows) == [
+        "baseline (run 1)",
+        "token_ct1.0",
+        "token_ct0.99",
+        "token_ct0.95",
+        "token_ct0.9",
+    ]
+    # config | run | options | strict | flexible | n | FLOPs vs base | FLOPs vs same fwds |
+    # tok/fwd | fwd/problem | tok/s b32 | x base | tok/s b1 | x base
+    assert rows["token_ct0.95"][1] == "1"
+    assert rows["token_ct0.95"][2] == "cosine_threshold=0.95"
+    assert rows["token_ct0.95"][4].startswith("89.0 ± 0.99")
+    assert rows["token_ct0.95"][5] == "1000"
+    assert rows["token_ct0.95"][6] == "0.500"
+    assert rows["token_ct0.95"][10:14] == ["90", "0.90×", "8", "0.80×"]
+    assert rows["baseline (run 1)"][6] == "1.000"
+    assert rows["token_ct0.99"][8:10] == ["0.99", "83.4"]
 
     best = token.split("## Best setting", 1)[1].split("##", 1)[0]
     assert "**token_ct0.95**" in best  # exactly 1 point below: eligible, largest saving
     assert "**token_ct0.9**" not in best  # 2 points below: excluded though it saves more
     assert "50.0 % saved" in best
     assert "0.90×" in best and "0.80×" in best  # wall-clock ratios at batch 32 and 1
-    assert "token_ct1.0" in best  # compared against the disabled policy too
+    assert "against token_ct1.0" in best  # compared against the disabled policy too
 
     # planned but missing configs are listed; the other family's are not
     assert "token_rr0.5" in token and "reuse_k3_last" not in token
     assert "reuse_k3_last" in layer
 
     lrows = rows_of(layer)
-    assert list(lrows) == ["baseline", "layer_ct0.99", "reuse_k2_middle"]
-    assert rows["baseline"][9] == "100" and lrows["baseline"][9] == "200"
-    assert lrows["layer_ct0.99"][9:11] == ["105", "0.53×"]
-    assert lrows["layer_ct0.99"][3].startswith("89.9")  # the second file won
-    assert lrows["layer_ct0.99"][5] == "0.800"
+    # the first file's layer_ct0.99 was replaced: only run 2 (and its own baseline) is left
+    assert list(lrows) == ["baseline (run 2)", "layer_ct0.99", "reuse_k2_middle"]
+    assert rows["baseline (run 1)"][10] == "100" and lrows["baseline (run 2)"][10] == "200"
+    assert lrows["layer_ct0.99"][10:12] == ["105", "0.53×"]
+    assert lrows["layer_ct0.99"][4].startswith("89.9")  # the second file won
+    assert lrows["layer_ct0.99"][6] == "0.800"
     assert "**reuse_k2_middle**" in layer.split("## Best setting", 1)[1]
     # both sources are listed on the layer page, the --meta date is used
     assert "first.json" in layer and "second.json" in layer and "2026-01-03" in layer
@@ -176,3 +184,106 @@ def test_missing_family_and_best_choice(data, tmp_path):
     # if nothing within 1 point saves FLOPs there is no best setting
     best, _ = sweep_report.best_within([rows["token_ct1.0"], rows["token_ct0.9"]], rows["baseline"])
     assert best is None
+
+
+def test_ratios_use_the_baseline_of_the_same_run(tmp_path):
+    """Two runs with different baseline speeds, and one run without a baseline: each config's
+    tokens/s ratio is against its own run's baseline only; FLOPs and accuracy cross runs."""
+    one = sweep(
+        {
+            "baseline": config("none", {}, 0.90, 1.0, 100, 10),
+            "token_ct0.99": config("token", {"cosine_threshold": 0.99}, 0.90, 0.6, 120, 9),
+        }
+    )
+    two = sweep(
+        {
+            # a faster engine: twice the first run's baseline tokens/s
+            "baseline": config("none", {}, 0.90, 1.0, 200, 40),
+            "token_ct0.95": config("token", {"cosine_threshold": 0.95}, 0.895, 0.5, 150, 20),
+        }
+    )
+    three = sweep({"token_rr0.5": config("token", {"reuse_ratio": 0.5}, 0.90, 0.7, 300, 30)})
+    paths = []
+    for i, d in enumerate((one, two, three)):
+        paths.append(tmp_path / f"run{i + 1}.json")
+        paths[-1].write_text(json.dumps(d))
+    sources, rows = sweep_report.load(paths)
+    assert rows["token_ct0.99"].tps32_ratio == pytest.approx(1.2)  # 120 / 100 (run 1)
+    assert rows["token_ct0.95"].tps32_ratio == pytest.approx(0.75)  # 150 / 200, not / 100
+    assert rows["token_ct0.95"].tps1_ratio == pytest.approx(0.5)  # 20 / 40
+    assert rows["token_rr0.5"].tps32_ratio is None  # run 3 has no baseline
+    assert rows["token_rr0.5"].flops == pytest.approx(0.7)  # FLOPs: the first baseline's
+
+    out = tmp_path / "r"
+    assert sweep_report.main([*map(str, paths), "--out", str(out)]) == 0
+    md = (out / "token-skip.md").read_text()
+    table = rows_of(md)
+    assert list(table) == [
+        "baseline (run 1)",
+        "token_ct0.99",
+        "baseline (run 2)",
+        "token_ct0.95",
+        "token_rr0.5",
+    ]
+    assert table["baseline (run 2)"][10:14] == ["200", "1.00×", "40", "1.00×"]
+    assert table["token_ct0.99"][10:14] == ["120", "1.20×", "9", "0.90×"]
+    assert table["token_ct0.95"][10:14] == ["150", "0.75×", "20", "0.50×"]
+    assert table["token_rr0.5"][11] == table["token_rr0.5"][13] == "no baseline in the same run"
+    # the run legend lists every run; the run without a baseline says so
+    assert "- run 3: `" in md and "no baseline in the same run: its tokens/s" in md
+
+    best = md.split("## Best setting", 1)[1].split("\n## ", 1)[0]
+    assert "**token_ct0.95** (run 2" in best
+    assert "against the baseline of run 2: batch 32 150 vs 200 tokens/s = 0.75×" in best
+    assert "1.50×" not in best  # never against run 1's baseline
+    limits = md.split("## What limits it", 1)[1].split("\n## ", 1)[0]
+    assert "0.75× (token_ct0.95) to 1.20× (token_ct0.99)" in limits
+    assert "Not compared (no baseline in the same run): token_rr0.5 (run 3)" in limits
+    assert len(limits.strip().splitlines()) <= 8
+
+
+def test_skipped_nothing_is_not_identical_work(tmp_path):
+    """A config whose policy ran but skipped nothing is policy overhead, not identical work;
+    only configs disabled by their options count as the baseline's work exactly."""
+    d = sweep(
+        {
+            "baseline": config("none", {}, 0.90, 1.0, 100, 10),
+            "layer_ct1.0": config("layer", {"cosine_threshold": 1.0}, 0.90, 1.0, 110, 11),
+            # policy enabled, skipped nothing: same FLOPs as the baseline, slower
+            "layer_ct0.999": config("layer", {"cosine_threshold": 0.999}, 0.90, 1.0, 80, 5),
+            "reuse_k1": config(
+                "reuse", {"reuse_k": 1, "layer_subset": "middle"}, 0.9, 1.0, 105, 10
+            ),
+            "reuse_k2_middle": config(
+                "reuse", {"reuse_k": 2, "layer_subset": "middle"}, 0.90, 0.8, 130, 12
+            ),
+        }
+    )
+    path = tmp_path / "layer.json"
+    path.write_text(json.dumps(d))
+    _, rows = sweep_report.load([path])
+    fam = sweep_report.family_rows(rows, "layer")
+    assert [r.name for r in sweep_report.null_rows(fam)] == ["layer_ct1.0", "reuse_k1"]
+    assert [r.name for r in sweep_report.idle_rows(fam)] == ["layer_ct0.999"]
+    # token: cosine_threshold >= 1 is disabled only without reuse_ratio
+    tok = sweep_report.Row("t", "token", {"cosine_threshold": 1.0}, 0, {}, {}, {}, None, None, None)
+    assert sweep_report.is_disabled(tok)
+    tok.options = {"cosine_threshold": 1.0, "reuse_ratio": 0.5}
+    assert not sweep_report.is_disabled(tok)
+
+    out = tmp_path / "r"
+    assert sweep_report.main([str(path), "--out", str(out)]) == 0
+    md = (out / "layer-skip.md").read_text()
+    best = md.split("## Best setting", 1)[1].split("\n## ", 1)[0]
+    assert "**reuse_k2_middle**" in best
+    assert "against layer_ct1.0 (run 1; the policy disabled by its options" in best
+    assert "against reuse_k1 (run 1; the policy disabled" in best
+    assert "layer_ct0.999" not in best  # not identical work: no comparison against it
+    limits = md.split("## What limits it", 1)[1].split("\n## ", 1)[0]
+    identical = next(x for x in limits.splitlines() if "Identical work" in x)
+    assert "layer_ct1.0" in identical and "reuse_k1" in identical
+    assert "layer_ct0.999" not in identical
+    idle = next(x for x in limits.splitlines() if "Ran the policy, skipped nothing" in x)
+    assert "layer_ct0.999 (run 1)" in idle and "policy's overhead" in idle
+    assert "0.80× at batch 32 and 0.50× at batch 1 of their run's baseline" in idle
+    assert len(limits.strip().splitlines()) <= 8
