@@ -171,11 +171,18 @@ def select_policy(args: dict, default_policy: str | None):
         if default_policy == "layer" and set(options) & set(POLICIES["reuse"][2]):
             name = "reuse"
     try:
-        return make_policy(name, **options)
+        policy = make_policy(name, **options)
     except ImportError as e:
         raise EvalError(f"policy {name!r} is not available: {e}") from None
     except (ValueError, TypeError) as e:
         raise EvalError(str(e)) from None
+    if policy is not None and not policy.enabled:
+        print(
+            f"[fast_dllm_v2] note: policy {name!r} with {options or 'its defaults'} can skip "
+            "nothing: this run is the baseline",
+            file=sys.stderr,
+        )
+    return policy
 
 
 def resolve_device(requested) -> torch.device:
