@@ -4,7 +4,8 @@ forward, forwards per problem, and wall-clock tokens/s at batch 32 and batch 1.
 
     python -m v2.tiny.policy_sweep --out docs/results/tiny_sweep.json
 
-Scoring is tiny_gsm's: strict = the `#### N` answer, flexible = the last number in the output.
+Scoring is tiny_gsm's filters (`v2.tiny.train.extract_answers`): strict = the `#### N` answer,
+flexible = the last number in the output.
 Accuracy and FLOPs come first for every config; wall-clock is then timed in `--speed-rounds`
 interleaved rounds (order reversed every other round) and the median kept, because timing each
 config once, in list order, measured the first config (the baseline) up to 1.6x slower than
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import shlex
 import statistics
 import subprocess
@@ -30,6 +30,7 @@ import torch
 from v2.generate import FastDLLM, GenerationConfig
 from v2.policies import make_policy
 from v2.tiny.data import read_jsonl
+from v2.tiny.train import score
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,13 +63,6 @@ CONFIGS = [
 ]
 
 
-def answer(text: str) -> tuple[str | None, str | None]:
-    strict = re.search(r"#### (\-?[0-9\.\,]+)", text)
-    numbers = re.findall(r"-?[0-9][0-9\.\,]*", text)
-    clean = lambda s: s.replace(",", "").rstrip(".") if s else None  # noqa: E731
-    return clean(strict.group(1) if strict else None), clean(numbers[-1] if numbers else None)
-
-
 def accuracy(hits: list[bool]) -> dict:
     n = len(hits)
     p = sum(hits) / n
@@ -77,19 +71,9 @@ def accuracy(hits: list[bool]) -> dict:
 
 def run(lm, texts, gold, policy_name, options, batch, threshold) -> dict:
     cfg = GenerationConfig(max_new_tokens=256, threshold=threshold)
-    strict, flexible, stats = [], [], None
-    for i in range(0, len(texts), batch):
-        result = lm.generate(
-            texts[i : i + batch], cfg, make_policy(policy_name, **options), chat=True
-        )
-        for o, g in zip(result.outputs, gold[i : i + batch], strict=True):
-            s, f = answer(o.text)
-            strict.append(s == g)
-            flexible.append(f == g)
-        if stats is None:
-            stats = result.stats
-        else:
-            stats.add(result.stats)
+    strict, flexible, stats = score(
+        lm, texts, gold, cfg, batch, lambda: make_policy(policy_name, **options)
+    )
     d = stats.to_dict()
     return {
         "strict": accuracy(strict),

@@ -369,6 +369,26 @@ def _accuracy(correct: list[bool]) -> dict[str, float]:
     return {"accuracy": p, "stderr": stderr}
 
 
+def score(lm, texts, gold, config, batch_size: int, make_policy=None, desc: str | None = None):
+    """Decode `texts` (chat template) in batches and score them: per problem, whether the strict
+    and the flexible answer equal `gold`, and the batches' summed statistics. `make_policy`
+    builds a fresh policy per batch (None: no policy); `desc` shows a progress bar."""
+    strict, flexible, stats = [], [], None
+    starts = range(0, len(texts), batch_size)
+    for start in tqdm(starts, desc=desc) if desc else starts:
+        policy = make_policy() if make_policy else None
+        result = lm.generate(texts[start : start + batch_size], config, policy, chat=True)
+        for out, ref in zip(result.outputs, gold[start : start + batch_size], strict=True):
+            s, f = extract_answers(out.text)
+            strict.append(s == ref)
+            flexible.append(f == ref)
+        if stats is None:
+            stats = result.stats
+        else:
+            stats.add(result.stats)
+    return strict, flexible, stats
+
+
 def evaluate(
     checkpoint: str | Path,
     problems: Sequence[dict[str, str]],
@@ -386,17 +406,9 @@ def evaluate(
     results = {}
     for threshold in thresholds:
         config = GenerationConfig(max_new_tokens=max_new_tokens, threshold=threshold)
-        strict, flexible, stats = [], [], None
-        for start in tqdm(range(0, len(texts), batch_size), desc=f"eval threshold {threshold}"):
-            result = lm.generate(texts[start : start + batch_size], config, chat=True)
-            for out, ref in zip(result.outputs, gold[start : start + batch_size], strict=True):
-                s, f = extract_answers(out.text)
-                strict.append(s == ref)
-                flexible.append(f == ref)
-            if stats is None:
-                stats = result.stats
-            else:
-                stats.add(result.stats)
+        strict, flexible, stats = score(
+            lm, texts, gold, config, batch_size, desc=f"eval threshold {threshold}"
+        )
         results[f"threshold_{threshold}"] = {
             "threshold": threshold,
             "n": len(texts),
