@@ -17,6 +17,14 @@ import torch.nn.functional as F
 from v2.policy import PASS, REUSE, ForwardContext, Policy
 
 
+def row_cosine(x: torch.Tensor, ref: torch.Tensor, units: torch.Tensor | None) -> torch.Tensor:
+    """Per row, the mean over its in-scope positions of cos(x, ref) ([batch, window, hidden] in,
+    [batch] out): the score the layer policy thresholds."""
+    cos = F.cosine_similarity(x.float(), ref.float(), dim=-1)
+    scope = units if units is not None else torch.ones_like(cos, dtype=torch.bool)
+    return (cos * scope).sum(1) / scope.sum(1).clamp(min=1)
+
+
 class LayerSkipPolicy(Policy):
     """PASS layer l for row b when the mean over positions of cos(x_l, x_l') is above the
     threshold, l' being the last layer executed for b (a high score means that layer barely
@@ -61,9 +69,7 @@ class LayerSkipPolicy(Policy):
             self.last_input = x.clone()  # x is the engine's buffer: valid only during this call
             self.run_of_skips = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             return None
-        cos = F.cosine_similarity(x.float(), self.last_input.float(), dim=-1)
-        scope = ctx.units if ctx.units is not None else torch.ones_like(cos, dtype=torch.bool)
-        score = (cos * scope).sum(1) / scope.sum(1).clamp(min=1)
+        score = row_cosine(x, self.last_input, ctx.units)
         skip = (score > self.cosine_threshold) & (self.run_of_skips < self.max_consecutive_skips)
         self.run_of_skips = torch.where(skip, self.run_of_skips + 1, 0)
         self.last_input = torch.where(skip[:, None, None], self.last_input, x)

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from layer_skip_generation_functions import row_cosine
 from v2.generate import FastDLLM, GenerationConfig
 from v2.policy import Policy
 from v2.tiny.data import read_jsonl
@@ -36,11 +36,8 @@ class Probe(Policy):
 
     def plan(self, layer, x, ctx):
         if self.previous is not None:
-            cos = F.cosine_similarity(x.float(), self.previous, dim=-1)
-            scope = ctx.units if ctx.units is not None else torch.ones_like(cos, dtype=torch.bool)
-            busy = scope.any(1)
-            per_row = (cos * scope).sum(1) / scope.sum(1).clamp(min=1)
-            self.rows[layer] += per_row[busy].tolist()
+            busy = ctx.units.any(1) if ctx.units is not None else slice(None)
+            self.rows[layer] += row_cosine(x, self.previous, ctx.units)[busy].tolist()
         self.previous = x.float().clone()
         return None
 
