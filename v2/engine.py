@@ -52,6 +52,7 @@ class Engine:
         w = model.embed_tokens.weight
         self.cuda_graphs = w.is_cuda if cuda_graphs is None else cuda_graphs
         self._graphs: dict[tuple, _LayerGraphs] = {}
+        self._side_stream = None  # where graphs warm up and are captured (created on first use)
         self.delta = self.has_ref = None
 
     # ---- cache and per-block state -------------------------------------------------------
@@ -143,7 +144,7 @@ class Engine:
         cos, sin = self.model.rope(pos)
         graphs = self._layer_graphs(b, w, end, self._keeps_deltas)
         if graphs is not None:
-            x = graphs.load(x, pos, cos, sin, window_start)
+            x = graphs.load(x, pos, cos, sin, P)
         full_rows = None if units is None or w < B else units.all(1)
         self._forward_units, self._units_gather = units, None
         st = self.stats
@@ -205,7 +206,7 @@ class Engine:
         # A commit forward has a denoise window's shape: it replays the block's denoise graphs.
         graphs = self._layer_graphs(b, w, end, False) if mask is None and w == self.B else None
         if graphs is not None:
-            x = graphs.load(x, pos, cos, sin, 0)
+            x = graphs.load(x, pos, cos, sin, start)
         for i, layer in enumerate(self.model.layers):
             if graphs is not None:
                 graphs.run(i)
@@ -390,13 +391,15 @@ class _LayerGraphs:
         # One memory pool per set: its graphs live and die together (a pool shared with graphs
         # already freed is released by the allocator and cannot be captured into again).
         self.pool = torch.cuda.graph_pool_handle()
-        if not hasattr(engine, "_side_stream"):
+        if engine._side_stream is None:
             engine._side_stream = torch.cuda.Stream(device=dev)
 
-    def load(self, x, pos, cos, sin, window_start: int) -> torch.Tensor:
+    def load(self, x, pos, cos, sin, block_start: int) -> torch.Tensor:
+        """The forward's inputs into the static buffers; `block_start` is the current block's
+        absolute position (block offsets = positions - block_start)."""
         self.x.copy_(x)
         self.pos.copy_(pos)
-        self.win.copy_(pos - (pos[0] - window_start))
+        self.win.copy_(pos - block_start)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
         return self.x
