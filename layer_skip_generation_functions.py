@@ -71,12 +71,15 @@ class LayerSkipPolicy(Policy):
             return None
         score = row_cosine(x, self.last_input, ctx.units)
         skip = (score > self.cosine_threshold) & (self.run_of_skips < self.max_consecutive_skips)
+        active = ctx.units.any(1) if ctx.units is not None else torch.ones_like(skip)
+        skip &= active  # rows out of this forward (waiting, or no sequence) are not decided on
         self.run_of_skips = torch.where(skip, self.run_of_skips + 1, 0)
         self.last_input = torch.where(skip[:, None, None], self.last_input, x)
-        skipped = int(skip.sum())  # the one device round trip of a layer decision
+        # The one device round trip of a layer decision.
+        skipped, running = torch.stack((skip.sum(), active.sum())).tolist()
         if skipped == 0:
             return None
-        if skipped == x.shape[0]:
+        if skipped == running:
             return PASS  # every row: the engine skips the layer outright
         return (skip[:, None] * PASS).expand(-1, x.shape[1]).to(torch.int8)
 
@@ -122,6 +125,7 @@ class LayerReusePolicy(Policy):
 
     name = "reuse"
     reuses = True
+    passes = False
 
     def __init__(
         self,

@@ -14,7 +14,36 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from v2.compiled import compiled
 from v2.policy import COMPUTE, REUSE, ForwardContext, Policy
+
+
+def _cosine_and_remember(x, previous, seen, scope):
+    """cos(x, the input last seen) per unit (-2 where there is none yet); then remember x for the
+    units in scope (the others keep theirs)."""
+    cos = F.cosine_similarity(x.float(), previous.float(), dim=-1).clamp(max=1.0)
+    cos = torch.where(seen, cos, -2.0)
+    previous.copy_(torch.where(scope[..., None], x, previous))
+    seen |= scope
+    return cos
+
+
+def threshold_plan(x, previous, seen, scope, threshold: float):
+    cos = _cosine_and_remember(x, previous, seen, scope)
+    return torch.where(cos > threshold, REUSE, COMPUTE).to(torch.int8)
+
+
+def ratio_plan(x, previous, seen, scope, k: int):
+    cos = _cosine_and_remember(x, previous, seen, scope)
+    reuse = torch.zeros_like(seen)
+    if k:
+        reuse.scatter_(1, cos.topk(k, dim=1).indices, True)
+    reuse &= cos > -2.0
+    return torch.where(reuse, REUSE, COMPUTE).to(torch.int8)
+
+
+def remember(x, previous, seen, scope):
+    _cosine_and_remember(x, previous, seen, scope)
 
 
 class TokenSkipPolicy(Policy):
@@ -22,16 +51,19 @@ class TokenSkipPolicy(Policy):
     with `reuse_ratio`, the most similar fraction of each row's positions (regular shapes).
 
     - cosine_threshold: >= 1 disables the policy exactly (cosine never exceeds 1: it is clamped).
-    - min_layer: layers below it always compute (default 1: a layer-0 test would compare the same
-      embeddings every step and freeze every token).
+    - min_layer / max_layer: token skipping applies to layers min_layer .. max_layer (inclusive;
+      default 1 .. the last). Layers below min_layer always compute (a layer-0 test would compare
+      the same embeddings every step and freeze every token).
     - reuse_ratio: reuse this fraction of positions per row and layer instead of a threshold.
     - refresh_every: every n-th denoise forward of a block computes everything (off by default).
     State is kept per absolute block position, so it survives switching between full-block and
-    sub-block windows, and is reset at every block.
+    sub-block windows, and is reset at every block. The plan is device work only: the engine
+    captures it in its CUDA graphs, and sizes the ratio variant's computation by its quota.
     """
 
     name = "token"
     reuses = True
+    passes = False
 
     def __init__(
         self,
@@ -39,6 +71,7 @@ class TokenSkipPolicy(Policy):
         min_layer: int = 1,
         reuse_ratio: float | None = None,
         refresh_every: int | None = None,
+        max_layer: int | None = None,
     ):
         if cosine_threshold is not None and reuse_ratio is not None:
             raise ValueError("token policy: give cosine_threshold or reuse_ratio, not both")
@@ -48,50 +81,65 @@ class TokenSkipPolicy(Policy):
             raise ValueError(f"reuse_ratio must be in [0, 1), got {reuse_ratio}")
         if min_layer < 1:
             raise ValueError(f"min_layer must be >= 1 (layer 0 always computes), got {min_layer}")
+        if max_layer is not None and max_layer < min_layer:
+            raise ValueError(f"max_layer ({max_layer}) must be >= min_layer ({min_layer})")
         if refresh_every is not None and refresh_every < 1:
             raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
         self.cosine_threshold = 1.0 if cosine_threshold is None else float(cosine_threshold)
         self.reuse_ratio = reuse_ratio
-        self.min_layer = min_layer
+        self.min_layer, self.max_layer = min_layer, max_layer
         self.refresh_every = refresh_every
+        self.previous: torch.Tensor | None = None  # [layers, batch, B, hidden], inputs last seen
+        self.seen: torch.Tensor | None = None  # [layers, batch, B] bool
+        self.refresh = False
 
     @property
     def enabled(self) -> bool:
         return bool(self.reuse_ratio) or self.cosine_threshold < 1
 
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
-        self.previous: torch.Tensor | None = None  # [layers, batch, B, hidden], inputs last seen
-        self.seen: torch.Tensor | None = None  # [layers, batch, B] bool
+        shape = (num_layers, batch_size, block_size)
+        if self.previous is not None and tuple(self.seen.shape) == shape:
+            self.previous.zero_()  # in place: captured plans read these buffers
+            self.seen.zero_()
+        else:
+            self.previous = self.seen = None
+            self._shape = shape
 
     def begin_forward(self, ctx: ForwardContext) -> None:
         self.refresh = self.refresh_every is not None and ctx.step % self.refresh_every == 0
 
+    def _applies(self, layer: int) -> bool:
+        top = self.max_layer if self.max_layer is not None else layer
+        return self.enabled and self.min_layer <= layer <= top
+
+    def capture_key(self, layer: int, ctx: ForwardContext):
+        if not self._applies(layer) or self.refresh or ctx.units is None:
+            return None
+        return (ctx.window_start, ctx.window_size)
+
+    def reuse_quota(self, layer: int, ctx: ForwardContext) -> int:
+        if not self.reuse_ratio or not self._applies(layer) or self.refresh:
+            return 0
+        return int(self.reuse_ratio * ctx.window_size)
+
     def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
-        if not self.enabled or layer < self.min_layer:
+        if not self._applies(layer):
             return None
         if self.previous is None:
-            shape = (ctx.num_layers, x.shape[0], ctx.block_size)
+            shape = getattr(self, "_shape", (ctx.num_layers, x.shape[0], ctx.block_size))
             self.previous = x.new_zeros(*shape, x.shape[-1])
             self.seen = torch.zeros(shape, dtype=torch.bool, device=x.device)
         window = slice(ctx.window_start, ctx.window_start + ctx.window_size)
-        previous, seen = self.previous[layer, :, window], self.seen[layer, :, window]
-        cos = F.cosine_similarity(x.float(), previous.float(), dim=-1).clamp(max=1.0)
-        cos = torch.where(seen, cos, -2.0)  # no reference yet: never reused
-        # Remember this forward's inputs for the units it runs (out-of-scope rows keep theirs).
-        scope = ctx.units if ctx.units is not None else torch.ones_like(seen)
-        previous.copy_(torch.where(scope[..., None], x, previous))
-        seen |= scope
+        state = (x, self.previous[layer, :, window], self.seen[layer, :, window])
+        scope = ctx.units if ctx.units is not None else torch.ones_like(state[2])
+        run = compiled if x.is_cuda else (lambda fn: fn)
         if self.refresh:
+            run(remember)(*state, scope)  # remember this forward's inputs, compute everything
             return None
         if self.reuse_ratio:
-            k = int(self.reuse_ratio * x.shape[1])
-            reuse = torch.zeros_like(seen)
-            if k:
-                reuse.scatter_(1, cos.topk(k, dim=1).indices, True)
-            reuse &= cos > -2.0
-        else:
-            reuse = cos > self.cosine_threshold
-        return torch.where(reuse, REUSE, COMPUTE).to(torch.int8)
+            return run(ratio_plan)(*state, scope, int(self.reuse_ratio * x.shape[1]))
+        return run(threshold_plan)(*state, scope, self.cosine_threshold)
 
     def config(self) -> dict:
         return {
@@ -99,5 +147,6 @@ class TokenSkipPolicy(Policy):
             "cosine_threshold": None if self.reuse_ratio else self.cosine_threshold,
             "reuse_ratio": self.reuse_ratio,
             "min_layer": self.min_layer,
+            "max_layer": self.max_layer,
             "refresh_every": self.refresh_every,
         }

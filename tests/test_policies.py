@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import IDS, prompt, random_network
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from layer_skip_generation_functions import LayerReusePolicy, LayerSkipPolicy, subset_layers
@@ -63,21 +64,50 @@ def block(offset=0, masks=range(10, 32)):
     return ids
 
 
+class WeightRows(TorchDispatchMode):
+    """Records, for every op that reads a layer's weight (projections, MLP, norm weights), how
+    many rows it fed: {(layer, "self_attn.qkv_proj"): rows, ...}. Seen at the dispatcher, so it
+    does not depend on how the engine calls the weights."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.names = {
+            p.untyped_storage().data_ptr(): (i, name.removesuffix(".weight"))
+            for i, layer in enumerate(model.layers)
+            for name, p in layer.named_parameters()
+            if name.endswith(".weight")
+        }
+        self.rows: dict[tuple[int, str], int] = {}
+        self.last_layer: int | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in args if isinstance(a, torch.Tensor)]
+        weights = [t for t in tensors if t.untyped_storage().data_ptr() in self.names]
+        if weights and func not in (torch.ops.aten.detach.default, torch.ops.aten.t.default):
+            others = [t for t in tensors if t.untyped_storage().data_ptr() not in self.names]
+            if others:
+                data = max(others, key=lambda t: t.numel())
+                key = self.names[weights[0].untyped_storage().data_ptr()]
+                self.last_layer = key[0]
+                self.rows[key] = self.rows.get(key, 0) + data.numel() // data.shape[-1]
+        return func(*args, **(kwargs or {}))
+
+    def layer(self, i: int) -> dict[str, int]:
+        """{weight name: rows} for layer i (empty if nothing of it ran)."""
+        return {name: n for (j, name), n in self.rows.items() if j == i}
+
+
 def count_matmul_rows(model):
-    rows: dict[str, int] = {}
+    rec = WeightRows(model)
+    rec.__enter__()
+    rows = {f"{i}.{name}": n for (i, name), n in rec.rows.items()}
 
-    def hook(name):
-        def fn(module, args):
-            rows[name] = rows.get(name, 0) + args[0].reshape(-1, args[0].shape[-1]).shape[0]
+    class Handle:
+        def remove(self):
+            rec.__exit__(None, None, None)
+            rows.update({f"{i}.{name}": n for (i, name), n in rec.rows.items()})
 
-        return fn
-
-    handles = [
-        m.register_forward_pre_hook(hook(n))
-        for n, m in model.layers.named_modules()
-        if isinstance(m, torch.nn.Linear)
-    ]
-    return rows, handles
+    return rows, [Handle()]
 
 
 def test_all_compute_plan_is_identical_to_no_policy(model):
@@ -261,44 +291,37 @@ def test_token_policy_reuses_unchanged_positions(model):
 
 
 class Recorder:
-    """Per layer: the rows each of its modules is fed (the layer itself included, name "") and
+    """Per layer: the rows each of its weights is fed (WeightRows; "" = the layer ran at all) and
     the (batch rows, queries) of every attention call the engine makes for it."""
 
     def __init__(self, model, monkeypatch):
-        import v2.engine
+        import v2.attention
 
-        self.rows: dict[tuple[int, str], int] = {}
         self.attention: dict[int, list[tuple[int, int]]] = {}
-        self.current = None
-        self.handles = [
-            m.register_forward_pre_hook(self._hook(i, name))
-            for i, layer in enumerate(model.layers)
-            for name, m in layer.named_modules()
-        ]
-        real = v2.engine.sdpa
+        self.ops = WeightRows(model)
+        self.ops.__enter__()
+        real = v2.attention.sdpa
 
         def counting(q, k, v, mask=None, eager=False):
-            self.attention.setdefault(self.current, []).append((q.shape[0], q.shape[2]))
+            self.attention.setdefault(self.ops.last_layer, []).append((q.shape[0], q.shape[2]))
             return real(q, k, v, mask, eager)
 
-        monkeypatch.setattr(v2.engine, "sdpa", counting)
+        monkeypatch.setattr(v2.attention, "sdpa", counting)
 
-    def _hook(self, i, name):
-        def fn(module, args):
-            if name == "":
-                self.current = i
-            key = (i, name)
-            self.rows[key] = self.rows.get(key, 0) + args[0].reshape(-1, args[0].shape[-1]).shape[0]
-
-        return fn
+    @property
+    def rows(self):
+        return self.ops.rows
 
     def layer_rows(self, i):
-        """{module name: rows fed} for layer i (empty if the layer was never called)."""
-        return {name: n for (j, name), n in self.rows.items() if j == i}
+        """{weight name: rows fed} for layer i, "" being the rows of its first norm (the rows the
+        layer ran on); empty if the layer never ran."""
+        got = self.ops.layer(i)
+        if got:
+            got[""] = got["input_layernorm"]
+        return got
 
     def close(self):
-        for h in self.handles:
-            h.remove()
+        self.ops.__exit__(None, None, None)
 
 
 def uneven_plan(x):
@@ -463,8 +486,9 @@ def test_prefill_and_commit_write_the_exact_prefix_under_skipping(model, name):
     exact = Engine(model, None)
     exact.allocate(2, 96)
     ref_last = exact.prefill(ids)
-    assert torch.allclose(engine.k[:, :, :, :64], exact.k[:, :, :, :64], atol=1e-5)
-    assert torch.allclose(engine.v[:, :, :, :64], exact.v[:, :, :, :64], atol=1e-5)
+    for which in ("k", "v"):
+        got, ref = engine.cache.by_row(which), exact.cache.by_row(which)
+        assert torch.allclose(got[:, :2, :64], ref[:, :2, :64], atol=1e-5)
     assert torch.allclose(last, ref_last, atol=1e-5)
     # Prefill and commit ran every unit of every layer.
     assert st.forwards["prefill"] == st.forwards["commit"] == 1

@@ -1,31 +1,113 @@
-"""The engine's forwards: prefill, denoise and commit over a preallocated prefix KV cache, with
-compute-skipping plans executed so that skipped units never enter a matmul.
+"""The engine's forwards: prefill, denoise and commit over a preallocated K/V cache (kv_cache.py),
+with compute-skipping plans executed so that skipped units never enter a matmul.
 
-Cache layout: one K and one V buffer per layer, [batch, kv_heads, max_len, head_dim], keys stored
-already rotated at their absolute positions. [0, prefix_len) holds the exact K/V of committed
-blocks (written only by prefill and commit). The current block's region [prefix_len,
-prefix_len + B) holds the K/V of each block position's last computation; a denoise forward writes
-the units it computes there and attends to [0, prefix_len + B). That one region serves the full
-window, the sub-block cache (positions outside the sub-block keep their last K/V) and REUSE
-(a reused unit keeps the K/V of its last computation), with no per-step concatenation.
+Static shapes. A denoise or commit forward runs over a window of w positions (the block, or a
+sub-block) of every row of the cache: N = rows x w units, their hidden states in one buffer. Each
+layer computes a list of units (layer_step.py) in one of three layouts:
+- dense: every unit, when every unit is in scope and the plan computes them all;
+- compacted: the units to compute, gathered on the device into a bucketed capacity (rows waiting
+  for the batch, units a plan reuses or passes are left out), when leaving them out saves more
+  than the gather costs (`compaction`);
+- masked: every unit runs, and the results of the units outside the plan are discarded (their
+  K/V, hidden state and last update stay as they were): for forwards that are weight- or
+  latency-bound, where fewer rows would save no time.
+Attention takes the key length as a device scalar (attention.py), so one CUDA graph per (layer,
+window, layout, capacity) serves every block of a generation and every later generation on the
+same buffers.
 
-On CUDA, every layer that computes all of its units runs as a CUDA graph captured for the
-forward's shape (rows, window, key length): eager PyTorch spends ~0.6 ms of host time per layer,
-more than an H100 needs to read a 7B layer's weights. A layer whose plan skips or reuses units runs
-eagerly on the same buffers, so a policy can still decide layer by layer.
+Per device:
+- CUDA: the layer step is compiled (torch.compile), and each layer's work, including a policy's
+  plan when the policy allows it (policy.py), is captured in a CUDA graph (cuda_graphs.py). A
+  plan that only the device knows is sized with the policy's `reuse_quota`, or else read back
+  with one synchronisation for that layer.
+- CPU: plain PyTorch with exact shapes (no padding), attention over the computed queries only.
+
+Statistics (stats.py): executed units are the units fed through a layer's matmuls (the padding
+slots of a compacted layout are not units, but their rows are counted in executed FLOPs);
+baseline units are the units in scope. What only the device knows is accumulated there and read
+when `stats` is read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
+from v2 import flops
+from v2.attention import Geometry, UnitBatch, choose
+from v2.compiled import compiled
+from v2.cuda_graphs import GraphRunner
+from v2.kv_cache import KVCache
+from v2.layer_step import Deltas, LayerWeights, Units, compact, layer_step, resolve, reuse_add
 from v2.model import Network, block_causal_mask, sdpa
 from v2.policy import COMPUTE, PASS, REUSE, ForwardContext, Policy
 from v2.stats import Stats
 
+COMPACTION = ("auto", "always", "never")
+_CAPTURED = object()  # a plan that the layer's graph computes
+
 
 class PolicyError(RuntimeError):
     """A policy answered with a plan the engine must not execute."""
+
+
+def capacity(n: int, total: int) -> int:
+    """The bucket a compacted layout of n units gets: a multiple of total / 16 (at least 8)."""
+    step = max(8, -(-total // 16))
+    return min(total, -(-n // step) * step)
+
+
+class _Window:
+    """Static buffers of the forwards over windows of `w` positions."""
+
+    def __init__(self, engine: Engine, w: int):
+        cache, d = engine.cache, engine.cfg.hidden_size
+        R, dev = cache.rows, engine.device
+        N = R * w
+        self.w, self.N = w, N
+        self.ids = torch.zeros(R, w, dtype=torch.long, device=dev)
+        self.x = torch.zeros(N + 1, d, dtype=engine.dtype, device=dev)  # last row: trash
+        self.x_units = self.x[:N].view(R, w, d)  # what a policy sees
+        self.scope = torch.zeros(R, w, dtype=torch.bool, device=dev)
+        self.scope_flat = self.scope.view(-1)
+        self.plan = torch.zeros(R, w, dtype=torch.int8, device=dev)
+        self.compute = torch.zeros(N, dtype=torch.bool, device=dev)
+        self.reuse = torch.zeros(N, dtype=torch.bool, device=dev)
+        self.all_units = torch.ones(N, dtype=torch.bool, device=dev)
+        u = torch.arange(N + 1, device=dev)
+        row, t = u // w, u % w
+        t[N] = 0
+        zero = torch.zeros((), dtype=torch.long, device=dev)
+        self.units = Units(row, t, zero.clone(), zero.clone())
+        self.geo = Geometry(
+            rows=R,
+            w=w,
+            max_len=cache.max_len,
+            end=zero.clone(),
+            seqused=torch.zeros(R, dtype=torch.int32, device=dev),
+            dense_cu_q=torch.arange(R + 1, dtype=torch.int32, device=dev) * w,
+            row_starts=cache.row_starts,
+            key_positions=torch.arange(cache.max_len, device=dev),
+        )
+        self.dense = UnitBatch(torch.arange(N, device=dev), None, None, N)
+        self.masked = UnitBatch(self.dense.index, self.compute, None, None)
+        self.scope_masked = UnitBatch(self.dense.index, self.scope_flat, None, None)
+        self._compacted: dict[tuple[str, int], UnitBatch] = {}
+        self.scope_batch: UnitBatch | None = None  # this forward's compacted scope
+
+    def compacted(self, C: int, kind: str = "plan") -> UnitBatch:
+        """Static buffers of a compacted layout of C slots; the forward's scope ("scope", shared
+        by its dense layers) and a layer's plan ("plan") each have their own."""
+        if (kind, C) not in self._compacted:
+            dev = self.x.device
+            self._compacted[kind, C] = UnitBatch(
+                torch.full((C,), self.N, dtype=torch.long, device=dev),
+                torch.zeros(C, dtype=torch.bool, device=dev),
+                torch.zeros(self.geo.rows + 1, dtype=torch.int32, device=dev),
+                None,
+            )
+        return self._compacted[kind, C]
 
 
 class Engine:
@@ -36,83 +118,198 @@ class Engine:
         block_size: int | None = None,
         block_cache: bool = False,
         cuda_graphs: bool | None = None,
+        compile: bool | None = None,
+        compaction: str = "auto",
+        static_shapes: bool | None = None,
+        attention=None,
     ):
+        """cuda_graphs / compile: default on for a model on a GPU. static_shapes: the layouts
+        CUDA graphs need (default: with graphs); on the CPU, for tests of those layouts.
+        attention: a backend from attention.py (default: attention.choose)."""
+        if compaction not in COMPACTION:
+            raise ValueError(f"compaction must be one of {', '.join(COMPACTION)}")
         self.model = model
-        self.cfg = model.cfg
-        self.B = block_size or model.cfg.block_size
+        self.cfg = cfg = model.cfg
+        self.B = block_size or cfg.block_size
         self.block_cache = block_cache
         # A policy that can never skip (e.g. cosine_threshold >= 1) is no policy: same output,
         # no per-layer planning cost.
+        self.given_policy = policy
         self.policy = policy if policy is not None and policy.enabled else None
-        self.stats = Stats(self.cfg.num_hidden_layers)
-        self.prefix_len = 0
-        self._protected: set[int] = (
-            self.policy.protected_layers(self.cfg.num_hidden_layers) if self.policy else set()
-        )
+        L = cfg.num_hidden_layers
+        self._protected = self.policy.protected_layers(L) if self.policy else set()
         w = model.embed_tokens.weight
-        self.cuda_graphs = w.is_cuda if cuda_graphs is None else cuda_graphs
-        self._graphs: dict[tuple, _LayerGraphs] = {}
-        self._side_stream = None  # where graphs warm up and are captured (created on first use)
+        self.device, self.dtype = w.device, w.dtype
+        self.attention = attention or choose(self.device, self.dtype, model.eager_attention)
+        cuda = self.device.type == "cuda"
+        on = self.attention.capturable
+        self.graphs = GraphRunner(self.device, (cuda if cuda_graphs is None else cuda_graphs) and on)
+        self.static = self.graphs.enabled if static_shapes is None else static_shapes
+        self.compiled = (cuda if compile is None else compile) and on
+        self.compaction = compaction
+        self.weights = [LayerWeights.of(layer) for layer in model.layers]
+        self.embed = w.detach()
+        self.cache: KVCache | None = None
         self.delta = self.has_ref = None
+        self._windows: dict[int, _Window] = {}
+        self.step = 0
+        self._ref_bits = [0] * L
+        dev = self.device
+        self._dev_units = torch.zeros(L, dtype=torch.long, device=dev)
+        self._dev_reused = torch.zeros(L, dtype=torch.long, device=dev)
+        self._dev_pairs = torch.zeros((), dtype=torch.long, device=dev)
+        self._dev_overflow = torch.zeros((), dtype=torch.bool, device=dev)
+        self.reset_stats()
+
+    # ---- engines that outlive one generate call ----------------------------------------------
+
+    @classmethod
+    def for_model(
+        cls,
+        model: Network,
+        policy: Policy | None,
+        block_size: int,
+        block_cache: bool,
+        cuda_graphs: bool | None,
+    ) -> Engine:
+        """The model's engine for these settings, kept on the model so that the next generate
+        call with the same policy object reuses its buffers and CUDA graphs."""
+        e = getattr(model, "_v2_engine", None)
+        same = e is not None and e.given_policy is policy and e.B == block_size
+        same = same and e.block_cache == block_cache and e._graph_setting == cuda_graphs
+        same = same and e.attention.name == choose(e.device, e.dtype, model.eager_attention).name
+        if not same:
+            e = cls(model, policy, block_size, block_cache, cuda_graphs)
+            e._graph_setting = cuda_graphs
+            model._v2_engine = e
+        return e
+
+    _graph_setting: bool | None = None
+
+    # ---- statistics ---------------------------------------------------------------------------
+
+    def reset_stats(self) -> None:
+        self._stats = Stats(self.cfg.num_hidden_layers)
+        for t in (self._dev_units, self._dev_reused, self._dev_pairs, self._dev_overflow):
+            t.zero_()
+
+    @property
+    def stats(self) -> Stats:
+        """The statistics so far (reads the device's counters: a synchronisation)."""
+        st = self._stats
+        units, reused = self._dev_units.tolist(), self._dev_reused.tolist()
+        pairs, overflow = int(self._dev_pairs), bool(self._dev_overflow)
+        if overflow:
+            name = self.policy.name if self.policy else "none"
+            raise PolicyError(f"{name}: a captured plan computed more units than its reuse_quota")
+        for t in (self._dev_units, self._dev_reused, self._dev_pairs):
+            t.zero_()
+        for i in range(self.cfg.num_hidden_layers):
+            st.executed_units_per_layer[i] += units[i]
+            st.reused_units_per_layer[i] += reused[i]
+        st.executed_flops += flops.attention(self.cfg, pairs)
+        st.graph_sets = len(self.graphs.sets)
+        st.graph_failures = len(self.graphs.failures)
+        return st
 
     # ---- cache and per-block state -------------------------------------------------------
 
     def allocate(self, batch: int, max_len: int) -> None:
-        cfg, w = self.cfg, self.model.embed_tokens.weight
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        self.k = torch.empty(shape, dtype=w.dtype, device=w.device)
-        self.v = torch.empty(shape, dtype=w.dtype, device=w.device)
-        self.prefix_len = 0
-        self._graphs.clear()
+        """Room for `batch` sequences of up to `max_len` positions. Buffers that are big enough
+        are kept (with their CUDA graphs); rows past `batch` hold no sequence."""
+        c = self.cache
+        if c is None or c.rows < batch or c.max_len < max_len:
+            rows, length = batch, max_len
+            if c is not None and self.static:  # grow, so that it happens rarely
+                rows, length = max(rows, c.rows), max(length, c.max_len)
+            if self.static:
+                length = -(-length // 256) * 256
+            self.graphs.clear()
+            self._windows.clear()
+            self.delta = self.has_ref = None
+            self.cache = None
+            self.cache = KVCache(self.cfg, rows, length, self.dtype, self.device)
+        self.cache.prefix_len = 0
+        self.live = batch
+
+    @property
+    def prefix_len(self) -> int:
+        return self.cache.prefix_len
+
+    @prefix_len.setter
+    def prefix_len(self, value: int) -> None:
+        self.cache.prefix_len = value
 
     def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished rows from the cache (at block ends)."""
-        self.k, self.v = self.k[:, rows], self.v[:, rows]
-        self._graphs.clear()
+        """Keep `rows` (at block ends): their prefix K/V move to the first rows of the cache."""
+        kept = rows.tolist()
+        self.cache.keep_rows(kept)
+        self.live = len(kept)
 
     def begin_block(self) -> None:
         """Reset per-position state; the policy's too."""
-        cfg, b = self.cfg, self.k.shape[1]
-        L, B = cfg.num_hidden_layers, self.B
+        L, B, R = self.cfg.num_hidden_layers, self.B, self.cache.rows
         self.step = 0
-        # Per layer, a bit per block offset: every row has a REUSE reference there (host mirror
-        # of has_ref for the dense path, so a whole-layer REUSE needs no device round trip).
-        self._ref_all = [0] * L
+        # Per layer, a bit per block offset: every row has a REUSE reference there (a host mirror
+        # of has_ref, so a whole-layer REUSE needs no device round trip).
+        self._ref_bits = [0] * L
         if self.policy is not None:
-            self.policy.begin_block(b, B, L)
+            self.policy.begin_block(R, B, L)
             if self.policy.reuses:
-                # Zeroed in place, not reallocated: captured graphs write into these buffers.
-                w = self.model.embed_tokens.weight
-                if self.delta is None or self.delta.shape[1] != b:
-                    shape = (L, b, B, cfg.hidden_size)
-                    self.delta = torch.zeros(shape, dtype=w.dtype, device=w.device)
-                    self.has_ref = torch.zeros(shape[:3], dtype=torch.bool, device=w.device)
+                if self.delta is None:  # zeroed in place afterwards: graphs write into these
+                    shape = (L, R * B + 1, self.cfg.hidden_size)
+                    self.delta = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                    self.has_ref = torch.zeros(shape[:2], dtype=torch.bool, device=self.device)
                 else:
                     self.delta.zero_()
                     self.has_ref.zero_()
-        end = self.prefix_len + B  # graphs of earlier blocks attend to fewer keys: drop them
-        self._graphs = {key: g for key, g in self._graphs.items() if key[2] == end}
 
     # ---- the three forward kinds --------------------------------------------------------------
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
-        """Complete prompt blocks [0, P): exact, block-causal. Returns the last hidden state."""
-        P = ids.shape[1]
+        """Complete prompt blocks [0, P): exact, block-causal, eager (once per generation).
+        Returns the last position's hidden state."""
+        b, P = ids.shape
+        cfg, cache = self.cfg, self.cache
+        self._count_forward("prefill", b, b * P)
         pos = torch.arange(P, device=ids.device)
         mask = block_causal_mask(pos, pos, self.B) if P > self.B else None
-        x = self._dense("prefill", ids, 0, P, mask, keys_per_query=(pos // self.B + 1) * self.B)
-        self.prefix_len = P
+        slots = cache.slots(torch.arange(b, device=ids.device)[:, None], pos[None]).view(-1)
+        x = self.model.embed_tokens(ids)
+        cos, sin = self.model.rope(pos)
+        eager = self.model.eager_attention
+        for i, layer in enumerate(self.model.layers):
+
+            def attend(q, k, v, i=i):
+                kv = cfg.num_key_value_heads, cfg.head_dim
+                cache.write(i, slots, k.reshape(-1, *kv), v.reshape(-1, *kv))
+                keys, values = cache.by_row("k")[i, :b, :P], cache.by_row("v")[i, :b, :P]
+                o = sdpa(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask, eager)
+                return o.transpose(1, 2)
+
+            x = layer(x, cos, sin, attend)
+            self._stats.executed_units_per_layer[i] += b * P
+        keys = int(((pos // self.B + 1) * self.B).sum())
+        work = cfg.num_hidden_layers * b * (P * flops.unit(cfg) + flops.attention(cfg, keys))
+        work += flops.head(cfg, b)
+        self._stats.executed_flops += work
+        self._stats.baseline_flops += work
+        cache.prefix_len = P
         return x[:, -1]
 
     @torch.inference_mode()
     def commit(self, ids: torch.Tensor) -> torch.Tensor:
         """The clean current block: its exact K/V become part of the prefix. Returns the last
         position's hidden (its argmax is the next block's first token)."""
-        B, P = self.B, self.prefix_len
-        x = self._dense("commit", ids, P, P + B, None)
-        self.prefix_len = P + B
-        return x[:, -1]
+        b, w = ids.shape
+        self._count_forward("commit", b, b * w)
+        win = self._load(ids, 0, None)
+        for i in range(self.cfg.num_hidden_layers):
+            self._dense_layer(i, win, b * w, None, deltas=False)
+        self._count_flops(b * w, b)
+        self.cache.prefix_len += self.B
+        return win.x_units[:b, -1].clone()
 
     @torch.inference_mode()
     def denoise(
@@ -127,320 +324,309 @@ class Engine:
         sub-block cache gives rows in sub-block mode only their sub-block). Returns the hidden
         states at window positions `out_positions` [b, p, hidden]."""
         b, w = ids.shape
-        B, P, L = self.B, self.prefix_len, self.cfg.num_hidden_layers
+        B, L = self.B, self.cfg.num_hidden_layers
         kind = "denoise_full" if w == B else "denoise_sub"
-        ctx = ForwardContext(self.step, window_start, w, b, L, B, units)
-        self.step += 1
         if units is None:
-            rows, baseline_units = b, b * w
+            rows, n_scope = b, b * w
         else:
-            rows, baseline_units = (int(t) for t in (units.any(1).sum(), units.sum()))
-        self._count_forward(kind, rows, baseline_units)
+            rows, n_scope = (int(t) for t in (units.any(1).sum(), units.sum()))
+        self._count_forward(kind, rows, n_scope)
+        win = self._load(ids, window_start, units)
+        ctx = ForwardContext(self.step, window_start, w, self.cache.rows, L, B, win.scope)
+        self.step += 1
         if self.policy is not None:
             self.policy.begin_forward(ctx)
-        start, end = P + window_start, P + B
-        x = self.model.embed_tokens(ids)
-        pos = torch.arange(start, start + w, device=ids.device)
-        cos, sin = self.model.rope(pos)
-        graphs = self._layer_graphs(b, w, end, self._keeps_deltas)
-        if graphs is not None:
-            x = graphs.load(x, pos, cos, sin, P)
-        full_rows = None if units is None or w < B else units.all(1)
-        self._forward_units, self._units_gather = units, None
-        st = self.stats
-        window = slice(window_start, window_start + w)
-        window_bits = ((1 << w) - 1) << window_start
-        for i, layer in enumerate(self.model.layers):
-            actions = self.policy.plan(i, x, ctx) if self.policy is not None else None
-            if actions is not None and i in self._protected:
-                raise PolicyError(f"{self.policy.name}: planned skipping on protected layer {i}")
-            if isinstance(actions, int):  # one action for every unit: no device round trip
-                how = self._uniform(i, actions, units, w, window_bits)
-                if how == "pass":
-                    continue  # the layer does not run; x is its output
-                if how == "reuse":
-                    delta = self.delta[i, :, window]
-                    x = x.add_(delta) if graphs is not None else x + delta
-                    continue
-                if how == "compute":
-                    actions = None
-                else:
-                    actions = torch.full_like(ids, actions, dtype=torch.int8)
-            compute, reuse = self._resolve(i, actions, units, full_rows, window_start, w)
-            if compute is None:
-                n = b * w
-                if graphs is not None:
-                    graphs.run(i)  # updates x (graphs.x) in place
-                else:
-                    out = layer(x, cos, sin, self._dense_attend(i, start, end, None))
-                    if self._keeps_deltas:
-                        self.delta[i, :, window] = out - x
-                        self.has_ref[i, :, window] = True
-                    x = out
-                if units is None:
-                    self._ref_all[i] |= window_bits
-            else:
-                out, n = self._planned_layer(i, layer, x, compute, reuse, start, end, window_start)
-                # With graphs, the next layer's input lives in the graphs' buffer.
-                x = graphs.x.copy_(out) if graphs is not None and out is not graphs.x else out
-            st.executed_units_per_layer[i] += n
-            st.executed_flops += n * self._unit_flops(end)
-        st.baseline_flops += baseline_units * L * self._unit_flops(end)
-        st.executed_flops += self._head_flops(b * out_positions.numel())
-        st.baseline_flops += self._head_flops(b * out_positions.numel())
-        return x[:, out_positions]
+        bits = (((1 << w) - 1) << window_start) if units is None else None
+        for i in range(L):
+            self._layer(i, win, ctx, n_scope, bits)
+        self._count_flops(n_scope, b * out_positions.numel())
+        return win.x_units[:b, out_positions]
 
-    # ---- execution ----------------------------------------------------------------------------
+    # ---- one layer ----------------------------------------------------------------------------
+
+    def _layer(self, i: int, win: _Window, ctx: ForwardContext, n_scope: int, bits) -> None:
+        policy, plan, key = self.policy, None, None
+        if policy is not None:
+            key = policy.capture_key(i, ctx) if self.static else None
+            if key is not None:
+                plan = _CAPTURED
+            else:
+                plan = policy.plan(i, win.x_units, ctx)
+            if plan is not None and i in self._protected:
+                raise PolicyError(f"{policy.name}: planned skipping on protected layer {i}")
+        if isinstance(plan, int) and plan != COMPUTE:
+            how = self._uniform(i, plan, win.w, bits)
+            if how == "pass":
+                return  # the layer does not run; x is its output
+            if how == "reuse":
+                deltas = Deltas(self.delta[i], self.has_ref[i], win.all_units, self.B)
+                self.graphs.run((i, win.w, "reuse_all"), lambda: reuse_add(win.x, win.units, deltas))
+                return
+            plan = None if how == "compute" else torch.full_like(win.plan, plan)
+        if plan is None or isinstance(plan, int):
+            self._dense_layer(i, win, n_scope, bits, deltas=self._keeps_deltas)
+            return
+        if plan is not _CAPTURED:
+            self._check(plan, win)
+            win.plan.copy_(plan)
+        self._planned_layer(i, win, ctx, key, n_scope, bits)
+
+    def _dense_layer(self, i: int, win: _Window, n_scope: int, bits, deltas: bool) -> None:
+        """Every unit in scope computes."""
+        d = Deltas(self.delta[i], self.has_ref[i], None, self.B) if deltas else None
+        w, N = win.w, win.N
+        if n_scope == N:
+            batch, tag, rows = win.dense, ("dense",), N
+        elif not self.static:
+            if win.scope_batch is None:
+                index = win.scope_flat.nonzero().squeeze(1)
+                win.scope_batch = UnitBatch(index, None, None, n_scope)
+            batch, tag, rows = win.scope_batch, None, n_scope
+        elif self._pays(n_scope):
+            C = capacity(n_scope, N)
+            if win.scope_batch is None:
+                win.scope_batch = win.compacted(C, "scope")
+                self.graphs.run(
+                    ("scope", w, C), lambda: self._compact(win, win.scope_flat, C, "scope")
+                )
+                win.scope_batch.count = n_scope
+            batch, tag, rows = win.scope_batch, ("scope", C), C
+        else:
+            batch, tag, rows = win.scope_masked, ("scope_masked",), N
+        self.graphs.run((i, w, deltas, *(tag or ())), lambda: self._step(i, win, batch, d))
+        self._count_layer(i, win, batch, units=n_scope if rows < N else N, rows=rows)
+        if bits is not None and deltas:
+            self._ref_bits[i] |= bits
+
+    def _planned_layer(self, i, win: _Window, ctx, key, n_scope: int, bits) -> None:
+        """A per-unit plan (in win.plan, or computed by the policy inside the graph)."""
+        captured = key is not None
+        d = (
+            Deltas(self.delta[i], self.has_ref[i], win.reuse, self.B)
+            if self._keeps_deltas
+            else None
+        )
+
+        def plan_and_resolve():
+            if captured:
+                win.plan.copy_(self.policy.plan(i, win.x_units, ctx))
+            self._resolve(i, win)
+
+        w, N, plan_key = win.w, win.N, ("plan", key) if captured else ("eager_plan",)
+        if not self.static:  # exact shapes: read the plan
+            plan_and_resolve()
+            index = win.compute.nonzero().squeeze(1)
+            n = index.numel()
+            batch = UnitBatch(index, None, None, n)
+            if n:
+                self._step(i, win, batch, d)
+                self._count_layer(i, win, batch, units=n, rows=n)
+            elif d is not None:
+                reuse_add(win.x, win.units, d)
+        elif not self._pays(n_scope):  # masked: everything runs, the plan decides what is kept
+            self.graphs.run(
+                (i, w, d is not None, "masked", *plan_key),
+                lambda: (plan_and_resolve(), self._step(i, win, win.masked, d)),
+            )
+            self._count_layer(i, win, win.masked, units=N, rows=N)
+        else:
+            bound = self._bound(i, ctx, win, bits) if captured else None
+            if bound is not None:
+                C = capacity(bound, N) if bound else 0
+                batch = win.compacted(C) if C else None
+
+                def work():
+                    plan_and_resolve()
+                    if C:
+                        self._compact(win, win.compute, C, count_layer=i)
+                        self._step(i, win, batch, d)
+                    else:  # the quota says nothing computes: check it
+                        self._dev_overflow |= win.compute.any()
+                        if d is not None:
+                            reuse_add(win.x, win.units, d)
+
+                self.graphs.run((i, w, d is not None, "bound", C, *plan_key), work)
+                if C:  # units and attention pairs: counted on the device (_compact)
+                    self._count_layer(i, win, batch, units=0, rows=C, attention=False)
+            else:  # the plan's size only the device knows: read it (one sync for this layer)
+                self.graphs.run((i, w, d is not None, "sync", *plan_key), plan_and_resolve)
+                n = int(win.compute.sum())
+                C = capacity(n, N) if n else 0
+                if C:
+                    batch = win.compacted(C)
+
+                    def work():
+                        self._compact(win, win.compute, C)
+                        self._step(i, win, batch, d)
+
+                    self.graphs.run((i, w, d is not None, "synced", C), work)
+                    batch.count = n
+                    self._count_layer(i, win, batch, units=n, rows=C)
+                elif d is not None:
+                    reuse = Deltas(d.delta, d.has_ref, win.reuse, self.B)
+                    self.graphs.run((i, w, "reuse"), lambda: reuse_add(win.x, win.units, reuse))
+        if bits is not None and not self.policy.passes:
+            self._ref_bits[i] |= bits
+
+    # ---- device work (what graphs capture) ----------------------------------------------------
+
+    def _step(self, i: int, win: _Window, batch: UnitBatch, deltas: Deltas | None) -> None:
+        k, v = self.cache.layer(i)
+        cfg = self.cfg
+        fn = self._fn("layer_step", layer_step)
+        fn(
+            win.x,
+            batch,
+            win.units,
+            win.geo,
+            self.weights[i],
+            k,
+            v,
+            self._rope_tables(),
+            self.attention,
+            self.cache.prefix_len + self.B,
+            deltas,
+            cfg.rms_norm_eps,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+        )
+
+    def _resolve(self, i: int, win: _Window) -> None:
+        has_ref = self.has_ref[i] if self._keeps_deltas else None
+        full_window = self.block_cache and win.w == self.B
+        fn = self._fn("resolve", resolve)
+        compute, reuse = fn(win.plan, win.scope, has_ref, win.units, self.B, full_window)
+        win.compute.copy_(compute)
+        if reuse is not None:
+            win.reuse.copy_(reuse)
+            self._dev_reused[i] += reuse.sum()
+
+    def _compact(
+        self,
+        win: _Window,
+        mask: torch.Tensor,
+        C: int,
+        kind: str = "plan",
+        count_layer: int | None = None,
+    ) -> None:
+        dst = win.compacted(C, kind)
+        src = self._fn("compact", compact)(mask, C, win.geo.rows)
+        dst.index.copy_(src.index)
+        dst.valid.copy_(src.valid)
+        dst.cu_q.copy_(src.cu_q)
+        if count_layer is not None:  # only the device knows how many units this layer runs
+            n = mask.sum()
+            self._dev_units[count_layer] += n
+            self._dev_overflow |= n > C
+            self._dev_pairs += self.attention.device_pairs(n, win.geo)
+
+    def _fn(self, name: str, fn: Callable) -> Callable:
+        """`fn`, compiled when the engine compiles (CUDA; compiled.py)."""
+        return compiled(fn) if self.compiled else fn
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def _load(self, ids: torch.Tensor, window_start: int, units: torch.Tensor | None) -> _Window:
+        """The forward's inputs into the window's static buffers."""
+        b, w = ids.shape
+        if w not in self._windows:
+            self._windows[w] = _Window(self, w)
+        win = self._windows[w]
+        win.ids[:b].copy_(ids)
+        if b < self.cache.rows or units is not None:
+            win.scope.zero_()
+            win.scope[:b] = True if units is None else units
+        else:
+            win.scope.fill_(True)
+        P, B = self.cache.prefix_len, self.B
+        win.units.start.fill_(P + window_start)
+        win.units.block_offset.fill_(window_start)
+        win.geo.end.fill_(P + B)
+        win.geo.seqused.fill_(P + B)
+        torch.index_select(self.embed, 0, win.ids.view(-1), out=win.x[: win.N])
+        win.scope_batch = None
+        return win
+
+    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if getattr(self, "_rope", None) is None:
+            cos, sin = self.model._rope_table(self.device)
+            self._rope = cos.to(self.dtype), sin.to(self.dtype)
+        return self._rope
 
     @property
     def _keeps_deltas(self) -> bool:
         return self.policy is not None and self.policy.reuses
 
-    def _dense(self, kind, ids, start, end, mask, keys_per_query=None) -> torch.Tensor:
-        """Every unit computed (prefill, commit): the prefix cache's exact K/V."""
-        b, w = ids.shape
-        self._count_forward(kind, b, b * w)
-        x = self.model.embed_tokens(ids)
-        pos = torch.arange(start, start + w, device=ids.device)
-        cos, sin = self.model.rope(pos)
-        # A commit forward has a denoise window's shape: it replays the block's denoise graphs.
-        graphs = self._layer_graphs(b, w, end, False) if mask is None and w == self.B else None
-        if graphs is not None:
-            x = graphs.load(x, pos, cos, sin, start)
-        for i, layer in enumerate(self.model.layers):
-            if graphs is not None:
-                graphs.run(i)
-            else:
-                x = layer(x, cos, sin, self._dense_attend(i, start, end, mask))
-            self.stats.executed_units_per_layer[i] += b * w
-        keys = end * w if keys_per_query is None else int(keys_per_query.sum())
-        attn = 4 * keys * self.cfg.num_attention_heads * self.cfg.head_dim
-        flops = self.cfg.num_hidden_layers * b * (w * 2 * self.cfg.layer_weight_count + attn)
-        flops += self._head_flops(b)
-        self.stats.executed_flops += flops
-        self.stats.baseline_flops += flops
-        return x
+    def _pays(self, units: int) -> bool:
+        """Whether computing only `units` of a window (with graphs) is worth a compaction: in the
+        compute-bound regime (hundreds of rows, a real layer), fewer rows are less time; below
+        it a forward reads its weights or launches its kernels in the same time whatever the
+        rows (compute-skipping.md section 6)."""
+        if self.compaction != "auto":
+            return self.compaction == "always"
+        return units >= 256 and units * flops.unit(self.cfg) >= 40e9
 
-    def _dense_attend(self, i: int, start: int, end: int, mask: torch.Tensor | None):
-        eager = self.model.eager_attention
-
-        def attend(q, k, v):
-            w = q.shape[1]
-            self.k[i, :, :, start : start + w] = k.transpose(1, 2)
-            self.v[i, :, :, start : start + w] = v.transpose(1, 2)
-            keys, values = self.k[i, :, :, :end], self.v[i, :, :, :end]
-            return sdpa(q.transpose(1, 2), keys, values, mask, eager).transpose(1, 2)
-
-        return attend
-
-    def _layer_graphs(self, b: int, w: int, end: int, deltas: bool) -> _LayerGraphs | None:
-        if not self.cuda_graphs or self.model.eager_attention:
+    def _bound(self, i: int, ctx: ForwardContext, win: _Window, bits) -> int | None:
+        """Most units a captured plan can compute, from its reuse_quota, when every row in scope
+        has a reference at every position of the window (else None)."""
+        quota = self.policy.reuse_quota(i, ctx)
+        if not quota or bits is None or self._ref_bits[i] & bits != bits:
             return None
-        key = (b, w, end, deltas, self.k.data_ptr(), self.v.data_ptr())
-        if key not in self._graphs:
-            self._graphs[key] = _LayerGraphs(self, b, w, end, deltas)
-        return self._graphs[key]
+        return self.live * max(0, win.w - quota)
 
-    def _uniform(self, i: int, action: int, units, w: int, window_bits: int) -> str | None:
+    def _uniform(self, i: int, action: int, w: int, bits) -> str | None:
         """How to run a plan that is one action (an int) for every unit: "compute" (the dense
         layer), "pass", "reuse" (every unit has a reference), or None (expand it to a tensor and
         take the general path, which checks per unit)."""
         if action == COMPUTE:
             return "compute"
-        if units is not None:
+        if bits is None:
             return None
         if action == PASS:
             # The sub-block cache needs a full-window forward's block K/V: it computes.
             return "compute" if w == self.B and self.block_cache else "pass"
         if action == REUSE and self._keeps_deltas:
-            return "reuse" if self._ref_all[i] & window_bits == window_bits else None
+            return "reuse" if self._ref_bits[i] & bits == bits else None
         return None
 
-    def _resolve(self, i, actions, units, full_rows, window_start, w):
-        """(compute, reuse) boolean [b, w] masks, or (None, None) when every unit computes."""
-        if actions is None:
-            return units, None
-        if actions.shape != (self.k.shape[1], w):
-            raise PolicyError(
-                f"{self.policy.name}: plan shape {tuple(actions.shape)} != {(self.k.shape[1], w)}"
-            )
-        passed = actions == PASS
-        scope = units if units is not None else torch.ones_like(passed)
+    def _check(self, plan: torch.Tensor, win: _Window) -> None:
+        """An eager plan: shape, and PASS covering a row's whole window (a synchronisation)."""
+        name = self.policy.name
+        if plan.shape != win.plan.shape:
+            raise PolicyError(f"{name}: plan shape {tuple(plan.shape)} != {tuple(win.plan.shape)}")
+        passed, scope = plan == PASS, win.scope
         partial = ((passed & scope).any(1) & ~(passed | ~scope).all(1)).any()
         if bool(partial):
-            raise PolicyError(
-                f"{self.policy.name}: PASS must cover a row's whole window (layer {i})"
-            )
-        if full_rows is not None or (units is None and w == self.B and self.block_cache):
-            # Under the sub-block cache a full-block forward must leave every layer's block K/V
-            # complete for the sub-block forwards after it: a row there is computed, not passed.
-            rows = full_rows if full_rows is not None else torch.ones_like(passed[:, 0])
-            passed = passed & ~rows[:, None]
-        if self._keeps_deltas:  # a unit never computed in this block has nothing to reuse
-            reuse = (actions == REUSE) & self.has_ref[i, :, window_start : window_start + w]
-            compute = ~passed & ~reuse
-        else:
-            reuse, compute = None, ~passed
-        if units is not None:
-            compute = compute & units
-            reuse = reuse & units if reuse is not None else None
-        elif not bool((actions != COMPUTE).any()):
-            return None, None
-        return compute, reuse
-
-    def _gather(self, compute: torch.Tensor, start: int) -> tuple:
-        """Indices of the computed units: rows, window positions, rank within the row (the
-        padded query slot), padded width, their RoPE, and for attention the slot of each unit's
-        row among the rows that compute something plus those rows (None when every row does).
-        Synchronises with the device."""
-        rows, pos = compute.nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            return rows, pos, None, 0, None, None, None, None
-        rank = (compute.cumsum(1) - 1)[rows, pos]
-        cos, sin = self.model.rope(start + pos)
-        running = compute.any(1)
-        width, a = torch.stack((rank.max() + 1, running.sum())).tolist()
-        if a == compute.shape[0]:
-            return rows, pos, rank, width, cos, sin, rows, None
-        slot = (running.cumsum(0) - 1)[rows]
-        return rows, pos, rank, width, cos, sin, slot, running.nonzero().squeeze(1)
-
-    def _planned_layer(self, i, layer, x, compute, reuse, start, end, window_start):
-        """Run layer i on the computed units only; reused units get their last update back."""
-        b, w, d = x.shape
-        if compute is self._forward_units:  # no plan, only the forward's units: gather once
-            if self._units_gather is None:
-                self._units_gather = self._gather(compute, start)
-            rows, pos, rank, width, cos, sin, slot, running = self._units_gather
-        else:
-            rows, pos, rank, width, cos, sin, slot, running = self._gather(compute, start)
-        n = rows.numel()
-        out = x
-        if reuse is not None:
-            delta = self.delta[i, :, window_start : window_start + w]
-            out = x + torch.where(
-                reuse[..., None], delta, torch.zeros((), dtype=x.dtype, device=x.device)
-            )
-        if n == 0:
-            return out, 0
-        eager = self.model.eager_attention
-        cfg = self.cfg
-        # Attention runs on the rows that compute something (a PASSed or idle row is not fed to
-        # it), each padded to the widest row; the padded query slots run, so they are counted.
-        a = b if running is None else running.numel()
-        self.stats.executed_flops += (a * width - n) * self._query_flops(end)
-
-        def attend(q, k, v):
-            self.k[i, rows, :, start + pos] = k
-            self.v[i, rows, :, start + pos] = v
-            keys, values = self.k[i, :, :, :end], self.v[i, :, :, :end]
-            if running is not None:
-                keys, values = keys[running], values[running]
-            padded = q.new_zeros(a, width, cfg.num_attention_heads, cfg.head_dim)
-            padded[slot, rank] = q
-            o = sdpa(padded.transpose(1, 2), keys, values, None, eager)
-            return o.transpose(1, 2)[slot, rank]
-
-        x_c = x[rows, pos]
-        out_c = layer(x_c, cos, sin, attend)
-        if self._keeps_deltas:
-            self.delta[i, rows, window_start + pos] = out_c - x_c
-            self.has_ref[i, rows, window_start + pos] = True
-        out = out.index_put((rows, pos), out_c)
-        return out, n
-
-    # ---- accounting ---------------------------------------------------------------------------
+            raise PolicyError(f"{name}: PASS must cover a row's whole window")
 
     def _count_forward(self, kind: str, rows: int, units_per_layer: int) -> None:
-        st = self.stats
+        st = self._stats
         st.forwards[kind] += 1
         st.row_forwards[kind] += rows
         for i in range(self.cfg.num_hidden_layers):
             st.baseline_units_per_layer[i] += units_per_layer
 
-    def _unit_flops(self, keys: int) -> int:
-        return 2 * self.cfg.layer_weight_count + self._query_flops(keys)
+    def _count_layer(
+        self,
+        i: int,
+        win: _Window,
+        batch: UnitBatch,
+        units: int,
+        rows: int,
+        attention: bool = True,
+    ) -> None:
+        """Host-known work of one layer: `units` fed to it, `rows` through its matmuls, and
+        (unless counted on the device) its attention's (query, key) pairs."""
+        st, cfg = self._stats, self.cfg
+        st.executed_units_per_layer[i] += units
+        st.executed_flops += rows * flops.unit(cfg)
+        if attention:
+            pairs = self.attention.pairs(batch, win.geo, self.cache.prefix_len + self.B)
+            st.executed_flops += flops.attention(cfg, pairs)
 
-    def _query_flops(self, keys: int) -> int:
-        """Attention of one query over `keys` keys: scores and weighted values."""
-        return 4 * keys * self.cfg.num_attention_heads * self.cfg.head_dim
-
-    def _head_flops(self, rows: int) -> int:
-        return rows * 2 * self.cfg.hidden_size * self.cfg.vocab_size
-
-
-class _LayerGraphs:
-    """One CUDA graph per layer for a dense forward of one shape: `rows` rows of a `w`-position
-    window attending to the cache's first `end` keys. Every graph reads and updates one static
-    hidden-state buffer `x` in place, so a layer that is skipped is simply not replayed, and an
-    eagerly run (planned) layer writes its result back into `x`. Window positions are device
-    tensors, so the four sub-block windows of a block share one set of graphs; a commit replays
-    the full-window set. A layer runs eagerly once (warm-up) before it is captured."""
-
-    def __init__(self, engine: Engine, rows: int, w: int, end: int, deltas: bool):
-        cfg, weight = engine.cfg, engine.model.embed_tokens.weight
-        dev, dtype = weight.device, weight.dtype
-        self.engine, self.end, self.deltas = engine, end, deltas
-        self.x = torch.zeros(rows, w, cfg.hidden_size, dtype=dtype, device=dev)
-        self.pos = torch.zeros(w, dtype=torch.long, device=dev)  # absolute positions
-        self.win = torch.zeros(w, dtype=torch.long, device=dev)  # block offsets
-        self.cos = torch.zeros(w, 1, cfg.head_dim, dtype=dtype, device=dev)
-        self.sin = torch.zeros_like(self.cos)
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.warm: set[int] = set()
-        # One memory pool per set: its graphs live and die together (a pool shared with graphs
-        # already freed is released by the allocator and cannot be captured into again).
-        self.pool = torch.cuda.graph_pool_handle()
-        if engine._side_stream is None:
-            engine._side_stream = torch.cuda.Stream(device=dev)
-
-    def load(self, x, pos, cos, sin, block_start: int) -> torch.Tensor:
-        """The forward's inputs into the static buffers; `block_start` is the current block's
-        absolute position (block offsets = positions - block_start)."""
-        self.x.copy_(x)
-        self.pos.copy_(pos)
-        self.win.copy_(pos - block_start)
-        self.cos.copy_(cos)
-        self.sin.copy_(sin)
-        return self.x
-
-    def _body(self, i: int) -> None:
-        e = self.engine
-        k_cache, v_cache = e.k[i], e.v[i]  # [rows, kv_heads, max_len, head_dim]
-        end, eager = self.end, e.model.eager_attention
-
-        def attend(q, k, v):
-            k_cache.index_copy_(2, self.pos, k.transpose(1, 2))
-            v_cache.index_copy_(2, self.pos, v.transpose(1, 2))
-            o = sdpa(q.transpose(1, 2), k_cache[:, :, :end], v_cache[:, :, :end], None, eager)
-            return o.transpose(1, 2)
-
-        out = e.model.layers[i](self.x, self.cos, self.sin, attend)
-        if self.deltas:
-            e.delta[i].index_copy_(1, self.win, out - self.x)
-            e.has_ref[i].index_fill_(1, self.win, True)
-        self.x.copy_(out)
-
-    def run(self, i: int) -> None:
-        graph = self.graphs.get(i)
-        if graph is not None:
-            graph.replay()
-            return
-        e = self.engine
-        side, main = e._side_stream, torch.cuda.current_stream()
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            if i not in self.warm:  # warm-up: a real, eager run on a side stream
-                self.warm.add(i)
-                self._body(i)
-            else:  # capture (records, runs nothing), then replay
-                graph = torch.cuda.CUDAGraph()
-                graph.capture_begin(pool=self.pool)
-                try:
-                    self._body(i)
-                finally:
-                    graph.capture_end()
-                self.graphs[i] = graph
-        main.wait_stream(side)
-        if graph is not None:
-            graph.replay()
+    def _count_flops(self, n_scope: int, logit_rows: int) -> None:
+        cfg, st = self.cfg, self._stats
+        keys = self.cache.prefix_len + self.B
+        per_unit = flops.unit(cfg) + flops.attention(cfg, keys)
+        st.baseline_flops += n_scope * cfg.num_hidden_layers * per_unit + flops.head(cfg, logit_rows)
+        st.executed_flops += flops.head(cfg, logit_rows)

@@ -121,9 +121,11 @@ def generate(
     ids: TokenIds,
     config: GenerationConfig | None = None,
     policy: Policy | None = None,
+    engine: Engine | None = None,
 ) -> GenerationResult:
     """Decode a batch of tokenised prompts of any lengths. Rows finish on their own (EOS or their
-    own max_new_tokens) and leave the batch at block ends."""
+    own max_new_tokens) and leave the batch at block ends. `engine`: one built by the caller (its
+    policy, not `policy`, is used); by default the model's engine for these settings."""
     cfg = config or GenerationConfig()
     B = cfg.block_size or model.cfg.block_size
     S = cfg.small_block_size
@@ -151,9 +153,12 @@ def generate(
     if cfg.temperature > 0:
         gen = torch.Generator(device=device)
         gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-    engine = Engine(
-        model, policy, block_size=B, block_cache=cfg.use_block_cache, cuda_graphs=cfg.cuda_graphs
-    )
+    # The model's engine for these settings: its buffers and CUDA graphs serve later calls too.
+    if engine is None:
+        engine = Engine.for_model(model, policy, B, cfg.use_block_cache, cfg.cuda_graphs)
+    elif engine.B != B or engine.block_cache != cfg.use_block_cache:
+        raise GenerationError("the engine's block size / sub-block cache differ from the config")
+    engine.reset_stats()
     engine.allocate(n, total)
     final_len = [0] * n
     finish = [""] * n

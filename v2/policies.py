@@ -14,7 +14,13 @@ POLICIES: dict[str, tuple[str, str, dict[str, type]]] = {
     "token": (
         "token_skip_generation_functions",
         "TokenSkipPolicy",
-        {"cosine_threshold": float, "min_layer": int, "reuse_ratio": float, "refresh_every": int},
+        {
+            "cosine_threshold": float,
+            "min_layer": int,
+            "max_layer": int,
+            "reuse_ratio": float,
+            "refresh_every": int,
+        },
     ),
     "layer": (
         "layer_skip_generation_functions",

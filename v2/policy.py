@@ -11,6 +11,17 @@ make them. Policies know nothing about kernels, the engine nothing about cosine 
   (all of its positions in the window) or not at all.
 
 Prefill and commit forwards write the exact prefix cache and never consult a policy.
+
+Plans and CUDA graphs. By default the engine calls `plan` eagerly for every layer of every denoise
+forward, and a policy may synchronise with the host there (e.g. to skip a whole layer). A policy
+whose plan for a layer is pure device work can say so with `capture_key`: the engine then runs
+`plan` inside that layer's CUDA graph (once at warm-up, once at capture; replays afterwards), so
+the plan costs a few fused kernels and no launches. Such a plan must not synchronise, must not
+branch on device values, must return a tensor (never None or an int), and must read and write only
+state that stays at the same address between `begin_block` calls with the same batch size (zero it
+in place). `reuse_quota` lets the engine size the compacted computation of such a plan without
+reading it back: the plan promises to REUSE at least that many units of every row in scope, among
+those that have a reference.
 """
 
 from __future__ import annotations
@@ -32,9 +43,11 @@ class ForwardContext:
     batch_size: int
     num_layers: int
     block_size: int
-    # [batch, window] bool: the units this forward runs for each row (None = all). Rows waiting
-    # for the rest of the batch, and positions outside a sub-block-cache row's sub-block, are
-    # out of scope: their hidden states are not updated, so a policy should not learn from them.
+    # [batch, window] bool: the units this forward runs for each row. Rows waiting for the rest
+    # of the batch, rows of the cache that hold no sequence, and positions outside a
+    # sub-block-cache row's sub-block are out of scope: their hidden states are not updated, so a
+    # policy should not learn from them. The engine passes the same buffer every forward of a
+    # window size (a captured plan reads it). None = all (policy unit tests).
     units: torch.Tensor | None = None
 
 
@@ -44,6 +57,9 @@ class Policy:
     name = "none"
     # True when the policy may answer REUSE: the engine then keeps every unit's last update.
     reuses = False
+    # False when the policy never answers PASS (the engine then knows every unit in scope has a
+    # reference after a forward, without reading the plan).
+    passes = True
 
     @property
     def enabled(self) -> bool:
@@ -63,6 +79,16 @@ class Policy:
         action for every unit in scope (the engine then needs no device round trip). x is the
         engine's buffer, overwritten by the layer: copy what must outlive the call."""
         return None
+
+    def capture_key(self, layer: int, ctx: ForwardContext):
+        """None: call `plan` eagerly for this layer. Otherwise a hashable that, with the layer,
+        determines the device work `plan` does for it (module docstring)."""
+        return None
+
+    def reuse_quota(self, layer: int, ctx: ForwardContext) -> int:
+        """Units per row in scope that a captured plan for this layer REUSEs at least, among those
+        with a reference (0: no promise)."""
+        return 0
 
     def protected_layers(self, num_layers: int) -> set[int]:
         """Layers the engine must always compute, whatever the plan says."""

@@ -24,11 +24,18 @@ class Stats:
     baseline_flops: int = 0
     executed_units_per_layer: list[int] = field(default_factory=list)
     baseline_units_per_layer: list[int] = field(default_factory=list)
+    # Units the policy's plans reused (decided on the device; where a forward is too small for
+    # skipping to pay, the engine may have run them anyway and discarded the result).
+    reused_units_per_layer: list[int] = field(default_factory=list)
     wall_seconds: float = 0.0
+    # The engine's CUDA graph sets (distinct shapes / layouts captured) and failed captures, so far.
+    graph_sets: int = 0
+    graph_failures: int = 0
 
     def __post_init__(self) -> None:
-        self.executed_units_per_layer = self.executed_units_per_layer or [0] * self.num_layers
-        self.baseline_units_per_layer = self.baseline_units_per_layer or [0] * self.num_layers
+        for name in ("executed", "baseline", "reused"):
+            attr = f"{name}_units_per_layer"
+            setattr(self, attr, getattr(self, attr) or [0] * self.num_layers)
 
     @property
     def executed_units(self) -> int:
@@ -72,6 +79,9 @@ class Stats:
         for i in range(self.num_layers):
             self.executed_units_per_layer[i] += other.executed_units_per_layer[i]
             self.baseline_units_per_layer[i] += other.baseline_units_per_layer[i]
+            self.reused_units_per_layer[i] += other.reused_units_per_layer[i]
+        self.graph_sets = max(self.graph_sets, other.graph_sets)
+        self.graph_failures = max(self.graph_failures, other.graph_failures)
 
     def to_dict(self) -> dict:
         return {
@@ -89,8 +99,11 @@ class Stats:
             "skip_rate_per_layer": self.skip_rate_per_layer(),
             "executed_units_per_layer": list(self.executed_units_per_layer),
             "baseline_units_per_layer": list(self.baseline_units_per_layer),
+            "reused_units_per_layer": list(self.reused_units_per_layer),
             "wall_seconds": self.wall_seconds,
             "tokens_per_second": self.tokens_per_second,
+            "graph_sets": self.graph_sets,
+            "graph_failures": self.graph_failures,
         }
 
     @classmethod
@@ -99,6 +112,9 @@ class Stats:
             num_layers=len(d["executed_units_per_layer"]),
             executed_units_per_layer=list(d["executed_units_per_layer"]),
             baseline_units_per_layer=list(d["baseline_units_per_layer"]),
+            reused_units_per_layer=list(d.get("reused_units_per_layer") or []),
+            graph_sets=d.get("graph_sets", 0),
+            graph_failures=d.get("graph_failures", 0),
         )
         s.forwards.update(d["forwards"])
         s.row_forwards.update(d["row_forwards"])

@@ -1,0 +1,140 @@
+"""The static-shape layouts that CUDA graphs replay (masked, compacted with a policy's quota,
+compacted after one read-back, the forward's scope compacted), run on the CPU: each gives the exact
+engine's tokens and statistics. The flash backend's packed queries, row starts and key lengths are
+checked against a reference varlen attention that fills every slot it does not own with NaN, so a
+padded slot that leaked into a real unit would show."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import IDS, prompt, random_network
+
+from layer_skip_generation_functions import LayerReusePolicy, LayerSkipPolicy
+from token_skip_generation_functions import TokenSkipPolicy
+from v2.attention import Dense, Flash
+from v2.engine import Engine
+from v2.generate import GenerationConfig, generate
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, **kw):
+    """What aten._flash_attention_forward computes for packed queries: row r's queries
+    q[cu_q[r]:cu_q[r+1]] attend to keys k[cu_k[r] : cu_k[r] + seqused_k[r]]."""
+    assert dropout == 0.0 and not causal and q.dtype == k.dtype
+    seqused = kw["seqused_k"]
+    out = torch.full_like(q, float("nan"))
+    groups = q.shape[1] // k.shape[1]
+    for r in range(cu_q.numel() - 1):
+        a, b = int(cu_q[r]), int(cu_q[r + 1])
+        start, n = int(cu_k[r]), int(seqused[r])
+        assert b - a <= max_q and n <= max_k and start + n <= k.shape[0]
+        if b == a:
+            continue
+        keys = k[start : start + n].repeat_interleave(groups, 1)  # [n, heads, hd]
+        values = v[start : start + n].repeat_interleave(groups, 1)
+        scores = torch.einsum("qhd,khd->hqk", q[a:b], keys) * q.shape[-1] ** -0.5
+        out[a:b] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
+    return out, None, None, None, None
+
+
+POLICIES = {
+    "none": lambda: None,
+    "token_ct0.5": lambda: TokenSkipPolicy(cosine_threshold=0.5),
+    "token_rr0.5": lambda: TokenSkipPolicy(reuse_ratio=0.5),
+    "token_rr0.25_refresh": lambda: TokenSkipPolicy(reuse_ratio=0.25, refresh_every=3),
+    "layer_ct0.3": lambda: LayerSkipPolicy(cosine_threshold=0.3),
+    "reuse_k2": lambda: LayerReusePolicy(reuse_k=2, layer_subset="1;2"),
+}
+LAYOUTS = {
+    "masked": dict(compaction="never", attention=lambda: Dense()),
+    "compacted": dict(compaction="always", attention=lambda: Dense()),
+    "flash_masked": dict(compaction="never", attention=lambda: Flash(varlen_reference)),
+    "flash_compacted": dict(compaction="always", attention=lambda: Flash(varlen_reference)),
+}
+
+
+def run(model, policy, cfg, **engine_options):
+    engine = None
+    if engine_options:
+        B = model.cfg.block_size
+        make = engine_options.pop("attention")
+        engine = Engine(
+            model, policy, B, cfg.use_block_cache, static_shapes=True, attention=make(),
+            **engine_options,
+        )
+    return generate(model, PROMPTS, IDS, cfg, policy, engine=engine)
+
+
+PROMPTS = [prompt(n, offset=n) for n in (5, 31, 33, 64, 70)]
+
+
+@pytest.mark.parametrize("block_cache", [False, True])
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_static_layouts_equal_the_exact_engine(name, layout, block_cache):
+    # float64: the layouts round differently (different shapes, attention kernels); a top-k or
+    # threshold decision on a near tie must not flip because of it.
+    model = random_network(seed=3, num_hidden_layers=5).double()
+    cfg = GenerationConfig(max_new_tokens=40, threshold=0.7, use_block_cache=block_cache)
+    exact = run(model, POLICIES[name](), cfg)
+    static = run(model, POLICIES[name](), cfg, **LAYOUTS[layout])
+    assert [o.token_ids for o in static.outputs] == [o.token_ids for o in exact.outputs]
+    e, s = exact.stats, static.stats
+    assert (s.forwards, s.row_forwards) == (e.forwards, e.row_forwards)
+    assert s.baseline_units_per_layer == e.baseline_units_per_layer
+    assert s.reused_units_per_layer == e.reused_units_per_layer
+    if LAYOUTS[layout]["compaction"] == "always":
+        # Compacted: the same units run (padding slots are not units).
+        assert s.executed_units_per_layer == e.executed_units_per_layer
+    else:
+        # Masked: every unit of every cache row runs; nothing less than the exact engine.
+        assert all(a >= b for a, b in zip(s.executed_units_per_layer, e.executed_units_per_layer))
+
+
+def test_ratio_plans_are_sized_by_their_quota_without_reading_the_plan(monkeypatch):
+    """With a reuse quota the compacted layout never reads the plan back: Tensor.__bool__,
+    .item() and .tolist() are not called on a plan-derived count during the forward."""
+    model = random_network(seed=3, num_hidden_layers=4)
+    policy = TokenSkipPolicy(reuse_ratio=0.5)
+    engine = Engine(model, policy, 32, static_shapes=True, compaction="always", attention=Dense())
+    engine.allocate(2, 64)
+    engine.begin_block()
+    ids = torch.tensor([prompt(32), prompt(32, 3)])
+    engine.denoise(ids, 0, torch.arange(8))  # step 0: no references yet, plans read back
+    reads = []
+    real = torch.Tensor.__int__
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: reads.append(t) or real(t))
+    engine.denoise(ids, 0, torch.arange(8))  # step 1: every unit has a reference
+    monkeypatch.undo()
+    assert reads == []
+    st = engine.stats
+    assert st.executed_units_per_layer == [128, 96, 96, 96]  # 64 + 64; then 64 + 32 per layer
+
+
+def test_a_plan_that_breaks_its_quota_is_an_error():
+    from v2.engine import PolicyError
+
+    class Liar(TokenSkipPolicy):
+        def reuse_quota(self, layer, ctx):
+            return ctx.window_size  # promises to reuse everything, reuses half
+
+    model = random_network(seed=3, num_hidden_layers=3)
+    engine = Engine(
+        model, Liar(reuse_ratio=0.5), 32, static_shapes=True, compaction="always",
+        attention=Dense(),
+    )
+    engine.allocate(1, 64)
+    engine.begin_block()
+    ids = torch.tensor([prompt(32)])
+    for _ in range(2):
+        engine.denoise(ids, 0, torch.arange(8))
+    with pytest.raises(PolicyError, match="reuse_quota"):
+        engine.stats  # noqa: B018 - reading the statistics checks the device flag

@@ -1,0 +1,169 @@
+"""Attention of a denoise or commit forward's computed queries over the K/V cache.
+
+During decoding every query of a row sees every key of its row up to `end` (the committed prefix
+plus the current block: fast-dllm-v2.md section 2), so no mask is needed beyond a length. The
+queries come as a flat list of units (`UnitBatch`: row-major, padded to a static capacity), each
+attending to its own row of the cache (kv_cache.py). Three backends compute it:
+
+- `flash` (CUDA, fp16/bf16): FlashAttention's varlen kernel. Row r's queries are
+  q[cu_q[r]:cu_q[r+1]], its keys the cache slots [r * max_len, r * max_len + seqused[r]). Only the
+  computed queries and the used keys are touched, nothing is padded, nothing needs the host, and
+  the key length is a device tensor, so one CUDA graph serves every block.
+- `dense` (any device, capturable): the queries are scattered back to their [rows, window]
+  places and standard attention runs over every slot and the cache's whole length with a length
+  mask. Static, but it computes every query slot and key: used where flash is unavailable (CUDA
+  float32, for tests).
+- `packed` (reference; synchronises with the host): only the rows that compute something, each
+  padded to the widest of them, over keys [0, end). What runs on the CPU, and with the model's
+  `eager_attention` (attention spelled out in matmuls so FlopCounterMode counts it).
+
+Each backend also says how many (query, key) pairs it computed, for the FLOP count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from v2.model import sdpa
+
+
+@dataclass
+class UnitBatch:
+    """The units one layer step computes. index [C]: flat unit ids row * w + t, row-major; padded
+    slots hold N = rows * w. valid [C] bool (None: every slot is a unit). cu_q [rows + 1] int32:
+    row r's units are slots cu_q[r] .. cu_q[r+1] (None: the identity layout, w per row). count:
+    the number of valid slots when the host knows it."""
+
+    index: torch.Tensor
+    valid: torch.Tensor | None
+    cu_q: torch.Tensor | None
+    count: int | None
+
+
+@dataclass
+class Geometry:
+    """Shapes and device scalars of one forward window: `rows` cache rows of `w` positions each,
+    N = rows * w units. `end` [] long: keys visible to every query (prefix + current block);
+    `seqused` [rows] int32 the same per row (flash). `dense_cu_q` the identity layout's offsets."""
+
+    rows: int
+    w: int
+    max_len: int
+    end: torch.Tensor
+    seqused: torch.Tensor
+    dense_cu_q: torch.Tensor
+    row_starts: torch.Tensor  # [rows + 1] int32: where each row's keys start (kv_cache.py)
+    key_positions: torch.Tensor  # arange(max_len), for the dense backend's mask
+
+    @property
+    def N(self) -> int:
+        return self.rows * self.w
+
+
+class Flash:
+    name = "flash"
+    capturable = True
+
+    def __init__(self, op=None):
+        # aten's FlashAttention forward (a stand-in with its signature in tests)
+        self.op = op or torch.ops.aten._flash_attention_forward
+
+    def __call__(self, q, k, v, batch: UnitBatch, geo: Geometry, end: int) -> torch.Tensor:
+        trash = geo.rows * geo.max_len
+        cu_q = batch.cu_q if batch.cu_q is not None else geo.dense_cu_q
+        return self.op(
+            q,
+            k[:trash],
+            v[:trash],
+            cu_q,
+            geo.row_starts,
+            geo.w,
+            geo.max_len,
+            0.0,
+            False,
+            False,
+            seqused_k=geo.seqused,
+        )[0]
+
+    def pairs(self, batch: UnitBatch, geo: Geometry, end: int) -> int:
+        """(query, key) pairs computed: every query of the layout over `end` keys."""
+        return (geo.N if batch.cu_q is None else batch.count) * end
+
+    def device_pairs(self, n: torch.Tensor, geo: Geometry) -> torch.Tensor:
+        """The same for a compacted layout of `n` units that only the device knows."""
+        return n * geo.end
+
+
+class Dense:
+    name = "dense"
+    capturable = True
+
+    def __init__(self, eager: bool = False):
+        self.eager = eager
+
+    def __call__(self, q, k, v, batch: UnitBatch, geo: Geometry, end: int) -> torch.Tensor:
+        R, w, N, H, hd = geo.rows, geo.w, geo.N, q.shape[1], q.shape[2]
+        to = batch.index if batch.valid is None else torch.where(batch.valid, batch.index, N)
+        Q = q.new_zeros(N + 1, H, hd).index_copy_(0, to, q)
+        Q = Q[:N].view(R, w, H, hd).transpose(1, 2)
+        trash = R * geo.max_len
+        K = k[:trash].view(R, geo.max_len, *k.shape[1:]).transpose(1, 2)
+        V = v[:trash].view(R, geo.max_len, *v.shape[1:]).transpose(1, 2)
+        mask = (geo.key_positions < geo.end).view(1, 1, 1, -1)
+        o = sdpa(Q, K, V, mask, self.eager).transpose(1, 2).reshape(N, H, hd)
+        return torch.cat((o, o.new_zeros(1, H, hd)))[batch.index]
+
+    def pairs(self, batch: UnitBatch, geo: Geometry, end: int) -> int:
+        return geo.N * geo.max_len
+
+    def device_pairs(self, n: torch.Tensor, geo: Geometry) -> int:
+        return geo.N * geo.max_len
+
+
+class Packed:
+    name = "packed"
+    capturable = False
+
+    def __init__(self, eager: bool = False):
+        self.eager = eager
+        self._last_pairs = 0
+
+    def __call__(self, q, k, v, batch: UnitBatch, geo: Geometry, end: int) -> torch.Tensor:
+        index = batch.index if batch.valid is None else batch.index[batch.valid]
+        rows, t = index // geo.w, index % geo.w
+        counts = torch.bincount(rows, minlength=geo.rows)
+        first = counts.cumsum(0) - counts
+        rank = torch.arange(index.numel(), device=q.device) - first[rows]
+        running = counts.nonzero().squeeze(1)
+        slot = (torch.cumsum(counts > 0, 0) - 1)[rows]
+        a, width = running.numel(), int(counts.max())
+        self._last_pairs = a * width * end
+        trash = geo.rows * geo.max_len
+        K = k[:trash].view(geo.rows, geo.max_len, *k.shape[1:])
+        V = v[:trash].view(geo.rows, geo.max_len, *v.shape[1:])
+        if a < geo.rows:
+            K, V = K[running], V[running]
+        K, V = K[:, :end].transpose(1, 2), V[:, :end].transpose(1, 2)
+        H, hd = q.shape[1], q.shape[2]
+        padded = q.new_zeros(a, width, H, hd)
+        padded[slot, rank] = q[batch.valid] if batch.valid is not None else q
+        o = sdpa(padded.transpose(1, 2), K, V, None, self.eager).transpose(1, 2)[slot, rank]
+        if batch.valid is None:
+            return o
+        out = q.new_zeros(q.shape)
+        out[batch.valid] = o
+        return out
+
+    def pairs(self, batch: UnitBatch, geo: Geometry, end: int) -> int:
+        return self._last_pairs
+
+
+def choose(device: torch.device, dtype: torch.dtype, eager_attention: bool):
+    """The backend for a model on `device` in `dtype` (module docstring)."""
+    if eager_attention or device.type != "cuda":
+        return Packed(eager_attention)
+    if dtype in (torch.float16, torch.bfloat16):
+        return Flash()
+    return Dense()

@@ -1,0 +1,51 @@
+"""torch.compile for the engine's hot path and the policies' device plans, never fatal.
+
+`compiled(fn)` compiles `fn` once (dynamic shapes, one graph, no graph breaks) the first time it
+runs on a CUDA tensor; a compilation that fails falls back to `fn` itself and says so once on
+stderr. On the CPU `fn` runs as written: plain PyTorch, the reference.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+
+_CACHE: dict[Callable, Callable] = {}
+
+
+def compiled(fn: Callable) -> Callable:
+    if fn not in _CACHE:
+        _CACHE[fn] = _Compiled(fn)
+    return _CACHE[fn]
+
+
+class _Compiled:
+    def __init__(self, fn: Callable):
+        self.fn = fn
+        self.compiled: Callable | None = None
+        self.failed = False
+
+    def __call__(self, *args, **kwargs):
+        if self.failed:
+            return self.fn(*args, **kwargs)
+        if self.compiled is None:
+            import torch._dynamo
+
+            config = torch._dynamo.config
+            config.cache_size_limit = max(config.cache_size_limit, 64)
+            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - never fatal: run it as written
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise
+            self.failed = True
+            first = str(e).splitlines()[0] if str(e) else ""
+            print(
+                f"[v2] torch.compile of {self.fn.__qualname__} failed ({type(e).__name__}: "
+                f"{first}); running it uncompiled",
+                file=sys.stderr,
+            )
+            return self.fn(*args, **kwargs)

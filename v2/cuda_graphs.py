@@ -1,0 +1,102 @@
+"""CUDA graphs for the engine's static-shape steps.
+
+A step is a callable that reads and writes only long-lived buffers (the K/V cache, the window's
+hidden-state buffer, policy state) and keeps no tensor it allocates. `GraphRunner.run(key, step)`
+runs it eagerly the first time (warm-up: torch.compile compiles, cuBLAS sets up its workspace),
+captures it the second time and replays the graph from then on. Steps are replayed one after
+another on one stream and keep nothing they allocate, so all graphs share one memory pool.
+
+A capture that fails is never fatal: that key runs eagerly from then on and the runner says so
+once on stderr (`failures` lists them). Python's garbage collector is paused during a capture:
+a collection that frees a CUDA graph or releases pool memory mid-capture invalidates it (the
+"operation failed due to a previous error during capture" seen at ded3493).
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+from collections.abc import Callable, Hashable
+
+import torch
+
+
+class GraphRunner:
+    def __init__(self, device: torch.device, enabled: bool):
+        self.enabled = enabled and device.type == "cuda"
+        self.device = device
+        self.graphs: dict[Hashable, torch.cuda.CUDAGraph | None] = {}  # None: capture failed
+        self.warm: set[Hashable] = set()
+        self.failures: list[str] = []
+        self.sets: set[Hashable] = set()  # graph sets: keys without their layer index
+        self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
+        self.stream = torch.cuda.Stream(device) if self.enabled else None
+
+    @property
+    def captured(self) -> int:
+        return sum(g is not None for g in self.graphs.values())
+
+    def clear(self) -> None:
+        """Drop every graph (their buffers are being reallocated)."""
+        if self.enabled:
+            torch.cuda.synchronize(self.device)
+        self.graphs.clear()
+        self.warm.clear()
+
+    def run(self, key: tuple, step: Callable[[], None]) -> None:
+        """Replay the graph of `key`, or warm up / capture `step` (module docstring). `key`'s
+        first element is the layer index when the step belongs to one layer (for `sets`)."""
+        if not self.enabled:
+            step()
+            return
+        graph = self.graphs.get(key, False)
+        if graph:
+            graph.replay()
+            return
+        if graph is None:  # failed before: eager from now on
+            step()
+            return
+        main = torch.cuda.current_stream(self.device)
+        if key not in self.warm:
+            self.warm.add(key)
+            self.stream.wait_stream(main)
+            with torch.cuda.stream(self.stream):
+                step()
+            main.wait_stream(self.stream)
+            return
+        graph = self._capture(key, step)
+        if graph is None:
+            step()
+        else:
+            graph.replay()
+
+    def _capture(self, key: tuple, step: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            with torch.cuda.stream(self.stream):
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    step()
+                finally:
+                    graph.capture_end()
+        except Exception as e:  # noqa: BLE001 - any failure: this key runs eagerly
+            torch.cuda.synchronize(self.device)
+            self.graphs[key] = None
+            message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            self.failures.append(f"{key}: {message}")
+            if len(self.failures) == 1:
+                print(
+                    f"[v2.engine] CUDA graph capture failed for {key} ({message}); "
+                    "that step runs eagerly (further failures are counted, not printed)",
+                    file=sys.stderr,
+                )
+            return None
+        finally:
+            if collecting:
+                gc.enable()
+        self.graphs[key] = graph
+        self.sets.add(key[1:] if isinstance(key[0], int) else key)
+        return graph

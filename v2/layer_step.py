@@ -1,0 +1,197 @@
+"""One decoder layer run on a list of units: the engine's hot path.
+
+A denoise or commit forward keeps the hidden state of every (row, window position) unit in one
+flat buffer `x_all` [N + 1, hidden] (N = rows x window; the last row is a trash row). A layer step
+gathers the units it computes (`UnitBatch.index`, padded to a static capacity), runs the layer on
+them alone (projections, K/V written into the cache, attention of their queries, MLP), and
+scatters the results back; padded slots read and write only trash. The units a plan REUSEs get
+the residual update of their last computation re-added, and keep their K/V; units it neither
+computes nor reuses (PASS, out of scope) are left untouched.
+
+On CUDA the step is compiled with torch.compile (one fused kernel per elementwise stretch:
+gather + RMSNorm, RoPE + K/V write, residual + RMSNorm, SiLU x up, residual + scatter), so a layer
+is the four matmuls, attention and a few fused kernels; the engine then captures it in a CUDA
+graph. On the CPU it runs as the plain PyTorch below, which is also the reference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from v2.attention import Geometry, UnitBatch
+from v2.model import DecoderLayer, apply_rope
+from v2.policy import PASS, REUSE
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    ln1: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor
+    o: torch.Tensor
+    ln2: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    @classmethod
+    def of(cls, layer: DecoderLayer) -> LayerWeights:
+        a, m = layer.self_attn, layer.mlp
+        return cls(
+            *(
+                t.detach()
+                for t in (
+                    layer.input_layernorm.weight,
+                    a.qkv_proj.weight,
+                    a.qkv_proj.bias,
+                    a.o_proj.weight,
+                    layer.post_attention_layernorm.weight,
+                    m.gate_up_proj.weight,
+                    m.down_proj.weight,
+                )
+            )
+        )
+
+
+@dataclass
+class Units:
+    """Per-window static maps from a flat unit id to its row and window offset ([N + 1]; the
+    trash id N maps to row `rows`, offset 0) and the forward's device scalars: `start`, the
+    absolute position of window offset 0, and `block_offset`, the window's offset in the block."""
+
+    row: torch.Tensor
+    t: torch.Tensor
+    start: torch.Tensor
+    block_offset: torch.Tensor
+
+
+@dataclass
+class Deltas:
+    """The last residual update of every (row, block position) at one layer, [rows * B + 1,
+    hidden] (last row: trash), whether it exists ([rows * B + 1] bool), and the units this step
+    re-adds it to (`reuse` [N] bool, None: none)."""
+
+    delta: torch.Tensor
+    has_ref: torch.Tensor
+    reuse: torch.Tensor | None
+    block: int
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2's RMSNorm: normalise in float32, cast back, then the weight."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def layer_step(
+    x_all: torch.Tensor,
+    batch: UnitBatch,
+    units: Units,
+    geo: Geometry,
+    w: LayerWeights,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    rope: tuple[torch.Tensor, torch.Tensor],
+    attention,
+    end: int,
+    deltas: Deltas | None,
+    eps: float,
+    heads: int,
+    kv_heads: int,
+) -> None:
+    """Run the layer on `batch`'s units of `x_all` in place (module docstring). k, v: the layer's
+    cache [slots + 1, kv_heads, head_dim]; rope: cos, sin tables [positions, head_dim]."""
+    index = batch.index
+    valid = batch.valid
+    row, t = units.row[index], units.t[index]
+    pos = units.start + t
+    x = x_all[index]
+    qkv = F.linear(rms_norm(x, w.ln1, eps), w.qkv, w.qkv_bias)
+    hd = w.qkv.shape[0] // (heads + 2 * kv_heads)
+    q, kk, vv = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], -1)
+    cos, sin = rope[0][pos].unsqueeze(1), rope[1][pos].unsqueeze(1)
+    q = apply_rope(q.reshape(-1, heads, hd), cos, sin)
+    kk = apply_rope(kk.reshape(-1, kv_heads, hd), cos, sin)
+    vv = vv.reshape(-1, kv_heads, hd)
+    slot = row * geo.max_len + pos
+    if valid is not None:
+        slot = torch.where(valid, slot, k.shape[0] - 1)
+    k.index_copy_(0, slot, kk)
+    v.index_copy_(0, slot, vv)
+    o = attention(q, k, v, batch, geo, end)
+    h = x + F.linear(o.reshape(-1, heads * hd), w.o)
+    gate, up = F.linear(rms_norm(h, w.ln2, eps), w.gate_up).chunk(2, dim=-1)
+    out = h + F.linear(F.silu(gate) * up, w.down)
+    n_units = x_all.shape[0] - 1
+    target = index if valid is None else torch.where(valid, index, n_units)
+    if deltas is not None:
+        d_trash = deltas.delta.shape[0] - 1
+        d_slot = row * deltas.block + units.block_offset + t
+        if valid is not None:
+            d_slot = torch.where(valid, d_slot, d_trash)
+        deltas.delta.index_copy_(0, d_slot, out - x)
+        deltas.has_ref.index_fill_(0, d_slot, True)
+    x_all.index_copy_(0, target, out)
+    if deltas is not None and deltas.reuse is not None:
+        reuse_add(x_all, units, deltas)
+
+
+def reuse_add(x_all: torch.Tensor, units: Units, deltas: Deltas) -> None:
+    """x += the last update, for the units in `deltas.reuse` (their K/V stay as they are)."""
+    n = x_all.shape[0] - 1
+    d_slot = unit_delta_slots(units, n, deltas.block)
+    x = x_all[:n]
+    x.copy_(torch.where(deltas.reuse[:, None], x + deltas.delta[d_slot], x))
+
+
+def unit_delta_slots(units: Units, n: int, block: int) -> torch.Tensor:
+    """For each of the window's n units, its slot in a layer's delta / has_ref buffers."""
+    return units.row[:n] * block + units.block_offset + units.t[:n]
+
+
+def resolve(
+    plan: torch.Tensor,
+    scope: torch.Tensor,
+    has_ref: torch.Tensor | None,
+    units: Units,
+    block: int,
+    full_window: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A plan [rows, w] (COMPUTE / REUSE / PASS) -> the units to compute and to reuse ([N] bool
+    each; reuse None when the engine keeps no updates). Out of scope: neither. REUSE without a
+    reference: compute. Under the sub-block cache (`full_window`), a row that runs the full block
+    computes it: the sub-block forwards after it need every layer's block K/V."""
+    passed = plan == PASS
+    if full_window:
+        passed = passed & ~scope.all(1, keepdim=True)
+    live = scope & ~passed
+    if has_ref is None:
+        return live.view(-1), None
+    n = scope.numel()
+    reuse = (plan == REUSE).view(-1) & has_ref[unit_delta_slots(units, n, block)] & live.view(-1)
+    return live.view(-1) & ~reuse, reuse
+
+
+def compact(mask: torch.Tensor, capacity: int, rows: int) -> UnitBatch:
+    """The units of `mask` [N] bool (row-major) as a UnitBatch of `capacity` slots, with no host
+    synchronisation: slot j holds the j-th unit of the mask, slots past the last hold the trash id
+    N. If the mask has more units than slots, the ones that do not fit are dropped; the caller
+    checks `overflow(mask, capacity)` (a device flag) where it can afford to read it."""
+    n = mask.numel()
+    rank = mask.cumsum(0) - 1
+    target = torch.where(mask & (rank < capacity), rank, capacity)
+    index = torch.full((capacity + 1,), n, dtype=torch.long, device=mask.device)
+    index.scatter_(0, target, torch.arange(n, device=mask.device))
+    index = index[:capacity]
+    counts = mask.view(rows, -1).sum(1)
+    cu_q = torch.zeros(rows + 1, dtype=torch.int32, device=mask.device)
+    cu_q[1:] = counts.cumsum(0).clamp(max=capacity)
+    return UnitBatch(index, index < n, cu_q, None)
+
+
+def identity(n: int, device) -> UnitBatch:
+    """Every unit, in place (no gather needed beyond the identity)."""
+    return UnitBatch(torch.arange(n, device=device), None, None, n)
