@@ -118,9 +118,9 @@ class TokenSkipPolicy(Policy):
             return None
         return (ctx.window_start, ctx.window_size)
 
-    def reuse_quota(self, layer: int, ctx: ForwardContext) -> int:
-        if not self.reuse_ratio or not self._applies(layer) or self.refresh:
-            return 0
+    def reuse_quota(self, layer: int, ctx: ForwardContext) -> int | None:
+        if self.reuse_ratio is None or not self._applies(layer) or self.refresh:
+            return None
         return int(self.reuse_ratio * ctx.window_size)
 
     def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
@@ -137,14 +137,14 @@ class TokenSkipPolicy(Policy):
         if self.refresh:
             run(remember)(*state, scope)  # remember this forward's inputs, compute everything
             return None
-        if self.reuse_ratio:
+        if self.reuse_ratio is not None:
             return run(ratio_plan)(*state, scope, int(self.reuse_ratio * x.shape[1]))
         return run(threshold_plan)(*state, scope, self.cosine_threshold)
 
     def config(self) -> dict:
         return {
             "policy": self.name,
-            "cosine_threshold": None if self.reuse_ratio else self.cosine_threshold,
+            "cosine_threshold": None if self.reuse_ratio is not None else self.cosine_threshold,
             "reuse_ratio": self.reuse_ratio,
             "min_layer": self.min_layer,
             "max_layer": self.max_layer,

@@ -1,7 +1,8 @@
 """torch.compile for the engine's hot path and the policies' device plans, never fatal.
 
-`compiled(fn)` compiles `fn` once (dynamic shapes, one graph, no graph breaks) the first time it
-runs on a CUDA tensor; a compilation that fails falls back to `fn` itself and says so once on
+`compiled(fn)` compiles `fn` (one graph, no graph breaks) the first time it runs; sizes that change
+between calls (units, rows) become dynamic on the recompile that follows, while model sizes stay
+static so that the generated kernels keep their vectorised loads; a compilation that fails falls back to `fn` itself and says so once on
 stderr. On the CPU `fn` runs as written: plain PyTorch, the reference.
 """
 
@@ -9,8 +10,6 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-
-import torch
 
 _CACHE: dict[Callable, Callable] = {}
 
@@ -35,7 +34,7 @@ class _Compiled:
 
             config = torch._dynamo.config
             config.cache_size_limit = max(config.cache_size_limit, 64)
-            self.compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            self.compiled = torch.compile(self.fn, fullgraph=True)
         try:
             return self.compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - never fatal: run it as written

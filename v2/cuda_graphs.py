@@ -37,9 +37,11 @@ class GraphRunner:
         return sum(g is not None for g in self.graphs.values())
 
     def clear(self) -> None:
-        """Drop every graph (their buffers are being reallocated)."""
+        """Drop every graph (their buffers are being reallocated). The pool goes with them: the
+        allocator releases a pool whose graphs are gone, and capturing into it again fails."""
         if self.enabled:
             torch.cuda.synchronize(self.device)
+            self.pool = torch.cuda.graph_pool_handle()
         self.graphs.clear()
         self.warm.clear()
 

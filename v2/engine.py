@@ -31,6 +31,8 @@ when `stats` is read.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
+from functools import wraps
 
 import torch
 
@@ -50,6 +52,24 @@ _CAPTURED = object()  # a plan that the layer's graph computes
 
 class PolicyError(RuntimeError):
     """A policy answered with a plan the engine must not execute."""
+
+
+def _forward(kind: str | None = None):
+    """Marks an engine method as a forward: inference mode, and timed by `Engine.timer` (a
+    callable kind -> context manager, e.g. the bench's CUDA-event timer) when one is set."""
+
+    def decorate(method):
+        @wraps(method)
+        def run(self, *args, **kwargs):
+            with (
+                torch.inference_mode(),
+                self.timer(kind or method.__name__) if self.timer else nullcontext(),
+            ):
+                return method(self, *args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 def capacity(n: int, total: int) -> int:
@@ -143,7 +163,9 @@ class Engine:
         self.attention = attention or choose(self.device, self.dtype, model.eager_attention)
         cuda = self.device.type == "cuda"
         on = self.attention.capturable
-        self.graphs = GraphRunner(self.device, (cuda if cuda_graphs is None else cuda_graphs) and on)
+        self.graphs = GraphRunner(
+            self.device, (cuda if cuda_graphs is None else cuda_graphs) and on
+        )
         self.static = self.graphs.enabled if static_shapes is None else static_shapes
         self.compiled = (cuda if compile is None else compile) and on
         self.compaction = compaction
@@ -154,6 +176,7 @@ class Engine:
         self._windows: dict[int, _Window] = {}
         self.step = 0
         self._ref_bits = [0] * L
+        self.timer: Callable | None = None  # kind -> context manager around each forward
         dev = self.device
         self._dev_units = torch.zeros(L, dtype=torch.long, device=dev)
         self._dev_reused = torch.zeros(L, dtype=torch.long, device=dev)
@@ -175,7 +198,7 @@ class Engine:
         """The model's engine for these settings, kept on the model so that the next generate
         call with the same policy object reuses its buffers and CUDA graphs."""
         e = getattr(model, "_v2_engine", None)
-        same = e is not None and e.given_policy is policy and e.B == block_size
+        same = e is not None and e.given_policy is policy and block_size == e.B
         same = same and e.block_cache == block_cache and e._graph_setting == cuda_graphs
         same = same and e.attention.name == choose(e.device, e.dtype, model.eager_attention).name
         if not same:
@@ -214,6 +237,7 @@ class Engine:
 
     # ---- cache and per-block state -------------------------------------------------------
 
+    @torch.inference_mode()
     def allocate(self, batch: int, max_len: int) -> None:
         """Room for `batch` sequences of up to `max_len` positions. Buffers that are big enough
         are kept (with their CUDA graphs); rows past `batch` hold no sequence."""
@@ -240,12 +264,14 @@ class Engine:
     def prefix_len(self, value: int) -> None:
         self.cache.prefix_len = value
 
+    @torch.inference_mode()
     def keep_rows(self, rows: torch.Tensor) -> None:
         """Keep `rows` (at block ends): their prefix K/V move to the first rows of the cache."""
         kept = rows.tolist()
         self.cache.keep_rows(kept)
         self.live = len(kept)
 
+    @torch.inference_mode()
     def begin_block(self) -> None:
         """Reset per-position state; the policy's too."""
         L, B, R = self.cfg.num_hidden_layers, self.B, self.cache.rows
@@ -266,7 +292,7 @@ class Engine:
 
     # ---- the three forward kinds --------------------------------------------------------------
 
-    @torch.inference_mode()
+    @_forward()
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Complete prompt blocks [0, P): exact, block-causal, eager (once per generation).
         Returns the last position's hidden state."""
@@ -285,7 +311,9 @@ class Engine:
                 kv = cfg.num_key_value_heads, cfg.head_dim
                 cache.write(i, slots, k.reshape(-1, *kv), v.reshape(-1, *kv))
                 keys, values = cache.by_row("k")[i, :b, :P], cache.by_row("v")[i, :b, :P]
-                o = sdpa(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask, eager)
+                o = sdpa(
+                    q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask, eager
+                )
                 return o.transpose(1, 2)
 
             x = layer(x, cos, sin, attend)
@@ -298,7 +326,7 @@ class Engine:
         cache.prefix_len = P
         return x[:, -1]
 
-    @torch.inference_mode()
+    @_forward()
     def commit(self, ids: torch.Tensor) -> torch.Tensor:
         """The clean current block: its exact K/V become part of the prefix. Returns the last
         position's hidden (its argmax is the next block's first token)."""
@@ -311,7 +339,7 @@ class Engine:
         self.cache.prefix_len += self.B
         return win.x_units[:b, -1].clone()
 
-    @torch.inference_mode()
+    @_forward()
     def denoise(
         self,
         ids: torch.Tensor,
@@ -342,16 +370,18 @@ class Engine:
         self._count_flops(n_scope, b * out_positions.numel())
         return win.x_units[:b, out_positions]
 
+    @_forward()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head on the rows whose logits are used; float32 out."""
+        return self.model.logits(hidden)
+
     # ---- one layer ----------------------------------------------------------------------------
 
     def _layer(self, i: int, win: _Window, ctx: ForwardContext, n_scope: int, bits) -> None:
         policy, plan, key = self.policy, None, None
         if policy is not None:
             key = policy.capture_key(i, ctx) if self.static else None
-            if key is not None:
-                plan = _CAPTURED
-            else:
-                plan = policy.plan(i, win.x_units, ctx)
+            plan = _CAPTURED if key is not None else policy.plan(i, win.x_units, ctx)
             if plan is not None and i in self._protected:
                 raise PolicyError(f"{policy.name}: planned skipping on protected layer {i}")
         if isinstance(plan, int) and plan != COMPUTE:
@@ -360,7 +390,9 @@ class Engine:
                 return  # the layer does not run; x is its output
             if how == "reuse":
                 deltas = Deltas(self.delta[i], self.has_ref[i], win.all_units, self.B)
-                self.graphs.run((i, win.w, "reuse_all"), lambda: reuse_add(win.x, win.units, deltas))
+                self.graphs.run(
+                    (i, win.w, "reuse_all"), lambda: reuse_add(win.x, win.units, deltas)
+                )
                 return
             plan = None if how == "compute" else torch.full_like(win.plan, plan)
         if plan is None or isinstance(plan, int):
@@ -473,8 +505,7 @@ class Engine:
     def _step(self, i: int, win: _Window, batch: UnitBatch, deltas: Deltas | None) -> None:
         k, v = self.cache.layer(i)
         cfg = self.cfg
-        fn = self._fn("layer_step", layer_step)
-        fn(
+        layer_step(
             win.x,
             batch,
             win.units,
@@ -489,6 +520,7 @@ class Engine:
             cfg.rms_norm_eps,
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
+            compiled if self.compiled else None,
         )
 
     def _resolve(self, i: int, win: _Window) -> None:
@@ -570,7 +602,7 @@ class Engine:
         """Most units a captured plan can compute, from its reuse_quota, when every row in scope
         has a reference at every position of the window (else None)."""
         quota = self.policy.reuse_quota(i, ctx)
-        if not quota or bits is None or self._ref_bits[i] & bits != bits:
+        if quota is None or bits is None or self._ref_bits[i] & bits != bits:
             return None
         return self.live * max(0, win.w - quota)
 
@@ -628,5 +660,7 @@ class Engine:
         cfg, st = self.cfg, self._stats
         keys = self.cache.prefix_len + self.B
         per_unit = flops.unit(cfg) + flops.attention(cfg, keys)
-        st.baseline_flops += n_scope * cfg.num_hidden_layers * per_unit + flops.head(cfg, logit_rows)
+        st.baseline_flops += n_scope * cfg.num_hidden_layers * per_unit + flops.head(
+            cfg, logit_rows
+        )
         st.executed_flops += flops.head(cfg, logit_rows)

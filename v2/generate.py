@@ -169,7 +169,7 @@ def generate(
     start = (min(lengths) // B) * B
     if start > 0:
         hidden = engine.prefill(seq[:, :start])
-        _write_first_slot(seq, active, start, prompt_len, model.logits(hidden).argmax(-1))
+        _write_first_slot(seq, active, start, prompt_len, engine.logits(hidden).argmax(-1))
     cols = torch.arange(B, device=device)
     while active.numel():
         engine.begin_block()
@@ -210,7 +210,7 @@ def generate(
                     min=0
                 )
                 hidden = engine.denoise(block[:, window : window + width], window, out_pos, units)
-                token, conf = _propose(model.logits(hidden), cfg, gen)
+                token, conf = _propose(engine.logits(hidden), cfg, gen)
                 conf = torch.where(candidates, conf, -1.0)
                 take = candidates & (conf > cfg.threshold)
                 best = conf.argmax(1, keepdim=True)
@@ -247,7 +247,7 @@ def generate(
             break
         hidden = engine.commit(block)
         start += B
-        _write_first_slot(seq, active, start, prompt_len, model.logits(hidden).argmax(-1))
+        _write_first_slot(seq, active, start, prompt_len, engine.logits(hidden).argmax(-1))
     _sync(device)
 
     stats = engine.stats

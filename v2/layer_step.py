@@ -101,11 +101,37 @@ def layer_step(
     eps: float,
     heads: int,
     kv_heads: int,
+    compile_fn=None,
 ) -> None:
     """Run the layer on `batch`'s units of `x_all` in place (module docstring). k, v: the layer's
-    cache [slots + 1, kv_heads, head_dim]; rope: cos, sin tables [positions, head_dim]."""
-    index = batch.index
-    valid = batch.valid
+    cache [slots + 1, kv_heads, head_dim]; rope: cos, sin tables [positions, head_dim].
+    `compile_fn` (compiled.compiled on CUDA) compiles the two elementwise-heavy halves; the K/V
+    write and the attention call between them stay plain in-place calls, so the cache is written
+    where it lives (a compiled in-place write into a tensor that an opaque kernel then reads was
+    seen to copy the whole cache)."""
+    run = compile_fn or (lambda fn: fn)
+    x, q, kk, vv, slot = run(attention_inputs)(
+        x_all,
+        batch.index,
+        batch.valid,
+        units,
+        w,
+        rope,
+        eps,
+        heads,
+        kv_heads,
+        geo.max_len,
+        k.shape[0] - 1,
+    )
+    k.index_copy_(0, slot, kk)
+    v.index_copy_(0, slot, vv)
+    o = attention(q, k, v, batch, geo, end)
+    run(attention_outputs)(x_all, x, o, batch.index, batch.valid, units, w, deltas, eps)
+
+
+def attention_inputs(x_all, index, valid, units, w, rope, eps, heads, kv_heads, max_len, trash):
+    """Gather the units, RMSNorm, QKV projection, RoPE; and each unit's cache slot (trash for a
+    padded slot)."""
     row, t = units.row[index], units.t[index]
     pos = units.start + t
     x = x_all[index]
@@ -115,23 +141,25 @@ def layer_step(
     cos, sin = rope[0][pos].unsqueeze(1), rope[1][pos].unsqueeze(1)
     q = apply_rope(q.reshape(-1, heads, hd), cos, sin)
     kk = apply_rope(kk.reshape(-1, kv_heads, hd), cos, sin)
-    vv = vv.reshape(-1, kv_heads, hd)
-    slot = row * geo.max_len + pos
+    slot = row * max_len + pos
     if valid is not None:
-        slot = torch.where(valid, slot, k.shape[0] - 1)
-    k.index_copy_(0, slot, kk)
-    v.index_copy_(0, slot, vv)
-    o = attention(q, k, v, batch, geo, end)
-    h = x + F.linear(o.reshape(-1, heads * hd), w.o)
+        slot = torch.where(valid, slot, trash)
+    return x, q, kk, vv.reshape(-1, kv_heads, hd), slot
+
+
+def attention_outputs(x_all, x, o, index, valid, units, w, deltas, eps):
+    """Output projection and residual, RMSNorm, SwiGLU MLP and residual; the results (and the
+    units' updates) scattered back; reused units get their last update re-added."""
+    h = x + F.linear(o.reshape(x.shape[0], -1), w.o)
     gate, up = F.linear(rms_norm(h, w.ln2, eps), w.gate_up).chunk(2, dim=-1)
     out = h + F.linear(F.silu(gate) * up, w.down)
     n_units = x_all.shape[0] - 1
     target = index if valid is None else torch.where(valid, index, n_units)
     if deltas is not None:
-        d_trash = deltas.delta.shape[0] - 1
+        row, t = units.row[index], units.t[index]
         d_slot = row * deltas.block + units.block_offset + t
         if valid is not None:
-            d_slot = torch.where(valid, d_slot, d_trash)
+            d_slot = torch.where(valid, d_slot, deltas.delta.shape[0] - 1)
         deltas.delta.index_copy_(0, d_slot, out - x)
         deltas.has_ref.index_fill_(0, d_slot, True)
     x_all.index_copy_(0, target, out)

@@ -85,10 +85,10 @@ class Policy:
         determines the device work `plan` does for it (module docstring)."""
         return None
 
-    def reuse_quota(self, layer: int, ctx: ForwardContext) -> int:
+    def reuse_quota(self, layer: int, ctx: ForwardContext) -> int | None:
         """Units per row in scope that a captured plan for this layer REUSEs at least, among those
-        with a reference (0: no promise)."""
-        return 0
+        with a reference (None: no promise)."""
+        return None
 
     def protected_layers(self, num_layers: int) -> set[int]:
         """Layers the engine must always compute, whatever the plan says."""

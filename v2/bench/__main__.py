@@ -1,0 +1,5 @@
+import sys
+
+from v2.bench.cli import main
+
+sys.exit(main())

@@ -1,0 +1,354 @@
+"""The bench's measurements, one function per section; each appends rows to `bench.data`."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from v2 import flops
+from v2.bench.forced import skip_policies
+from v2.bench.models import ordinary_tokens, token_tensor
+from v2.bench.roofline import bytes_read, roofline
+from v2.bench.timing import ForwardTimer, median
+from v2.checkpoint import TokenIds
+from v2.engine import Engine
+from v2.generate import GenerationConfig, generate
+from v2.model import Network
+
+
+def _stats_snapshot(engine: Engine) -> tuple[int, int, list[int]]:
+    s = engine.stats
+    return s.executed_flops, s.baseline_flops, list(s.executed_units_per_layer)
+
+
+def _diff(a, b) -> tuple[int, int, list[int]]:
+    return b[0] - a[0], b[1] - a[1], [y - x for x, y in zip(a[2], b[2], strict=True)]
+
+
+def forwards(bench, name: str, model: Network, ids: TokenIds) -> None:
+    """Latency of each forward kind through the Engine, per batch and prefix."""
+    g, cfg, dev, clock = bench.grid, model.cfg, bench.device, bench.clock
+    B, S, V = cfg.block_size, 8, cfg.vocab_size
+    prefixes = sorted(set(g["prefixes"]) | {g["skip_prefix"]})
+    for b in g["batches"]:
+        for P in prefixes:
+            if bench.over_deadline(f"forwards {name} b{b} p{P}"):
+                continue
+            clock.reset_peak()
+            engine = Engine(model)
+            engine.allocate(b, P + B)
+            prompt = token_tensor(ids, V, b, P, dev)
+            block = token_tensor(ids, V, b, B, dev)
+            full_out = torch.arange(S, 2 * S, device=dev) - 1
+            sub_out = (torch.arange(S, 2 * S, device=dev) - 1 - S).clamp(min=0)
+
+            def prefill(engine=engine, prompt=prompt):
+                engine.logits(engine.prefill(prompt))
+
+            def denoise32(engine=engine, block=block, full_out=full_out):
+                engine.logits(engine.denoise(block, 0, full_out))
+
+            def denoise8(engine=engine, block=block, sub_out=sub_out):
+                engine.logits(engine.denoise(block[:, S : 2 * S], S, sub_out))
+
+            def commit(engine=engine, block=block, P=P):
+                engine.logits(engine.commit(block))
+                engine.prefix_len = P  # time the same commit again
+
+            kinds = [
+                ("prefill", prefill, P, P, 1),
+                ("denoise32", denoise32, B, P + B, S),
+                ("denoise8", denoise8, S, P + B, S),
+                ("commit", commit, B, P + B, 1),
+            ]
+            prefill()  # the prefix cache every other forward attends to
+            engine.begin_block()
+            for kind, fn, window, keys, logit_rows in kinds:
+                clock.reset_peak()
+                for _ in range(g["warmup"]):
+                    fn()
+                before = _stats_snapshot(engine)
+                ms = [clock.once(fn) for _ in range(g["repeats"])]
+                work = _diff(before, _stats_snapshot(engine))[0] / g["repeats"]
+                m = median(ms)
+                wb, kvb = bytes_read(
+                    model, list(range(cfg.num_hidden_layers)), b, window, keys, logit_rows
+                )
+                row = {
+                    "model": name,
+                    "kind": kind,
+                    "batch": b,
+                    "prefix": P,
+                    "window": window,
+                    "tokens": b * window,
+                    "median_ms": m,
+                    "min_ms": min(ms),
+                    "max_ms": max(ms),
+                    "repeats": len(ms),
+                    **roofline(m, wb, kvb, work, bench.bw, bench.rate),
+                    "peak_memory_bytes": clock.peak(),
+                }
+                bench.data["forwards"].append(row)
+                bench.log(
+                    f"{name} {kind:9s} b{b:<2d} p{P:<4d} {m:8.2f} ms  bound "
+                    f"{row['bound_ms']:7.2f} ms ({row['bound_fraction']:.0%})"
+                )
+            del engine
+        bench.save()
+
+
+def skip(bench, name: str, model: Network, ids: TokenIds) -> None:
+    """Denoise forwards (32-token window) under forced skip rates vs no policy, timed in
+    interleaved rounds (every configuration once per round, the order reversed every other
+    round) so that drift over the run falls on all of them alike."""
+    g, cfg, dev, clock = bench.grid, model.cfg, bench.device, bench.clock
+    B, S, V, P, L = cfg.block_size, 8, cfg.vocab_size, g["skip_prefix"], cfg.num_hidden_layers
+    for b in g["skip_batches"]:
+        if bench.over_deadline(f"skip {name} b{b}"):
+            continue
+        clock.reset_peak()
+        prompt = token_tensor(ids, V, b, P, dev)
+        g_ = torch.Generator(device=dev).manual_seed(b)
+        # A block whose tokens change between steps (as decoding changes them), so that the token
+        # policy's cosines are not all 1.
+        blocks = [token_tensor(ids, V, b, B, dev) for _ in range(g["skip_steps"] + 1)]
+        for i, blk in enumerate(blocks[1:], 1):
+            flip = torch.rand(blk.shape, device=dev, generator=g_) < 0.1 * i
+            blk[flip] = ids.mask
+        out_pos = torch.arange(S, 2 * S, device=dev) - 1
+        runs = []
+        for label, policy, rate in skip_policies(L):
+            e = Engine(model, policy)
+            e.allocate(b, P + B)
+            e.prefill(prompt)
+            runs.append((label, policy, rate, e, []))
+        for r in range(1 + g["skip_rounds"]):  # round 0 warms up (compiles, captures)
+            order = runs if r % 2 else runs[::-1]
+            for _label, _policy, _rate, e, samples in order:
+                e.begin_block()
+                e.logits(e.denoise(blocks[0], 0, out_pos))  # step 0: computes everything
+                for step in range(1, g["skip_steps"] + 1):
+                    before = _stats_snapshot(e)
+                    ms = clock.once(
+                        lambda e=e, blk=blocks[step], o=out_pos: e.logits(e.denoise(blk, 0, o))
+                    )
+                    if r:
+                        samples.append((step, ms, _diff(before, _stats_snapshot(e))))
+        base_ms = base_bytes = None
+        for label, policy, rate, e, samples in runs:
+            # reuse_k2: the skipping (odd) steps; its cycle mean is reported beside.
+            chosen = [s for s in samples if s[0] % 2] if label.startswith("reuse_k") else samples
+            m = median([s[1] for s in chosen])
+            ex = sum(s[2][0] for s in chosen)
+            bl = sum(s[2][1] for s in chosen)
+            units = [sum(s[2][2][i] for s in chosen) for i in range(L)]
+            ran = [i for i in range(L) if units[i] > 0]
+            wb, kvb = bytes_read(model, ran, b, B, P + B, S)
+            if label == "none":
+                base_ms, base_bytes = m, wb + kvb
+            row = {
+                "model": name,
+                "batch": b,
+                "prefix": P,
+                "policy": label,
+                "config": policy.config() if policy else {"policy": "none"},
+                "nominal_rate": rate,
+                "median_ms": m,
+                "min_ms": min(s[1] for s in chosen),
+                "max_ms": max(s[1] for s in chosen),
+                "samples": len(chosen),
+                "wall_ratio": m / base_ms if base_ms else None,
+                "flops_ratio": ex / bl if bl else None,
+                "units_ratio": sum(units) / (len(chosen) * b * B * L),
+                "units_ratio_per_layer": [u / (len(chosen) * b * B) for u in units],
+                "bytes_ratio": (wb + kvb) / base_bytes if base_bytes else None,
+                "layers_run": len(ran),
+                "graph_sets": len(e.graphs.sets),
+                "graph_failures": len(e.graphs.failures),
+            }
+            if label.startswith("reuse_k"):
+                cycle = median([s[1] for s in samples if s[0] % 2 == 0])
+                row["cycle_wall_ratio"] = (m + cycle) / (2 * base_ms) if base_ms else None
+            bench.data["skip"].append(row)
+            bench.log(
+                f"{name} skip b{b:<2d} {label:15s} {m:8.2f} ms  wall x{row['wall_ratio']:.3f}  "
+                f"FLOPs x{row['flops_ratio']:.3f}"
+            )
+        for run in runs:
+            run[3].cache = None
+        bench.save()
+
+
+def e2e(bench, name: str, model: Network, ids: TokenIds) -> None:
+    """generate() at threshold 1 with ignore_eos: one token per row and forward. The forwards
+    (logits included) are marked by the engine's timer; the rest of the wall time is the loop."""
+    g, cfg, clock = bench.grid, model.cfg, bench.clock
+    V = cfg.vocab_size
+    for b in g["e2e_batches"]:
+        if bench.over_deadline(f"e2e {name} b{b}"):
+            continue
+        prompts = [ordinary_tokens(ids, V, g["prompt_tokens"], r) for r in range(b)]
+        gc = GenerationConfig(max_new_tokens=g["new_tokens"], threshold=1.0, ignore_eos=True)
+        engine = Engine(model, None, cfg.block_size)
+        generate(model, prompts, ids, gc, engine=engine)  # warm-up: compiles and captures
+        clock.reset_peak()
+        walls, fwd, over, result = [], [], [], None
+        for _ in range(g["e2e_repeats"]):
+            engine.timer = timer = ForwardTimer(clock)
+            clock.sync()
+            t = time.perf_counter()
+            result = generate(model, prompts, ids, gc, engine=engine)
+            clock.sync()
+            wall = time.perf_counter() - t
+            engine.timer = None
+            f = timer.total_ms() / 1e3
+            walls.append(wall)
+            fwd.append(f)
+            over.append(wall / f - 1)
+        st = result.stats
+        wall = median(walls)
+        n_fwd = sum(st.forwards.values())
+        row = {
+            "model": name,
+            "batch": b,
+            "prompt_tokens": g["prompt_tokens"],
+            "new_tokens": g["new_tokens"],
+            "repeats": len(walls),
+            "wall_s": wall,
+            "walls_s": walls,
+            "generated_tokens": st.generated_tokens,
+            "tokens_per_s": st.generated_tokens / wall,
+            "forwards": dict(st.forwards),
+            "forwards_total": n_fwd,
+            "forwards_per_s": n_fwd / wall,
+            "tokens_per_forward": st.tokens_per_forward,
+            "forward_sum_s": median(fwd),
+            "loop_overhead": median(over),
+            "executed_flops": st.executed_flops,
+            "achieved_tflops": st.executed_flops / wall / 1e12,
+            "graph_sets": st.graph_sets,
+            "graph_failures": st.graph_failures,
+            "peak_memory_bytes": clock.peak(),
+        }
+        bench.data["e2e"].append(row)
+        bench.log(
+            f"{name} e2e b{b:<2d} {row['tokens_per_s']:9.1f} tokens/s "
+            f"{row['forwards_per_s']:7.1f} forwards/s, loop +{row['loop_overhead']:.1%} "
+            f"over the forwards ({n_fwd} forwards, {wall:.2f} s)"
+        )
+        bench.save()
+
+
+def tokens_per_forward(bench, name: str, model: Network, ids: TokenIds) -> None:
+    """The tiny model on its own test problems (threshold 1 and 0.9, batch 32): how many tokens a
+    trained model commits per forward, onto which the large shapes' forwards/s are projected."""
+    from v2.bench.models import TINY_CHECKPOINT
+    from v2.checkpoint import load_tokenizer
+    from v2.tiny.data import read_jsonl
+    from v2.tiny.train import prompt_text
+
+    if name != "tiny":
+        return
+    tok, _ = load_tokenizer(TINY_CHECKPOINT)
+    problems = read_jsonl(TINY_CHECKPOINT.parent / "data" / "test.jsonl")[: g_problems(bench)]
+    prompts = [
+        tok.encode(prompt_text(tok, p["question"]), add_special_tokens=False) for p in problems
+    ]
+    for threshold in (1.0, 0.9):
+        gc = GenerationConfig(max_new_tokens=256, threshold=threshold)
+        total = None
+        for i in range(0, len(prompts), 32):
+            st = generate(model, prompts[i : i + 32], ids, gc).stats
+            if total is None:
+                total = st
+            else:
+                total.add(st)
+        bench.data["tokens_per_forward"].append(
+            {
+                "model": name,
+                "threshold": threshold,
+                "problems": len(prompts),
+                "batch": 32,
+                "tokens_per_forward": total.tokens_per_forward,
+            }
+        )
+        bench.log(f"{name} threshold {threshold}: {total.tokens_per_forward:.2f} tokens/forward")
+    bench.save()
+
+
+def g_problems(bench) -> int:
+    return bench.grid["tpf_problems"]
+
+
+def hf_ar(bench, name: str, model: Network, ids: TokenIds) -> None:
+    """The fair autoregressive baseline: transformers' Qwen2ForCausalLM on the same weights,
+    `generate` with a static cache (which transformers compiles with torch.compile on a GPU),
+    greedy, the same prompt and number of new tokens, EOS ignored."""
+    from v2.bench.hf import hf_model, hf_tokens_per_s
+
+    g = bench.grid
+    if name not in g["ar_models"]:
+        return
+    hf = hf_model(model)
+    for b in g["ar_batches"]:
+        if bench.over_deadline(f"ar {name} b{b}"):
+            continue
+        prompts = token_tensor(ids, model.cfg.vocab_size, b, g["prompt_tokens"], bench.device)
+        row = hf_tokens_per_s(hf, prompts, g["new_tokens"], g["ar_repeats"], bench.clock)
+        row.update(model=name, batch=b, prompt_tokens=g["prompt_tokens"])
+        dllm = next((r for r in bench.data["e2e"] if (r["model"], r["batch"]) == (name, b)), None)
+        row["dllm_tokens_per_s"] = dllm and dllm["tokens_per_s"]
+        row["dllm_over_ar"] = dllm and dllm["tokens_per_s"] / row["tokens_per_s"]
+        bench.data["ar"].append(row)
+        bench.log(
+            f"{name} HF AR b{b:<2d} {row['tokens_per_s']:9.1f} tokens/s "
+            f"(compile + warm-up {row['warmup_s']:.0f} s; dLLM/AR "
+            f"{row['dllm_over_ar'] or float('nan'):.2f})"
+        )
+        bench.save()
+    del hf
+
+
+def profile(bench, name: str, model: Network, ids: TokenIds) -> None:
+    """torch.profiler over denoise forwards (32-token window, prefix 512) per batch, with no
+    policy and with 50 % forced token reuse: kernel time by class, kernels per forward, GPU idle
+    share and host synchronisations."""
+    from v2.bench.forced import ForcedTokenReuse
+    from v2.bench.profiling import breakdown
+
+    g, cfg, dev = bench.grid, model.cfg, bench.device
+    B, P, V = cfg.block_size, g["skip_prefix"], cfg.vocab_size
+    out = torch.arange(7, 15, device=dev)
+    for b in g["skip_batches"]:
+        for label, make in (
+            ("none", lambda: None),
+            ("token_reuse_50", lambda: ForcedTokenReuse(0.5)),
+        ):
+            e = Engine(model, make())
+            e.allocate(b, P + B)
+            e.prefill(token_tensor(ids, V, b, P, dev))
+            blocks = [token_tensor(ids, V, b, B, dev) for _ in range(2)]
+            blocks[1][:, ::3] = ids.mask
+            e.begin_block()
+
+            def step(e=e, blocks=blocks):
+                e.logits(e.denoise(blocks[1], 0, out))
+
+            e.logits(e.denoise(blocks[0], 0, out))
+            for _ in range(3):
+                step()
+            row = breakdown(step, forwards=5, device=dev)
+            row.update(model=name, batch=b, prefix=P, policy=label)
+            bench.data["profile"].append(row)
+            bench.log(
+                f"{name} profile b{b:<2d} {label:15s} {row['wall_ms']:.2f} ms/forward, "
+                f"{row['kernels_per_forward']:.0f} kernels, idle {row['gpu_idle_share']:.1%}, "
+                f"{row['host_syncs_per_forward']:.1f} syncs"
+            )
+            e.cache = None
+    bench.save()
+
+
+def dense_flops(model: Network, b: int, w: int, keys: int, logit_rows: int) -> int:
+    return flops.dense_forward(model.cfg, b, w, keys, logit_rows)
