@@ -39,7 +39,7 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, 
         a, b = int(cu_q[r]), int(cu_q[r + 1])
         start, n = int(cu_k[r]), int(seqused[r])
         assert a <= b <= q.shape[0] and b - a <= max_q and n <= max_k
-        assert 0 <= start and start + n <= k.shape[0]
+        assert start >= 0 and start + n <= k.shape[0]
         if b == a:
             continue
         if n == 0:  # FlashAttention's answer for a row with no keys

@@ -2,8 +2,9 @@
 
 `compiled(fn)` compiles `fn` (one graph, no graph breaks) the first time it runs; sizes that change
 between calls (units, rows) become dynamic on the recompile that follows, while model sizes stay
-static so that the generated kernels keep their vectorised loads; a compilation that fails falls back to `fn` itself and says so once on
-stderr. On the CPU `fn` runs as written: plain PyTorch, the reference.
+static so that the generated kernels keep their vectorised loads. A compilation that fails falls
+back to `fn` itself and says so once on stderr. Callers compile only on CUDA; on the CPU `fn` runs
+as written: plain PyTorch, the reference.
 """
 
 from __future__ import annotations
