@@ -122,29 +122,6 @@ def test_flash_agrees_with_dense_attention():
     assert err < 2e-2, err
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_flash_with_split_keys_agrees_with_dense_attention(batch):
-    """The split-KV path (keys cut into chunks, merged by log-sum-exp; some chunks empty) on the
-    real kernel, in CUDA graphs, against the dense backend."""
-    from v2.attention import Flash
-
-    model = model_on_gpu(torch.bfloat16)
-    ids = torch.tensor([prompt(32, r) for r in range(batch)], device="cuda")
-    hidden = []
-    for attention in (Flash(multiprocessors=10**6), Dense()):
-        e = Engine(model, None, 32, attention=attention)
-        e.allocate(batch, 1024)  # 8 chunks of 128 keys; the forward sees 320: 5 empty chunks
-        e.prefill(torch.tensor([prompt(288, 9 + r) for r in range(batch)], device="cuda"))
-        e.begin_block()
-        for _ in range(3):  # warm-up, capture, replay
-            h = e.denoise(ids, 0, torch.arange(32, device="cuda")).float()
-        hidden.append(h)
-        assert not e.graphs.failures
-    assert Flash(multiprocessors=10**6).splits(batch, 2, 64, 1024) == 8
-    err = (hidden[0] - hidden[1]).norm() / hidden[1].norm()
-    assert err < 2e-2, err
-
-
 def test_a_failed_capture_runs_eagerly_and_is_reported(capsys):
     runner = GraphRunner(torch.device("cuda"), True)
     x = torch.zeros(4, device="cuda")

@@ -64,16 +64,8 @@ POLICIES = {
 LAYOUTS = {
     "masked": dict(compaction="never", attention=lambda: Dense()),
     "compacted": dict(compaction="always", attention=lambda: Dense()),
-    "flash_masked": dict(
-        compaction="never", attention=lambda: Flash(varlen_reference, multiprocessors=1)
-    ),
-    "flash_compacted": dict(
-        compaction="always", attention=lambda: Flash(varlen_reference, multiprocessors=1)
-    ),
-    # As many key chunks as it allows (8): the split-KV merge, with empty chunks.
-    "flash_split_keys": dict(
-        compaction="always", attention=lambda: Flash(varlen_reference, multiprocessors=10**6)
-    ),
+    "flash_masked": dict(compaction="never", attention=lambda: Flash(varlen_reference)),
+    "flash_compacted": dict(compaction="always", attention=lambda: Flash(varlen_reference)),
 }
 
 

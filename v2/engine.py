@@ -35,19 +35,34 @@ from contextlib import nullcontext
 from functools import wraps
 
 import torch
+import torch.nn.functional as F
 
 from v2 import flops
 from v2.attention import Geometry, UnitBatch, choose
 from v2.compiled import compiled
 from v2.cuda_graphs import GraphRunner
 from v2.kv_cache import KVCache
-from v2.layer_step import Deltas, LayerWeights, Units, compact, layer_step, resolve, reuse_add
+from v2.layer_step import (
+    Deltas,
+    LayerWeights,
+    Units,
+    compact,
+    layer_step,
+    reuse_add,
+    rms_norm,
+    settle,
+)
 from v2.model import Network, block_causal_mask, sdpa
 from v2.policy import COMPUTE, PASS, REUSE, ForwardContext, Policy
 from v2.stats import Stats
 
 COMPACTION = ("auto", "always", "never")
 _CAPTURED = object()  # a plan that the layer's graph computes
+
+
+def logits(hidden, norm_weight, head_weight, eps: float) -> torch.Tensor:
+    """The network's head (Network.logits) as a function of its weights, for torch.compile."""
+    return F.linear(rms_norm(hidden, norm_weight, eps), head_weight).float()
 
 
 class PolicyError(RuntimeError):
@@ -178,10 +193,10 @@ class Engine:
         self._ref_bits = [0] * L
         self.timer: Callable | None = None  # kind -> context manager around each forward
         dev = self.device
-        self._dev_units = torch.zeros(L, dtype=torch.long, device=dev)
-        self._dev_reused = torch.zeros(L, dtype=torch.long, device=dev)
-        self._dev_pairs = torch.zeros((), dtype=torch.long, device=dev)
-        self._dev_overflow = torch.zeros((), dtype=torch.bool, device=dev)
+        # What only the device knows, per layer: units reused, units executed, attention pairs
+        # (column 0), plan overflow (column 0). Read and zeroed by `stats`.
+        self._counters = torch.zeros(4, L, dtype=torch.long, device=dev)
+        self._layer_ids = [torch.tensor([i], device=dev) for i in range(L)]
         self.reset_stats()
 
     # ---- engines that outlive one generate call ----------------------------------------------
@@ -213,20 +228,18 @@ class Engine:
 
     def reset_stats(self) -> None:
         self._stats = Stats(self.cfg.num_hidden_layers)
-        for t in (self._dev_units, self._dev_reused, self._dev_pairs, self._dev_overflow):
-            t.zero_()
+        self._counters.zero_()
 
     @property
     def stats(self) -> Stats:
         """The statistics so far (reads the device's counters: a synchronisation)."""
         st = self._stats
-        units, reused = self._dev_units.tolist(), self._dev_reused.tolist()
-        pairs, overflow = int(self._dev_pairs), bool(self._dev_overflow)
+        reused, units, pairs, overflow = self._counters.tolist()
+        pairs, overflow = pairs[0], overflow[0]
         if overflow:
             name = self.policy.name if self.policy else "none"
             raise PolicyError(f"{name}: a captured plan computed more units than its reuse_quota")
-        for t in (self._dev_units, self._dev_reused, self._dev_pairs):
-            t.zero_()
+        self._counters.zero_()
         for i in range(self.cfg.num_hidden_layers):
             st.executed_units_per_layer[i] += units[i]
             st.reused_units_per_layer[i] += reused[i]
@@ -372,8 +385,10 @@ class Engine:
 
     @_forward()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and lm_head on the rows whose logits are used; float32 out."""
-        return self.model.logits(hidden)
+        """Final norm and lm_head on the rows whose logits are used; float32 out (compiled on
+        CUDA: one norm kernel instead of seven)."""
+        m = self.model
+        return self._fn("logits", logits)(hidden, m.norm.weight, m.lm_head.weight, m.norm.eps)
 
     # ---- one layer ----------------------------------------------------------------------------
 
@@ -438,15 +453,34 @@ class Engine:
             if self._keeps_deltas
             else None
         )
-
-        def plan_and_resolve():
-            if captured:
-                win.plan.copy_(self.policy.plan(i, win.x_units, ctx))
-            self._resolve(i, win)
-
         w, N, plan_key = win.w, win.N, ("plan", key) if captured else ("eager_plan",)
+
+        def plan_and_settle(C: int | None = None):
+            """The plan (captured: computed here), resolved; compacted into C slots if given."""
+            plan = self.policy.plan(i, win.x_units, ctx) if captured else win.plan
+            extra = {}
+            if C is not None:
+                # Flash attends with the computed queries only: n x keys pairs, known on the
+                # device; the dense backend's pairs do not depend on n (counted on the host).
+                pair_keys = win.geo.end if self.attention.name == "flash" else 0
+                batch = win.compacted(C) if C else None
+                extra = dict(capacity=C, rows=win.geo.rows, batch_out=batch, pair_keys=pair_keys)
+            self._fn("settle", settle)(
+                plan,
+                win.scope,
+                self.has_ref[i] if self._keeps_deltas else None,
+                win.units,
+                self.B,
+                self.block_cache and w == self.B,
+                win.compute,
+                win.reuse,
+                self._counters,
+                self._layer_ids[i],
+                **extra,
+            )
+
         if not self.static:  # exact shapes: read the plan
-            plan_and_resolve()
+            plan_and_settle()
             index = win.compute.nonzero().squeeze(1)
             n = index.numel()
             batch = UnitBatch(index, None, None, n)
@@ -458,40 +492,40 @@ class Engine:
         elif not self._pays(n_scope):  # masked: everything runs, the plan decides what is kept
             self.graphs.run(
                 (i, w, d is not None, "masked", *plan_key),
-                lambda: (plan_and_resolve(), self._step(i, win, win.masked, d)),
+                lambda: (plan_and_settle(), self._step(i, win, win.masked, d)),
             )
             self._count_layer(i, win, win.masked, units=N, rows=N)
         else:
             bound = self._bound(i, ctx, win, bits) if captured else None
             if bound is not None:
                 C = capacity(bound, N) if bound else 0
-                batch = win.compacted(C) if C else None
 
                 def work():
-                    plan_and_resolve()
+                    plan_and_settle(C)  # units, pairs and the overflow check counted there
                     if C:
-                        self._compact(win, win.compute, C, count_layer=i)
-                        self._step(i, win, batch, d)
-                    else:  # the quota says nothing computes: check it
-                        self._dev_overflow |= win.compute.any()
-                        if d is not None:
-                            reuse_add(win.x, win.units, d)
+                        self._step(i, win, win.compacted(C), d)
+                    elif d is not None:
+                        reuse_add(win.x, win.units, d)
 
                 self.graphs.run((i, w, d is not None, "bound", C, *plan_key), work)
-                if C:  # units and attention pairs: counted on the device (_compact)
-                    self._count_layer(i, win, batch, units=0, rows=C, attention=False)
+                if C:
+                    host_pairs = self.attention.name != "flash"
+                    self._count_layer(
+                        i, win, win.compacted(C), units=0, rows=C, attention=host_pairs
+                    )
             else:  # the plan's size only the device knows: read it (one sync for this layer)
-                self.graphs.run((i, w, d is not None, "sync", *plan_key), plan_and_resolve)
+                self.graphs.run((i, w, d is not None, "sync", *plan_key), plan_and_settle)
                 n = int(win.compute.sum())
                 C = capacity(n, N) if n else 0
                 if C:
                     batch = win.compacted(C)
-
-                    def work():
-                        self._compact(win, win.compute, C)
-                        self._step(i, win, batch, d)
-
-                    self.graphs.run((i, w, d is not None, "synced", C), work)
+                    self.graphs.run(
+                        (i, w, d is not None, "synced", C),
+                        lambda: (
+                            self._compact(win, win.compute, C),
+                            self._step(i, win, batch, d),
+                        ),
+                    )
                     batch.count = n
                     self._count_layer(i, win, batch, units=n, rows=C)
                 elif d is not None:
@@ -523,34 +557,12 @@ class Engine:
             compiled if self.compiled else None,
         )
 
-    def _resolve(self, i: int, win: _Window) -> None:
-        has_ref = self.has_ref[i] if self._keeps_deltas else None
-        full_window = self.block_cache and win.w == self.B
-        fn = self._fn("resolve", resolve)
-        compute, reuse = fn(win.plan, win.scope, has_ref, win.units, self.B, full_window)
-        win.compute.copy_(compute)
-        if reuse is not None:
-            win.reuse.copy_(reuse)
-            self._dev_reused[i] += reuse.sum()
-
-    def _compact(
-        self,
-        win: _Window,
-        mask: torch.Tensor,
-        C: int,
-        kind: str = "plan",
-        count_layer: int | None = None,
-    ) -> None:
+    def _compact(self, win: _Window, mask: torch.Tensor, C: int, kind: str = "plan") -> None:
         dst = win.compacted(C, kind)
         src = self._fn("compact", compact)(mask, C, win.geo.rows)
         dst.index.copy_(src.index)
         dst.valid.copy_(src.valid)
         dst.cu_q.copy_(src.cu_q)
-        if count_layer is not None:  # only the device knows how many units this layer runs
-            n = mask.sum()
-            self._dev_units[count_layer] += n
-            self._dev_overflow |= n > C
-            self._dev_pairs += self.attention.device_pairs(n, win.geo)
 
     def _fn(self, name: str, fn: Callable) -> Callable:
         """`fn`, compiled when the engine compiles (CUDA; compiled.py)."""

@@ -220,6 +220,45 @@ def compact(mask: torch.Tensor, capacity: int, rows: int) -> UnitBatch:
     return UnitBatch(index, index < n, cu_q, None)
 
 
+def settle(
+    plan: torch.Tensor,
+    scope: torch.Tensor,
+    has_ref: torch.Tensor | None,
+    units: Units,
+    block: int,
+    full_window: bool,
+    compute_out: torch.Tensor,
+    reuse_out: torch.Tensor,
+    counters: torch.Tensor,
+    layer: torch.Tensor,
+    capacity: int | None = None,
+    rows: int = 0,
+    batch_out: UnitBatch | None = None,
+    pair_keys: torch.Tensor | int | None = None,
+) -> None:
+    """All of a planned layer's bookkeeping in one function (one compiled graph on CUDA): the
+    plan resolved into `compute_out` / `reuse_out`; the units reused counted; and, given a
+    `capacity`, the computed units compacted into `batch_out`'s buffers, with the units, the
+    overflow flag and the attention pairs (n x `pair_keys`) counted on the device. `counters`
+    [4, layers] long: reused, executed units, attention pairs (column 0), overflow (column 0);
+    `layer` [1]: this layer's column."""
+    compute, reuse = resolve(plan, scope, has_ref, units, block, full_window)
+    compute_out.copy_(compute)
+    if reuse is not None:
+        reuse_out.copy_(reuse)
+        counters[0].index_add_(0, layer, reuse.sum().view(1))
+    if capacity is not None:
+        if capacity:
+            b = compact(compute, capacity, rows)
+            batch_out.index.copy_(b.index)
+            batch_out.valid.copy_(b.valid)
+            batch_out.cu_q.copy_(b.cu_q)
+        n = compute.sum()
+        counters[1].index_add_(0, layer, n.view(1))
+        counters[2, :1] += n * pair_keys
+        counters[3, :1] |= n > capacity
+
+
 def identity(n: int, device) -> UnitBatch:
     """Every unit, in place (no gather needed beyond the identity)."""
     return UnitBatch(torch.arange(n, device=device), None, None, n)

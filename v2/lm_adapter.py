@@ -239,12 +239,16 @@ def split_stats(total: Stats, tokens: list[int]) -> list[Stats]:
     for layer in range(total.num_layers):
         ex = shares(total.executed_units_per_layer[layer])
         ba = shares(total.baseline_units_per_layer[layer])
+        re = shares(total.reused_units_per_layer[layer])
         for i, p in enumerate(parts):
             p.executed_units_per_layer[layer] = ex[i]
             p.baseline_units_per_layer[layer] = ba[i]
+            p.reused_units_per_layer[layer] = re[i]
     for p, t in zip(parts, tokens, strict=True):
         p.generated_tokens = t
         p.wall_seconds = total.wall_seconds / n
+        # The engine's graph sets so far: a running count, not a share (Stats.add keeps the max).
+        p.graph_sets, p.graph_failures = total.graph_sets, total.graph_failures
     return parts
 
 
