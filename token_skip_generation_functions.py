@@ -20,8 +20,11 @@ from v2.policy import COMPUTE, REUSE, ForwardContext, Policy
 
 def _cosine_and_remember(x, previous, seen, scope):
     """cos(x, the input last seen) per unit (-2 where there is none yet); then remember x for the
-    units in scope (the others keep theirs)."""
-    cos = F.cosine_similarity(x.float(), previous.float(), dim=-1).clamp(max=1.0)
+    units in scope (the others keep theirs). An unchanged input has cosine exactly 1 (not 1 give
+    or take the rounding of whichever kernel computed it), so ties are ties everywhere."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    cos = F.cosine_similarity(x.to(dtype), previous.to(dtype), dim=-1).clamp(max=1.0)
+    cos = torch.where((x == previous).all(-1), 1.0, cos)
     cos = torch.where(seen, cos, -2.0)
     previous.copy_(torch.where(scope[..., None], x, previous))
     seen |= scope
@@ -34,11 +37,18 @@ def threshold_plan(x, previous, seen, scope, threshold: float):
 
 
 def ratio_plan(x, previous, seen, scope, k: int):
+    """Reuse each row's k most similar positions. Ties (unchanged inputs all have cosine 1) go to
+    the lower position, so the choice is the same whatever computes it: a position's rank is the
+    number of positions of its row ahead of it (a [w, w] comparison per row, one fused kernel)."""
     cos = _cosine_and_remember(x, previous, seen, scope)
-    reuse = torch.zeros_like(seen)
-    if k:
-        reuse.scatter_(1, cos.topk(k, dim=1).indices, True)
-    reuse &= cos > -2.0
+    w = cos.shape[1]
+    j = torch.arange(w, device=cos.device)
+    # ahead[r, i, j]: position j of row r comes before position i
+    ahead = (cos[:, None, :] > cos[:, :, None]) | (
+        (cos[:, None, :] == cos[:, :, None]) & (j[None, :] < j[:, None])
+    )
+    rank = ahead.sum(-1)  # [rows, w]
+    reuse = (rank < k) & (cos > -2.0)
     return torch.where(reuse, REUSE, COMPUTE).to(torch.int8)
 
 

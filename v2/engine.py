@@ -193,8 +193,8 @@ class Engine:
         self._ref_bits = [0] * L
         self.timer: Callable | None = None  # kind -> context manager around each forward
         dev = self.device
-        # What only the device knows, per layer: units reused, units executed, attention pairs
-        # (column 0), plan overflow (column 0). Read and zeroed by `stats`.
+        # What only the device knows, per layer: units reused, units executed, attention pairs,
+        # plan overflows. Read and zeroed by `stats`.
         self._counters = torch.zeros(4, L, dtype=torch.long, device=dev)
         self._layer_ids = [torch.tensor([i], device=dev) for i in range(L)]
         self.reset_stats()
@@ -235,7 +235,7 @@ class Engine:
         """The statistics so far (reads the device's counters: a synchronisation)."""
         st = self._stats
         reused, units, pairs, overflow = self._counters.tolist()
-        pairs, overflow = pairs[0], overflow[0]
+        pairs, overflow = sum(pairs), any(overflow)
         if overflow:
             name = self.policy.name if self.policy else "none"
             raise PolicyError(f"{name}: a captured plan computed more units than its reuse_quota")

@@ -240,13 +240,16 @@ def settle(
     plan resolved into `compute_out` / `reuse_out`; the units reused counted; and, given a
     `capacity`, the computed units compacted into `batch_out`'s buffers, with the units, the
     overflow flag and the attention pairs (n x `pair_keys`) counted on the device. `counters`
-    [4, layers] long: reused, executed units, attention pairs (column 0), overflow (column 0);
-    `layer` [1]: this layer's column."""
+    [4, layers] long: reused, executed units, attention pairs, overflows; `layer` [1]: this
+    layer's column."""
     compute, reuse = resolve(plan, scope, has_ref, units, block, full_window)
     compute_out.copy_(compute)
+    zero = compute.new_zeros((), dtype=torch.long)
+    reused = zero
     if reuse is not None:
         reuse_out.copy_(reuse)
-        counters[0].index_add_(0, layer, reuse.sum().view(1))
+        reused = reuse.sum()
+    n = pairs = over = zero
     if capacity is not None:
         if capacity:
             b = compact(compute, capacity, rows)
@@ -254,9 +257,11 @@ def settle(
             batch_out.valid.copy_(b.valid)
             batch_out.cu_q.copy_(b.cu_q)
         n = compute.sum()
-        counters[1].index_add_(0, layer, n.view(1))
-        counters[2, :1] += n * pair_keys
-        counters[3, :1] |= n > capacity
+        pairs = n * pair_keys
+        over = (n > capacity).long()
+    # One update of the counters: (reused, units, pairs, overflow) into this layer's column
+    # (pairs and overflow are summed over layers when read).
+    counters.index_add_(1, layer, torch.stack((reused, n, pairs, over)).view(4, 1))
 
 
 def identity(n: int, device) -> UnitBatch:
