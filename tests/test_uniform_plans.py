@@ -6,7 +6,7 @@ import torch
 
 from layer_skip_generation_functions import LayerReusePolicy
 from tests.conftest import IDS, prompt, random_network
-from v2.bench import ForcedLayerPass
+from v2.bench.forced import ForcedLayerPass
 from v2.engine import Engine
 from v2.generate import GenerationConfig, generate
 

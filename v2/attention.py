@@ -105,10 +105,6 @@ class Flash:
         """(query, key) pairs computed: every query of the layout over `end` keys."""
         return (geo.N if batch.cu_q is None else batch.count) * end
 
-    def device_pairs(self, n: torch.Tensor, geo: Geometry) -> torch.Tensor:
-        """The same for a compacted layout of `n` units that only the device knows."""
-        return n * geo.end
-
 
 class Dense:
     name = "dense"
@@ -130,9 +126,6 @@ class Dense:
         return torch.cat((o, o.new_zeros(1, H, hd)))[batch.index]
 
     def pairs(self, batch: UnitBatch, geo: Geometry, end: int) -> int:
-        return geo.N * geo.max_len
-
-    def device_pairs(self, n: torch.Tensor, geo: Geometry) -> int:
         return geo.N * geo.max_len
 
 

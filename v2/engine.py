@@ -214,15 +214,12 @@ class Engine:
         call with the same policy object reuses its buffers and CUDA graphs."""
         e = getattr(model, "_v2_engine", None)
         same = e is not None and e.given_policy is policy and block_size == e.B
-        same = same and e.block_cache == block_cache and e._graph_setting == cuda_graphs
+        same = same and e.block_cache == block_cache and e.cuda_graphs_setting == cuda_graphs
         same = same and e.attention.name == choose(e.device, e.dtype, model.eager_attention).name
         if not same:
             e = cls(model, policy, block_size, block_cache, cuda_graphs)
-            e._graph_setting = cuda_graphs
             model._v2_engine = e
         return e
-
-    _graph_setting: bool | None = None
 
     # ---- statistics ---------------------------------------------------------------------------
 
@@ -422,13 +419,14 @@ class Engine:
         """Every unit in scope computes."""
         d = Deltas(self.delta[i], self.has_ref[i], None, self.B) if deltas else None
         w, N = win.w, win.N
+        # (layout, graph tag, units fed to the layer, rows through its matmuls)
         if n_scope == N:
-            batch, tag, rows = win.dense, ("dense",), N
+            batch, tag, units, rows = win.dense, ("dense",), N, N
         elif not self.static:
             if win.scope_batch is None:
                 index = win.scope_flat.nonzero().squeeze(1)
                 win.scope_batch = UnitBatch(index, None, None, n_scope)
-            batch, tag, rows = win.scope_batch, None, n_scope
+            batch, tag, units, rows = win.scope_batch, None, n_scope, n_scope
         elif self._pays(n_scope):
             C = capacity(n_scope, N)
             if win.scope_batch is None:
@@ -437,11 +435,11 @@ class Engine:
                     ("scope", w, C), lambda: self._compact(win, win.scope_flat, C, "scope")
                 )
                 win.scope_batch.count = n_scope
-            batch, tag, rows = win.scope_batch, ("scope", C), C
-        else:
-            batch, tag, rows = win.scope_masked, ("scope_masked",), N
+            batch, tag, units, rows = win.scope_batch, ("scope", C), n_scope, C
+        else:  # masked: every unit runs, those out of scope are discarded
+            batch, tag, units, rows = win.scope_masked, ("scope_masked",), N, N
         self.graphs.run((i, w, deltas, *(tag or ())), lambda: self._step(i, win, batch, d))
-        self._count_layer(i, win, batch, units=n_scope if rows < N else N, rows=rows)
+        self._count_layer(i, win, batch, units=units, rows=rows)
         if bits is not None and deltas:
             self._ref_bits[i] |= bits
 

@@ -262,8 +262,3 @@ def settle(
     # One update of the counters: (reused, units, pairs, overflow) into this layer's column
     # (pairs and overflow are summed over layers when read).
     counters.index_add_(1, layer, torch.stack((reused, n, pairs, over)).view(4, 1))
-
-
-def identity(n: int, device) -> UnitBatch:
-    """Every unit, in place (no gather needed beyond the identity)."""
-    return UnitBatch(torch.arange(n, device=device), None, None, n)

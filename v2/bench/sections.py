@@ -6,7 +6,6 @@ import time
 
 import torch
 
-from v2 import flops
 from v2.bench.forced import skip_policies
 from v2.bench.models import ordinary_tokens, token_tensor
 from v2.bench.roofline import bytes_read, roofline
@@ -348,7 +347,3 @@ def profile(bench, name: str, model: Network, ids: TokenIds) -> None:
             )
             e.cache = None
     bench.save()
-
-
-def dense_flops(model: Network, b: int, w: int, keys: int, logit_rows: int) -> int:
-    return flops.dense_forward(model.cfg, b, w, keys, logit_rows)
