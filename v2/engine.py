@@ -178,6 +178,7 @@ class Engine:
         self.attention = attention or choose(self.device, self.dtype, model.eager_attention)
         cuda = self.device.type == "cuda"
         on = self.attention.capturable
+        self.cuda_graphs_setting = cuda_graphs  # as given (for_model compares it)
         self.graphs = GraphRunner(
             self.device, (cuda if cuda_graphs is None else cuda_graphs) and on
         )
