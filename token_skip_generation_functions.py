@@ -101,6 +101,7 @@ class TokenSkipPolicy(Policy):
         self.refresh_every = refresh_every
         self.previous: torch.Tensor | None = None  # [layers, batch, B, hidden], inputs last seen
         self.seen: torch.Tensor | None = None  # [layers, batch, B] bool
+        self._shape: tuple[int, int, int] | None = None  # (layers, batch, B) of the next block
         self.refresh = False
 
     @property
@@ -137,7 +138,7 @@ class TokenSkipPolicy(Policy):
         if not self._applies(layer):
             return None
         if self.previous is None:
-            shape = getattr(self, "_shape", (ctx.num_layers, x.shape[0], ctx.block_size))
+            shape = self._shape or (ctx.num_layers, x.shape[0], ctx.block_size)
             self.previous = x.new_zeros(*shape, x.shape[-1])
             self.seen = torch.zeros(shape, dtype=torch.bool, device=x.device)
         window = slice(ctx.window_start, ctx.window_start + ctx.window_size)

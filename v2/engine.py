@@ -46,7 +46,7 @@ from v2.layer_step import (
     Deltas,
     LayerWeights,
     Units,
-    compact,
+    compact_into,
     layer_step,
     reuse_add,
     rms_norm,
@@ -557,11 +557,7 @@ class Engine:
         )
 
     def _compact(self, win: _Window, mask: torch.Tensor, C: int, kind: str = "plan") -> None:
-        dst = win.compacted(C, kind)
-        src = self._fn("compact", compact)(mask, C, win.geo.rows)
-        dst.index.copy_(src.index)
-        dst.valid.copy_(src.valid)
-        dst.cu_q.copy_(src.cu_q)
+        self._fn("compact_into", compact_into)(mask, C, win.geo.rows, win.compacted(C, kind))
 
     def _fn(self, name: str, fn: Callable) -> Callable:
         """`fn`, compiled when the engine compiles (CUDA; compiled.py)."""

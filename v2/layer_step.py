@@ -156,8 +156,7 @@ def attention_outputs(x_all, x, o, index, valid, units, w, deltas, eps):
     n_units = x_all.shape[0] - 1
     target = index if valid is None else torch.where(valid, index, n_units)
     if deltas is not None:
-        row, t = units.row[index], units.t[index]
-        d_slot = row * deltas.block + units.block_offset + t
+        d_slot = delta_slots(units, index, deltas.block)
         if valid is not None:
             d_slot = torch.where(valid, d_slot, deltas.delta.shape[0] - 1)
         deltas.delta.index_copy_(0, d_slot, out - x)
@@ -170,14 +169,15 @@ def attention_outputs(x_all, x, o, index, valid, units, w, deltas, eps):
 def reuse_add(x_all: torch.Tensor, units: Units, deltas: Deltas) -> None:
     """x += the last update, for the units in `deltas.reuse` (their K/V stay as they are)."""
     n = x_all.shape[0] - 1
-    d_slot = unit_delta_slots(units, n, deltas.block)
+    d_slot = delta_slots(units, slice(0, n), deltas.block)
     x = x_all[:n]
     x.copy_(torch.where(deltas.reuse[:, None], x + deltas.delta[d_slot], x))
 
 
-def unit_delta_slots(units: Units, n: int, block: int) -> torch.Tensor:
-    """For each of the window's n units, its slot in a layer's delta / has_ref buffers."""
-    return units.row[:n] * block + units.block_offset + units.t[:n]
+def delta_slots(units: Units, which, block: int) -> torch.Tensor:
+    """The slots in a layer's delta / has_ref buffers of the window's units `which` (an index
+    tensor of unit ids, or a slice)."""
+    return units.row[which] * block + units.block_offset + units.t[which]
 
 
 def resolve(
@@ -199,15 +199,17 @@ def resolve(
     if has_ref is None:
         return live.view(-1), None
     n = scope.numel()
-    reuse = (plan == REUSE).view(-1) & has_ref[unit_delta_slots(units, n, block)] & live.view(-1)
+    reuse = (
+        (plan == REUSE).view(-1) & has_ref[delta_slots(units, slice(0, n), block)] & live.view(-1)
+    )
     return live.view(-1) & ~reuse, reuse
 
 
 def compact(mask: torch.Tensor, capacity: int, rows: int) -> UnitBatch:
     """The units of `mask` [N] bool (row-major) as a UnitBatch of `capacity` slots, with no host
     synchronisation: slot j holds the j-th unit of the mask, slots past the last hold the trash id
-    N. If the mask has more units than slots, the ones that do not fit are dropped; the caller
-    checks `overflow(mask, capacity)` (a device flag) where it can afford to read it."""
+    N. If the mask has more units than slots, the ones that do not fit are dropped: a caller that
+    cannot rule that out checks the count on the device (settle's overflow counter)."""
     n = mask.numel()
     rank = mask.cumsum(0) - 1
     target = torch.where(mask & (rank < capacity), rank, capacity)
@@ -218,6 +220,14 @@ def compact(mask: torch.Tensor, capacity: int, rows: int) -> UnitBatch:
     cu_q = torch.zeros(rows + 1, dtype=torch.int32, device=mask.device)
     cu_q[1:] = counts.cumsum(0).clamp(max=capacity)
     return UnitBatch(index, index < n, cu_q, None)
+
+
+def compact_into(mask: torch.Tensor, capacity: int, rows: int, out: UnitBatch) -> None:
+    """`compact`, written into the static buffers of `out` (what captured layer steps read)."""
+    b = compact(mask, capacity, rows)
+    out.index.copy_(b.index)
+    out.valid.copy_(b.valid)
+    out.cu_q.copy_(b.cu_q)
 
 
 def settle(
@@ -252,10 +262,7 @@ def settle(
     n = pairs = over = zero
     if capacity is not None:
         if capacity:
-            b = compact(compute, capacity, rows)
-            batch_out.index.copy_(b.index)
-            batch_out.valid.copy_(b.valid)
-            batch_out.cu_q.copy_(b.cu_q)
+            compact_into(compute, capacity, rows, batch_out)
         n = compute.sum()
         pairs = n * pair_keys
         over = (n > capacity).long()
