@@ -78,12 +78,20 @@ class Flash:
         # aten's FlashAttention forward (a stand-in with its signature in tests)
         self.op = op or torch.ops.aten._flash_attention_forward
 
-    def __call__(self, q, k, v, batch: UnitBatch, geo: Geometry, end: int) -> torch.Tensor:
+    @staticmethod
+    def prepare(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        """[C, H, hd] -> [C * g, kv, hd]: unit j's head kh * g + i becomes row j * g + i of KV
+        head kh. Done where q is made (the compiled half before attention), so that the copy is
+        part of the RoPE kernel rather than a kernel of its own."""
         C, H, hd = q.shape
-        kv = k.shape[1]
-        g = H // kv
-        # [C, H, hd] -> [C * g, kv, hd]: unit j's head kh * g + i is row j * g + i of KV head kh.
-        qf = q.view(C, kv, g, hd).transpose(1, 2).reshape(C * g, kv, hd)
+        g = H // kv_heads
+        return q.view(C, kv_heads, g, hd).transpose(1, 2).reshape(C * g, kv_heads, hd)
+
+    def __call__(self, qf, k, v, batch: UnitBatch, geo: Geometry, end: int) -> torch.Tensor:
+        """qf: the queries as `prepare` folds them."""
+        kv, hd = k.shape[1], k.shape[2]
+        g = qf.shape[0] // batch.index.shape[0]
+        C = qf.shape[0] // g
         cu_q = (batch.cu_q if batch.cu_q is not None else geo.dense_cu_q) * g
         trash = geo.rows * geo.max_len
         out = self.op(
@@ -110,6 +118,10 @@ class Dense:
     name = "dense"
     capturable = True
 
+    @staticmethod
+    def prepare(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        return q
+
     def __init__(self, eager: bool = False):
         self.eager = eager
 
@@ -132,6 +144,10 @@ class Dense:
 class Packed:
     name = "packed"
     capturable = False
+
+    @staticmethod
+    def prepare(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        return q
 
     def __init__(self, eager: bool = False):
         self.eager = eager

@@ -122,6 +122,7 @@ def layer_step(
         kv_heads,
         geo.max_len,
         k.shape[0] - 1,
+        attention.prepare,
     )
     k.index_copy_(0, slot, kk)
     v.index_copy_(0, slot, vv)
@@ -129,9 +130,11 @@ def layer_step(
     run(attention_outputs)(x_all, x, o, batch.index, batch.valid, units, w, deltas, eps)
 
 
-def attention_inputs(x_all, index, valid, units, w, rope, eps, heads, kv_heads, max_len, trash):
-    """Gather the units, RMSNorm, QKV projection, RoPE; and each unit's cache slot (trash for a
-    padded slot)."""
+def attention_inputs(
+    x_all, index, valid, units, w, rope, eps, heads, kv_heads, max_len, trash, prepare
+):
+    """Gather the units, RMSNorm, QKV projection, RoPE, the queries in the layout the attention
+    backend takes (`prepare`); and each unit's cache slot (trash for a padded slot)."""
     row, t = units.row[index], units.t[index]
     pos = units.start + t
     x = x_all[index]
@@ -144,7 +147,7 @@ def attention_inputs(x_all, index, valid, units, w, rope, eps, heads, kv_heads, 
     slot = row * max_len + pos
     if valid is not None:
         slot = torch.where(valid, slot, trash)
-    return x, q, kk, vv.reshape(-1, kv_heads, hd), slot
+    return x, prepare(q, kv_heads), kk, vv.reshape(-1, kv_heads, hd), slot
 
 
 def attention_outputs(x_all, x, o, index, valid, units, w, deltas, eps):
@@ -267,5 +270,8 @@ def settle(
         pairs = n * pair_keys
         over = (n > capacity).long()
     # One update of the counters: (reused, units, pairs, overflow) into this layer's column
-    # (pairs and overflow are summed over layers when read).
-    counters.index_add_(1, layer, torch.stack((reused, n, pairs, over)).view(4, 1))
+    # (pairs and overflow are summed over layers when read). Read, add, write back: an integer
+    # index_add_ is not compiled (torch.compile falls back to aten's sort-based index_put, twelve
+    # kernels with bounds-check asserts, seen on an H200), an index_copy_ is one fused kernel.
+    added = counters.index_select(1, layer) + torch.stack((reused, n, pairs, over)).view(4, 1)
+    counters.index_copy_(1, layer, added)
