@@ -137,6 +137,15 @@ class TokenSkipPolicy(Policy):
     def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         if not self._applies(layer):
             return None
+        fn, args = self._plan_call(layer, x, ctx)
+        out = (compiled(fn) if x.is_cuda else fn)(*args)
+        return None if self.refresh else out  # refresh: remember the inputs, compute everything
+
+    def device_plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext):
+        captured = self.capture_key(layer, ctx) is not None
+        return self._plan_call(layer, x, ctx) if captured else None
+
+    def _plan_call(self, layer: int, x: torch.Tensor, ctx: ForwardContext):
         if self.previous is None:
             shape = self._shape or (ctx.num_layers, x.shape[0], ctx.block_size)
             self.previous = x.new_zeros(*shape, x.shape[-1])
@@ -144,13 +153,11 @@ class TokenSkipPolicy(Policy):
         window = slice(ctx.window_start, ctx.window_start + ctx.window_size)
         state = (x, self.previous[layer, :, window], self.seen[layer, :, window])
         scope = ctx.units if ctx.units is not None else torch.ones_like(state[2])
-        run = compiled if x.is_cuda else (lambda fn: fn)
         if self.refresh:
-            run(remember)(*state, scope)  # remember this forward's inputs, compute everything
-            return None
+            return remember, (*state, scope)
         if self.reuse_ratio is not None:
-            return run(ratio_plan)(*state, scope, int(self.reuse_ratio * x.shape[1]))
-        return run(threshold_plan)(*state, scope, self.cosine_threshold)
+            return ratio_plan, (*state, scope, int(self.reuse_ratio * x.shape[1]))
+        return threshold_plan, (*state, scope, self.cosine_threshold)
 
     def config(self) -> dict:
         return {

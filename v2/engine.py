@@ -454,6 +454,18 @@ class Engine:
         )
         w, N, plan_key = win.w, win.N, ("plan", key) if captured else ("eager_plan",)
 
+        settle_args = (
+            win.scope,
+            self.has_ref[i] if self._keeps_deltas else None,
+            win.units,
+            self.B,
+            self.block_cache and w == self.B,
+            win.compute,
+            win.reuse,
+            self._counters,
+            self._layer_ids[i],
+        )
+
         def plan_and_settle(C: int | None = None):
             """The plan (captured: computed here), resolved; compacted into C slots if given."""
             plan = self.policy.plan(i, win.x_units, ctx) if captured else win.plan
@@ -464,19 +476,17 @@ class Engine:
                 pair_keys = win.geo.end if self.attention.name == "flash" else 0
                 batch = win.compacted(C) if C else None
                 extra = dict(capacity=C, rows=win.geo.rows, batch_out=batch, pair_keys=pair_keys)
-            self._fn("settle", settle)(
-                plan,
-                win.scope,
-                self.has_ref[i] if self._keeps_deltas else None,
-                win.units,
-                self.B,
-                self.block_cache and w == self.B,
-                win.compute,
-                win.reuse,
-                self._counters,
-                self._layer_ids[i],
-                **extra,
-            )
+            self._fn("settle", settle)(plan, *settle_args, **extra)
+
+        def masked():
+            """Everything runs; the plan decides what is kept. A device plan the policy hands
+            over runs inside the layer's first compiled half (its kernels fuse with the layer's)."""
+            device_plan = self.policy.device_plan(i, win.x_units, ctx) if captured else None
+            if device_plan is None:
+                plan_and_settle()
+                self._step(i, win, win.masked, d)
+            else:
+                self._step(i, win, win.masked, d, planned=(*device_plan, settle_args))
 
         if not self.static:  # exact shapes: read the plan
             plan_and_settle()
@@ -489,10 +499,7 @@ class Engine:
             elif d is not None:
                 reuse_add(win.x, win.units, d)
         elif not self._pays(n_scope):  # masked: everything runs, the plan decides what is kept
-            self.graphs.run(
-                (i, w, d is not None, "masked", *plan_key),
-                lambda: (plan_and_settle(), self._step(i, win, win.masked, d)),
-            )
+            self.graphs.run((i, w, d is not None, "masked", *plan_key), masked)
             self._count_layer(i, win, win.masked, units=N, rows=N)
         else:
             bound = self._bound(i, ctx, win, bits) if captured else None
@@ -535,7 +542,9 @@ class Engine:
 
     # ---- device work (what graphs capture) ----------------------------------------------------
 
-    def _step(self, i: int, win: _Window, batch: UnitBatch, deltas: Deltas | None) -> None:
+    def _step(
+        self, i: int, win: _Window, batch: UnitBatch, deltas: Deltas | None, planned=None
+    ) -> None:
         k, v = self.cache.layer(i)
         cfg = self.cfg
         layer_step(
@@ -554,6 +563,7 @@ class Engine:
             cfg.num_attention_heads,
             cfg.num_key_value_heads,
             compiled if self.compiled else None,
+            planned,
         )
 
     def _compact(self, win: _Window, mask: torch.Tensor, C: int, kind: str = "plan") -> None:

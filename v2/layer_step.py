@@ -102,15 +102,24 @@ def layer_step(
     heads: int,
     kv_heads: int,
     compile_fn=None,
+    planned: tuple | None = None,
 ) -> None:
     """Run the layer on `batch`'s units of `x_all` in place (module docstring). k, v: the layer's
     cache [slots + 1, kv_heads, head_dim]; rope: cos, sin tables [positions, head_dim].
     `compile_fn` (compiled.compiled on CUDA) compiles the two elementwise-heavy halves; the K/V
     write and the attention call between them stay plain in-place calls, so the cache is written
     where it lives (a compiled in-place write into a tensor that an opaque kernel then reads was
-    seen to copy the whole cache)."""
+    seen to copy the whole cache).
+
+    `planned` = (plan_fn, plan_args, settle_args): a policy's device plan and `settle`'s arguments
+    after the plan, run first in the same compiled half (masked layout: the plan's `compute`
+    is the batch's `valid`), so that the plan's kernels fuse with the layer's."""
     run = compile_fn or (lambda fn: fn)
-    x, q, kk, vv, slot = run(attention_inputs)(
+    inputs, first = attention_inputs, ()
+    if planned is not None:
+        inputs, first = planned_inputs, planned
+    x, q, kk, vv, slot = run(inputs)(
+        *first,
         x_all,
         batch.index,
         batch.valid,
@@ -148,6 +157,13 @@ def attention_inputs(
     if valid is not None:
         slot = torch.where(valid, slot, trash)
     return x, prepare(q, kv_heads), kk, vv.reshape(-1, kv_heads, hd), slot
+
+
+def planned_inputs(plan_fn, plan_args, settle_args, x_all, index, valid, *rest):
+    """A device plan, settled, then `attention_inputs` on the units it computes (`valid` is
+    settle's output buffer; the value is passed on directly, not read back)."""
+    compute = settle(plan_fn(*plan_args), *settle_args)
+    return attention_inputs(x_all, index, compute, *rest)
 
 
 def attention_outputs(x_all, x, o, index, valid, units, w, deltas, eps):
@@ -248,13 +264,13 @@ def settle(
     rows: int = 0,
     batch_out: UnitBatch | None = None,
     pair_keys: torch.Tensor | int | None = None,
-) -> None:
+) -> torch.Tensor:
     """All of a planned layer's bookkeeping in one function (one compiled graph on CUDA): the
     plan resolved into `compute_out` / `reuse_out`; the units reused counted; and, given a
     `capacity`, the computed units compacted into `batch_out`'s buffers, with the units, the
     overflow flag and the attention pairs (n x `pair_keys`) counted on the device. `counters`
     [4, layers] long: reused, executed units, attention pairs, overflows; `layer` [1]: this
-    layer's column."""
+    layer's column. Returns the units to compute ([N] bool, what `compute_out` now holds)."""
     compute, reuse = resolve(plan, scope, has_ref, units, block, full_window)
     compute_out.copy_(compute)
     zero = compute.new_zeros((), dtype=torch.long)
@@ -270,8 +286,10 @@ def settle(
         pairs = n * pair_keys
         over = (n > capacity).long()
     # One update of the counters: (reused, units, pairs, overflow) into this layer's column
-    # (pairs and overflow are summed over layers when read). Read, add, write back: an integer
-    # index_add_ is not compiled (torch.compile falls back to aten's sort-based index_put, twelve
-    # kernels with bounds-check asserts, seen on an H200), an index_copy_ is one fused kernel.
-    added = counters.index_select(1, layer) + torch.stack((reused, n, pairs, over)).view(4, 1)
-    counters.index_copy_(1, layer, added)
+    # (pairs and overflow are summed over layers when read), as one elementwise kernel: an
+    # integer index_add_ is not compiled (torch.compile falls back to aten's sort-based
+    # index_put, twelve kernels with bounds-check asserts, seen on an H200).
+    column = torch.arange(counters.shape[1], device=counters.device) == layer
+    added = torch.stack((reused, n, pairs, over)).view(4, 1)
+    counters.copy_(torch.where(column, counters + added, counters))
+    return compute

@@ -80,6 +80,13 @@ class Policy:
         engine's buffer, overwritten by the layer: copy what must outlive the call."""
         return None
 
+    def device_plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext):
+        """For a captured plan, optionally: `(fn, args)` with `fn(*args)` doing exactly what
+        `plan` does, `fn` a plain function of tensors and numbers (the same object every call).
+        The engine may then run it inside its own compiled layer step, where its reductions share
+        kernels with the layer's (the cosine with the RMSNorm). None: the engine calls `plan`."""
+        return None
+
     def capture_key(self, layer: int, ctx: ForwardContext):
         """None: call `plan` eagerly for this layer. Otherwise a hashable that, with the layer,
         determines the device work `plan` does for it (module docstring)."""
