@@ -372,11 +372,14 @@ def _accuracy(correct: list[bool]) -> dict[str, float]:
 def score(lm, texts, gold, config, batch_size: int, make_policy=None, desc: str | None = None):
     """Decode `texts` (chat template) in batches and score them: per problem, whether the strict
     and the flexible answer equal `gold`, and the batches' summed statistics. `make_policy`
-    builds a fresh policy per batch (None: no policy); `desc` shows a progress bar."""
+    builds the policy (None: no policy), once: policies reset their state at every block, and
+    the model's engine keeps its CUDA graphs only for the policy object it was built with (a
+    fresh policy per batch re-captured every batch: on the GPU, token skipping measured at
+    0.43x the baseline's tokens/s that way). `desc` shows a progress bar."""
     strict, flexible, stats = [], [], None
     starts = range(0, len(texts), batch_size)
+    policy = make_policy() if make_policy else None
     for start in tqdm(starts, desc=desc) if desc else starts:
-        policy = make_policy() if make_policy else None
         result = lm.generate(texts[start : start + batch_size], config, policy, chat=True)
         for out, ref in zip(result.outputs, gold[start : start + batch_size], strict=True):
             s, f = extract_answers(out.text)
