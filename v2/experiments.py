@@ -498,22 +498,16 @@ class SlurmView:
 
     def ask(self, job: str) -> None:
         base = job.split("_")[0]
-        if base in self.asked:
+        if base in self.asked or not self.has_squeue:
             return
         self.asked.add(base)
-        if self.has_squeue:
-            argv = ["squeue", "-h", "-r", "-t", "all", "-j", base, "-o", "%i|%T|%r"]
-            for line in self._lines(argv):
-                jid, state, reason = (line.strip().split("|") + ["", ""])[:3]
-                if state in SLURM_FINAL:
-                    self.ended[jid] = state
-                elif state:
-                    self.queued[jid] = (state, "" if reason == "None" else reason)
-        if self.has_sacct and not any(j.split("_")[0] == base for j in (*self.queued, *self.ended)):
-            argv = ["sacct", "-n", "-X", "-P", "-j", base, "-o", "JobID,State"]
-            for line in self._lines(argv):
-                jid, _, state = line.strip().partition("|")
-                self.ended.setdefault(jid, state.split()[0] if state.split() else "")
+        argv = ["squeue", "-h", "-r", "-t", "all", "-j", base, "-o", "%i|%T|%r"]
+        for line in self._lines(argv):
+            jid, state, reason = (line.strip().split("|") + ["", ""])[:3]
+            if state in SLURM_FINAL:
+                self.ended[jid] = state
+            elif state:
+                self.queued[jid] = (state, "" if reason == "None" else reason)
 
     def queue_state(self, job: str) -> tuple[str, str] | None:
         """(state, reason) while squeue lists the job as live, else None."""
@@ -521,7 +515,15 @@ class SlurmView:
         return self.queued.get(job)
 
     def final_state(self, job: str) -> str | None:
+        """How the job ended: squeue's word while it still lists it, else sacct's, if any."""
         self.ask(job)
+        base = job.split("_")[0]
+        if job not in self.ended and self.has_sacct and "sacct:" + base not in self.asked:
+            self.asked.add("sacct:" + base)
+            argv = ["sacct", "-n", "-X", "-P", "-j", base, "-o", "JobID,State"]
+            for line in self._lines(argv):
+                jid, _, state = line.strip().partition("|")
+                self.ended.setdefault(jid, state.split()[0] if state.split() else "")
         return self.ended.get(job)
 
 
@@ -1174,7 +1176,7 @@ def task_main(argv: list[str], eval_cmd: list[str] | None = None) -> int:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     restart = os.environ.get("SLURM_RESTART_COUNT", 0)
-    _log(f"{task['config_id']} on {HOST}, job {job}, restart {restart}")
+    _log(f"{task['config_id']} on {HOST}, job {job}, restart {restart}, code {REPO}")
     return run_task(task, eval_cmd=eval_cmd, port=main_process_port())
 
 
