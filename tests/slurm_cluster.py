@@ -8,7 +8,7 @@ as they are: SlurmdParameters=config_overrides lets slurmd announce more than th
 and the GPUs are character devices made with mknod (SLURM rejects plain files) that jobs see
 through CUDA_VISIBLE_DEVICES. No accounting (no slurmdbd): sacct exits 1, as the runner expects.
 
-    python tests/slurm_cluster.py DIR     # start one by hand; prints `export SLURM_CONF=...`
+    python tests/slurm_cluster.py DIR     # start one by hand; prints how to use and stop it
 
 /work/shared/design/traps.md has what was checked about starting it on this kind of machine.
 """
@@ -215,4 +215,5 @@ if __name__ == "__main__":
         sys.exit(reason)
     c = Cluster(Path(sys.argv[1]).resolve())
     c.start()
-    print(f"export SLURM_CONF={c.conf}   # stop: scancel -u $USER; scontrol shutdown; kill munged")
+    print(f"export SLURM_CONF={c.conf}")
+    print(f"# to stop it: scancel -u $USER; scontrol shutdown; kill $(cat {c.root}/munged.pid)")
