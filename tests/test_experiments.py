@@ -595,6 +595,30 @@ def test_local_runner_killed_while_its_evaluation_goes_on(tmp_path, fake_eval, m
     assert set(state_map(sweep).values()) == {"done"}
 
 
+def test_sigterm_stops_the_evaluation_and_leaves_a_failed_marker(tmp_path, fake_eval, monkeypatch):
+    """SIGTERM (how SLURM ends a task on scancel, time limit or requeue) to a runner: its
+    evaluation is stopped, FAILED says why, and the runner ends there, not with the next one."""
+    path = write_sweep(tmp_path, 2)
+    results = tmp_path / "results"
+    sweep = ex.load_sweep(path, results)
+    monkeypatch.setenv("FAKE_EVAL_SLEEP", "60")
+    cmd = [sys.executable, "-m", "v2.experiments", str(path), "--local", "--results", str(results)]
+    runner = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+    first = sweep.run_dir("baseline", None)
+    deadline = time.time() + 60
+    while "child_pid" not in (ex.read_marker(first, ex.RUNNING) or {}):
+        assert runner.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    child = ex.read_marker(first, ex.RUNNING)["child_pid"]
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=60) == -signal.SIGTERM
+    assert not ex.pid_alive(child)
+    failed = ex.read_marker(first, ex.FAILED)
+    assert failed["rc"] == 143 and failed["reason"].startswith("stopped by SIGTERM")
+    assert state_map(sweep) == {"baseline": "failed", "token_ct0.95": "missing"}
+    assert not sweep.run_dir("token_ct0.95", None).exists()  # never started
+
+
 def test_cpu_limit_and_status_table(tmp_path, fake_eval, capsys):
     path = write_sweep(tmp_path, 3, limit_cpu=2)
     results = tmp_path / "results"

@@ -629,20 +629,21 @@ def run_task(
             out.flush()
         else:
             _log(f"{task['config_id']}: {shlex.join(argv)}")
-        try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=task["cwd"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT if out else None,
-            )
-        except OSError as e:
-            _write_failed(run_dir, {"rc": None, "reason": f"cannot start: {e}"})
-            return 127
-        write_marker(run_dir, RUNNING, {**marker, "child_pid": proc.pid})
+        proc = None
         try:
             with _sigterm_raises():
+                try:
+                    proc = subprocess.Popen(
+                        argv,
+                        cwd=task["cwd"],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT if out else None,
+                    )
+                except OSError as e:
+                    _write_failed(run_dir, {"rc": None, "reason": f"cannot start: {e}"})
+                    return 127
+                write_marker(run_dir, RUNNING, {**marker, "child_pid": proc.pid})
                 while True:
                     try:
                         rc = proc.wait(timeout=HEARTBEAT_S)
@@ -653,11 +654,13 @@ def run_task(
             # scancel, a time limit, preemption or a requeue: SLURM sends SIGTERM to the job's
             # processes (SIGKILL KillWait seconds later). Say so in a FAILED marker, which
             # --status shows; a requeued task is pending again and removes it when it starts.
-            _stop(proc)
+            if proc is not None:
+                _stop(proc)
             name = signal.Signals(e.signum).name
             reason = f"stopped by {name} (scancel, time limit, preemption or requeue)"
             _write_failed(run_dir, {"rc": 128 + e.signum, "reason": reason, **marker})
             _log(f"{task['config_id']}: {reason}")
+            signal.raise_signal(e.signum)  # then end as SIGTERM would have: no next configuration
             return 128 + e.signum
     # The evaluation has ended: from here on RUNNING would be a lie (its pid is this process,
     # alive while a local runner goes on with the next configuration), so FAILED replaces it.
