@@ -12,4 +12,4 @@ set -euo pipefail
 MANIFEST="${1:?usage: sbatch ... sbatch/array_job.sh MANIFEST}"
 : "${SLURM_ARRAY_TASK_ID:?not inside a SLURM array task}"
 source sbatch/job_env.sh
-exec python -m v2.experiments task "${MANIFEST}" "${SLURM_ARRAY_TASK_ID}"
+exec "${FDLLM_JOB_PYTHON}" -m v2.experiments task "${MANIFEST}" "${SLURM_ARRAY_TASK_ID}"

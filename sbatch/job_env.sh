@@ -15,6 +15,15 @@ elif [[ -n "${FDLLM_ACTIVATE}" ]]; then
     eval "${FDLLM_ACTIVATE}"
 fi
 
+# The job's interpreter, FDLLM_JOB_PYTHON: `python` of the environment entered above; without one,
+# the interpreter that submitted the job (FDLLM_SUBMIT_PYTHON, set by `python -m v2.experiments`
+# and run_single.sh: the packages that submitted it run it, whatever `python` on PATH is).
+if [[ -n "${FDLLM_MODULES}${FDLLM_ACTIVATE}" || "${FDLLM_TMPDIR_VENV}" == 1 ]]; then
+    FDLLM_JOB_PYTHON=python
+else
+    FDLLM_JOB_PYTHON="${FDLLM_SUBMIT_PYTHON:-python}"
+fi
+
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE-1}"
 export HF_DATASETS_OFFLINE="${HF_DATASETS_OFFLINE-1}"
 if [[ -n "${FDLLM_DATASETS_SEED}" ]]; then
@@ -25,5 +34,5 @@ if [[ -n "${FDLLM_DATASETS_SEED}" ]]; then
     fi
     export HF_DATASETS_CACHE="${_cache}"
 fi
-echo "[job_env] $(hostname) job ${SLURM_JOB_ID:-?} python $(command -v python)" \
+echo "[job_env] $(hostname) job ${SLURM_JOB_ID:-?} python $(command -v "${FDLLM_JOB_PYTHON}")" \
     "HF_HUB_OFFLINE=${HF_HUB_OFFLINE} HF_DATASETS_CACHE=${HF_DATASETS_CACHE:-default}"

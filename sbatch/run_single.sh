@@ -21,8 +21,11 @@ if [[ -z "${SLURM_JOB_ID:-}" ]]; then
     cd "$(dirname "${SCRIPT}")/.."
     LINES="$("${PYTHON:-python}" -m v2.experiments sbatch-args "${SWEEP}" "$2")"  # or stop here
     mapfile -t FLAGS <<<"${LINES}"
+    # the job runs this interpreter unless cluster.env names an environment (job_env.sh)
+    FDLLM_SUBMIT_PYTHON="$("${PYTHON:-python}" -c 'import sys; print(sys.executable)')"
+    export FDLLM_SUBMIT_PYTHON
     exec sbatch "${FLAGS[@]}" --chdir="${PWD}" "${SCRIPT}" "${SWEEP}" "${@:2}"
 fi
 cd "${SLURM_SUBMIT_DIR}"
 source sbatch/job_env.sh
-exec python -m v2.experiments task --sweep "$1" --id "$2" "${@:3}"
+exec "${FDLLM_JOB_PYTHON}" -m v2.experiments task --sweep "$1" --id "$2" "${@:3}"

@@ -1,8 +1,11 @@
 """v2.experiments: sweep files, state markers, local runs that survive crashes, SLURM arrays.
 
-SLURM is faked: `sbatch`, `squeue` and `sacct` are small scripts on PATH that record their
-arguments; the evaluation is a fake script (FAST_DLLM_EVAL_CMD) that writes a summary.json in the
-adapter's schema and can crash, or kill the runner, once. The last test runs the real adapter
+SLURM is faked here: `sbatch`, `squeue` and `sacct` are small scripts on PATH that record their
+arguments and answer as the real ones do (tests/test_slurm.py runs the same runner against a real
+one-node cluster): `squeue -t all -r` prints one `id|state|reason` line per array task, finished
+ones only with `-t all`; sacct knows jobs squeue has forgotten. The evaluation is a fake script
+(FAST_DLLM_EVAL_CMD) that writes a summary.json in the adapter's schema and can crash, or kill
+the runner, once. The last test runs the real adapter
 (v2/eval.py) on the committed tiny model when it exists.
 """
 
@@ -84,8 +87,11 @@ if name == "sbatch":
 else:
     job = sys.argv[sys.argv.index("-j") + 1]
     out = d / (name + ".out")
+    ended = {{"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}}
+    everything = name == "sacct" or sys.argv[sys.argv.index("-t") + 1] == "all"
     for line in out.read_text().splitlines() if out.exists() else []:
-        if line.split("|")[0].split("_")[0] == job:
+        fields = line.split("|")
+        if fields[0].split("_")[0] == job and (everything or fields[1] not in ended):
             print(line)
 """
 
@@ -135,6 +141,8 @@ def slurm(tmp_path, monkeypatch) -> Path:
         (d / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{d}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_SLURM_DIR", str(d))
+    (d / "slurm.conf").write_text("# read by no one: the runner submits when SLURM_CONF is set\n")
+    monkeypatch.setenv("SLURM_CONF", str(d / "slurm.conf"))
     monkeypatch.setenv("FDLLM_ACCOUNT", "gts-test")
     monkeypatch.delenv("FDLLM_ARRAY_CAP", raising=False)
     return d
@@ -234,9 +242,9 @@ def test_command_of_one_configuration(tmp_path):
     assert args[args.index("--limit") + 1] == "4"
     task = ex.make_task(sweep, token, None, 2)
     argv = ex.eval_argv(task, port=29511)
-    assert argv[:7] == ["accelerate", "launch", "--multi_gpu", "--num_processes", "2",
-                        "--main_process_port", "29511"]  # fmt: skip
-    assert argv[7] == "v2/eval.py" and "--limit" not in argv
+    assert argv[:8] == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                        "--num_processes", "2", "--main_process_port", "29511"]  # fmt: skip
+    assert argv[8] == "v2/eval.py" and "--limit" not in argv
     assert ex.eval_argv({**task, "num_processes": 1})[:2] == [sys.executable, "v2/eval.py"]
 
 
@@ -299,6 +307,25 @@ def test_state_of_a_local_run_inside_an_allocation(tmp_path, slurm):
     assert ex.config_state(run_dir, ex.SlurmView()) == ex.State("running", "slurm 4242 RUNNING")
     (slurm / "squeue.out").write_text("")
     assert ex.config_state(run_dir, ex.SlurmView()).state == "missing"  # squeue: it has ended
+    (slurm / "squeue.out").write_text("4242|TIMEOUT|None\n")  # -t all: ended, for MinJobAge
+    assert ex.config_state(run_dir, ex.SlurmView()) == ex.State("failed", "slurm 4242 TIMEOUT")
+
+
+def test_sbatch_without_a_cluster_runs_here(tmp_path, monkeypatch):
+    """The SLURM client alone (as the tests install it) is no cluster: no SLURM_CONF, no
+    slurm.conf and an sinfo that fails mean running here; a configless cluster's sinfo works."""
+    for name, rc in (("sbatch", 0), ("sinfo", 1)):
+        (tmp_path / name).write_text(f"#!/bin/sh\nexit {rc}\n")
+        (tmp_path / name).chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    monkeypatch.setattr(ex, "SLURM_CONF_PATHS", (str(tmp_path / "slurm.conf"),))
+    assert not ex.slurm_available() and not ex.use_slurm(local=False)
+    (tmp_path / "sinfo").write_text("#!/bin/sh\nexit 0\n")
+    assert ex.slurm_available()
+    (tmp_path / "sinfo").unlink()
+    (tmp_path / "slurm.conf").write_text("")
+    assert ex.use_slurm(local=False) and not ex.use_slurm(local=True)
 
 
 def test_limit_results_never_count(tmp_path, fake_eval, slurm):
@@ -352,12 +379,13 @@ def test_array_covers_exactly_what_is_not_done(tmp_path, slurm, capsys):
     assert not (sweep.run_dir("layer_ct0.99", None) / ex.FAILED).exists()
 
     (slurm / "squeue.out").write_text(
-        "500_1|RUNNING\n777_2|PENDING\n777_3|RUNNING\n777_4|PENDING\n"
+        "500_1|RUNNING|None\n777_2|PENDING|Priority\n777_3|RUNNING|None\n777_4|PENDING|Priority\n"
     )
     capsys.readouterr()
     assert ex.main([str(path), "--status", "--results", str(results)]) == 0
     out = capsys.readouterr().out
-    assert "1 done, 4 running, 0 failed, 0 missing of 5" in out and "slurm 777_3 RUNNING" in out
+    assert "1 done, 2 pending, 2 running, 0 failed, 0 missing of 5" in out
+    assert "slurm 777_3 RUNNING" in out and "slurm 777_2 PENDING (Priority)" in out
     assert ex.main([str(path), "--results", str(results)]) == 0  # nothing left to submit
     assert len(calls(slurm, "sbatch")) == 1
 
@@ -567,6 +595,30 @@ def test_local_runner_killed_while_its_evaluation_goes_on(tmp_path, fake_eval, m
     assert set(state_map(sweep).values()) == {"done"}
 
 
+def test_sigterm_stops_the_evaluation_and_leaves_a_failed_marker(tmp_path, fake_eval, monkeypatch):
+    """SIGTERM (how SLURM ends a task on scancel, time limit or requeue) to a runner: its
+    evaluation is stopped, FAILED says why, and the runner ends there, not with the next one."""
+    path = write_sweep(tmp_path, 2)
+    results = tmp_path / "results"
+    sweep = ex.load_sweep(path, results)
+    monkeypatch.setenv("FAKE_EVAL_SLEEP", "60")
+    cmd = [sys.executable, "-m", "v2.experiments", str(path), "--local", "--results", str(results)]
+    runner = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+    first = sweep.run_dir("baseline", None)
+    deadline = time.time() + 60
+    while "child_pid" not in (ex.read_marker(first, ex.RUNNING) or {}):
+        assert runner.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    child = ex.read_marker(first, ex.RUNNING)["child_pid"]
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=60) == -signal.SIGTERM
+    assert not ex.pid_alive(child)
+    failed = ex.read_marker(first, ex.FAILED)
+    assert failed["rc"] == 143 and failed["reason"].startswith("stopped by SIGTERM")
+    assert state_map(sweep) == {"baseline": "failed", "token_ct0.95": "missing"}
+    assert not sweep.run_dir("token_ct0.95", None).exists()  # never started
+
+
 def test_cpu_limit_and_status_table(tmp_path, fake_eval, capsys):
     path = write_sweep(tmp_path, 3, limit_cpu=2)
     results = tmp_path / "results"
@@ -584,10 +636,10 @@ def test_cpu_limit_and_status_table(tmp_path, fake_eval, capsys):
     shown = f"{100 * m['value']:.2f} ± {100 * m['stderr']:.2f}"
     assert shown == "99.00 ± 9.95" and "done" in lines["baseline"] and shown in lines["baseline"]
     assert "60.0" in lines["token_ct0.95"] and "20.0% / 20.0%" in lines["token_ct0.95"]
-    assert "3 done, 0 running, 0 failed, 0 missing of 3" in out
+    assert "3 done, 0 pending, 0 running, 0 failed, 0 missing of 3" in out
     # without --local and no sbatch a plain command runs here, so --status shows the same runs
     assert ex.main([str(path), "--status", "--results", str(results), "--only", "baseline"]) == 0
-    assert "1 done, 0 running, 0 failed, 0 missing of 1" in capsys.readouterr().out
+    assert "1 done, 0 pending, 0 running, 0 failed, 0 missing of 1" in capsys.readouterr().out
 
 
 def test_cpu_smoke_results_do_not_count_on_the_cluster(tmp_path, fake_eval, slurm, capsys):
@@ -597,7 +649,7 @@ def test_cpu_smoke_results_do_not_count_on_the_cluster(tmp_path, fake_eval, slur
     assert (results / "fake/_limit2/baseline/DONE").exists()
     capsys.readouterr()
     assert ex.main([str(path), "--status", "--results", str(results)]) == 0  # sbatch: full runs
-    assert "0 done, 0 running, 0 failed, 3 missing of 3" in capsys.readouterr().out
+    assert "0 done, 0 pending, 0 running, 0 failed, 3 missing of 3" in capsys.readouterr().out
     assert ex.main([str(path), "--results", str(results)]) == 0
     assert flag(calls(slurm, "sbatch")[0], "--array") == "0-2%4"
     manifest = json.loads(Path(calls(slurm, "sbatch")[0][-1]).read_text())

@@ -15,14 +15,18 @@ Layout: results/<sweep>/<config_id>/ holds one configuration's lm_eval output
 State of a configuration:
 - done: DONE exists. It is written (temp file + os.replace) only after the run exited 0 and its
   summary.json was found and checked (schema, tasks, limit, policy);
-- running: a RUNNING or SUBMITTED marker names a SLURM job that squeue still lists, or a process
-  on this host that is alive (or, on another host, that touched its marker in the last minutes);
-- failed: a FAILED marker (non-zero exit or a bad summary), or sacct says the marker's job ended
-  FAILED / CANCELLED / TIMEOUT / OUT_OF_MEMORY / NODE_FAIL / ...;
+- pending: a SUBMITTED (or RUNNING) marker names a SLURM job that squeue lists as waiting
+  (PENDING, e.g. held, waiting for resources, or requeued);
+- running: such a job that squeue lists in any other live state, or a process on this host that
+  is alive (or, on another host, that touched its marker in the last minutes);
+- failed: a FAILED marker (non-zero exit, a bad summary, or the task stopped by a signal:
+  scancel, time limit, preemption), or squeue (for MinJobAge after the end) or sacct says the
+  marker's job ended FAILED / CANCELLED / TIMEOUT / OUT_OF_MEMORY / NODE_FAIL / ...;
 - missing: anything else.
 A plain run starts every configuration that is missing or failed (a failed one resumes from its
 request cache); --force [ID ...] moves the old results to results/<sweep>/_replaced/ first and
-runs again from scratch. Running configurations are never started twice.
+runs again from scratch. Pending and running configurations are never started twice. The runner
+needs squeue, not sacct (SLURM accounting).
 
 The command that evaluates one configuration is `python v2/eval.py ...` (`accelerate launch` with
 more than one GPU); FAST_DLLM_EVAL_CMD (or the eval_cmd argument) replaces the launcher and entry,
@@ -38,9 +42,11 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +60,9 @@ EVAL_CMD_ENV = "FAST_DLLM_EVAL_CMD"
 NUM_GPUS_ENV = "FAST_DLLM_NUM_GPUS"
 
 DONE, RUNNING, FAILED, SUBMITTED = "DONE", "RUNNING", "FAILED", "SUBMITTED"
-STATES = ("done", "running", "failed", "missing")
+STATES = ("done", "pending", "running", "failed", "missing")
+# squeue states of a job that waits to start (again); other live states count as running
+SLURM_WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "STOPPED"}
 SLURM_FAILED = {
     "FAILED",
     "CANCELLED",
@@ -65,6 +73,7 @@ SLURM_FAILED = {
     "DEADLINE",
     "PREEMPTED",
 }
+SLURM_FINAL = SLURM_FAILED | {"COMPLETED", "REVOKED"}
 HEARTBEAT_S = 30  # a running task touches its RUNNING marker this often
 STALE_S = 300  # ... and a marker untouched for longer, on a host we cannot check, is dead
 HOST = socket.gethostname()
@@ -375,7 +384,9 @@ def eval_argv(task: dict, eval_cmd: list[str] | None = None, port: int | None = 
     if eval_cmd:
         prefix = list(eval_cmd)
     elif task["num_processes"] > 1:
-        prefix = ["accelerate", "launch", "--multi_gpu", "--num_processes"]
+        # `accelerate launch` of this interpreter's accelerate (no `accelerate` on PATH needed)
+        prefix = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
+        prefix.append("--num_processes")
         prefix += [str(task["num_processes"]), "--main_process_port", str(port or free_port())]
         prefix.append(task["entry"])
     else:
@@ -464,11 +475,15 @@ def slurm_job_here() -> str | None:
 
 
 class SlurmView:
-    """squeue and sacct, asked once per job id and only when a marker names a job."""
+    """squeue (and sacct, where SLURM keeps accounting), asked once per job id and only when a
+    marker names a job. `squeue -t all -r` lists every task of an array, one a line, with its
+    live state (PENDING, RUNNING, ...) or, for MinJobAge (300 s by default) after the end, its
+    final one; sacct, where it works, knows ended jobs for longer. Without accounting sacct
+    exits 1 and tells nothing: the runner does not need it."""
 
     def __init__(self) -> None:
-        self.queued: dict[str, str] = {}
-        self.accounted: dict[str, str] = {}
+        self.queued: dict[str, tuple[str, str]] = {}  # live: job -> (state, reason)
+        self.ended: dict[str, str] = {}  # job -> final state
         self.asked: set[str] = set()
         self.has_squeue = shutil.which("squeue") is not None
         self.has_sacct = shutil.which("sacct") is not None
@@ -483,32 +498,45 @@ class SlurmView:
 
     def ask(self, job: str) -> None:
         base = job.split("_")[0]
-        if base in self.asked:
+        if base in self.asked or not self.has_squeue:
             return
         self.asked.add(base)
-        if self.has_squeue:
-            for line in self._lines(["squeue", "-h", "-r", "-j", base, "-o", "%i|%T"]):
-                jid, _, state = line.strip().partition("|")
-                self.queued[jid] = state
-        if self.has_sacct:
-            argv = ["sacct", "-n", "-X", "-P", "-j", base, "-o", "JobID,State"]
-            for line in self._lines(argv):
-                jid, _, state = line.strip().partition("|")
-                self.accounted[jid] = state.split()[0] if state.split() else ""
+        argv = ["squeue", "-h", "-r", "-t", "all", "-j", base, "-o", "%i|%T|%r"]
+        for line in self._lines(argv):
+            jid, state, reason = (line.strip().split("|") + ["", ""])[:3]
+            if state in SLURM_FINAL:
+                self.ended[jid] = state
+            elif state:
+                self.queued[jid] = (state, "" if reason == "None" else reason)
 
-    def queue_state(self, job: str) -> str | None:
+    def queue_state(self, job: str) -> tuple[str, str] | None:
+        """(state, reason) while squeue lists the job as live, else None."""
         self.ask(job)
         return self.queued.get(job)
 
     def final_state(self, job: str) -> str | None:
+        """How the job ended: squeue's word while it still lists it, else sacct's, if any."""
         self.ask(job)
-        return self.accounted.get(job)
+        base = job.split("_")[0]
+        if job not in self.ended and self.has_sacct and "sacct:" + base not in self.asked:
+            self.asked.add("sacct:" + base)
+            argv = ["sacct", "-n", "-X", "-P", "-j", base, "-o", "JobID,State"]
+            for line in self._lines(argv):
+                jid, _, state = line.strip().partition("|")
+                self.ended.setdefault(jid, state.split()[0] if state.split() else "")
+        return self.ended.get(job)
 
 
 @dataclass
 class State:
-    state: str  # done | running | failed | missing
+    state: str  # done | pending | running | failed | missing
     note: str = ""
+
+
+def _queued_state(job: str, queued: tuple[str, str]) -> State:
+    state, reason = queued
+    note = f"slurm {job} {state}" + (f" ({reason})" if reason else "")
+    return State("pending" if state in SLURM_WAITING else "running", note)
 
 
 def config_state(run_dir: Path, slurm: SlurmView) -> State:
@@ -523,8 +551,8 @@ def config_state(run_dir: Path, slurm: SlurmView) -> State:
             return State("running", f"pid {running.get('child_pid') or running.get('pid')}")
     elif running and running.get("slurm_job") and slurm.has_squeue:
         job = running["slurm_job"]
-        if st := slurm.queue_state(job):
-            return State("running", f"slurm {job} {st}")
+        if queued := slurm.queue_state(job):
+            return _queued_state(job, queued)
     elif running:  # another host and no way to ask: trust a recent heartbeat
         try:
             age = time.time() - (run_dir / RUNNING).stat().st_mtime
@@ -533,8 +561,8 @@ def config_state(run_dir: Path, slurm: SlurmView) -> State:
         if age < STALE_S:
             return State("running", f"on {running.get('host')} ({age:.0f} s since heartbeat)")
     job = (submitted or {}).get("slurm_job")
-    if job and (st := slurm.queue_state(job)):
-        return State("running", f"slurm {job} {st}")
+    if job and (queued := slurm.queue_state(job)):  # e.g. requeued: pending again
+        return _queued_state(job, queued)
     failed = read_marker(run_dir, FAILED)
     if failed:
         return State("failed", failed.get("reason", ""))
@@ -601,24 +629,39 @@ def run_task(
             out.flush()
         else:
             _log(f"{task['config_id']}: {shlex.join(argv)}")
+        proc = None
         try:
-            proc = subprocess.Popen(
-                argv,
-                cwd=task["cwd"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT if out else None,
-            )
-        except OSError as e:
-            _write_failed(run_dir, {"rc": None, "reason": f"cannot start: {e}"})
-            return 127
-        write_marker(run_dir, RUNNING, {**marker, "child_pid": proc.pid})
-        while True:
-            try:
-                rc = proc.wait(timeout=HEARTBEAT_S)
-                break
-            except subprocess.TimeoutExpired:
-                os.utime(run_dir / RUNNING)
+            with _sigterm_raises():
+                try:
+                    proc = subprocess.Popen(
+                        argv,
+                        cwd=task["cwd"],
+                        env=env,
+                        stdout=out,
+                        stderr=subprocess.STDOUT if out else None,
+                    )
+                except OSError as e:
+                    _write_failed(run_dir, {"rc": None, "reason": f"cannot start: {e}"})
+                    return 127
+                write_marker(run_dir, RUNNING, {**marker, "child_pid": proc.pid})
+                while True:
+                    try:
+                        rc = proc.wait(timeout=HEARTBEAT_S)
+                        break
+                    except subprocess.TimeoutExpired:
+                        os.utime(run_dir / RUNNING)
+        except Stopped as e:
+            # scancel, a time limit, preemption or a requeue: SLURM sends SIGTERM to the job's
+            # processes (SIGKILL KillWait seconds later). Say so in a FAILED marker, which
+            # --status shows; a requeued task is pending again and removes it when it starts.
+            if proc is not None:
+                _stop(proc)
+            name = signal.Signals(e.signum).name
+            reason = f"stopped by {name} (scancel, time limit, preemption or requeue)"
+            _write_failed(run_dir, {"rc": 128 + e.signum, "reason": reason, **marker})
+            _log(f"{task['config_id']}: {reason}")
+            signal.raise_signal(e.signum)  # then end as SIGTERM would have: no next configuration
+            return 128 + e.signum
     # The evaluation has ended: from here on RUNNING would be a lie (its pid is this process,
     # alive while a local runner goes on with the next configuration), so FAILED replaces it.
     if rc != 0:
@@ -633,6 +676,40 @@ def run_task(
         return 1
     _write_done(run_dir, task, summary, started, resumed_from_cache=resumed)
     return 0
+
+
+class Stopped(Exception):
+    """The runner got SIGTERM."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises Stopped while inside (main thread only: elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Stopped(signum)
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _write_failed(run_dir: Path, data: dict) -> None:
@@ -744,7 +821,11 @@ def submit_array(
     created = time.strftime("%Y-%m-%d %H:%M:%S")
     data = {"sweep": sweep.name, "sweep_file": str(sweep.file), "created": created, "limit": limit}
     manifest.write_text(json.dumps({**data, "array": spec, "tasks": tasks}, indent=1))
-    r = subprocess.run(argv, capture_output=True, text=True)
+    # The job inherits this environment (sbatch's default --export=ALL) and, unless cluster.env
+    # names an environment to enter, runs this interpreter (sbatch/job_env.sh): the packages
+    # that submitted the sweep run it.
+    env = {**os.environ, "FDLLM_SUBMIT_PYTHON": sys.executable}
+    r = subprocess.run(argv, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         raise SweepError(f"sbatch failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
     job = r.stdout.strip().split(";")[0]
@@ -881,8 +962,8 @@ def select(sweep: Sweep, only: list[str] | None) -> list[Config]:
 def plan(
     configs: list[Config], st: dict[str, State], force: list[str] | None
 ) -> tuple[list[Config], list[str]]:
-    """(configurations to run, notes). Default: missing or failed. --force: all (running ones
-    excepted); --force ID ...: exactly those."""
+    """(configurations to run, notes). Default: missing or failed. --force: all (pending and
+    running ones excepted: scancel them first); --force ID ...: exactly those."""
     notes = []
     if force is None:
         todo = [c for c in configs if st[c.id].state in ("missing", "failed")]
@@ -892,8 +973,8 @@ def plan(
         for c in configs:
             if c.id not in wanted:
                 continue
-            if st[c.id].state == "running":
-                notes.append(f"{c.id} is running ({st[c.id].note}); not forced")
+            if st[c.id].state in ("pending", "running"):
+                notes.append(f"{c.id} is {st[c.id].state} ({st[c.id].note}); not forced")
             else:
                 todo.append(c)
     return todo, notes
@@ -909,8 +990,40 @@ def effective_limit(sweep: Sweep, args_limit: int | None, local: bool, gpus: int
     return None
 
 
+SLURM_CONF_PATHS = (
+    "/etc/slurm/slurm.conf",
+    "/etc/slurm-llnl/slurm.conf",
+    "/usr/local/etc/slurm.conf",
+    "/run/slurm/conf/slurm.conf",  # the configless cache of slurmd / sackd
+)
+
+
+def slurm_available() -> bool:
+    """sbatch on PATH and a cluster to submit to: SLURM_CONF, a slurm.conf where SLURM looks,
+    or (a configless cluster) an sinfo that answers. Installing the client alone (as the tests
+    do on a fresh machine) leaves sbatch on PATH with no cluster behind it."""
+    if shutil.which("sbatch") is None:
+        return False
+    if os.environ.get("SLURM_CONF") or any(os.path.exists(p) for p in SLURM_CONF_PATHS):
+        return True
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        r = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, timeout=20)
+        return r.returncode == 0
+    return False
+
+
 def use_slurm(local: bool) -> bool:
-    return not local and shutil.which("sbatch") is not None
+    if local:
+        return False
+    if slurm_available():
+        return True
+    if shutil.which("sbatch"):
+        print(
+            "note: sbatch is on PATH but finds no SLURM cluster (no SLURM_CONF or slurm.conf, "
+            "sinfo fails): running here",
+            file=sys.stderr,
+        )
+    return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1066,7 +1179,7 @@ def task_main(argv: list[str], eval_cmd: list[str] | None = None) -> int:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     restart = os.environ.get("SLURM_RESTART_COUNT", 0)
-    _log(f"{task['config_id']} on {HOST}, job {job}, restart {restart}")
+    _log(f"{task['config_id']} on {HOST}, job {job}, restart {restart}, code {REPO}")
     return run_task(task, eval_cmd=eval_cmd, port=main_process_port())
 
 

@@ -1,0 +1,360 @@
+"""The SLURM runner against a real one-node cluster (tests/slurm_cluster.py: Debian's slurm-wlm,
+munge, no accounting) on the committed tiny model with --limit 2.
+
+Jobs run sbatch/array_job.sh (or run_single.sh) for real: job_env.sh, the submitting Python,
+v2/eval.py on the tiny checkpoint. Pending is observed through held jobs (--hold, released by
+the test), requeue through `scontrol requeue` and `scontrol update StartTime=now` (a requeued
+job otherwise waits about two minutes). Where SLURM cannot be installed (not root, no apt-get)
+these tests are skipped with the reason; tests/run.sh installs it on a fresh Debian machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import slurm_cluster
+import yaml
+from test_report import summary_dict, write_summary
+
+from v2 import experiments as ex
+from v2 import report
+
+REPO = Path(__file__).resolve().parents[1]
+IDS = ["baseline", "token_ct0.95", "reuse_k2_middle"]
+LIMIT = 2
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    if reason := slurm_cluster.ensure_installed():
+        pytest.skip(reason)
+    c = slurm_cluster.Cluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture
+def slurm(cluster, tmp_path, monkeypatch):
+    """The cluster for one test: its SLURM_CONF, cluster.env's defaults (a real-looking account),
+    the real evaluation, a node-local $TMPDIR for the jobs; every job cancelled afterwards."""
+    for k in [k for k in os.environ if k.startswith("FDLLM_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    monkeypatch.setenv("FDLLM_ACCOUNT", "gts-test")
+    monkeypatch.setenv("FDLLM_DATASETS_SEED", str(tmp_path / "no-seed"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "node"))
+    (tmp_path / "node").mkdir()
+    monkeypatch.delenv(ex.EVAL_CMD_ENV, raising=False)
+    yield cluster
+    cluster.cancel_all()
+
+
+def write_sweep(tmp_path: Path) -> Path:
+    data = {
+        "name": "real",
+        "pretrained": "v2/tiny/checkpoint",
+        "tasks": ["tiny_gsm"],
+        "threshold": 0.9,
+        "model_args": {"max_new_tokens": 16},
+        "results": str(tmp_path / "results"),
+        "grid": [
+            {"policy": "none"},
+            {"policy": "token", "cosine_threshold": 0.95},
+            {"policy": "reuse", "reuse_k": 2, "layer_subset": "middle"},
+        ],
+    }
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def submitted(out: str, spec: str) -> str:
+    """The array job id the runner printed for --array=<spec>."""
+    m = re.search(rf"submitted array job (\d+): --array={re.escape(spec)}%4 ", out)
+    assert m, out
+    return m[1]
+
+
+def state_map(sweep: ex.Sweep) -> dict[str, ex.State]:
+    return ex.states(sweep, sweep.configs, LIMIT)
+
+
+def wait(cond, what: str, cluster: slurm_cluster.Cluster, sweep: ex.Sweep, timeout: float = 300):
+    """Poll cond() until it returns something true; on timeout fail with what SLURM and the jobs
+    said."""
+    deadline = time.time() + timeout
+    while not (value := cond()):
+        if time.time() > deadline:
+            queue = cluster.run(["squeue", "-t", "all", "-r", "-o", "%i %T %r"], check=False)
+            logs = "\n".join(
+                f"--- {p}\n{p.read_text()[-1500:]}"
+                for p in sorted(sweep.results.rglob("slurm-*.log"))
+            )
+            pytest.fail(
+                f"no {what} after {timeout:.0f} s\nstates {state_map(sweep)}\n"
+                f"{queue.stdout}\n{logs}\n{cluster.logs()}"
+            )
+        time.sleep(0.25)
+    return value
+
+
+def evaluations(run_dir: Path, cid: str) -> int:
+    """How many times a configuration's evaluation was started, from its job logs."""
+    pattern = rf"\] {re.escape(cid)}: \S+ v2/eval\.py --model "
+    return sum(len(re.findall(pattern, p.read_text())) for p in run_dir.glob("slurm-*.log"))
+
+
+def mark_done(sweep: ex.Sweep, cid: str) -> None:
+    """A finished smoke-test run of baseline (what the state machine reads: DONE + summary)."""
+    run_dir = sweep.run_dir(cid, LIMIT)
+    write_summary(run_dir, summary_dict({"policy": "none"}, limit=LIMIT, n=LIMIT))
+    ex.write_marker(run_dir, ex.DONE, {"config_id": cid})
+
+
+def test_array_of_the_missing_configurations_pending_running_done(
+    slurm, tmp_path, capsys, monkeypatch
+):
+    path = write_sweep(tmp_path)
+    sweep = ex.load_sweep(path)
+    argv = [str(path), "--limit", str(LIMIT)]
+    mark_done(sweep, "baseline")
+    failed = {"rc": 1, "reason": "exit 1"}
+    ex.write_marker(sweep.run_dir("token_ct0.95", LIMIT), ex.FAILED, failed)
+    monkeypatch.setenv("FDLLM_EXTRA_SBATCH", "--hold")  # pending until the test releases it
+
+    assert ex.main(argv) == 0
+    job = submitted(capsys.readouterr().out, "1-2")
+    assert sorted(slurm.jobs()) == [f"{job}_1", f"{job}_2"]  # exactly failed + missing
+    st = state_map(sweep)
+    assert st["baseline"].state == "done"
+    for i, cid in ((1, "token_ct0.95"), (2, "reuse_k2_middle")):
+        assert st[cid] == ex.State("pending", f"slurm {job}_{i} PENDING (JobHeldUser)")
+    assert ex.main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "1 done, 2 pending, 0 running, 0 failed, 0 missing of 3" in out
+    assert ex.main(argv) == 0  # again while pending: nothing twice
+    assert "nothing to run" in capsys.readouterr().out
+    assert sorted(slurm.jobs()) == [f"{job}_1", f"{job}_2"]
+
+    slurm.run(["scontrol", "release", job])
+    seen: dict[str, list[str]] = {cid: [] for cid in IDS}
+
+    def all_done() -> bool:
+        for cid, s in state_map(sweep).items():
+            if not seen[cid] or seen[cid][-1] != s.state:
+                seen[cid].append(s.state)
+        return all(s[-1] == "done" for s in seen.values())
+
+    wait(all_done, "finished array", slurm, sweep)
+    assert seen == {
+        "baseline": ["done"],
+        "token_ct0.95": ["pending", "running", "done"],
+        "reuse_k2_middle": ["pending", "running", "done"],
+    }
+    queue = slurm.run(["squeue", "-h", "-t", "all", "-r", "-j", job, "-o", "%i %T"]).stdout
+    assert sorted(queue.splitlines()) == [f"{job}_1 COMPLETED", f"{job}_2 COMPLETED"]
+
+    for i, cid in ((1, "token_ct0.95"), (2, "reuse_k2_middle")):
+        run_dir = sweep.run_dir(cid, LIMIT)
+        assert sorted(p.name for p in run_dir.iterdir() if p.name.isupper()) == ["DONE"]
+        assert ex.read_marker(run_dir, ex.DONE)["slurm_job"] == f"{job}_{i}"
+        log = (run_dir / f"slurm-{job}_{i}.log").read_text()
+        # the worktree's code ran, under the interpreter that submitted, on the tiny model
+        assert f"{cid} on {ex.HOST}, job {job}_{i}, restart 0, code {REPO}" in log
+        assert evaluations(run_dir, cid) == 1 and f"{sys.executable} v2/eval.py" in log
+        setup = (sweep.results / "_manifests" / f"slurm-{job}_{i}.log").read_text()
+        assert f"python {sys.executable} HF_HUB_OFFLINE=1" in setup
+        assert f"HF_DATASETS_CACHE={tmp_path}/node/fdllm-hf-datasets-" in setup
+        summary = json.loads((run_dir / ex.DONE).read_text())["summary"]
+        assert json.loads((run_dir / summary).read_text())["limit"] == LIMIT
+
+    assert ex.main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "3 done, 0 pending, 0 running, 0 failed, 0 missing of 3" in out
+    rows = {r.config_id: r for r in report.collect(sweep.runs_root(LIMIT))}
+    line = next(x for x in out.splitlines() if x.startswith("reuse_k2_middle "))
+    assert report.accuracy_text(rows["reuse_k2_middle"]) in line and rows["reuse_k2_middle"].n == 2
+
+
+def test_cancelled_and_requeued_tasks_resubmitted_once(slurm, tmp_path, capsys):
+    """scancel one running task, requeue another: the next runner call submits only the
+    cancelled one (the requeued one is pending again); each configuration ends DONE once."""
+    path = write_sweep(tmp_path)
+    sweep = ex.load_sweep(path)
+    argv = [str(path), "--limit", str(LIMIT)]
+    index = {cid: i for i, cid in enumerate(IDS)}
+    assert ex.main(argv) == 0
+    job = submitted(capsys.readouterr().out, "0-2")
+
+    def two_evaluating() -> list[str] | None:
+        ids = [
+            cid
+            for cid in IDS
+            if "child_pid" in (ex.read_marker(sweep.run_dir(cid, LIMIT), ex.RUNNING) or {})
+        ]
+        return ids if len(ids) == 2 else None
+
+    # the node takes two tasks at once (8 of its 16 CPUs each); stop both mid-evaluation
+    cancelled, requeued = wait(two_evaluating, "two evaluations at once", slurm, sweep)
+    (rest,) = set(IDS) - {cancelled, requeued}
+    slurm.run(["scancel", f"{job}_{index[cancelled]}"])
+    slurm.run(["scontrol", "requeue", f"{job}_{index[requeued]}"])
+
+    def settled() -> dict[str, ex.State] | None:
+        st = state_map(sweep)
+        return st if (st[cancelled].state, st[requeued].state) == ("failed", "pending") else None
+
+    st = wait(settled, "cancelled task failed and requeued task pending", slurm, sweep)
+    assert st[cancelled].note.startswith("stopped by SIGTERM")
+    assert st[requeued].note == f"slurm {job}_{index[requeued]} PENDING (BeginTime)"
+
+    assert ex.main(argv) == 0
+    out = capsys.readouterr().out
+    again = submitted(out, str(index[cancelled]))
+    assert f"{again}_{index[cancelled]}" in slurm.jobs()
+    assert [j for j in slurm.jobs() if j.startswith(f"{again}_")] == [f"{again}_{index[cancelled]}"]
+    # the requeued task would wait ~2 min (its BeginTime); let it start now
+    slurm.run(["scontrol", "update", f"jobid={job}_{index[requeued]}", "StartTime=now"])
+    wait(
+        lambda: all(s.state == "done" for s in state_map(sweep).values()),
+        "all done",
+        slurm,
+        sweep,
+    )
+    assert ex.main(argv) == 0
+    assert "nothing to run" in capsys.readouterr().out and slurm.jobs() == []
+
+    expected_job = {cancelled: f"{again}_{index[cancelled]}"}
+    expected_job |= {cid: f"{job}_{index[cid]}" for cid in (requeued, rest)}
+    starts = {}
+    for cid in IDS:
+        run_dir = sweep.run_dir(cid, LIMIT)
+        assert sorted(p.name for p in run_dir.iterdir() if p.name.isupper()) == ["DONE"]
+        assert ex.read_marker(run_dir, ex.DONE)["slurm_job"] == expected_job[cid]
+        starts[cid] = evaluations(run_dir, cid)
+    assert starts == {cancelled: 2, requeued: 2, rest: 1}
+    log = (sweep.run_dir(requeued, LIMIT) / f"slurm-{job}_{index[requeued]}.log").read_text()
+    assert "restart 0" in log and "restart 1" in log  # one log, both attempts (append)
+    assert "stopped by SIGTERM" in log
+
+
+def test_every_sbatch_script_passes_sbatch_test_only(slurm, tmp_path, capsys):
+    """The runner's sbatch line (cluster.env's defaults: 1 H100, 8 CPUs, 64G, 8 h, QoS inferno),
+    and every script under sbatch/ with those flags; run_single.sh also submits itself and runs."""
+    path = write_sweep(tmp_path)
+    sweep = ex.load_sweep(path)
+    assert ex.main([str(path), "--dry-run"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("would submit: "))
+    argv = shlex.split(line.removeprefix("would submit: "))
+    flags = ex.sbatch_resource_args(ex.cluster_settings())
+    assert {"--gres=gpu:H100:1", "--cpus-per-task=8", "--mem=64G", "--qos=inferno"} <= set(flags)
+    assert argv[0] == "sbatch" and set(flags) <= set(argv[1:])
+
+    def test_only(cmd: list[str]) -> subprocess.CompletedProcess:
+        return slurm.run([cmd[0], "--test-only", *cmd[1:]], check=False)
+
+    r = test_only(argv)
+    assert r.returncode == 0 and "to start at" in r.stderr, r.stderr
+    assert "using 8 processors" in r.stderr
+
+    single = REPO / "sbatch" / "run_single.sh"
+    lines = subprocess.run(
+        [sys.executable, "-m", "v2.experiments", "sbatch-args", str(path), "baseline"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert set(flags) <= set(lines)
+    for script in sorted((REPO / "sbatch").glob("*.sh")):
+        text = script.read_text()
+        if not text.startswith("#!"):  # job_env.sh: sourced by the job scripts, not submitted
+            assert "#SBATCH" not in text
+            r = test_only(["sbatch", str(script)])
+            assert r.returncode != 0 and "does not look like a batch script" in r.stderr
+            continue
+        cmds = [
+            ["sbatch", *flags, str(script), str(path), "baseline"],  # cluster.env's flags
+            ["sbatch", str(script), str(path), "baseline"],  # its own #SBATCH lines alone
+        ]
+        if script == single:  # the flags it submits itself with
+            cmds.append(["sbatch", *lines, f"--chdir={REPO}", str(script), str(path), "baseline"])
+        for cmd in cmds:
+            r = test_only(cmd)
+            assert r.returncode == 0 and "to start at" in r.stderr, (script, r.stderr)
+    assert slurm.jobs() == []  # --test-only queues nothing
+
+    r = subprocess.run(
+        ["bash", str(single), str(path), "token_ct0.95", "--limit", str(LIMIT)],
+        cwd=tmp_path,
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    single_job = r.stdout.split()[-1]
+    assert r.stdout.strip() == f"Submitted batch job {single_job}"
+    run_dir = sweep.run_dir("token_ct0.95", LIMIT)
+    wait(lambda: (run_dir / ex.DONE).exists(), "run_single.sh's result", slurm, sweep)
+    log = (run_dir / f"slurm-{single_job}.log").read_text()
+    assert (
+        f"job {single_job}, restart 0, code {REPO}" in log
+        and evaluations(run_dir, "token_ct0.95") == 1
+    )
+    setup = (sweep.results / "_manifests" / f"single-{single_job}.log").read_text()
+    assert f"python {sys.executable} " in setup
+
+
+def test_force_and_resubmission_while_pending(slurm, tmp_path, capsys, monkeypatch):
+    """A second submission while the first array is pending adds only what is not queued;
+    --force skips pending configurations (scancel first) and redoes done ones; pending array
+    tasks cancelled with scancel leave no trace in the queue and are submitted again."""
+    path = write_sweep(tmp_path)
+    sweep = ex.load_sweep(path)
+    argv = [str(path), "--limit", str(LIMIT)]
+    mark_done(sweep, "baseline")
+    monkeypatch.setenv("FDLLM_EXTRA_SBATCH", "--hold")
+
+    assert ex.main([*argv, "--only", "token_ct0.95"]) == 0
+    first = submitted(capsys.readouterr().out, "1")
+    assert ex.main(argv) == 0
+    second = submitted(capsys.readouterr().out, "2")
+    assert set(slurm.jobs()) == {f"{first}_1", f"{second}_2"}
+    assert ex.main(argv) == 0
+    assert "nothing to run" in capsys.readouterr().out
+
+    assert ex.main([*argv, "--force", "token_ct0.95"]) == 0
+    out = capsys.readouterr().out
+    assert (
+        f"note: token_ct0.95 is pending (slurm {first}_1 PENDING (JobHeldUser)); not forced" in out
+    )
+    assert "nothing to run" in out
+    assert ex.main([*argv, "--force"]) == 0
+    out = capsys.readouterr().out
+    third = submitted(out, "0")  # only the done one: moved aside, then submitted
+    assert "note: reuse_k2_middle is pending" in out and "moved the old baseline to" in out
+    replaced = list((sweep.results / "_replaced").iterdir())
+    assert len(replaced) == 1 and (replaced[0] / ex.DONE).exists()
+    assert set(slurm.jobs()) == {f"{third}_0", f"{first}_1", f"{second}_2"}
+    st = state_map(sweep)
+    assert {s.state for s in st.values()} == {"pending"}
+
+    slurm.run(["scancel", f"{first}_1", f"{third}_0"])
+    wait(lambda: len(slurm.jobs()) == 1, "the cancelled tasks gone", slurm, sweep)
+    st = state_map(sweep)
+    assert st["token_ct0.95"] == ex.State("missing", "an earlier attempt ended without a result")
+    assert st["reuse_k2_middle"].state == "pending"
+    assert ex.main(argv) == 0
+    fourth = submitted(capsys.readouterr().out, "0-1")
+    assert set(slurm.jobs()) == {f"{fourth}_0", f"{fourth}_1", f"{second}_2"}
