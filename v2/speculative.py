@@ -45,6 +45,7 @@ from v2 import flops
 from v2.checkpoint import TokenIds
 from v2.engine import Engine
 from v2.generate import (
+    DECODES,
     GenerationConfig,
     GenerationError,
     GenerationResult,
@@ -115,7 +116,9 @@ class Verifier:
 
 
 def check(cfg: GenerationConfig, policy: Policy | None) -> None:
-    """Settings the causal decodes cannot honour, as one-line errors."""
+    """The decode's name, and settings the causal decodes cannot honour, as one-line errors."""
+    if cfg.decode not in DECODES:
+        raise GenerationError(f"decode must be one of {', '.join(DECODES)}, got {cfg.decode!r}")
     if cfg.decode == "diffusion":
         return
     if cfg.temperature != 0:
