@@ -24,6 +24,16 @@ LENGTHS = (1, 5, 31, 32, 33, 64, 70)
 MAX_NEW = 40
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Small matmuls: on a busy machine OpenMP threads spinning against other processes cost
+    # several times the CPU time.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     # std 0.05: outputs follow the prompt without collapsing onto one token
@@ -228,3 +238,56 @@ def test_cli(capsys, checkpoint):
     assert main([*args, "--decode", "speculative", "--temperature", "1"]) == 2
     err = capsys.readouterr().err
     assert "greedy" in err and err.count("\n") == 1
+
+
+def test_tiny_checkpoint_speculative_is_autoregressive():
+    """The committed tiny model on its first test problems: speculative decoding (plain drafts
+    and drafts under a skipping policy) gives the autoregressive decode, and the trained model's
+    own block diffusion drafts mostly what the causal model decodes (a broken draft, e.g. one
+    position off, would be rejected almost always)."""
+    from pathlib import Path
+
+    from v2.generate import FastDLLM
+    from v2.tiny.data import read_jsonl
+
+    root = Path(__file__).resolve().parents[1]
+    lm = FastDLLM.load(root / "v2" / "tiny" / "checkpoint", dtype=torch.float64, device="cpu")
+    problems = read_jsonl(root / "v2" / "tiny" / "data" / "test.jsonl")[:6]
+    ps = lm.encode([f"Question: {p['question']}\nAnswer:" for p in problems], chat=True)
+    cfg = dict(max_new_tokens=72, threshold=0.7)
+    ar = decode(lm.model, ps, "autoregressive", ids=lm.ids, **cfg)
+    assert any(o.finish_reason == "eos" for o in ar.outputs)  # answers end inside the budget
+    for policy in (None, make_policy("reuse", reuse_k=2, layer_subset="middle")):
+        spec = decode(lm.model, ps, ids=lm.ids, policy=policy, **cfg)
+        assert [o.token_ids for o in spec.outputs] == [o.token_ids for o in ar.outputs]
+        assert [o.finish_reason for o in spec.outputs] == [o.finish_reason for o in ar.outputs]
+        assert spec.stats.acceptance_rate > 0.5 and spec.stats.tokens_per_verify_forward > 2
+
+
+def test_lm_eval_model_args(checkpoint):
+    from lm_eval.api.instance import Instance
+
+    from v2 import lm_adapter
+
+    with pytest.raises(lm_adapter.EvalError, match="decode"):
+        lm_adapter.parse_model_args(dict(pretrained=str(checkpoint), decode="greedy"))
+    with pytest.raises(lm_adapter.EvalError, match="policy applies only to the draft"):
+        lm_adapter.parse_model_args(
+            dict(pretrained=str(checkpoint), decode="autoregressive", policy="token")
+        )
+    outs = {}
+    for dec in ("autoregressive", "speculative"):
+        run = lm_adapter.reset_run()
+        lm = lm_adapter.FastDLLMEvalLM(
+            pretrained=str(checkpoint), decode=dec, threshold=0.3, dtype="float32", device="cpu"
+        )
+        assert run.config["decode"] == dec
+        gen = {"until": [], "max_gen_toks": 12}
+        reqs = [
+            Instance("generate_until", {}, (text, gen), 0, ("t", i, 1))
+            for i, text in enumerate(["Question: 1 + 1?\nAnswer:", "Hi"])
+        ]
+        outs[dec] = lm.generate_until(reqs)
+        stats = [s for v in run.requests.values() for s in v]
+        assert sum(s.verify_row_forwards for s in stats) > 0
+    assert outs["speculative"] == outs["autoregressive"]

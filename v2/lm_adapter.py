@@ -391,7 +391,10 @@ def parse_model_args(model_args: dict, batch_size=1, default_policy: str | None 
     policy = select_policy(a, default_policy)
     from v2.speculative import check
 
-    check(config, policy)
+    try:
+        check(config, policy)
+    except GenerationError as e:
+        raise EvalError(str(e)) from None
     return Settings(
         path=str(path),
         batch_size=parse_batch_size(1 if batch_size is None else batch_size),
