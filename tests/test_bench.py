@@ -264,3 +264,15 @@ def test_readme_speed_table_is_rewritten_from_the_json(tmp_path):
     assert "| transformers AR, static cache + torch.compile | 67 |" in text
     assert "9.000" not in text  # the first model's targets only
     assert "(docs/b.json)" in text
+
+
+def test_verify_section_rows(report):
+    """Speculative decoding's verify forward timed beside the denoise forward (issue 18)."""
+    _, data = report
+    kinds = {(r["kind"], r["batch"]) for r in data["verify"]}
+    assert kinds == {(k, b) for k in ("verify9", "denoise32", "denoise32_eager") for b in (1, 32)}
+    for r in data["verify"]:
+        assert r["median_ms"] > 0 and r["flops"] > 0 and r["vs_denoise32"] > 0
+    v = next(r for r in data["verify"] if r["kind"] == "verify9" and r["batch"] == 1)
+    d = next(r for r in data["verify"] if r["kind"] == "denoise32" and r["batch"] == 1)
+    assert v["flops"] < d["flops"]  # 9 positions against 32

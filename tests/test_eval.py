@@ -42,6 +42,7 @@ SUMMARY_KEYS = {
 }
 CONFIG_KEYS = {
     "policy",
+    "decode",
     "threshold",
     "block_size",
     "small_block_size",

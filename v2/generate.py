@@ -7,6 +7,9 @@ and decoded sub-block by sub-block: a denoise forward proposes a token and a con
 masked slot of the current sub-block; every slot above the threshold is committed, and always the
 single most confident one. A full block is committed into the prefix cache by one clean forward,
 whose last position gives the next block's first token.
+
+`--decode autoregressive` and `--decode speculative` decode the same checkpoint as a causal model
+instead (a block of one token), the latter with block-diffusion drafts (v2/speculative.py).
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ from v2.model import Network
 from v2.policy import Policy
 from v2.stats import Stats
 
+# diffusion: block diffusion (this module); autoregressive, speculative: v2/speculative.py
+DECODES = ("diffusion", "autoregressive", "speculative")
+
 
 class GenerationError(ValueError):
     """Bad input to generation; the message is one line meant for the user."""
@@ -43,8 +49,13 @@ class GenerationConfig:
     seed: int | None = None
     ignore_eos: bool = False
     cuda_graphs: bool | None = None  # None: on when the model is on a GPU (v2/engine.py)
+    decode: str = "diffusion"  # one of DECODES
 
     def validate(self, block_size: int) -> None:
+        if self.decode not in DECODES:
+            raise GenerationError(
+                f"decode must be one of {', '.join(DECODES)}, got {self.decode!r}"
+            )
         if self.max_new_tokens < 1:
             raise GenerationError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if not self.threshold > 0:
@@ -127,6 +138,10 @@ def generate(
     own max_new_tokens) and leave the batch at block ends. `engine`: one built by the caller (its
     policy, not `policy`, is used); by default the model's engine for these settings."""
     cfg = config or GenerationConfig()
+    if cfg.decode != "diffusion":
+        from v2.speculative import decode
+
+        return decode(model, prompts, ids, cfg, policy, engine)
     B = cfg.block_size or model.cfg.block_size
     S = cfg.small_block_size
     cfg.validate(B)
@@ -316,6 +331,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument(
+        "--decode",
+        choices=DECODES,
+        default="diffusion",
+        help="speculative: block-diffusion drafts (at --threshold, runs of --small-block-size, "
+        "--policy applies to them) verified by the causal model; autoregressive: its reference",
+    )
     p.add_argument("--mask-token", default=None, help="mask token if the tokenizer lacks |<MASK>|")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     p.add_argument("--device", default=None)
@@ -348,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             top_p=args.top_p,
             seed=args.seed,
             ignore_eos=args.ignore_eos,
+            decode=args.decode,
         )
         result = lm.generate(args.prompt, config, policy, chat=args.chat)
     except (CheckpointError, GenerationError, ValueError) as e:
@@ -369,6 +392,13 @@ def main(argv: list[str] | None = None) -> int:
             f"{s.executed_flops / max(s.baseline_flops, 1):.1%} of baseline]",
             file=sys.stderr,
         )
+        if args.decode != "diffusion":
+            print(
+                f"[{s.verify_forwards} verify forwards, {s.tokens_per_verify_forward:.2f} "
+                f"tokens/verify forward, {s.accepted_tokens}/{s.drafted_tokens} drafted tokens "
+                f"accepted ({s.acceptance_rate:.1%})]",
+                file=sys.stderr,
+            )
     return 0
 
 

@@ -30,7 +30,7 @@ from v2.checkpoint import TokenIds
 from v2.generate import FastDLLM, GenerationConfig, GenerationError, generate
 from v2.model import Network, block_causal_mask
 from v2.policies import POLICIES, POLICY_OPTIONS, make_policy
-from v2.stats import FORWARD_KINDS, Stats
+from v2.stats import FORWARD_KINDS, SPECULATIVE_COUNTS, Stats
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,9 @@ MODEL_ARGS: dict[str, object] = {
     "release_recipe": False,
     "policy": None,
     **dict.fromkeys(POLICY_OPTIONS),
+    # diffusion (block diffusion), autoregressive, speculative (v2/speculative.py; threshold and
+    # small_block_size then set the draft, and a policy applies to the draft only)
+    "decode": "diffusion",
 }
 # Passed by lm_eval itself (trust_remote_code is accepted and ignored: we never run remote code).
 LM_EVAL_ARGS = ("batch_size", "max_batch_size", "device", "trust_remote_code")
@@ -244,6 +247,9 @@ def split_stats(total: Stats, tokens: list[int]) -> list[Stats]:
             p.executed_units_per_layer[layer] = ex[i]
             p.baseline_units_per_layer[layer] = ba[i]
             p.reused_units_per_layer[layer] = re[i]
+    for name in SPECULATIVE_COUNTS:
+        for p, v in zip(parts, shares(getattr(total, name)), strict=True):
+            setattr(p, name, v)
     for p, t in zip(parts, tokens, strict=True):
         p.generated_tokens = t
         p.wall_seconds = total.wall_seconds / n
@@ -378,9 +384,17 @@ def parse_model_args(model_args: dict, batch_size=1, default_policy: str | None 
         temperature=_as_number("temperature", a["temperature"], float),
         top_p=_as_number("top_p", a["top_p"], float),
         seed=None if a["seed"] is None else _as_number("seed", a["seed"], int),
+        decode=str(a["decode"]),
     )
     if config.block_size is not None:
         config.validate(config.block_size)
+    policy = select_policy(a, default_policy)
+    from v2.speculative import check
+
+    try:
+        check(config, policy)
+    except GenerationError as e:
+        raise EvalError(str(e)) from None
     return Settings(
         path=str(path),
         batch_size=parse_batch_size(1 if batch_size is None else batch_size),
@@ -390,7 +404,7 @@ def parse_model_args(model_args: dict, batch_size=1, default_policy: str | None 
         show_speed=_as_bool("show_speed", a["show_speed"]),
         max_new_tokens=max_new,
         gen_config=config,
-        policy=select_policy(a, default_policy),
+        policy=policy,
     )
 
 
@@ -432,6 +446,7 @@ class FastDLLMEvalLM(LM):
             "release_recipe": self.release_recipe,
             "dtype": str(self.model.embed_tokens.weight.dtype).removeprefix("torch."),
             "num_processes": self._world_size,
+            "decode": self.gen_config.decode,
         }
 
     # -- lm_eval hooks -------------------------------------------------------------------------

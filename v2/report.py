@@ -106,8 +106,13 @@ class Row:
         return bool(self.summary.get("smoke_test")) or self.limit is not None
 
     @property
+    def decode(self) -> str:
+        """diffusion, or a causal decode (autoregressive, speculative: v2/speculative.py)."""
+        return self.summary.get("config", {}).get("decode") or "diffusion"
+
+    @property
     def is_baseline(self) -> bool:
-        return self.policy_name == "none"
+        return self.policy_name == "none" and self.decode == "diffusion"
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -258,6 +263,26 @@ def table_row(r: Row) -> str:
     )
 
 
+CAUSAL_HEADER = (
+    "| config | decode | n | accuracy % | tokens/s | tokens/verify fwd | acceptance "
+    "| verify fwd/problem | GFLOPs/problem |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+)
+
+
+def causal_row(r: Row) -> str:
+    """A causal decode's row: tokens per full-model causal (verify) forward, draft acceptance."""
+    s, n = r.stats, max(r.n, 1)
+    spec = r.decode == "speculative"
+    return (
+        f"| {r.config_id} | {r.decode} | {n_text(r)} | {accuracy_text(r)} "
+        f"| {_num(r.tokens_per_second, '.1f')} | {_num(s.get('tokens_per_verify_forward'))} "
+        f"| {_pct(s.get('acceptance_rate')) if spec else '-'} "
+        f"| {_num(s.get('verify_row_forwards', 0) / n, '.1f')} "
+        f"| {_num(s.get('executed_flops', 0) / n / 1e9, '.1f')} |"
+    )
+
+
 def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], command: str) -> str:
     d = Path(sweep_dir).resolve()
     name = f"{d.parent.name}/{d.name}" if d.name.startswith("_limit") else d.name
@@ -273,6 +298,16 @@ def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], com
         metrics = ", ".join(dict.fromkeys(str(r.metric) for r in trows))
         lines += [f"## {task}", "", f"Accuracy: `{metrics}`, mean ± standard error.", ""]
         lines += [TABLE_HEADER, *(table_row(r) for r in trows), ""]
+        causal = [r for r in trows if r.decode != "diffusion"]
+        if causal:
+            lines += [
+                "Causal decodes (the checkpoint as a causal model; speculative decoding gives the",
+                "autoregressive decode's tokens by construction):",
+                "",
+                CAUSAL_HEADER,
+                *(causal_row(r) for r in causal),
+                "",
+            ]
         lines += [f"![{p.stem}]({p.name})" for p in plots.get(task, [])]
         lines.append("")
     lines += [

@@ -5,6 +5,9 @@ layer) unit 2 x (the layer's matmul weights) plus 4 x (keys its query attends) x
 and 2 x hidden x vocab per logit row. Baseline figures count the same forwards with every unit
 computed, so executed / baseline is the per-forward saving; compare two runs' executed FLOPs for
 the end-to-end saving (skipping changes how many forwards a block takes).
+
+Causal decodes (speculative.py) add the verifier's causal forwards of the full model
+(`verify_forwards`, per call and per row) and the tokens its drafts proposed and it kept.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 FORWARD_KINDS = ("prefill", "denoise_full", "denoise_sub", "commit")
+SPECULATIVE_COUNTS = ("verify_forwards", "verify_row_forwards", "drafted_tokens", "accepted_tokens")
 
 
 @dataclass
@@ -31,6 +35,11 @@ class Stats:
     # The engine's CUDA graph sets (distinct shapes / layouts captured) and failed captures, so far.
     graph_sets: int = 0
     graph_failures: int = 0
+    # Causal decodes (speculative.py): verifier forwards, drafted and accepted tokens.
+    verify_forwards: int = 0
+    verify_row_forwards: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
 
     def __post_init__(self) -> None:
         for name in ("executed", "baseline", "reused"):
@@ -47,14 +56,24 @@ class Stats:
 
     @property
     def decode_row_forwards(self) -> int:
-        """Row-forwards that produce tokens: denoise and commit (prefill is prompt work)."""
+        """Row-forwards that produce tokens: denoise, commit and verify (prefill is prompt work)."""
         r = self.row_forwards
-        return r["denoise_full"] + r["denoise_sub"] + r["commit"]
+        return r["denoise_full"] + r["denoise_sub"] + r["commit"] + self.verify_row_forwards
 
     @property
     def tokens_per_forward(self) -> float:
         """Generated tokens per (row, decoding forward): 1.0 is autoregressive speed."""
         return self.generated_tokens / max(self.decode_row_forwards, 1)
+
+    @property
+    def tokens_per_verify_forward(self) -> float:
+        """Generated tokens per (row, full-model causal forward) of a causal decode: 1.0 for the
+        autoregressive decode, 1 + accepted drafts per verify forward for a speculative one."""
+        return self.generated_tokens / max(self.verify_row_forwards, 1)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -82,6 +101,8 @@ class Stats:
             self.reused_units_per_layer[i] += other.reused_units_per_layer[i]
         self.graph_sets = max(self.graph_sets, other.graph_sets)
         self.graph_failures = max(self.graph_failures, other.graph_failures)
+        for name in SPECULATIVE_COUNTS:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def to_dict(self) -> dict:
         return {
@@ -104,6 +125,9 @@ class Stats:
             "tokens_per_second": self.tokens_per_second,
             "graph_sets": self.graph_sets,
             "graph_failures": self.graph_failures,
+            **{name: getattr(self, name) for name in SPECULATIVE_COUNTS},
+            "tokens_per_verify_forward": self.tokens_per_verify_forward,
+            "acceptance_rate": self.acceptance_rate,
         }
 
     @classmethod
@@ -121,4 +145,6 @@ class Stats:
         s.generated_tokens = d["generated_tokens"]
         s.executed_flops, s.baseline_flops = d["executed_flops"], d["baseline_flops"]
         s.wall_seconds = d["wall_seconds"]
+        for name in SPECULATIVE_COUNTS:
+            setattr(s, name, d.get(name, 0))
         return s

@@ -59,7 +59,7 @@ GRIDS = {
         tpf_problems=32,
     ),
 }
-SECTIONS = ("forwards", "skip", "e2e", "hf_ar", "tokens_per_forward")
+SECTIONS = ("forwards", "skip", "e2e", "hf_ar", "tokens_per_forward", "verify")
 
 
 class Bench:
@@ -96,6 +96,7 @@ class Bench:
             "skip": [],
             "ar": [],
             "tokens_per_forward": [],
+            "verify": [],  # speculative decoding's verify forward vs a denoise forward
             "profile": [],
             "targets": [],
             "errors": [],

@@ -206,6 +206,23 @@ def markdown(data: dict) -> str:
                 f"- threshold {r['threshold']}: {r['tokens_per_forward']:.2f} "
                 f"({r['problems']} problems)"
             )
+    if data.get("verify"):
+        lines += [
+            "",
+            "## Verify forward vs denoise forward (speculative decoding)",
+            "",
+            "verify9: the causal window of a speculative round (last verified token + 8 drafted) "
+            "through the model's own layer loop (eager); denoise32: the engine's block forward as "
+            "configured; denoise32_eager: the same without CUDA graphs or compilation.",
+            "",
+            "| model | batch | prefix | kind | ms | x denoise32 | bound ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in data["verify"]:
+            lines.append(
+                f"| {r['model']} | {r['batch']} | {r['prefix']} | {r['kind']} "
+                f"| {_f(r['median_ms'])} | {_f(r['vs_denoise32'])} | {_f(r['bound_ms'])} |"
+            )
     if data.get("profile"):
         lines += [
             "",

@@ -347,3 +347,84 @@ def profile(bench, name: str, model: Network, ids: TokenIds) -> None:
             )
             e.cache = None
     bench.save()
+
+
+def verify(bench, name: str, model: Network, ids: TokenIds) -> None:
+    """Speculative decoding's verify forward (a causal window of S + 1 tokens over the verifier's
+    own cache, v2/speculative.py) against a denoise forward over the 32-token block, per batch and
+    prefix. The verifier runs the model's own layer loop (eager); the denoise forward runs through
+    the engine as configured (CUDA graphs on a GPU) and eager, so that the kind of forward and the
+    way it runs are told apart."""
+    for b in bench.grid["batches"]:
+        for P in bench.grid["prefixes"]:
+            if not bench.over_deadline(f"verify {name} b{b} p{P}"):
+                _verify_case(bench, name, model, ids, b, P)
+        bench.save()
+
+
+def _verify_case(bench, name: str, model: Network, ids: TokenIds, b: int, P: int) -> None:
+    from v2.speculative import Verifier
+    from v2.stats import Stats
+
+    g, cfg, dev, clock = bench.grid, model.cfg, bench.device, bench.clock
+    B, S, V, L = cfg.block_size, 8, cfg.vocab_size, cfg.num_hidden_layers
+    prompt = token_tensor(ids, V, b, P, dev)
+    block = token_tensor(ids, V, b, B, dev)
+    rows = torch.arange(b, device=dev)
+    at = torch.full((b,), P, device=dev)
+    st = Stats(L)
+    ver = Verifier(model, b, P + B, st)
+    ver.forward(prompt, rows, torch.zeros_like(at), at)  # the prefix's causal K/V
+    window, width = block[:, : S + 1], at.new_full((b,), S + 1)
+    out = torch.arange(S - 1, 2 * S - 1, device=dev)
+
+    def verify_fn():
+        ver.logits(ver.forward(window, rows, at, width))
+
+    # (kind, window, logit rows, forward, its executed FLOPs so far)
+    runs = [(f"verify{S + 1}", S + 1, S + 1, verify_fn, lambda: st.executed_flops)]
+    for label, eager in (("denoise32", False), ("denoise32_eager", True)):
+        e = Engine(model, cuda_graphs=False, compile=False) if eager else Engine(model)
+        e.allocate(b, P + B)
+        e.prefill(prompt)
+        e.begin_block()
+        runs.append(
+            (
+                label,
+                B,
+                S,
+                lambda e=e: e.logits(e.denoise(block, 0, out)),
+                lambda e=e: e.stats.executed_flops,
+            )
+        )
+    rows_out = []
+    for kind, w, logit_rows, fn, counted in runs:
+        for _ in range(g["warmup"]):
+            fn()
+        before = counted()
+        ms = [clock.once(fn) for _ in range(g["repeats"])]
+        work = (counted() - before) / g["repeats"]
+        m = median(ms)
+        wb, kvb = bytes_read(model, list(range(L)), b, w, P + w, logit_rows)
+        rows_out.append(
+            {
+                "model": name,
+                "kind": kind,
+                "batch": b,
+                "prefix": P,
+                "window": w,
+                "median_ms": m,
+                "min_ms": min(ms),
+                "max_ms": max(ms),
+                "repeats": len(ms),
+                **roofline(m, wb, kvb, work, bench.bw, bench.rate),
+            }
+        )
+    base = next(r["median_ms"] for r in rows_out if r["kind"] == "denoise32")
+    for row in rows_out:
+        row["vs_denoise32"] = row["median_ms"] / base
+        bench.data["verify"].append(row)
+        bench.log(
+            f"{name} {row['kind']:16s} b{b:<2d} p{P:<4d} {row['median_ms']:8.2f} ms "
+            f"(x{row['vs_denoise32']:.2f} of denoise32)"
+        )
