@@ -41,7 +41,7 @@ STATE_STYLE = {
 PLAN_STYLE = {
     COMPUTE: ("#2b6cb0", "computed"),
     REUSE: ("#f0a030", "reused"),
-    PASS: ("#f4f4f4", "passed"),
+    PASS: ("#9f7aea", "passed"),
     NOT_RUN: ("#ffffff", "not run"),
 }
 CSS = """
@@ -290,16 +290,12 @@ def build(app: App):
                     for name, (_, _, opts) in POLICIES.items():
                         with gr.Group(visible=False) as groups[name]:
                             for opt, typ in opts.items():
-                                eid = f"opt-{name}-{opt}"
-                                label = f"{opt} ({typ.__name__}; empty: default)"
-                                if typ is str:
-                                    comp = gr.Textbox(label=label, elem_id=eid)
-                                else:
-                                    precision = 0 if typ is int else None
-                                    comp = gr.Number(
-                                        None, label=label, elem_id=eid, precision=precision
-                                    )
-                                options[name, opt] = comp
+                                options[name, opt] = gr.Textbox(
+                                    label=f"{opt} ({typ.__name__})",
+                                    placeholder="default",
+                                    elem_id=f"opt-{name}-{opt}",
+                                    max_lines=1,
+                                )
         gr.Markdown("#### The decoding, forward by forward")
         with gr.Row():
             with gr.Column(scale=3):
