@@ -233,3 +233,12 @@ def test_parsers():
     assert parse_setting("use_block_cache", "on") is True
     assert parse_setting("max_new_tokens", "64") == 64
     assert parse_setting("seed", "none") is None
+
+
+def test_app_and_chatbot_refuse_a_missing_checkpoint(tmp_path, capsys):
+    from v2 import app, chatbot
+
+    for main in (app.main, chatbot.main):
+        assert main(["--model", str(tmp_path / "nothing")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "nothing" in err and "\n" not in err

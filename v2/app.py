@@ -19,7 +19,6 @@ import os
 import queue
 import sys
 import threading
-from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home at launch
 
@@ -382,8 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load(args: argparse.Namespace) -> FastDLLM:
-    if not Path(args.model).exists():
-        raise CheckpointError(f"no checkpoint at {args.model}")
     return FastDLLM.load(
         args.model,
         dtype=getattr(torch, args.dtype) if args.dtype else None,
