@@ -181,14 +181,13 @@ class App:
             except ChatError as e:
                 updates.put(("error", f"**error:** {e}"))
             except Exception as e:  # anything else: one line on the page, the app serves on
-                updates.put(("error", f"**error:** {type(e).__name__}: {e}"))
+                first = (str(e).splitlines() or [""])[0]
+                updates.put(("error", f"**error:** {type(e).__name__}: {first}"))
 
         threading.Thread(target=run, daemon=True).start()
-        steps: list[StepRecord] = []
         while True:
             item = updates.get()
             if isinstance(item, StepRecord):
-                steps.append(item)
                 if not updates.empty():  # behind: show the newest step only
                     continue
                 answer = {"role": "assistant", "content": item.text or "…"}
