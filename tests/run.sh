@@ -5,16 +5,21 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -c "import torch" 2>/dev/null || python -m pip install -q torch==2.13.0
-# tests/test_slurm.py starts a one-node SLURM cluster from Debian's packages: as root with apt-get,
-# install them when missing (4-10 s; elsewhere those tests are skipped, saying why).
-if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null \
-    && ! [[ -x /usr/sbin/slurmctld && -x /usr/sbin/slurmd && -x /usr/sbin/munged ]]; then
-    echo "installing slurm-wlm and munge (SLURM tests)"
-    _apt=(apt-get install -y -qq --no-install-recommends slurm-wlm munge)
+# Debian packages some tests need, installed as root with apt-get when missing (elsewhere those
+# tests are skipped, saying why): a one-node SLURM cluster for tests/test_slurm.py (slurm-wlm,
+# munge: 4-10 s) and Chromium for the browser test tests/test_app.py (driven through Playwright,
+# which downloads no browser; about 11 s).
+packages=()
+[[ -x /usr/sbin/slurmctld && -x /usr/sbin/slurmd && -x /usr/sbin/munged ]] \
+    || packages+=(slurm-wlm munge)
+command -v chromium >/dev/null || packages+=(chromium)
+if (( ${#packages[@]} )) && [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "installing ${packages[*]} (SLURM and browser tests)"
+    _apt=(apt-get install -y -qq --no-install-recommends "${packages[@]}")
     DEBIAN_FRONTEND=noninteractive "${_apt[@]}" >/dev/null 2>&1 \
         || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive "${_apt[@]}" >/dev/null; } \
-        || echo "could not install slurm-wlm and munge: the SLURM tests will be skipped"
+        || echo "could not install ${packages[*]}: the tests that need them will be skipped"
 fi
-python -m pip install -q -e ".[dev]"
+python -m pip install -q -e ".[dev,app]"
 python -m ruff check .
 python -m pytest -q "$@"

@@ -15,9 +15,11 @@ instead (a block of one token), the latter with block-diffusion drafts (v2/specu
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +90,27 @@ class GenerationResult:
     stats: Stats = field(repr=False)
 
 
+@dataclass
+class DenoiseStep:
+    """What one denoise forward did: `generate(..., observer=f)` calls f with one per forward.
+    Row j of the tensors (on the CPU) is prompt `rows[j]`; rows leave the batch at block ends."""
+
+    block_start: int  # absolute position of the block's first slot
+    step: int  # denoise forward of this block (0 = its first)
+    window_start: int  # block offset of the forward's window
+    window_size: int  # B (full block) or S (a sub-block, under the sub-block cache)
+    rows: list[int]
+    tokens: torch.Tensor  # [r, B] the block after this forward (the mask id where undecided)
+    committed: torch.Tensor  # [r, B] bool: committed by this forward
+    pending: torch.Tensor  # [r, B] bool: still masked, to be decoded
+    generated: torch.Tensor  # [r, B] bool: positions after the prompt, within the budget
+    forward: Stats  # this forward alone: units executed / reused / in scope per layer, FLOPs
+    total: Stats  # the generation so far (wall_seconds: since it started)
+
+
+StepObserver = Callable[[DenoiseStep], None]
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -125,6 +148,23 @@ def _write_first_slot(seq, active, position, prompt_len, token) -> None:
     seq[active, position] = torch.where(rows_prompt_len <= position, token, seq[active, position])
 
 
+def _decided(before_block, block, prompt_len, generated, mask: int) -> int:
+    """Generated tokens decided so far in the active rows: in earlier blocks and in this one."""
+    cols = torch.arange(before_block.shape[1], device=block.device)[None]
+    earlier = (before_block != mask) & (cols >= prompt_len)
+    return int(earlier.sum()) + int((block != mask)[generated].sum())
+
+
+def _step(engine, before, t0, decided, where, block, committed, pending, generated) -> DenoiseStep:
+    """The DenoiseStep of the forward just run (reads the engine's statistics: a sync)."""
+    _sync(block.device)
+    total = copy.deepcopy(engine.stats)
+    total.wall_seconds = time.perf_counter() - t0
+    total.generated_tokens = decided
+    cpu = [t.cpu() for t in (block, committed, pending, generated)]
+    return DenoiseStep(*where, *cpu, total.since(before), total)
+
+
 @torch.inference_mode()
 def generate(
     model: Network,
@@ -133,10 +173,13 @@ def generate(
     config: GenerationConfig | None = None,
     policy: Policy | None = None,
     engine: Engine | None = None,
+    observer: StepObserver | None = None,
 ) -> GenerationResult:
     """Decode a batch of tokenised prompts of any lengths. Rows finish on their own (EOS or their
     own max_new_tokens) and leave the batch at block ends. `engine`: one built by the caller (its
-    policy, not `policy`, is used); by default the model's engine for these settings."""
+    policy, not `policy`, is used); by default the model's engine for these settings.
+    `observer`: called after every denoise forward with a DenoiseStep (it reads the engine's
+    statistics: a synchronisation); an exception it raises stops the generation. None: no cost."""
     cfg = config or GenerationConfig()
     if cfg.decode != "diffusion":
         from v2.speculative import decode
@@ -198,6 +241,7 @@ def generate(
         if not cfg.ignore_eos:
             stopped = _eos_stops(block, pending, generated, ids.eos)
         has_block_kv = torch.zeros_like(stopped)
+        step = 0
         for k in range(B // S):
             sub = slice(k * S, (k + 1) * S)
             while True:
@@ -224,6 +268,7 @@ def generate(
                 out_pos = (torch.arange(k * S, (k + 1) * S, device=device) - 1 - window).clamp(
                     min=0
                 )
+                before = copy.deepcopy(engine.stats) if observer is not None else None
                 hidden = engine.denoise(block[:, window : window + width], window, out_pos, units)
                 token, conf = _propose(engine.logits(hidden), cfg, gen)
                 conf = torch.where(candidates, conf, -1.0)
@@ -234,6 +279,18 @@ def generate(
                 pending[:, sub] &= ~take
                 if not cfg.ignore_eos:
                     stopped |= _eos_stops(block, pending, generated, ids.eos)
+                if observer is not None:
+                    done = sum(final_len[r] - lengths[r] for r in range(n) if finish[r])
+                    decided = done + _decided(seq[active, :start], block, L, generated, ids.mask)
+                    where = (start, step, window, width, active.tolist())
+                    committed = torch.zeros_like(pending)
+                    committed[:, sub] = take
+                    observer(
+                        _step(
+                            engine, before, t0, decided, where, block, committed, pending, generated
+                        )
+                    )
+                step += 1
         seq[active, start : start + B] = block
 
         # Rows leave at the block end: on EOS (cut after it) or when their budget is spent.

@@ -104,6 +104,20 @@ class Stats:
         for name in SPECULATIVE_COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
+    def since(self, earlier: Stats) -> Stats:
+        """The work done after `earlier`, a copy of these statistics taken before (for one
+        forward's share). Time and tokens are left to the caller."""
+        d = Stats(self.num_layers, graph_sets=self.graph_sets, graph_failures=self.graph_failures)
+        for kind in FORWARD_KINDS:
+            d.forwards[kind] = self.forwards[kind] - earlier.forwards[kind]
+            d.row_forwards[kind] = self.row_forwards[kind] - earlier.row_forwards[kind]
+        d.executed_flops = self.executed_flops - earlier.executed_flops
+        d.baseline_flops = self.baseline_flops - earlier.baseline_flops
+        for name in ("executed", "baseline", "reused"):
+            now, then = (getattr(s, f"{name}_units_per_layer") for s in (self, earlier))
+            setattr(d, f"{name}_units_per_layer", [a - b for a, b in zip(now, then, strict=True)])
+        return d
+
     def to_dict(self) -> dict:
         return {
             "forwards": dict(self.forwards),
