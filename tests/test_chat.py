@@ -242,3 +242,17 @@ def test_app_and_chatbot_refuse_a_missing_checkpoint(tmp_path, capsys):
         assert main(["--model", str(tmp_path / "nothing")]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "nothing" in err and "\n" not in err
+
+
+@pytest.mark.parametrize("decode", ["autoregressive", "speculative"])
+def test_observer_with_a_causal_decode_is_a_clear_error(decode):
+    from v2.generate import GenerationError
+
+    cfg = GenerationConfig(max_new_tokens=8, threshold=1.0, decode=decode)
+    with pytest.raises(GenerationError, match="observer"):
+        generate(random_network(), [prompt(5)], IDS, cfg, observer=lambda step: None)
+
+
+def test_decode_is_not_a_chat_setting():
+    with pytest.raises(ChatError):
+        parse_setting("decode", "speculative")

@@ -28,9 +28,12 @@ from v2.stats import Stats
 
 NOT_RUN = -1  # a plan cell outside the forward's window or scope
 _TYPES = {"int": int, "float": float, "bool": bool, "int | None": int, "bool | None": bool}
-# GenerationConfig fields a user may set (name -> type), e.g. `/set threshold 0.9`.
+# GenerationConfig fields a user may set (name -> type), e.g. `/set threshold 0.9`; not the
+# CUDA graphs switch, nor `decode`: the app and the chatbot show block-diffusion steps.
 SETTINGS: dict[str, type] = {
-    f.name: _TYPES[str(f.type)] for f in fields(GenerationConfig) if f.name != "cuda_graphs"
+    f.name: _TYPES[str(f.type)]
+    for f in fields(GenerationConfig)
+    if f.name not in ("cuda_graphs", "decode")
 }
 
 

@@ -182,6 +182,11 @@ def generate(
     statistics: a synchronisation); an exception it raises stops the generation. None: no cost."""
     cfg = config or GenerationConfig()
     if cfg.decode != "diffusion":
+        if observer is not None:
+            raise GenerationError(
+                f"a step observer follows block-diffusion denoise steps; decode={cfg.decode!r} "
+                "has none (use decode='diffusion')"
+            )
         from v2.speculative import decode
 
         return decode(model, prompts, ids, cfg, policy, engine)
