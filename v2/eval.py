@@ -255,18 +255,20 @@ def main(argv: list[str] | None = None, default_policy: str | None = None) -> in
     lm_adapter.reset_run(default_policy)
     saved = sys.argv
     sys.argv = [saved[0] if saved else "v2/eval.py", *argv]
+    finished = False
     try:
         precheck(argv, default_policy)
         from lm_eval.__main__ import cli_evaluate
 
         cli_evaluate()
         write_summary(opts.output_path, opts.limit)
+        finished = True
     except (lm_adapter.EvalError, CheckpointError, GenerationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         sys.argv = saved
-        lm_adapter.close_process_group()
+        lm_adapter.close_process_group(finished)
     return 0
 
 

@@ -109,12 +109,17 @@ def reset_run(default_policy: str | None = None) -> RunRecord:
     return RUN
 
 
-def close_process_group() -> None:
-    """Tear down the process group if this module created it."""
+def close_process_group(finished: bool = False) -> None:
+    """Tear down the process group if this module created it. `finished`: every rank got here
+    normally, so wait for the others first (a rank that tore down its gloo group while a peer
+    was still in its last collective was seen to abort: "terminate called without an active
+    exception"); after an error, no barrier: a dead peer would hang it."""
     if RUN.owns_process_group:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
         RUN.owns_process_group = False
 
