@@ -203,6 +203,36 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
     )
 
 
+def test_unknown_task_is_one_clear_line(checkpoint, tmp_path):
+    args = _eval_args(checkpoint, tmp_path)
+    args[args.index("--tasks") + 1] = "tiny_gsmm"
+    r = _run([sys.executable, str(EVAL), *args], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert (
+        r.stderr.strip().splitlines()[-1].startswith("error: unknown task tiny_gsmm: not lm_eval")
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "policy", "options"),
+    [
+        ("token_skip_eval.py", "token", "cosine_threshold (float), min_layer (int)"),
+        ("layer_skip_eval.py", "layer", "max_consecutive_skips (int)"),
+        ("v2/eval.py", "none (no skipping)", "reuse_k (int)"),
+    ],
+)
+def test_help_names_our_model_and_default_policy_first(tmp_path, script, policy, options):
+    r = _run([sys.executable, str(REPO / script), "--help"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    ours, _, theirs = r.stdout.partition("lm_eval's own options follow.")
+    assert (
+        "--model fast_dllm_v2" in ours
+        and f"policy with no policy= in --model_args: {policy}" in ours
+    )
+    assert options in ours and "threshold=1.0" in ours
+    assert "--model_args" in theirs  # then lm_eval's help
+
+
 # ---- in-process tests of the model ----------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: the repository root, not v2/, is importable
@@ -243,6 +244,64 @@ def write_summary(output_path: str | None, limit) -> Path | None:
     return path
 
 
+def model_help(prog: str, default_policy: str | None) -> str:
+    """What `--help` says before lm_eval's own help: our model, its default policy, options."""
+    from v2.lm_adapter import MODEL_ARGS, MODEL_NAME
+    from v2.policies import POLICIES
+
+    def options(name: str) -> str:
+        return ", ".join(f"{k} ({t.__name__})" for k, t in POLICIES[name][2].items())
+
+    generation = {k: v for k, v in MODEL_ARGS.items() if k not in ("policy", "model_path")}
+    generation = {
+        k: v for k, v in generation.items() if not any(k in p[2] for p in POLICIES.values())
+    }
+    lines = [
+        f"{prog}: lm_eval with --model {MODEL_NAME} (Fast-dLLM v2, this repository's engine); the",
+        "tasks in v2/tasks (tiny_gsm, gsm8k_boxed, ...) are found without --include_path, and",
+        "summary.json is written beside lm_eval's results (docs/evaluation.md).",
+        "",
+        f"policy with no policy= in --model_args: {default_policy or 'none (no skipping)'}",
+    ]
+    if default_policy == "layer":
+        lines.append("  (reuse when reuse_k, layer_subset or subset_size is given)")
+    for name in POLICIES:
+        lines += textwrap.wrap(
+            f"policy={name}: {options(name)}", 98, initial_indent="  ", subsequent_indent="      "
+        )
+    if default_policy:
+        lines.append(
+            f"  with none of its options the {default_policy} policy skips nothing: the run is "
+            "the baseline (it says so)"
+        )
+    generation["pretrained"] = "<checkpoint directory or hub id>"
+    shown = "model_args (default): " + ", ".join(f"{k}={v}" for k, v in generation.items())
+    lines += textwrap.wrap(shown, 98, subsequent_indent="    ")
+    lines += [
+        "",
+        f"example: python {prog} --model {MODEL_NAME} \\",
+        "    --model_args pretrained=v2/tiny/checkpoint"
+        + (",cosine_threshold=0.95" if default_policy else "")
+        + " --tasks tiny_gsm --apply_chat_template --limit 4 --output_path results/try",
+        "",
+        "lm_eval's own options follow.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def unknown_tasks(error: ValueError) -> str | None:
+    """lm_eval's 'Tasks not found: a, b' (raised after a traceback-worthy stack) as one line."""
+    text = str(error)
+    if not text.startswith("Tasks not found"):
+        return None
+    names = text.split(":", 1)[1].strip()
+    return (
+        f"unknown task {names}: not lm_eval's, not in v2/tasks or --include_path "
+        "(`lm-eval ls tasks` lists lm_eval's)"
+    )
+
+
 def main(argv: list[str] | None = None, default_policy: str | None = None) -> int:
     """Run lm_eval with our model and tasks, then write summary.json. `default_policy` is the
     policy used when model_args give no policy= (token_skip_eval.py, layer_skip_eval.py)."""
@@ -251,6 +310,9 @@ def main(argv: list[str] | None = None, default_policy: str | None = None) -> in
     from v2.generate import GenerationError
 
     argv = prepare_argv(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "v2/eval.py"
+        print(model_help("v2/eval.py" if prog == "eval.py" else prog, default_policy), flush=True)
     opts = _preparse(argv)
     lm_adapter.reset_run(default_policy)
     saved = sys.argv
@@ -263,6 +325,11 @@ def main(argv: list[str] | None = None, default_policy: str | None = None) -> in
         write_summary(opts.output_path, opts.limit)
     except (lm_adapter.EvalError, CheckpointError, GenerationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if (message := unknown_tasks(e)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     finally:
         sys.argv = saved

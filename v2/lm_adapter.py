@@ -29,7 +29,7 @@ from tqdm import tqdm
 from v2.checkpoint import TokenIds
 from v2.generate import FastDLLM, GenerationConfig, GenerationError, generate
 from v2.model import Network, block_causal_mask
-from v2.policies import POLICIES, POLICY_OPTIONS, make_policy
+from v2.policies import POLICIES, POLICY_OPTIONS, baseline_note, make_policy
 from v2.stats import FORWARD_KINDS, SPECULATIVE_COUNTS, Stats
 
 log = logging.getLogger(__name__)
@@ -179,12 +179,8 @@ def select_policy(args: dict, default_policy: str | None):
         raise EvalError(f"policy {name!r} is not available: {e}") from None
     except (ValueError, TypeError) as e:
         raise EvalError(str(e)) from None
-    if policy is not None and not policy.enabled:
-        print(
-            f"[fast_dllm_v2] note: policy {name!r} with {options or 'its defaults'} can skip "
-            "nothing: this run is the baseline",
-            file=sys.stderr,
-        )
+    if note := baseline_note(policy, name, options):
+        print(f"[fast_dllm_v2] note: {note}", file=sys.stderr)
     return policy
 
 
