@@ -742,6 +742,23 @@ def test_status_without_a_sweep_lists_the_sweeps(tmp_path, fake_eval, capsys):
     assert "configs/sweeps/tiny_default.yaml" in r.stdout
 
 
+def test_readme_main_job_for_a_newcomer():
+    """The CPU-torch line comes before the first command a newcomer copies, and the README, the
+    sweep file and docs/operations.md give the same time for the main job on a CPU."""
+    readme = (REPO / "README.md").read_text()
+    commands = [line.strip() for line in readme.splitlines() if line.startswith("    ")]
+    assert commands[0].startswith("pip install torch") and "whl/cpu" in commands[0]
+    assert commands[1].startswith('pip install -e ".[dev]"')
+    sweep = (REPO / "configs/sweeps/tiny_default.yaml").read_text()
+    minutes = re.compile(r"(\d+)-(\d+)\s+minutes")
+    (shown,) = set(minutes.findall(readme.replace("\n", " ")))
+    assert set(minutes.findall(sweep.replace("\n#", " "))) == {shown}
+    # docs/operations.md: the timed walls of the unloaded runs fall inside that range
+    ops = (REPO / "docs/operations.md").read_text()
+    walls = [int(m) for m in re.findall(r"tiny_default\.yaml --local` \| (\d+) min", ops)]
+    assert walls and all(int(shown[0]) <= w <= int(shown[1]) for w in walls)
+
+
 def test_dry_run_into_a_closed_pipe_ends_quietly():
     """`--dry-run | head`: the reader is gone before the runner writes."""
     cmd = [sys.executable, "-m", "v2.experiments", "configs/sweeps/tiny_token.yaml", "--dry-run"]
