@@ -168,8 +168,35 @@ def _metrics(entry: dict) -> dict:
     return out
 
 
-def build_summary(results: dict, results_file: Path, run, records: dict, limit) -> dict:
-    """summary.json (schema 1) from lm_eval's results and the per-request statistics."""
+def speed_summary(generated_tokens: int, rank_seconds: list[float]) -> dict:
+    """tokens/s of the whole run, labelled: the ranks decode at the same time, so the run's
+    decoding wall is the slowest rank's (not the sum over ranks, which `stats.wall_seconds`
+    is); aggregate = tokens / that wall, per GPU = aggregate / processes. One timed pass:
+    comparable across configurations only with repeated rounds (docs/evaluation.md)."""
+    wall = max(rank_seconds, default=0.0)
+    aggregate = generated_tokens / wall if wall > 0 else 0.0
+    world = max(len(rank_seconds), 1)
+    return {
+        "processes": world,
+        "generated_tokens": generated_tokens,
+        "rank_decode_seconds": list(rank_seconds),
+        "wall_seconds": wall,
+        "tokens_per_second": aggregate,
+        "tokens_per_second_per_gpu": aggregate / world,
+        "timed_passes": 1,
+    }
+
+
+def build_summary(
+    results: dict,
+    results_file: Path,
+    run,
+    records: dict,
+    limit,
+    rank_seconds: list[float] | None = None,
+) -> dict:
+    """summary.json (schema 1) from lm_eval's results and the per-request statistics;
+    `rank_seconds`: each process's decoding wall time (default: this process's)."""
     from v2.lm_adapter import sum_stats
 
     n_layers = run.num_layers
@@ -194,29 +221,34 @@ def build_summary(results: dict, results_file: Path, run, records: dict, limit) 
         "limit": int(limit) if limit is not None and float(limit).is_integer() else limit,
         "smoke_test": limit is not None,
         "tasks": tasks,
-        "stats": sum_stats((s for v in records.values() for s in v), n_layers).to_dict(),
+        "stats": (total := sum_stats((s for v in records.values() for s in v), n_layers)).to_dict(),
+        "speed": speed_summary(
+            total.generated_tokens,
+            rank_seconds if rank_seconds is not None else [run.decode_seconds],
+        ),
         "env": environment(),
         "results_file": results_file.name,
     }
 
 
-def _gathered_records(run) -> dict | None:
-    """Every rank's per-request statistics on rank 0 (None elsewhere), first copy of a key wins."""
+def _gathered_records(run) -> tuple[dict, list[float]] | None:
+    """Every rank's per-request statistics on rank 0, first copy of a key wins, and each rank's
+    decoding wall time (None on the other ranks)."""
     if run.world_size <= 1:
-        return dict(run.requests)
+        return dict(run.requests), [run.decode_seconds]
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        return dict(run.requests) if run.rank == 0 else None
+        return (dict(run.requests), [run.decode_seconds]) if run.rank == 0 else None
     parts = [None] * run.world_size if run.rank == 0 else None
-    dist.gather_object(run.requests, parts, dst=0)
+    dist.gather_object((run.requests, run.decode_seconds), parts, dst=0)
     if run.rank != 0:
         return None
     merged: dict = {}
-    for part in parts:
-        for key, stats in part.items():
+    for requests, _ in parts:
+        for key, stats in requests.items():
             merged.setdefault(key, stats)
-    return merged
+    return merged, [seconds for _, seconds in parts]
 
 
 def write_summary(output_path: str | None, limit) -> Path | None:
@@ -227,12 +259,13 @@ def write_summary(output_path: str | None, limit) -> Path | None:
     run = lm_adapter.RUN
     if not run.config:  # no fast_dllm_v2 model was built (another model or subcommand)
         return None
-    records = _gathered_records(run)
-    if records is None or output_path is None:
+    gathered = _gathered_records(run)
+    if gathered is None or output_path is None:
         return None
+    records, rank_seconds = gathered
     results_file = _results_file(output_path, run.pretrained)
     results = json.loads(results_file.read_text())
-    summary = build_summary(results, results_file, run, records, limit)
+    summary = build_summary(results, results_file, run, records, limit, rank_seconds)
     path = results_file.parent / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     with (results_file.parent / "request_stats.jsonl").open("w") as f:

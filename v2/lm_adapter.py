@@ -91,6 +91,9 @@ class RunRecord:
     rank: int = 0
     world_size: int = 1
     owns_process_group: bool = False
+    # this process's generate() wall time, summed (ranks decode at the same time: the run's
+    # decoding wall is the largest over ranks, not their sum)
+    decode_seconds: float = 0.0
     # (task, doc_id, idx) -> one Stats per generated occurrence (at most `repeats`)
     requests: dict[tuple, list[Stats]] = field(default_factory=dict)
 
@@ -570,6 +573,7 @@ class FastDLLMEvalLM(LM):
                     self.cache_hook.add_partial("generate_until", r.args, out[i])
                 tokens_done += result.stats.generated_tokens
                 seconds += result.stats.wall_seconds
+                RUN.decode_seconds += result.stats.wall_seconds
                 bar.update(len(batch))
                 bar.set_postfix_str(f"{tokens_done / max(seconds, 1e-9):.1f} tok/s")
                 if self.show_speed:
