@@ -1051,7 +1051,7 @@ def status_rows(sweep: Sweep, configs: list[Config], st: dict[str, State], limit
             saved = "-" if r.flops_ratio is None else _fmt_pct(1 - r.flops_ratio)
             if r.end_to_end_ratio is not None:
                 saved += f" / {_fmt_pct(1 - r.end_to_end_ratio)}"
-            tps = "-" if r.tokens_per_second is None else f"{r.tokens_per_second:.1f}"
+            tps = report.speed_text(r)
             rows.append([c.id, r.task, "done", report.accuracy_text(r), tps, saved, r.metric or ""])
     return rows
 
@@ -1071,6 +1071,10 @@ def print_status(sweep: Sweep, configs: list[Config], limit: int | None) -> dict
     )
     header = ["config", "task", "state", "accuracy %", "tokens/s", "FLOPs saved fwd/e2e", "note"]
     print_table(header, rows)
+    from v2.report import SINGLE_PASS
+
+    if any(SINGLE_PASS in row[4] for row in rows):
+        print(f"{SINGLE_PASS} tokens/s of one timed pass: not comparable between configurations")
     counts = dict.fromkeys(STATES, 0)
     for s in st.values():
         counts[s.state] += 1
