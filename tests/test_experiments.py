@@ -789,6 +789,8 @@ def test_cpu_limit_and_status_table(tmp_path, fake_eval, capsys):
     assert shown == "99.00 ± 9.95" and "done" in lines["baseline"] and shown in lines["baseline"]
     assert "60.0" in lines["token_ct0.95"] and "20.0% / 20.0%" in lines["token_ct0.95"]
     assert "3 done, 0 pending, 0 running, 0 failed, 0 missing of 3" in out
+    assert "60.0 ‡" in lines["token_ct0.95"] and "‡ tokens/s of one timed pass" in out
+    assert "tokens/s measured on a CPU are not results" in out  # the fake's env says cpu
     # without --local and no sbatch a plain command runs here, so --status shows the same runs
     assert ex.main([str(path), "--status", "--results", str(results), "--only", "baseline"]) == 0
     assert "1 done, 0 pending, 0 running, 0 failed, 0 missing of 1" in capsys.readouterr().out

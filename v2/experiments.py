@@ -1030,8 +1030,11 @@ def _fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def status_rows(sweep: Sweep, configs: list[Config], st: dict[str, State], limit: int | None):
-    """Table rows: one per (configuration, task) once done, else one per configuration."""
+def status_rows(
+    sweep: Sweep, configs: list[Config], st: dict[str, State], limit: int | None
+) -> tuple[list[list[str]], list[str]]:
+    """Table rows: one per (configuration, task) once done, else one per configuration; and
+    what the tokens/s shown can and cannot say."""
     from v2 import report
 
     found: dict[str, list[report.Row]] = {}
@@ -1053,7 +1056,12 @@ def status_rows(sweep: Sweep, configs: list[Config], st: dict[str, State], limit
                 saved += f" / {_fmt_pct(1 - r.end_to_end_ratio)}"
             tps = report.speed_text(r)
             rows.append([c.id, r.task, "done", report.accuracy_text(r), tps, saved, r.metric or ""])
-    return rows
+    notes = []
+    if any(r.tokens_per_second is not None and len(r.speed_rounds) < 2 for r in flat):
+        notes.append(f"{report.SINGLE_PASS} tokens/s of one timed pass: not comparable")
+    if any(r.on_cpu and r.tokens_per_second is not None for r in flat):
+        notes.append("tokens/s measured on a CPU are not results (they swing between runs)")
+    return rows, notes
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
@@ -1064,17 +1072,15 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def print_status(sweep: Sweep, configs: list[Config], limit: int | None) -> dict[str, int]:
     st = states(sweep, configs, limit)
-    rows = status_rows(sweep, configs, st, limit)
+    rows, notes = status_rows(sweep, configs, st, limit)
     where = sweep.runs_root(limit)
     print(
         f"sweep {sweep.name} ({sweep.file}): {where}" + (" [--limit: smoke test]" if limit else "")
     )
     header = ["config", "task", "state", "accuracy %", "tokens/s", "FLOPs saved fwd/e2e", "note"]
     print_table(header, rows)
-    from v2.report import SINGLE_PASS
-
-    if any(SINGLE_PASS in row[4] for row in rows):
-        print(f"{SINGLE_PASS} tokens/s of one timed pass: not comparable between configurations")
+    for note in notes:
+        print(note)
     counts = dict.fromkeys(STATES, 0)
     for s in st.values():
         counts[s.state] += 1
