@@ -40,6 +40,8 @@ class LayerSkipPolicy(Policy):
         protect_first: int = 1,
         protect_last: int = 1,
     ):
+        if not cosine_threshold >= -1:  # as the token policy: a cosine is never below -1
+            raise ValueError(f"cosine_threshold must be >= -1, got {cosine_threshold}")
         if max_consecutive_skips < 1:
             raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
         if protect_first < 1 or protect_last < 1:

@@ -37,6 +37,7 @@ SUMMARY_KEYS = {
     "smoke_test",
     "tasks",
     "stats",
+    "speed",
     "env",
     "results_file",
 }
@@ -151,6 +152,11 @@ def test_single_process_results_and_summary(single_run, checkpoint):
         sum(r["stats"]["wall_seconds"] for r in requests)
     )
     assert summary["stats"]["wall_seconds"] > 0
+    # one process: the run's decoding wall is that process's, and per GPU = aggregate
+    speed = summary["speed"]
+    assert speed["processes"] == 1 and speed["timed_passes"] == 1
+    assert speed["wall_seconds"] == pytest.approx(summary["stats"]["wall_seconds"], rel=1e-6)
+    assert speed["tokens_per_second"] == speed["tokens_per_second_per_gpu"] > 0
 
 
 def test_data_parallel_matches_single_process(single_run, checkpoint, tmp_path):
@@ -173,6 +179,15 @@ def test_data_parallel_matches_single_process(single_run, checkpoint, tmp_path):
         return {r["doc_id"]: r["stats"]["generated_tokens"] for r in reqs}
 
     assert len(requests) == 5 and per_doc(requests) == per_doc(ref_requests)
+    # tokens/s over the run's wall (the slowest rank's, as the ranks decode at the same time),
+    # not over the ranks' summed walls as stats.wall_seconds is; per GPU = aggregate / 2
+    speed = summary["speed"]
+    assert speed["processes"] == 2 and len(speed["rank_decode_seconds"]) == 2
+    assert speed["wall_seconds"] == max(speed["rank_decode_seconds"]) > 0
+    tokens = summary["stats"]["generated_tokens"]
+    assert speed["tokens_per_second"] == pytest.approx(tokens / speed["wall_seconds"])
+    assert speed["tokens_per_second_per_gpu"] == pytest.approx(speed["tokens_per_second"] / 2)
+    assert speed["wall_seconds"] < summary["stats"]["wall_seconds"]  # summed over ranks
 
 
 @pytest.mark.parametrize(
@@ -201,6 +216,36 @@ def test_missing_checkpoint_is_one_clear_line(tmp_path):
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: checkpoint not found: {missing} is not a directory"
     )
+
+
+def test_unknown_task_is_one_clear_line(checkpoint, tmp_path):
+    args = _eval_args(checkpoint, tmp_path)
+    args[args.index("--tasks") + 1] = "tiny_gsmm"
+    r = _run([sys.executable, str(EVAL), *args], tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert (
+        r.stderr.strip().splitlines()[-1].startswith("error: unknown task tiny_gsmm: not lm_eval")
+    )
+
+
+@pytest.mark.parametrize(
+    ("script", "policy", "options"),
+    [
+        ("token_skip_eval.py", "token", "cosine_threshold (float), min_layer (int)"),
+        ("layer_skip_eval.py", "layer", "max_consecutive_skips (int)"),
+        ("v2/eval.py", "none (no skipping)", "reuse_k (int)"),
+    ],
+)
+def test_help_names_our_model_and_default_policy_first(tmp_path, script, policy, options):
+    r = _run([sys.executable, str(REPO / script), "--help"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    ours, _, theirs = r.stdout.partition("lm_eval's own options follow.")
+    assert (
+        "--model fast_dllm_v2" in ours
+        and f"policy with no policy= in --model_args: {policy}" in ours
+    )
+    assert options in ours and "threshold=1.0" in ours
+    assert "--model_args" in theirs  # then lm_eval's help
 
 
 # ---- in-process tests of the model ----------------------------------------------------------

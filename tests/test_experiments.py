@@ -64,7 +64,8 @@ if os.environ.get("FAKE_EVAL_CRASH_ON") == out.name and not flag.exists():
         if release.exists():
             break
         time.sleep(0.1)
-time.sleep(float(os.environ.get("FAKE_EVAL_SLEEP", "0")))
+if os.environ.get("FAKE_EVAL_SLEEP_ON", out.name) == out.name:
+    time.sleep(float(os.environ.get("FAKE_EVAL_SLEEP", "0")))
 policy = model_args["policy"]
 numbers = {{"none": (0.99, 1000, 50.0), "token": (0.97, 800, 60.0)}}.get(policy, (0.95, 900, 55.0))
 s = summary_dict({{"policy": policy}}, accuracy=numbers[0], executed_flops=numbers[1],
@@ -126,7 +127,12 @@ def fake_eval(tmp_path, monkeypatch) -> Path:
     monkeypatch.setenv(ex.EVAL_CMD_ENV, f"{sys.executable} {script}")
     monkeypatch.setenv("FAKE_EVAL_LOG", str(log))
     monkeypatch.setenv(ex.NUM_GPUS_ENV, "0")
-    for k in ("FAKE_EVAL_CRASH_ON", "FAKE_EVAL_CRASH_MODE", "FAKE_EVAL_SLEEP"):
+    for k in (
+        "FAKE_EVAL_CRASH_ON",
+        "FAKE_EVAL_CRASH_MODE",
+        "FAKE_EVAL_SLEEP",
+        "FAKE_EVAL_SLEEP_ON",
+    ):
         monkeypatch.delenv(k, raising=False)
     return log
 
@@ -587,10 +593,11 @@ def test_local_runner_killed_while_its_evaluation_goes_on(tmp_path, fake_eval, m
     while ex.pid_alive(orphan):
         assert time.time() < deadline, "the orphaned evaluation did not finish"
         time.sleep(0.1)
-    assert state_map(sweep)["token_ct0.95"] == "missing"  # a summary, but no DONE yet
+    # a checked summary without DONE: reading the state adopts it (not "missing")
+    assert state_map(sweep)["token_ct0.95"] == "done"
+    assert ex.read_marker(sweep.run_dir("token_ct0.95", None), ex.DONE)["adopted"] is True
     assert ex.main([str(path), "--local", "--results", str(results)]) == 0
     assert invoked(fake_eval) == ["baseline", "token_ct0.95", "layer_ct0.99"]  # adopted, not rerun
-    assert ex.read_marker(sweep.run_dir("token_ct0.95", None), ex.DONE)["adopted"] is True
     assert (sweep.run_dir("baseline", None) / ex.DONE).read_text() == first
     assert set(state_map(sweep).values()) == {"done"}
 
@@ -619,6 +626,151 @@ def test_sigterm_stops_the_evaluation_and_leaves_a_failed_marker(tmp_path, fake_
     assert not sweep.run_dir("token_ct0.95", None).exists()  # never started
 
 
+def _start_runner(argv: list[str], config_dir: Path) -> tuple[subprocess.Popen, int]:
+    """The runner as a process of its own; returns it once the evaluation of `config_dir` runs,
+    with that evaluation's pid."""
+    cmd = [sys.executable, "-m", "v2.experiments", *argv]
+    runner = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while "child_pid" not in (ex.read_marker(config_dir, ex.RUNNING) or {}):
+        assert runner.poll() is None and time.time() < deadline, runner.stderr.read()
+        time.sleep(0.05)
+    return runner, ex.read_marker(config_dir, ex.RUNNING)["child_pid"]
+
+
+def test_sigint_stops_the_evaluation_and_one_rerun_finishes(tmp_path, fake_eval, monkeypatch):
+    """SIGINT to the runner alone (not its process group): the evaluation stops with it, FAILED
+    says so, and one plain rerun finishes the sweep with nothing missing or repeated."""
+    path = write_sweep(tmp_path, 3)
+    results = tmp_path / "results"
+    sweep = ex.load_sweep(path, results)
+    monkeypatch.setenv("FAKE_EVAL_SLEEP", "60")
+    monkeypatch.setenv("FAKE_EVAL_SLEEP_ON", "token_ct0.95")
+    argv = [str(path), "--local", "--results", str(results)]
+    runner, child = _start_runner(argv, sweep.run_dir("token_ct0.95", None))
+    runner.send_signal(signal.SIGINT)
+    assert runner.wait(timeout=60) == 130
+    assert "Traceback" not in runner.stderr.read().decode()
+    assert not ex.pid_alive(child)
+    failed = ex.read_marker(sweep.run_dir("token_ct0.95", None), ex.FAILED)
+    assert failed["rc"] == 130 and failed["reason"].startswith("interrupted (SIGINT)")
+    assert state_map(sweep) == {
+        "baseline": "done",
+        "token_ct0.95": "failed",
+        "layer_ct0.99": "missing",
+    }
+    first = (sweep.run_dir("baseline", None) / ex.DONE).read_text()
+
+    monkeypatch.setenv("FAKE_EVAL_SLEEP", "0")
+    assert ex.main(argv) == 0
+    assert invoked(fake_eval) == ["baseline", "token_ct0.95", "token_ct0.95", "layer_ct0.99"]
+    assert set(state_map(sweep).values()) == {"done"}
+    assert (sweep.run_dir("baseline", None) / ex.DONE).read_text() == first
+
+
+def test_interrupted_force_moves_aside_only_what_it_reran(tmp_path, fake_eval, monkeypatch):
+    """--force moves each configuration's old results aside just before rerunning it; after a
+    Ctrl-C the printed command finishes the forced run without repeating what it finished."""
+    path = write_sweep(tmp_path, 3)
+    results = tmp_path / "results"
+    sweep = ex.load_sweep(path, results)
+    argv = [str(path), "--local", "--results", str(results)]
+    assert ex.main(argv) == 0
+    old_last = (sweep.run_dir("layer_ct0.99", None) / ex.DONE).read_text()
+    monkeypatch.setenv("FAKE_EVAL_SLEEP", "60")
+    monkeypatch.setenv("FAKE_EVAL_SLEEP_ON", "token_ct0.95")
+    runner, _ = _start_runner([*argv, "--force"], sweep.run_dir("token_ct0.95", None))
+    runner.send_signal(signal.SIGINT)
+    assert runner.wait(timeout=60) == 130
+    err = runner.stderr.read().decode()
+    replaced = sorted(p.name.rsplit("-", 2)[0] for p in (results / "fake/_replaced").iterdir())
+    assert replaced == ["baseline", "token_ct0.95"]  # not layer_ct0.99: never reached
+    assert (sweep.run_dir("layer_ct0.99", None) / ex.DONE).read_text() == old_last
+    again = next(line for line in err.splitlines() if "v2.experiments" in line).split()
+    assert again[again.index("--force") + 1 :] == ["layer_ct0.99"]
+
+    monkeypatch.setenv("FAKE_EVAL_SLEEP", "0")
+    assert ex.main(again[3:]) == 0
+    ran = invoked(fake_eval)[3:]  # after the first full run
+    assert ran == ["baseline", "token_ct0.95", "token_ct0.95", "layer_ct0.99"]
+    assert set(state_map(sweep).values()) == {"done"}
+    assert (sweep.run_dir("layer_ct0.99", None) / ex.DONE).read_text() != old_last
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"threshold": 0}, "threshold must be > 0"),
+        ({"grid": [{"policy": "token", "reuse_ratio": 1.5}]}, "reuse_ratio must be in [0, 1)"),
+        ({"pretrained": "v2/tiny/no_such_checkpoint"}, "no_such_checkpoint does not exist"),
+        ({"tasks": ["tiny_gsmm"]}, "unknown tasks tiny_gsmm"),
+    ],
+)
+def test_bad_sweeps_stop_before_anything_runs(tmp_path, fake_eval, capsys, change, message):
+    path = write_sweep(tmp_path, 2, **change)
+    results = tmp_path / "results"
+    for extra in (["--dry-run"], []):
+        assert ex.main([str(path), "--local", "--results", str(results), *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+    assert invoked(fake_eval) == [] and not results.exists()
+
+
+def test_status_without_a_sweep_lists_the_sweeps(tmp_path, fake_eval, capsys):
+    folder = tmp_path / "sweeps"
+    folder.mkdir()
+    write_sweep(tmp_path, 2).rename(folder / "a.yaml")
+    (folder / "b.yaml").write_text("pretrained: v2/tiny/checkpoint\ntasks: [tiny_gsm]\n")
+    results = tmp_path / "results"
+    assert (
+        ex.main(
+            [str(folder / "a.yaml"), "--local", "--results", str(results), "--only", "baseline"]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert ex.list_sweeps(results, local=True, folder=folder) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"a\.yaml\s+2\s+1 done, 1 missing", out), out
+    assert re.search(r"b\.yaml .*error: .*`grid` is required", out), out
+    # the shell wrapper with no sweep: the shipped sweeps, not a usage error
+    r = subprocess.run(
+        ["bash", "sbatch/run_experiments.sh", "--status", "--local"], cwd=REPO, **TEXT
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[:4] == ["sweep", "configs", "state", "results"], r.stdout
+    assert "configs/sweeps/tiny_default.yaml" in r.stdout
+
+
+def test_readme_main_job_for_a_newcomer():
+    """The CPU-torch line comes before the first command a newcomer copies, and the README, the
+    sweep file and docs/operations.md give the same time for the main job on a CPU."""
+    readme = (REPO / "README.md").read_text()
+    commands = [line.strip() for line in readme.splitlines() if line.startswith("    ")]
+    assert commands[0].startswith("pip install torch") and "whl/cpu" in commands[0]
+    assert commands[1].startswith('pip install -e ".[dev]"')
+    sweep = (REPO / "configs/sweeps/tiny_default.yaml").read_text()
+    minutes = re.compile(r"(\d+)-(\d+)\s+minutes")
+    (shown,) = set(minutes.findall(readme.replace("\n", " ")))
+    assert set(minutes.findall(sweep.replace("\n#", " "))) == {shown}
+    # docs/operations.md: the timed walls of the unloaded runs fall inside that range
+    ops = (REPO / "docs/operations.md").read_text()
+    walls = [int(m) for m in re.findall(r"tiny_default\.yaml --local` \| (\d+) min", ops)]
+    assert walls and all(int(shown[0]) <= w <= int(shown[1]) for w in walls)
+
+
+def test_dry_run_into_a_closed_pipe_ends_quietly():
+    """`--dry-run | head`: the reader is gone before the runner writes."""
+    cmd = [sys.executable, "-m", "v2.experiments", "configs/sweeps/tiny_token.yaml", "--dry-run"]
+    proc = subprocess.Popen(
+        [*cmd, "--local"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+
+
 def test_cpu_limit_and_status_table(tmp_path, fake_eval, capsys):
     path = write_sweep(tmp_path, 3, limit_cpu=2)
     results = tmp_path / "results"
@@ -637,6 +789,8 @@ def test_cpu_limit_and_status_table(tmp_path, fake_eval, capsys):
     assert shown == "99.00 ± 9.95" and "done" in lines["baseline"] and shown in lines["baseline"]
     assert "60.0" in lines["token_ct0.95"] and "20.0% / 20.0%" in lines["token_ct0.95"]
     assert "3 done, 0 pending, 0 running, 0 failed, 0 missing of 3" in out
+    assert "60.0 ‡" in lines["token_ct0.95"] and "‡ tokens/s of one timed pass" in out
+    assert "tokens/s measured on a CPU are not results" in out  # the fake's env says cpu
     # without --local and no sbatch a plain command runs here, so --status shows the same runs
     assert ex.main([str(path), "--status", "--results", str(results), "--only", "baseline"]) == 0
     assert "1 done, 0 pending, 0 running, 0 failed, 0 missing of 1" in capsys.readouterr().out

@@ -211,6 +211,9 @@ def test_cli_json(capsys, checkpoint):
         (["--prompt", "hi", "--threshold", "0"], "threshold"),
         (["--prompt", "hi", "--small-block-size", "5"], "divide"),
         (["--prompt", "hi", "--mask-token", "<nope>"], "mask_token"),
+        (["--prompt", "hi", "--policy", "token", "--cosine-threshold", "-2"], "must be >= -1"),
+        (["--prompt", "hi", "--policy", "layer", "--cosine-threshold", "nan"], "must be >= -1"),
+        (["--prompt", "hi", "--cosine-threshold", "0.9"], "need a policy"),
     ],
 )
 def test_cli_bad_input_is_one_line(capsys, checkpoint, args, message):
@@ -221,3 +224,24 @@ def test_cli_bad_input_is_one_line(capsys, checkpoint, args, message):
 def test_cli_missing_checkpoint(capsys, tmp_path):
     code, _, err = run_cli(capsys, "--model", str(tmp_path / "none"), "--prompt", "hi")
     assert code == 2 and "not found" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "note"),
+    [
+        (["--policy", "token"], "policy 'token' with its defaults can skip nothing"),
+        (["--policy", "layer", "--cosine-threshold", "1"], "this run is the baseline"),
+        (["--policy", "token", "--cosine-threshold", "0.5"], None),
+        ([], None),
+    ],
+)
+def test_cli_says_when_a_policy_runs_as_the_baseline(capsys, checkpoint, args, note):
+    """As the lm_eval path does: a policy that can skip nothing is named as the baseline."""
+    prompt = ["--prompt", "hi", "--max-new-tokens", "4", "--json"]
+    code, _, err = run_cli(capsys, "--model", str(checkpoint), *prompt, *args)
+    assert code == 0
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    if note:
+        assert len(notes) == 1 and note in notes[0], err
+    else:
+        assert notes == [], err

@@ -125,12 +125,12 @@ def test_table_baseline_first_and_both_flops_ratios(tmp_path):
     md = md_path.read_text()
     assert [r.config_id for r in rows] == ["baseline", "token_ct0.95", "layer_ct0.99"]
     body = table_rows(md.split("## Runs")[0])[1:]
-    assert body[0].startswith("| **baseline** | 100 | 99.00 ± 1.00 | 50.0 |")
+    assert body[0].startswith("| **baseline** | 100 | 99.00 ± 1.00 | 50.0 ‡ |")
     token = next(line for line in body if line.startswith("| token_ct0.95"))
     cells = [c.strip() for c in token.strip("|").split("|")]
     # config, n, accuracy, tokens/s, tokens/fwd, fwd/problem, FLOPs/fwd, FLOPs vs baseline, skip
     assert cells[1] == "100" and cells[2].startswith("97.00 ± ")
-    assert cells[3] == "60.0" and cells[4] == "5.00" and cells[5] == "4.0"
+    assert cells[3] == "60.0 ‡" and cells[4] == "5.00" and cells[5] == "4.0"
     assert cells[6] == "80.0 %" and cells[7] == "80.0 %" and cells[8] == "20.0 %"
     layer = next(r for r in rows if r.config_id == "layer_ct0.99")
     assert round(layer.flops_ratio, 4) == round(1100 / 1400, 4)
@@ -205,3 +205,40 @@ def test_baseline_is_the_same_decoding_threshold(tmp_path):
     assert rows["token_ct0.95"].baseline is rows["baseline"]
     assert rows["thr1.0_token_ct0.95"].baseline is None  # the baseline ran at threshold 0.9
     assert rows["thr1.0_token_ct0.95"].end_to_end_ratio is None
+
+
+def test_speed_is_labelled_spread_or_not_comparable(tmp_path):
+    """One timed pass is marked ‡ (not comparable); repeated rounds show median [min - max];
+    a CPU run says its timings are not results; a data-parallel run shows aggregate tokens/s
+    over the run's wall (not the ranks' summed walls) and tokens/s per GPU."""
+    sweep = tmp_path / "results" / "speed"
+    cpu = summary_dict(tokens_per_second=50.0)
+    write_summary(sweep / "baseline", cpu)
+    rounds = summary_dict({"policy": "token", "cosine_threshold": 0.95}, tokens_per_second=40.0)
+    rounds["env"]["gpu"] = "NVIDIA H200"
+    rounds["speed"] = {"processes": 1, "tokens_per_second_rounds": [61.0, 59.0, 70.0]}
+    write_summary(sweep / "token_ct0.95", rounds)
+    dp = summary_dict({"policy": "layer", "cosine_threshold": 0.99}, tokens_per_second=25.0)
+    dp["env"]["gpu"] = "NVIDIA H200"
+    dp["config"]["num_processes"] = 2
+    # two ranks of 40 s each decoding 2000 tokens: summed walls say 25 tokens/s, the run 50
+    dp["speed"] = {"processes": 2, "wall_seconds": 40.0, "tokens_per_second": 50.0}
+    write_summary(sweep / "layer_ct0.99", dp)
+    md_path, _, rows = report.build(sweep)
+    md = md_path.read_text()
+    cells = {
+        line.split("|")[1].strip(" *"): line.split("|")[4].strip()
+        for line in table_rows(md.split("## Runs")[0])[1:]
+    }
+    assert cells["baseline"] == "50.0 ‡"
+    assert cells["token_ct0.95"] == "61.0 [59.0 - 70.0]"
+    assert cells["layer_ct0.99"] == "50.0 ‡ (2 GPUs: 25.0/GPU)"
+    layer = next(r for r in rows if r.config_id == "layer_ct0.99")
+    assert layer.tokens_per_second == 50.0 and layer.tokens_per_second_per_gpu == 25.0
+    assert "CPU run**: tokens/s measured on a CPU are not results" in md
+    assert "‡ tokens/s from a single timed pass: not comparable" in md
+    # a data-parallel summary without "speed" (before it existed): no aggregate to show
+    del dp["speed"]
+    write_summary(sweep / "layer_ct0.99", dp)
+    layer = next(r for r in report.collect(sweep) if r.config_id == "layer_ct0.99")
+    assert layer.tokens_per_second is None and report.speed_text(layer) == "-"

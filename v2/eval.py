@@ -18,6 +18,7 @@ import platform
 import re
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: the repository root, not v2/, is importable
@@ -167,8 +168,35 @@ def _metrics(entry: dict) -> dict:
     return out
 
 
-def build_summary(results: dict, results_file: Path, run, records: dict, limit) -> dict:
-    """summary.json (schema 1) from lm_eval's results and the per-request statistics."""
+def speed_summary(generated_tokens: int, rank_seconds: list[float]) -> dict:
+    """tokens/s of the whole run, labelled: the ranks decode at the same time, so the run's
+    decoding wall is the slowest rank's (not the sum over ranks, which `stats.wall_seconds`
+    is); aggregate = tokens / that wall, per GPU = aggregate / processes. One timed pass:
+    comparable across configurations only with repeated rounds (docs/evaluation.md)."""
+    wall = max(rank_seconds, default=0.0)
+    aggregate = generated_tokens / wall if wall > 0 else 0.0
+    world = max(len(rank_seconds), 1)
+    return {
+        "processes": world,
+        "generated_tokens": generated_tokens,
+        "rank_decode_seconds": list(rank_seconds),
+        "wall_seconds": wall,
+        "tokens_per_second": aggregate,
+        "tokens_per_second_per_gpu": aggregate / world,
+        "timed_passes": 1,
+    }
+
+
+def build_summary(
+    results: dict,
+    results_file: Path,
+    run,
+    records: dict,
+    limit,
+    rank_seconds: list[float] | None = None,
+) -> dict:
+    """summary.json (schema 1) from lm_eval's results and the per-request statistics;
+    `rank_seconds`: each process's decoding wall time (default: this process's)."""
     from v2.lm_adapter import sum_stats
 
     n_layers = run.num_layers
@@ -193,29 +221,34 @@ def build_summary(results: dict, results_file: Path, run, records: dict, limit) 
         "limit": int(limit) if limit is not None and float(limit).is_integer() else limit,
         "smoke_test": limit is not None,
         "tasks": tasks,
-        "stats": sum_stats((s for v in records.values() for s in v), n_layers).to_dict(),
+        "stats": (total := sum_stats((s for v in records.values() for s in v), n_layers)).to_dict(),
+        "speed": speed_summary(
+            total.generated_tokens,
+            rank_seconds if rank_seconds is not None else [run.decode_seconds],
+        ),
         "env": environment(),
         "results_file": results_file.name,
     }
 
 
-def _gathered_records(run) -> dict | None:
-    """Every rank's per-request statistics on rank 0 (None elsewhere), first copy of a key wins."""
+def _gathered_records(run) -> tuple[dict, list[float]] | None:
+    """Every rank's per-request statistics on rank 0, first copy of a key wins, and each rank's
+    decoding wall time (None on the other ranks)."""
     if run.world_size <= 1:
-        return dict(run.requests)
+        return dict(run.requests), [run.decode_seconds]
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        return dict(run.requests) if run.rank == 0 else None
+        return (dict(run.requests), [run.decode_seconds]) if run.rank == 0 else None
     parts = [None] * run.world_size if run.rank == 0 else None
-    dist.gather_object(run.requests, parts, dst=0)
+    dist.gather_object((run.requests, run.decode_seconds), parts, dst=0)
     if run.rank != 0:
         return None
     merged: dict = {}
-    for part in parts:
-        for key, stats in part.items():
+    for requests, _ in parts:
+        for key, stats in requests.items():
             merged.setdefault(key, stats)
-    return merged
+    return merged, [seconds for _, seconds in parts]
 
 
 def write_summary(output_path: str | None, limit) -> Path | None:
@@ -226,12 +259,13 @@ def write_summary(output_path: str | None, limit) -> Path | None:
     run = lm_adapter.RUN
     if not run.config:  # no fast_dllm_v2 model was built (another model or subcommand)
         return None
-    records = _gathered_records(run)
-    if records is None or output_path is None:
+    gathered = _gathered_records(run)
+    if gathered is None or output_path is None:
         return None
+    records, rank_seconds = gathered
     results_file = _results_file(output_path, run.pretrained)
     results = json.loads(results_file.read_text())
-    summary = build_summary(results, results_file, run, records, limit)
+    summary = build_summary(results, results_file, run, records, limit, rank_seconds)
     path = results_file.parent / "summary.json"
     path.write_text(json.dumps(summary, indent=2) + "\n")
     with (results_file.parent / "request_stats.jsonl").open("w") as f:
@@ -243,6 +277,64 @@ def write_summary(output_path: str | None, limit) -> Path | None:
     return path
 
 
+def model_help(prog: str, default_policy: str | None) -> str:
+    """What `--help` says before lm_eval's own help: our model, its default policy, options."""
+    from v2.lm_adapter import MODEL_ARGS, MODEL_NAME
+    from v2.policies import POLICIES
+
+    def options(name: str) -> str:
+        return ", ".join(f"{k} ({t.__name__})" for k, t in POLICIES[name][2].items())
+
+    generation = {k: v for k, v in MODEL_ARGS.items() if k not in ("policy", "model_path")}
+    generation = {
+        k: v for k, v in generation.items() if not any(k in p[2] for p in POLICIES.values())
+    }
+    lines = [
+        f"{prog}: lm_eval with --model {MODEL_NAME} (Fast-dLLM v2, this repository's engine); the",
+        "tasks in v2/tasks (tiny_gsm, gsm8k_boxed, ...) are found without --include_path, and",
+        "summary.json is written beside lm_eval's results (docs/evaluation.md).",
+        "",
+        f"policy with no policy= in --model_args: {default_policy or 'none (no skipping)'}",
+    ]
+    if default_policy == "layer":
+        lines.append("  (reuse when reuse_k, layer_subset or subset_size is given)")
+    for name in POLICIES:
+        lines += textwrap.wrap(
+            f"policy={name}: {options(name)}", 98, initial_indent="  ", subsequent_indent="      "
+        )
+    if default_policy:
+        lines.append(
+            f"  with none of its options the {default_policy} policy skips nothing: the run is "
+            "the baseline (it says so)"
+        )
+    generation["pretrained"] = "<checkpoint directory or hub id>"
+    shown = "model_args (default): " + ", ".join(f"{k}={v}" for k, v in generation.items())
+    lines += textwrap.wrap(shown, 98, subsequent_indent="    ")
+    lines += [
+        "",
+        f"example: python {prog} --model {MODEL_NAME} \\",
+        "    --model_args pretrained=v2/tiny/checkpoint"
+        + (",cosine_threshold=0.95" if default_policy else "")
+        + " --tasks tiny_gsm --apply_chat_template --limit 4 --output_path results/try",
+        "",
+        "lm_eval's own options follow.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def unknown_tasks(error: ValueError) -> str | None:
+    """lm_eval's 'Tasks not found: a, b' (raised after a traceback-worthy stack) as one line."""
+    text = str(error)
+    if not text.startswith("Tasks not found"):
+        return None
+    names = text.split(":", 1)[1].strip()
+    return (
+        f"unknown task {names}: not lm_eval's, not in v2/tasks or --include_path "
+        "(`lm-eval ls tasks` lists lm_eval's)"
+    )
+
+
 def main(argv: list[str] | None = None, default_policy: str | None = None) -> int:
     """Run lm_eval with our model and tasks, then write summary.json. `default_policy` is the
     policy used when model_args give no policy= (token_skip_eval.py, layer_skip_eval.py)."""
@@ -251,6 +343,9 @@ def main(argv: list[str] | None = None, default_policy: str | None = None) -> in
     from v2.generate import GenerationError
 
     argv = prepare_argv(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "v2/eval.py"
+        print(model_help("v2/eval.py" if prog == "eval.py" else prog, default_policy), flush=True)
     opts = _preparse(argv)
     lm_adapter.reset_run(default_policy)
     saved = sys.argv
@@ -265,6 +360,11 @@ def main(argv: list[str] | None = None, default_policy: str | None = None) -> in
         finished = True
     except (lm_adapter.EvalError, CheckpointError, GenerationError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        if (message := unknown_tasks(e)) is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     finally:
         sys.argv = saved

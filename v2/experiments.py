@@ -14,19 +14,26 @@ Layout: results/<sweep>/<config_id>/ holds one configuration's lm_eval output
 
 State of a configuration:
 - done: DONE exists. It is written (temp file + os.replace) only after the run exited 0 and its
-  summary.json was found and checked (schema, tasks, limit, policy);
+  summary.json was found and checked (schema, tasks, limit, policy), or when a checked
+  summary.json is found without DONE (an evaluation that outlived its killed runner): reading
+  the state adopts it;
 - pending: a SUBMITTED (or RUNNING) marker names a SLURM job that squeue lists as waiting
   (PENDING, e.g. held, waiting for resources, or requeued);
 - running: such a job that squeue lists in any other live state, or a process on this host that
   is alive (or, on another host, that touched its marker in the last minutes);
 - failed: a FAILED marker (non-zero exit, a bad summary, or the task stopped by a signal:
-  scancel, time limit, preemption), or squeue (for MinJobAge after the end) or sacct says the
-  marker's job ended FAILED / CANCELLED / TIMEOUT / OUT_OF_MEMORY / NODE_FAIL / ...;
+  scancel, time limit, preemption, Ctrl-C / SIGINT, which stop the evaluation too), or squeue
+  (for MinJobAge after the end) or sacct says the marker's job ended FAILED / CANCELLED /
+  TIMEOUT / OUT_OF_MEMORY / NODE_FAIL / ...;
 - missing: anything else.
 A plain run starts every configuration that is missing or failed (a failed one resumes from its
-request cache); --force [ID ...] moves the old results to results/<sweep>/_replaced/ first and
-runs again from scratch. Pending and running configurations are never started twice. The runner
-needs squeue, not sacct (SLURM accounting).
+request cache); --force [ID ...] also runs all (or these) again from scratch, moving each one's
+old results to results/<sweep>/_replaced/ just before it runs (at submission with SLURM), so an
+interrupted forced run keeps the results it did not reach and prints the command that finishes
+it. Pending and running configurations are never started twice. The runner needs squeue, not
+sacct (SLURM accounting). A sweep is checked when it is read (decoding threshold > 0, policy
+options, a local `pretrained` that exists) and, before a run or --dry-run, its tasks (lm_eval's
+or v2/tasks'): a bad one stops with one line before anything runs.
 
 The command that evaluates one configuration is `python v2/eval.py ...` (`accelerate launch` with
 more than one GPU); FAST_DLLM_EVAL_CMD (or the eval_cmd argument) replaces the launcher and entry,
@@ -55,6 +62,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_ENV = REPO / "sbatch" / "cluster.env"
+SWEEPS_DIR = REPO / "configs" / "sweeps"
 ARRAY_JOB = REPO / "sbatch" / "array_job.sh"
 EVAL_CMD_ENV = "FAST_DLLM_EVAL_CMD"
 NUM_GPUS_ENV = "FAST_DLLM_NUM_GPUS"
@@ -258,6 +266,76 @@ def expand_grid(grid: list, threshold, tasks: list[str], split_tasks: bool, wher
     return configs
 
 
+def check_config(cfg: Config, where: str) -> None:
+    """What would fail at run time, configuration after configuration, fails here: a decoding
+    threshold that is not > 0 (GenerationConfig) and policy options the policy rejects."""
+    from v2.policies import make_policy
+
+    thr = cfg.threshold
+    if thr is not None and (isinstance(thr, bool) or not isinstance(thr, int | float)):
+        raise SweepError(f"{where}: threshold must be a number > 0, got {thr!r}")
+    if thr is not None and not thr > 0:
+        raise SweepError(f"{where}: threshold must be > 0 (>= 1: one token per forward), got {thr}")
+    try:
+        make_policy(cfg.policy, **cfg.options)
+    except (ValueError, TypeError) as e:
+        raise SweepError(f"{where}: {e}") from None
+
+
+def is_hub_id(pretrained: str) -> bool:
+    """`org/name` (fetched from the hub by the model) rather than a local folder."""
+    return pretrained.count("/") == 1 and not pretrained.startswith((".", "/", "~"))
+
+
+def check_pretrained(pretrained: str, where: str) -> None:
+    """A local checkpoint folder must exist now (relative paths: from the repository root)."""
+    if is_hub_id(pretrained) and not (REPO / pretrained).exists():
+        return
+    p = Path(pretrained).expanduser()
+    p = p if p.is_absolute() else REPO / p
+    if not (p / "config.json").is_file():
+        what = "has no config.json" if p.is_dir() else "does not exist"
+        raise SweepError(f"{where}: pretrained {pretrained!r}: {p} {what}")
+
+
+def _local_task_names(folders: list[Path]) -> set[str]:
+    """`task:` / `group:` / `tag:` names of the task YAML files in these folders (no lm_eval)."""
+    names: set[str] = set()
+    for folder in folders:
+        for f in sorted(folder.rglob("*.yaml")) if folder.is_dir() else []:
+            with contextlib.suppress(OSError):
+                for line in f.read_text().splitlines():
+                    key, _, value = line.partition(":")
+                    if key in ("task", "group", "tag") and value.strip():
+                        names.add(value.strip().strip("'\""))
+    return names
+
+
+def check_tasks(sweep: Sweep) -> None:
+    """Every task of the sweep exists for lm_eval: in v2/tasks (or the sweep's include_path), else
+    in lm_eval's own index (several seconds to build, so only when a name is not local)."""
+    folders = [REPO / "v2" / "tasks"]
+    if sweep.lm_eval.get("include_path"):
+        inc = Path(str(sweep.lm_eval["include_path"]))
+        folders.append(inc if inc.is_absolute() else REPO / inc)
+    wanted = list(dict.fromkeys(t for c in sweep.configs for t in c.tasks))
+    unknown = [t for t in wanted if t not in _local_task_names(folders)]
+    if not unknown:
+        return
+    try:
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        print(f"note: lm_eval is not installed here: tasks {', '.join(unknown)} unchecked")
+        return
+    known = TaskManager(include_path=[str(f) for f in folders]).all_tasks
+    unknown = [t for t in unknown if t not in known]
+    if unknown:
+        raise SweepError(
+            f"{sweep.file}: unknown tasks {', '.join(unknown)}: not lm_eval's, not in "
+            f"{', '.join(str(f) for f in folders)} (`lm-eval ls tasks` lists lm_eval's)"
+        )
+
+
 def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
     """Read and check a sweep file. Relative paths in it are relative to the repository root."""
     path = Path(path)
@@ -287,6 +365,8 @@ def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
         for k, v in {**model_args, **c.model_args, **c.options}.items():
             if any(ch in str(v) for ch in ",="):
                 raise SweepError(f"{path}: {c.id}: model_args value {k}={v!r} has ',' or '='")
+        check_config(c, f"{path}: {c.id}")
+    check_pretrained(str(data["pretrained"]), str(path))
     name = str(data.get("name") or path.stem)
     root = Path(results) if results else REPO / str(data.get("results") or "results")
     return Sweep(
@@ -354,7 +434,7 @@ def make_task(
         "entry": sweep.lm_eval["entry"],
         "num_processes": num_processes,
         "lm_eval_args": lm_eval_args(sweep, cfg, run_dir, limit),
-        "expect": {"tasks": list(cfg.tasks), "limit": limit, "policy": cfg.policy},
+        "expect": expected(cfg, limit),
     }
 
 
@@ -575,9 +655,28 @@ def config_state(run_dir: Path, slurm: SlurmView) -> State:
     return State("missing")
 
 
+def expected(cfg: Config, limit: int | None) -> dict:
+    """What a configuration's summary.json must show (check_summary)."""
+    return {"tasks": list(cfg.tasks), "limit": limit, "policy": cfg.policy}
+
+
 def states(sweep: Sweep, configs: list[Config], limit: int | None) -> dict[str, State]:
+    """Each configuration's state. One that is not running but has a checked summary.json (its
+    evaluation finished after its runner was killed) is adopted here: DONE is written for it,
+    so neither --status nor a rerun calls it missing."""
     slurm = SlurmView()
-    return {c.id: config_state(sweep.run_dir(c.id, limit), slurm) for c in configs}
+    out = {}
+    for c in configs:
+        run_dir = sweep.run_dir(c.id, limit)
+        st = config_state(run_dir, slurm)
+        if st.state in ("missing", "failed") and run_dir.is_dir():
+            summary, _ = find_summary(run_dir, expected(c, limit))
+            if summary:
+                task = {"config_id": c.id, "expect": expected(c, limit)}
+                _write_done(run_dir, task, summary, started=time.time(), adopted=True)
+                st = State("done", "adopted a summary.json written after its runner ended")
+        out[c.id] = st
+    return out
 
 
 # --------------------------------------------------------------------------- running a task
@@ -662,6 +761,14 @@ def run_task(
             _log(f"{task['config_id']}: {reason}")
             signal.raise_signal(e.signum)  # then end as SIGTERM would have: no next configuration
             return 128 + e.signum
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGINT to the runner alone: its evaluation must not go on as an orphan
+            # that a rerun would skip as running.
+            if proc is not None:
+                _stop(proc)
+            reason = "interrupted (SIGINT); a rerun resumes it from its request cache"
+            _write_failed(run_dir, {"rc": 130, "reason": reason, **marker})
+            raise
     # The evaluation has ended: from here on RUNNING would be a lie (its pid is this process,
     # alive while a local runner goes on with the next configuration), so FAILED replaces it.
     if rc != 0:
@@ -864,25 +971,56 @@ def run_local(
     limit: int | None,
     gpus: int,
     eval_cmd: list[str] | None = None,
+    replace_ids: set[str] | frozenset = frozenset(),
 ) -> list[tuple[str, int]]:
-    """One configuration after another on this machine; a failure does not stop the others."""
+    """One configuration after another on this machine; a failure does not stop the others.
+    The configurations in `replace_ids` (--force) have their old results moved aside just before
+    they run, so an interrupted forced run leaves the ones it did not reach as they were.
+    Ctrl-C raises Interrupted, which names the configurations not finished."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    results = []
-    for n, cfg in enumerate(to_run, 1):
-        task = make_task(sweep, cfg, limit, max(gpus, 1))
-        log = Path(task["run_dir"]) / f"local-{stamp}.log"
-        _log(f"[{n}/{len(to_run)}] {cfg.id}: running (log {log})")
-        t0 = time.time()
-        rc = run_task(task, log_path=log, eval_cmd=eval_cmd)
-        took = f"{time.time() - t0:.1f} s"
-        if rc == 0:
-            _log(f"[{n}/{len(to_run)}] {cfg.id}: done in {took}")
-        else:
-            _log(f"[{n}/{len(to_run)}] {cfg.id}: FAILED (exit {rc}) after {took}; end of {log}:")
-            with contextlib.suppress(OSError):
-                print("".join(log.read_text().splitlines(keepends=True)[-15:]), flush=True)
-        results.append((cfg.id, rc))
+    results: list[tuple[str, int]] = []
+    try:
+        for n, cfg in enumerate(to_run, 1):
+            if cfg.id in replace_ids and (dest := archive(sweep, cfg, limit)):
+                _log(f"[{n}/{len(to_run)}] {cfg.id}: moved the old results to {dest}")
+            where = f"[{n}/{len(to_run)}]"
+            results.append((cfg.id, _run_one(sweep, cfg, limit, gpus, eval_cmd, where, stamp)))
+    except KeyboardInterrupt:
+        finished = {cid for cid, rc in results if rc == 0}
+        raise Interrupted([c.id for c in to_run if c.id not in finished]) from None
     return results
+
+
+class Interrupted(Exception):
+    """Ctrl-C during a local run; `left` are the configurations it did not finish."""
+
+    def __init__(self, left: list[str]) -> None:
+        super().__init__(left)
+        self.left = left
+
+
+def _run_one(
+    sweep: Sweep,
+    cfg: Config,
+    limit: int | None,
+    gpus: int,
+    eval_cmd: list[str] | None,
+    where: str,
+    stamp: str,
+) -> int:
+    task = make_task(sweep, cfg, limit, max(gpus, 1))
+    log = Path(task["run_dir"]) / f"local-{stamp}.log"
+    _log(f"{where} {cfg.id}: running (log {log})")
+    t0 = time.time()
+    rc = run_task(task, log_path=log, eval_cmd=eval_cmd)
+    took = f"{time.time() - t0:.1f} s"
+    if rc == 0:
+        _log(f"{where} {cfg.id}: done in {took}")
+    else:
+        _log(f"{where} {cfg.id}: FAILED (exit {rc}) after {took}; end of {log}:")
+        with contextlib.suppress(OSError):
+            print("".join(log.read_text().splitlines(keepends=True)[-15:]), flush=True)
+    return rc
 
 
 # --------------------------------------------------------------------------- status and CLI
@@ -892,8 +1030,11 @@ def _fmt_pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def status_rows(sweep: Sweep, configs: list[Config], st: dict[str, State], limit: int | None):
-    """Table rows: one per (configuration, task) once done, else one per configuration."""
+def status_rows(
+    sweep: Sweep, configs: list[Config], st: dict[str, State], limit: int | None
+) -> tuple[list[list[str]], list[str]]:
+    """Table rows: one per (configuration, task) once done, else one per configuration; and
+    what the tokens/s shown can and cannot say."""
     from v2 import report
 
     found: dict[str, list[report.Row]] = {}
@@ -913,9 +1054,14 @@ def status_rows(sweep: Sweep, configs: list[Config], st: dict[str, State], limit
             saved = "-" if r.flops_ratio is None else _fmt_pct(1 - r.flops_ratio)
             if r.end_to_end_ratio is not None:
                 saved += f" / {_fmt_pct(1 - r.end_to_end_ratio)}"
-            tps = "-" if r.tokens_per_second is None else f"{r.tokens_per_second:.1f}"
+            tps = report.speed_text(r)
             rows.append([c.id, r.task, "done", report.accuracy_text(r), tps, saved, r.metric or ""])
-    return rows
+    notes = []
+    if any(r.tokens_per_second is not None and len(r.speed_rounds) < 2 for r in flat):
+        notes.append(f"{report.SINGLE_PASS} tokens/s of one timed pass: not comparable")
+    if any(r.on_cpu and r.tokens_per_second is not None for r in flat):
+        notes.append("tokens/s measured on a CPU are not results (they swing between runs)")
+    return rows, notes
 
 
 def print_table(header: list[str], rows: list[list[str]]) -> None:
@@ -926,13 +1072,15 @@ def print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def print_status(sweep: Sweep, configs: list[Config], limit: int | None) -> dict[str, int]:
     st = states(sweep, configs, limit)
-    rows = status_rows(sweep, configs, st, limit)
+    rows, notes = status_rows(sweep, configs, st, limit)
     where = sweep.runs_root(limit)
     print(
         f"sweep {sweep.name} ({sweep.file}): {where}" + (" [--limit: smoke test]" if limit else "")
     )
     header = ["config", "task", "state", "accuracy %", "tokens/s", "FLOPs saved fwd/e2e", "note"]
     print_table(header, rows)
+    for note in notes:
+        print(note)
     counts = dict.fromkeys(STATES, 0)
     for s in st.values():
         counts[s.state] += 1
@@ -963,7 +1111,8 @@ def plan(
     configs: list[Config], st: dict[str, State], force: list[str] | None
 ) -> tuple[list[Config], list[str]]:
     """(configurations to run, notes). Default: missing or failed. --force: all (pending and
-    running ones excepted: scancel them first); --force ID ...: exactly those."""
+    running ones excepted: scancel them first); --force ID ...: those, and what a plain run
+    would run (so the command printed after an interrupted forced run finishes it)."""
     notes = []
     if force is None:
         todo = [c for c in configs if st[c.id].state in ("missing", "failed")]
@@ -972,6 +1121,8 @@ def plan(
         todo = []
         for c in configs:
             if c.id not in wanted:
+                if st[c.id].state in ("missing", "failed"):
+                    todo.append(c)
                 continue
             if st[c.id].state in ("pending", "running"):
                 notes.append(f"{c.id} is {st[c.id].state} ({st[c.id].note}); not forced")
@@ -1030,7 +1181,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m v2.experiments", description=__doc__.split("\n\n")[0]
     )
-    p.add_argument("sweep", type=Path, help="a sweep file, e.g. configs/sweeps/tiny_default.yaml")
+    p.add_argument(
+        "sweep",
+        type=Path,
+        nargs="?",
+        help="a sweep file, e.g. configs/sweeps/tiny_default.yaml (--status without one: all "
+        "sweeps under configs/sweeps)",
+    )
     p.add_argument("--status", action="store_true", help="print each configuration's state")
     p.add_argument("--force", nargs="*", metavar="ID", help="rerun all, or these, from scratch")
     p.add_argument("--only", nargs="+", metavar="ID", help="restrict to these configurations")
@@ -1047,10 +1204,17 @@ def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> in
         return task_main(argv[1:], eval_cmd)
     if argv and argv[0] == "sbatch-args":
         return sbatch_args_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.sweep is None:
+        if not args.status:
+            parser.error("give a sweep file (or --status alone to list the sweeps)")
+        return list_sweeps(args.results, args.local)
     try:
         sweep = load_sweep(args.sweep, args.results)
         configs = select(sweep, args.only)
+        if not args.status:
+            check_tasks(sweep)
         if args.force:
             forced = {c.id for c in select(sweep, args.force)}
             if not forced <= {c.id for c in configs}:
@@ -1085,17 +1249,24 @@ def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> in
                     task = make_task(sweep, c, limit, max(gpus, 1))
                     print(f"  {c.id}: {shlex.join(eval_argv(task, cmd, port=29500))}")
             return 0
-        if args.force is not None:
-            for c in todo:
-                if dest := archive(sweep, c, limit):
-                    print(f"moved the old {c.id} to {dest}")
+        named = set(args.force or [c.id for c in configs]) if args.force is not None else set()
+        forced = {c.id for c in todo if c.id in named}
         if slurm:
+            for c in todo:
+                if c.id in forced and (dest := archive(sweep, c, limit)):
+                    print(f"moved the old {c.id} to {dest}")
             submit_array(sweep, todo, limit)
             return 0
-        results = run_local(sweep, todo, limit, gpus, eval_cmd)
+        results = run_local(sweep, todo, limit, gpus, eval_cmd, replace_ids=forced)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        # a plain rerun resumes the interrupted configuration (failed) and the missing ones; the
+        # forced ones it did not reach still hold their old results, so they are named
+        again = resume_command(args, [c for c in e.left if c in forced and c != e.left[0]])
+        print(f"\ninterrupted: to finish what is not done, run\n  {again}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to finish what is not done", file=sys.stderr)
         return 130
@@ -1104,8 +1275,58 @@ def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> in
     finish_report(sweep.runs_root(limit), sweep.main_metric)
     failed = [cid for cid, rc in results if rc != 0]
     if failed:
-        print(f"failed: {', '.join(failed)} (rerun the same command to retry only those)")
+        again = resume_command(args, [])
+        print(f"failed: {', '.join(failed)} (`{again}` retries only those)")
     return 1 if failed else 0
+
+
+def list_sweeps(results: Path | None, local: bool, folder: Path = SWEEPS_DIR) -> int:
+    """`--status` without a sweep: each sweep file under configs/sweeps with its counts."""
+    files = sorted(folder.glob("*.yaml"))
+    if not files:
+        print(f"no sweep files under {folder}")
+        return 0
+    slurm = use_slurm(local)
+    gpus = 0 if slurm else num_gpus()
+    rows = []
+    for f in files:
+        try:
+            sweep = load_sweep(f, results)
+        except SweepError as e:
+            rows.append([_rel(f), "-", "-", f"error: {e}"])
+            continue
+        limit = effective_limit(sweep, None, not slurm, gpus)
+        counts = dict.fromkeys(STATES, 0)
+        for st in states(sweep, sweep.configs, limit).values():
+            counts[st.state] += 1
+        shown = ", ".join(f"{v} {k}" for k, v in counts.items() if v)
+        where = _rel(sweep.runs_root(limit)) + (" (smoke test)" if limit else "")
+        rows.append([_rel(f), str(len(sweep.configs)), shown, where])
+    print_table(["sweep", "configs", "state", "results"], rows)
+    print("one sweep in detail: python -m v2.experiments SWEEP.yaml --status")
+    return 0
+
+
+def _rel(p: Path) -> str:
+    with contextlib.suppress(ValueError):
+        return str(p.resolve().relative_to(REPO))
+    return str(p)
+
+
+def resume_command(args: argparse.Namespace, force: list[str]) -> str:
+    """The command that finishes a run: the same selection, without --force except for `force`."""
+    argv = ["python", "-m", "v2.experiments", str(args.sweep)]
+    if args.local:
+        argv.append("--local")
+    if args.results:
+        argv += ["--results", str(args.results)]
+    if args.limit:
+        argv += ["--limit", str(args.limit)]
+    if args.only:
+        argv += ["--only", *args.only]
+    if force:
+        argv += ["--force", *force]
+    return shlex.join(argv)
 
 
 def sbatch_args_main(argv: list[str]) -> int:
@@ -1183,5 +1404,18 @@ def task_main(argv: list[str], eval_cmd: list[str] | None = None) -> int:
     return run_task(task, eval_cmd=eval_cmd, port=main_process_port())
 
 
+def cli() -> int:
+    """main() for the command line: output into a closed pipe (`--dry-run | head`) ends quietly,
+    with the status of a process that SIGPIPE ended."""
+    try:
+        rc = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the failed flush of stdout at exit as well: point it at devnull
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return rc
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())

@@ -412,10 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from v2.policies import policy_from_args
+    from v2.policies import POLICY_OPTIONS, baseline_note, policy_from_args
 
     try:
         policy = policy_from_args(args)
+        options = {k: getattr(args, k) for k in POLICY_OPTIONS}
+        if note := baseline_note(policy, args.policy, options):
+            print(f"note: {note}", file=sys.stderr)
         lm = FastDLLM.load(
             args.model,
             dtype=getattr(torch, args.dtype) if args.dtype else None,

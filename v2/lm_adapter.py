@@ -29,7 +29,7 @@ from tqdm import tqdm
 from v2.checkpoint import TokenIds
 from v2.generate import FastDLLM, GenerationConfig, GenerationError, generate
 from v2.model import Network, block_causal_mask
-from v2.policies import POLICIES, POLICY_OPTIONS, make_policy
+from v2.policies import POLICIES, POLICY_OPTIONS, baseline_note, make_policy
 from v2.stats import FORWARD_KINDS, SPECULATIVE_COUNTS, Stats
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,9 @@ class RunRecord:
     rank: int = 0
     world_size: int = 1
     owns_process_group: bool = False
+    # this process's generate() wall time, summed (ranks decode at the same time: the run's
+    # decoding wall is the largest over ranks, not their sum)
+    decode_seconds: float = 0.0
     # (task, doc_id, idx) -> one Stats per generated occurrence (at most `repeats`)
     requests: dict[tuple, list[Stats]] = field(default_factory=dict)
 
@@ -184,12 +187,8 @@ def select_policy(args: dict, default_policy: str | None):
         raise EvalError(f"policy {name!r} is not available: {e}") from None
     except (ValueError, TypeError) as e:
         raise EvalError(str(e)) from None
-    if policy is not None and not policy.enabled:
-        print(
-            f"[fast_dllm_v2] note: policy {name!r} with {options or 'its defaults'} can skip "
-            "nothing: this run is the baseline",
-            file=sys.stderr,
-        )
+    if note := baseline_note(policy, name, options):
+        print(f"[fast_dllm_v2] note: {note}", file=sys.stderr)
     return policy
 
 
@@ -579,6 +578,7 @@ class FastDLLMEvalLM(LM):
                     self.cache_hook.add_partial("generate_until", r.args, out[i])
                 tokens_done += result.stats.generated_tokens
                 seconds += result.stats.wall_seconds
+                RUN.decode_seconds += result.stats.wall_seconds
                 bar.update(len(batch))
                 bar.set_postfix_str(f"{tokens_done / max(seconds, 1e-9):.1f} tok/s")
                 if self.show_speed:

@@ -65,6 +65,17 @@ def make_policy(name: str | None, **options) -> Policy | None:
     )
 
 
+def baseline_note(policy: Policy | None, name: str | None, options: dict) -> str | None:
+    """The warning every entry point prints when a policy was asked for but can skip nothing
+    (e.g. `--policy token` with no threshold): the run is the baseline."""
+    if policy is None or policy.enabled:
+        return None
+    given = {k: v for k, v in options.items() if v is not None}
+    return (
+        f"policy {name!r} with {given or 'its defaults'} can skip nothing: this run is the baseline"
+    )
+
+
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("compute skipping")
     g.add_argument("--policy", choices=POLICY_NAMES, default="none")

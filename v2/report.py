@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,8 +116,41 @@ class Row:
         return self.policy_name == "none" and self.decode == "diffusion"
 
     @property
+    def speed(self) -> dict:
+        """summary.json's "speed" (v2/eval.py: the run's decoding wall, processes, timed passes)."""
+        return self.summary.get("speed") or {}
+
+    @property
+    def processes(self) -> int:
+        return int(
+            self.speed.get("processes") or self.summary.get("config", {}).get("num_processes") or 1
+        )
+
+    @property
+    def on_cpu(self) -> bool:
+        return (self.summary.get("env") or {}).get("gpu") == "cpu"
+
+    @property
     def tokens_per_second(self) -> float | None:
-        return self.stats.get("tokens_per_second")
+        """Aggregate tokens/s: generated tokens / the run's decoding wall time, all processes
+        together. With several processes, `stats` holds the ranks' walls summed (its rate is
+        neither aggregate nor per GPU): only summary "speed" gives it, and only for a summary of
+        this task alone."""
+        if self.speed.get("tokens_per_second_rounds"):
+            return statistics.median(self.speed["tokens_per_second_rounds"])
+        if self.speed and len(self.summary.get("tasks") or {}) == 1:
+            return self.speed.get("tokens_per_second")
+        return self.stats.get("tokens_per_second") if self.processes == 1 else None
+
+    @property
+    def tokens_per_second_per_gpu(self) -> float | None:
+        tps = self.tokens_per_second
+        return None if tps is None else tps / self.processes
+
+    @property
+    def speed_rounds(self) -> list[float]:
+        """tokens/s of each repeated timed round, where the run had several ([] otherwise)."""
+        return list(self.speed.get("tokens_per_second_rounds") or [])
 
     @property
     def tokens_per_forward(self) -> float | None:
@@ -253,11 +287,43 @@ TABLE_HEADER = (
 )
 
 
+SINGLE_PASS = "‡"
+
+
+def speed_text(r: Row) -> str:
+    """tokens/s with its spread over repeated rounds (`median [min - max]`), or marked ‡ when
+    it comes from one timed pass (not comparable); data-parallel runs add the per-GPU rate."""
+    tps = r.tokens_per_second
+    if tps is None:
+        return "-"
+    rounds = r.speed_rounds
+    text = (
+        f"{tps:.1f} [{min(rounds):.1f} - {max(rounds):.1f}]"
+        if len(rounds) > 1
+        else f"{tps:.1f} {SINGLE_PASS}"
+    )
+    if r.processes > 1:
+        text += f" ({r.processes} GPUs: {r.tokens_per_second_per_gpu:.1f}/GPU)"
+    return text
+
+
+def speed_notes(rows: list[Row]) -> list[str]:
+    """What the tokens/s of these rows can and cannot say."""
+    notes = []
+    if any(r.on_cpu and r.tokens_per_second is not None for r in rows):
+        notes += [
+            "> **CPU run**: tokens/s measured on a CPU are not results: on a shared 2-core machine",
+            "> identical work swung 25-40x between runs and re-ranked the policies.",
+            "",
+        ]
+    return notes
+
+
 def table_row(r: Row) -> str:
     mark = " †" if r.resumed else ""
     return (
         f"| {'**' + r.config_id + '**' if r.is_baseline else r.config_id}{mark} | {n_text(r)} "
-        f"| {accuracy_text(r)} | {_num(r.tokens_per_second, '.1f')} "
+        f"| {accuracy_text(r)} | {speed_text(r)} "
         f"| {_num(r.tokens_per_forward)} | {_num(r.forwards_per_problem, '.1f')} "
         f"| {_pct(r.flops_ratio)} | {_pct(r.end_to_end_ratio)} | {_pct(r.skip_rate)} |"
     )
@@ -276,7 +342,7 @@ def causal_row(r: Row) -> str:
     spec = r.decode == "speculative"
     return (
         f"| {r.config_id} | {r.decode} | {n_text(r)} | {accuracy_text(r)} "
-        f"| {_num(r.tokens_per_second, '.1f')} | {_num(s.get('tokens_per_verify_forward'))} "
+        f"| {speed_text(r)} | {_num(s.get('tokens_per_verify_forward'))} "
         f"| {_pct(s.get('acceptance_rate')) if spec else '-'} "
         f"| {_num(s.get('verify_row_forwards', 0) / n, '.1f')} "
         f"| {_num(s.get('executed_flops', 0) / n / 1e9, '.1f')} |"
@@ -293,6 +359,7 @@ def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], com
             "> they check that the pipeline works and are not results.",
             "",
         ]
+    lines += speed_notes(rows)
     for task in dict.fromkeys(r.task for r in rows):
         trows = [r for r in rows if r.task == task]
         metrics = ", ".join(dict.fromkeys(str(r.metric) for r in trows))
@@ -315,8 +382,16 @@ def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], com
         "row-forwards (denoise + commit) per problem; FLOPs/fwd vs no skip = executed FLOPs / the",
         "same forwards with every unit computed (per-forward saving); FLOPs vs baseline run =",
         "executed FLOPs / those of the baseline configuration on the same problems (end to end);",
-        "skip rate = 1 - executed / no-skip (row, position, layer) units.",
+        "skip rate = 1 - executed / no-skip (row, position, layer) units; tokens/s = generated",
+        "tokens / the run's decoding wall time, all processes together (data-parallel runs add",
+        "tokens/s per GPU = that / the processes).",
     ]
+    if any(r.tokens_per_second is not None and len(r.speed_rounds) < 2 for r in rows):
+        lines.append(
+            f"{SINGLE_PASS} tokens/s from a single timed pass: not comparable between "
+            "configurations (no spread over repeated, interleaved rounds; "
+            "`python -m v2.tiny.policy_sweep` times in rounds)."
+        )
     if any(r.resumed for r in rows):
         lines.append(
             "† resumed from lm_eval's request cache after an interruption: accuracy covers every "
@@ -356,7 +431,7 @@ def point_labels(points: list[tuple[float, float, str]]) -> list[tuple[float, fl
     return [(x, y, "\n".join(names)) for (x, y), names in sorted(merged.items())]
 
 
-def plot(rows: list[Row], x_of, x_label: str, title: str, path: Path) -> Path:
+def plot(rows: list[Row], x_of, x_label: str, title: str, path: Path, speed: bool = False) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -390,6 +465,28 @@ def plot(rows: list[Row], x_of, x_label: str, title: str, path: Path) -> Path:
     ax.set_xlabel(x_label)
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title + (" [smoke test: --limit]" if any(r.smoke for _, r in pts) else ""))
+    if speed and pts:
+        if any(r.on_cpu for _, r in pts):
+            warning = "CPU: tokens/s are not results"
+        elif any(len(r.speed_rounds) < 2 for _, r in pts):
+            warning = "tokens/s of one timed pass each: not comparable"
+        else:
+            warning = "median of timed rounds; bars: min - max"
+            for x, r in pts:
+                lo, hi = min(r.speed_rounds), max(r.speed_rounds)
+                ax.errorbar(
+                    x, 100 * r.value, xerr=[[x - lo], [hi - x]], capsize=2, ls="none", color="gray"
+                )
+        ax.text(
+            0.99,
+            0.01,
+            warning,
+            transform=ax.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=8,
+            color="tab:red",
+        )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -434,9 +531,10 @@ def build(
             plot(
                 trows,
                 lambda r: r.tokens_per_second,
-                "tokens/s",
+                "tokens/s (all processes together)",
                 f"{task}: accuracy vs speed",
                 out / f"pareto_speed_{safe}.png",
+                speed=True,
             ),
         ]
     command = command or f"python -m v2.report {sweep_dir}" + (

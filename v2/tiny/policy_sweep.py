@@ -7,9 +7,11 @@ forward, forwards per problem, and wall-clock tokens/s at batch 32 and batch 1.
 Scoring is tiny_gsm's filters (`v2.tiny.train.extract_answers`): strict = the `#### N` answer,
 flexible = the last number in the output.
 Accuracy and FLOPs come first for every config; wall-clock is then timed in `--speed-rounds`
-interleaved rounds (order reversed every other round) and the median kept, because timing each
-config once, in list order, measured the first config (the baseline) up to 1.6x slower than
-configs doing exactly its work.
+interleaved rounds (order reversed every other round), after one untimed pass of every config's
+timed work (compilation, graph capture), and the median kept with the spread (min / median / max
+over the rounds, `tokens_per_second_<batch>_spread`), because timing each config once, in list
+order, measured the first config (the baseline) up to 1.6x slower than configs doing exactly its
+work.
 """
 
 from __future__ import annotations
@@ -130,11 +132,6 @@ def main(argv: list[str] | None = None) -> int:
     gold = [q["answer"].split("####")[-1].strip() for q in problems]
     lm = FastDLLM.load(ROOT / "v2" / "tiny" / "checkpoint")
     device = str(lm.model.embed_tokens.weight.device)
-    # Warm-up: one untimed pass of each timed shape, so the first config measured (the baseline)
-    # does not pay for lazy CUDA/cuBLAS initialisation (a first run of this sweep measured the
-    # baseline 0.67x as fast as token_ct1.0, which executes exactly the same forwards).
-    for batch, n in ((250, 250), (32, 64), (1, 4)):
-        run(lm, texts[:n], gold[:n], "none", {}, batch, args.threshold)
     record = {
         "command": _command(argv),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -175,15 +172,24 @@ def main(argv: list[str] | None = None) -> int:
     # Wall-clock in interleaved rounds (the order reversed every other round), median over the
     # rounds: a config's speed then does not depend on its place in the list. Round 1 always
     # completes; later rounds run while the budget lasts.
+    timed = (("b32", 32, args.n_speed32), ("b1", 1, args.n_speed1))
     speeds: dict[str, dict[str, list[float]]] = {
         cid: {"b32": [], "b1": []} for cid, _, _ in measured
     }
+    # Warm-up: one untimed pass of the timed work of every config, so that no config's first
+    # timed round pays for lazy CUDA/cuBLAS initialisation, torch.compile or CUDA-graph capture
+    # of its plans (a first run of this sweep, warming the baseline alone, measured the baseline
+    # 0.67x as fast as token_ct1.0, which executes exactly the same forwards).
+    for _cid, name, options in measured:
+        for _, batch, n in timed:
+            run(lm, texts[:n], gold[:n], name, options, batch, args.threshold)
+    record["settings"]["warmup"] = "one untimed pass of each config's timed work"
     for r in range(args.speed_rounds):
         if r and time.time() - t0 > args.budget_seconds:
             print(f"budget spent after {r} speed round(s)", flush=True)
             break
         for cid, name, options in measured if r % 2 == 0 else measured[::-1]:
-            for key, batch, n in (("b32", 32, args.n_speed32), ("b1", 1, args.n_speed1)):
+            for key, batch, n in timed:
                 out = run(lm, texts[:n], gold[:n], name, options, batch, args.threshold)
                 speeds[cid][key].append(out["stats"]["tokens_per_second"])
         for cid, _, _ in measured:
@@ -191,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             for key in ("b32", "b1"):
                 c[f"tokens_per_second_{key}"] = statistics.median(speeds[cid][key])
                 c[f"tokens_per_second_{key}_rounds"] = speeds[cid][key]
+                c[f"tokens_per_second_{key}_spread"] = spread(speeds[cid][key])
         record["settings"]["speed_rounds_done"] = r + 1
         _save(args.out, record)
         print(
@@ -202,7 +209,35 @@ def main(argv: list[str] | None = None) -> int:
             + " tok/s (b32/b1)",
             flush=True,
         )
+    if measured and speeds[measured[0][0]]["b32"]:
+        print(f"tokens/s on {record['device']}: median [min - max] over rounds", flush=True)
+        for cid, _, _ in measured:
+            c = record["configs"][cid]
+            print(
+                f"  {cid:24s} b32 {spread_text(c['tokens_per_second_b32_spread'])}   "
+                f"b1 {spread_text(c['tokens_per_second_b1_spread'])}",
+                flush=True,
+            )
+        if record["device"] == "cpu":
+            print("  (CPU timings are not results: they swing between runs)", flush=True)
     return 0
+
+
+def spread(values: list[float]) -> dict:
+    """The spread of one config's tokens/s over the timing rounds."""
+    return {
+        "min": min(values),
+        "median": statistics.median(values),
+        "max": max(values),
+        "rounds": len(values),
+    }
+
+
+def spread_text(s: dict) -> str:
+    """`123.4 [120.1 - 130.2]` (median [min - max]); a single round is marked as such."""
+    if s["rounds"] < 2:
+        return f"{s['median']:.1f} (1 round: not comparable)"
+    return f"{s['median']:.1f} [{s['min']:.1f} - {s['max']:.1f}]"
 
 
 if __name__ == "__main__":
