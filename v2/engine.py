@@ -378,6 +378,8 @@ class Engine:
         bits = (((1 << w) - 1) << window_start) if units is None else None
         for i in range(L):
             self._layer(i, win, ctx, n_scope, bits)
+        if self.policy is not None:
+            self.policy.end_forward(win.x_units, ctx)
         self._count_flops(n_scope, b * out_positions.numel())
         return win.x_units[:b, out_positions]
 

@@ -73,6 +73,10 @@ class Policy:
     def begin_forward(self, ctx: ForwardContext) -> None:
         """A denoise forward starts."""
 
+    def end_forward(self, x: torch.Tensor, ctx: ForwardContext) -> None:
+        """The denoise forward's last layer has run: x [batch, window, hidden] is its output (the
+        engine's buffer; copy what must outlive the call). For observers (v2/analyze.py)."""
+
     def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         """Actions [batch, window] (int8 of COMPUTE / REUSE / PASS) for layer `layer` given its
         input x [batch, window, hidden]; None means compute every unit, and a plain int the same
