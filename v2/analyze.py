@@ -73,6 +73,7 @@ class Recorder(Policy):
         self.inner = inner if inner is not None and inner.enabled else None
         self.reuses = self.inner.reuses if self.inner else False
         self.passes = self.inner.passes if self.inner else True
+        self.passes_units = self.inner.passes_units if self.inner else False
         self.mask_embedding = model.embed_tokens.weight[mask_id].detach()
         self.norm, self.head = model.norm, model.lm_head
         self.forwards: list[ForwardRecord] = []
@@ -80,6 +81,13 @@ class Recorder(Policy):
 
     def protected_layers(self, num_layers: int) -> set[int]:
         return self.inner.protected_layers(num_layers) if self.inner else set()
+
+    def attach(self, model, ids) -> None:
+        if self.inner:
+            self.inner.attach(model, ids)
+
+    def extra_flops(self) -> int:
+        return self.inner.extra_flops() if self.inner else 0
 
     def config(self) -> dict:
         return self.inner.config() if self.inner else {"policy": "none"}

@@ -60,12 +60,25 @@ class Policy:
     # False when the policy never answers PASS (the engine then knows every unit in scope has a
     # reference after a forward, without reading the plan).
     passes = True
+    # True when the policy may PASS single units (not whole rows). It promises that every unit it
+    # passes at a layer was computed at that layer earlier in this block: the unit's K/V there
+    # are then the ones from that computation (other positions still attend to it).
+    passes_units = False
 
     @property
     def enabled(self) -> bool:
         """False when the policy can never skip anything (e.g. a threshold of 1): the engine
         then runs exactly as with no policy."""
         return True
+
+    def attach(self, model, ids) -> None:
+        """generate() shows the policy the network and its special token ids (TokenIds) before
+        decoding, for policies that need weights (a logit-lens head) or the mask id."""
+
+    def extra_flops(self) -> int:
+        """FLOPs of work the policy itself ran since last asked (e.g. a logit-lens head), added
+        to the executed FLOPs by the engine; asking resets the count."""
+        return 0
 
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
         """A new block starts: forget per-position state."""
