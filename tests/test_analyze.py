@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from conftest import IDS, prompt, random_network
 
+from early_exit_generation_functions import EarlyExitPolicy
 from layer_skip_generation_functions import LayerSkipPolicy
 from v2.analyze import Recorder, aggregate, holds_from, main, skip_scores, thresholds
 from v2.engine import Engine
@@ -122,7 +123,8 @@ def test_recording_changes_no_token(block_cache):
     model = random_network(seed=2, std=0.05)
     prompts = [prompt(n, n) for n in (5, 20, 40)]
     cfg = GenerationConfig(max_new_tokens=40, threshold=0.9, use_block_cache=block_cache)
-    for inner in (None, LayerSkipPolicy(cosine_threshold=0.5)):
+    exit_ = EarlyExitPolicy(exit_threshold=0.05)  # flat predictions here: it still checks
+    for inner in (None, LayerSkipPolicy(cosine_threshold=0.5), exit_):
         alone = generate(model, prompts, IDS, cfg, inner)
         rec = Recorder(model, IDS.mask, inner)
         watched = generate(model, prompts, IDS, cfg, rec)
