@@ -8,7 +8,8 @@ make them. Policies know nothing about kernels, the engine nothing about cosine 
 - REUSE: add back the residual update the unit had the last time it was computed and keep the
   K/V from that computation. A unit with no previous computation in this block is computed.
 - PASS: identity; the layer does nothing for the unit and computes no K/V. A row is passed whole
-  (all of its positions in the window) or not at all.
+  (all of its positions in the window) or not at all, unless the policy sets `passes_units`
+  (it then passes only units whose K/V at that layer were computed earlier in the block).
 
 Prefill and commit forwards write the exact prefix cache and never consult a policy.
 
