@@ -17,7 +17,8 @@ not results). A trial is feasible when its accuracy is at least the baseline's m
 The study lives in an SQLite file (`--storage`, default OUT/study.db): a killed search resumes
 where it stopped (trials that were running when it died are marked failed and do not count;
 `--trials` is the number of completed trials wanted in all). `--confirm` then decodes the task's
-full test split with the baseline and the best setting. Out: `best.yaml`, a sweep file with
+full test split (or its first `--confirm-n` problems) with the baseline and the best setting.
+Out: `best.yaml`, a sweep file with
 the baseline and the best feasible setting, ready for the full run
 (`bash sbatch/run_experiments.sh OUT/best.yaml`); `trials.png` (every trial: accuracy against the
 objective, the budget line); `trials.json`.
@@ -221,10 +222,11 @@ def run(args: argparse.Namespace) -> dict:
         study.optimize(objective, n_trials=args.trials - done, show_progress_bar=True)
     summary = write_outputs(study, setup, args, baseline, floor, objective_name)
     if args.confirm and summary["best"] is not None:
-        test = test_split(setup["task"])
+        test = test_split(setup["task"])[: args.confirm_n]
         best = make_policy(setup["policy"], **summary["best"]["options"])
         summary["confirm"] = {
-            "split": f"{setup['task']} test ({len(test)} problems)",
+            "split": f"{setup['task']} test ({len(test)} problems"
+            + (", a prefix: not the full split)" if args.confirm_n else ")"),
             "baseline": evaluate(lm, test, config, None, setup["chat"], args.batch_size),
             "best": evaluate(lm, test, config, best, setup["chat"], args.batch_size),
         }
@@ -311,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--confirm", action="store_true", help="then decode the full test split: baseline, best"
     )
+    p.add_argument("--confirm-n", type=int, default=None, help="first n test problems only")
     p.add_argument("--out", type=Path, default=Path("tune"))
     return p
 
