@@ -82,19 +82,27 @@ def test_a_killed_search_resumes(tmp_path, checkpoint):
         if proc.poll() is None:
             proc.kill()
     before = completed(db)
+    (name,) = optuna.get_all_study_names(f"sqlite:///{db}")
+    running = [
+        t.number
+        for t in optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials
+        if t.state == TrialState.RUNNING
+    ]
     assert 2 <= len(before) < 200
     want = len(before) + 2
-    assert main([*args, "--trials", str(want)]) == 0
+    assert main([*args, "--trials", str(want), "--confirm", "--confirm-n", "2"]) == 0
     after = completed(db)
     assert len(after) == want  # the earlier trials count: only two more ran
-    (name,) = optuna.get_all_study_names(f"sqlite:///{db}")
-    states = {t.state for t in optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials}
-    assert TrialState.RUNNING not in states  # the trial killed mid-way is marked failed
+    trials = optuna.load_study(study_name=name, storage=f"sqlite:///{db}").trials
+    assert all(t.state != TrialState.RUNNING for t in trials)
+    assert all(trials[n].state == TrialState.FAIL for n in running)  # killed mid-way: failed
     kept = {t.number: t.params for t in after}
     assert all(kept[t.number] == t.params for t in before)
     summary = json.loads((out / "trials.json").read_text())
     assert len(summary["trials"]) == want
     assert summary["best"] is not None  # a random model: 0 % everywhere, all within budget
+    assert "a prefix" in summary["confirm"]["split"]
+    assert set(summary["confirm"]) == {"split", "baseline", "best"}
     assert all(0.5 <= t["options"]["cosine_threshold"] <= 1.0 for t in summary["trials"])
     # best.yaml is a sweep the runner reads: the baseline and the best setting
     best = experiments.load_sweep(out / "best.yaml")

@@ -15,10 +15,10 @@ not results). A trial is feasible when its accuracy is at least the baseline's m
 `--max-drop` (accuracy points, in %). The baseline is decoded once and kept in the study.
 
 The study lives in an SQLite file (`--storage`, default OUT/study.db): a killed search resumes
-where it stopped (trials that were running when it died are marked failed and do not count;
-`--trials` is the number of completed trials wanted in all). `--confirm` then decodes the task's
-full test split (or its first `--confirm-n` problems) with the baseline and the best setting.
-Out: `best.yaml`, a sweep file with
+where it stopped (a trial that was running when it died is marked failed and does not count;
+`--trials` is the number of completed trials wanted in all; run one search per study at a
+time). `--confirm` then decodes the task's full test split (or its first `--confirm-n` problems)
+with the baseline and the best setting. Out: `best.yaml`, a sweep file with
 the baseline and the best feasible setting, ready for the full run
 (`bash sbatch/run_experiments.sh OUT/best.yaml`); `trials.png` (every trial: accuracy against the
 objective, the budget line); `trials.json`.
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> dict:
 
     from v2.generate import FastDLLM, GenerationConfig
 
-    # heartbeats, stale-trial failing and constrained TPE are marked experimental
+    # constrained TPE is marked experimental
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     setup = read_space(args.sweep)
@@ -183,11 +183,7 @@ def run(args: argparse.Namespace) -> dict:
 
     args.out.mkdir(parents=True, exist_ok=True)
     storage_path = args.storage or args.out / "study.db"
-    storage = optuna.storages.RDBStorage(
-        f"sqlite:///{Path(storage_path).resolve()}",
-        heartbeat_interval=1,
-        grace_period=3,
-    )
+    storage = optuna.storages.RDBStorage(f"sqlite:///{Path(storage_path).resolve()}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
         study_name=f"{setup['name']}:{setup['policy']}:{objective_name}:{args.dev_n}",
@@ -196,7 +192,11 @@ def run(args: argparse.Namespace) -> dict:
         direction="maximize" if objective_name == "tokens_per_second" else "minimize",
         sampler=optuna.samplers.TPESampler(seed=args.seed),  # reads set_constraint
     )
-    optuna.storages.fail_stale_trials(study)
+    # One search per study at a time: a trial still RUNNING here died with its process.
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     if "baseline" not in study.user_attrs:
         study.set_user_attr(
             "baseline", evaluate(lm, problems, config, None, setup["chat"], args.batch_size)
@@ -214,8 +214,6 @@ def run(args: argparse.Namespace) -> dict:
         trial.set_user_attr("constraint", floor - m["accuracy"])  # <= 0: within the budget
         trial.set_constraint("accuracy", floor - m["accuracy"])
         return m["flops_ratio"] if objective_name == "flops" else m["tokens_per_second"]
-
-    from optuna.trial import TrialState
 
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done < args.trials:
