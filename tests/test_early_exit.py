@@ -60,14 +60,20 @@ class Watch(Policy):
         self.inputs[-1].append(x.clone())
 
 
-def two_steps(model, policy, eager=False):
-    """Two denoise forwards over one block of two rows; returns the engine, outputs and the
-    FLOPs FlopCounterMode saw in each (with the logits of every position)."""
-    m = IDS.mask
-    step0 = [prompt(8, r) + [m] * 24 for r in range(2)]
+def block_steps():
+    """The ids of two denoise forwards over one block of two rows: masks after a prompt, then
+    four of them decoded."""
+    step0 = [prompt(8, r) + [IDS.mask] * 24 for r in range(2)]
     step1 = [row[:] for row in step0]
     for row in step1:
         row[8:12] = prompt(4, 3)
+    return step0, step1
+
+
+def two_steps(model, policy, eager=False):
+    """Two denoise forwards over one block of two rows; returns the engine, outputs and the
+    FLOPs FlopCounterMode saw in each (with the logits of every position)."""
+    step0, step1 = block_steps()
     model.eager_attention = eager  # the engine picks its attention when built
     try:
         engine = Engine(model, policy)
@@ -111,6 +117,32 @@ def test_exited_units_are_frozen_and_predicted_by_their_lens():
         lens = model.logits(xs[i][frozen]).softmax(-1)
         final = model.logits(outs[1][frozen])
         assert torch.equal(lens.argmax(-1), final.argmax(-1))
+
+
+def test_exited_units_keep_the_k_v_of_their_last_computation():
+    """The other positions attend to an exited unit through the K/V it had when it last ran
+    that layer (here: the block's first forward); the units that run write new ones."""
+    model = random_network(seed=5, std=0.5)
+    watch = Watch(EarlyExitPolicy(exit_threshold=0.4, min_layer=1))
+    engine = Engine(model, watch)
+    watch.attach(model, IDS)
+    engine.allocate(2, 64)
+    engine.begin_block()
+    step0, step1 = block_steps()
+    engine.denoise(torch.tensor(step0), 0, torch.arange(32))
+    before = [k.clone() for k in engine.cache.k]
+    engine.denoise(torch.tensor(step1), 0, torch.arange(32))
+    slots = engine.cache.slots(torch.arange(2)[:, None], torch.arange(32)[None])  # [2, 32]
+    checked = 0
+    for i, p in enumerate(watch.plans[1]):
+        if p is None:
+            continue
+        passed, ran = p == 2, p == 0
+        after = engine.cache.k[i]
+        assert torch.equal(after[slots[passed]], before[i][slots[passed]])
+        assert not torch.equal(after[slots[ran]], before[i][slots[ran]])
+        checked += int(passed.sum())
+    assert checked, "the test needs exits at the second forward"
 
 
 def test_lens_flops_are_counted_like_flop_counter_mode():
