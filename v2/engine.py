@@ -227,11 +227,15 @@ class Engine:
     def reset_stats(self) -> None:
         self._stats = Stats(self.cfg.num_hidden_layers)
         self._counters.zero_()
+        if self.policy is not None:
+            self.policy.extra_flops()  # forget the policy's work before now
 
     @property
     def stats(self) -> Stats:
         """The statistics so far (reads the device's counters: a synchronisation)."""
         st = self._stats
+        if self.policy is not None:
+            st.executed_flops += self.policy.extra_flops()
         reused, units, pairs, overflow = self._counters.tolist()
         pairs, overflow = sum(pairs), any(overflow)
         if overflow:
@@ -378,6 +382,8 @@ class Engine:
         bits = (((1 << w) - 1) << window_start) if units is None else None
         for i in range(L):
             self._layer(i, win, ctx, n_scope, bits)
+        if self.policy is not None:
+            self.policy.end_forward(win.x_units, ctx)
         self._count_flops(n_scope, b * out_positions.numel())
         return win.x_units[:b, out_positions]
 
@@ -643,6 +649,8 @@ class Engine:
         name = self.policy.name
         if plan.shape != win.plan.shape:
             raise PolicyError(f"{name}: plan shape {tuple(plan.shape)} != {tuple(win.plan.shape)}")
+        if self.policy.passes_units:
+            return
         passed, scope = plan == PASS, win.scope
         partial = ((passed & scope).any(1) & ~(passed | ~scope).all(1)).any()
         if bool(partial):

@@ -97,6 +97,8 @@ ID_ABBREV = {
     "protect_last": "pl",
     "reuse_k": "k",
     "subset_size": "n",
+    "exit_threshold": "et",
+    "check_every": "ce",
 }
 
 

@@ -221,6 +221,8 @@ def generate(
         engine = Engine.for_model(model, policy, B, cfg.use_block_cache, cfg.cuda_graphs)
     elif engine.B != B or engine.block_cache != cfg.use_block_cache:
         raise GenerationError("the engine's block size / sub-block cache differ from the config")
+    if engine.policy is not None:
+        engine.policy.attach(model, ids)
     engine.reset_stats()
     engine.allocate(n, total)
     final_len = [0] * n

@@ -1,6 +1,7 @@
 """The policy registry: one place that turns a name and options (command-line flags or lm_eval
 model_args) into a policy object. The policies themselves live in the top-level modules
-`token_skip_generation_functions` and `layer_skip_generation_functions`."""
+`token_skip_generation_functions`, `layer_skip_generation_functions` and
+`early_exit_generation_functions`."""
 
 from __future__ import annotations
 
@@ -37,6 +38,11 @@ POLICIES: dict[str, tuple[str, str, dict[str, type]]] = {
         "LayerReusePolicy",
         {"reuse_k": int, "layer_subset": str, "subset_size": int},
     ),
+    "exit": (
+        "early_exit_generation_functions",
+        "EarlyExitPolicy",
+        {"exit_threshold": float, "check_every": int, "min_layer": int},
+    ),
 }
 POLICY_NAMES = ("none", *POLICIES)
 POLICY_OPTIONS: dict[str, type] = {
@@ -53,7 +59,7 @@ def make_policy(name: str | None, **options) -> Policy | None:
     if name == "none":
         if given:
             raise ValueError(
-                f"options {', '.join(sorted(given))} need a policy (policy=token|layer|reuse)"
+                f"options {', '.join(sorted(given))} need a policy (policy={'|'.join(POLICIES)})"
             )
         return None
     module, cls, allowed = POLICIES[name]

@@ -8,7 +8,8 @@ make them. Policies know nothing about kernels, the engine nothing about cosine 
 - REUSE: add back the residual update the unit had the last time it was computed and keep the
   K/V from that computation. A unit with no previous computation in this block is computed.
 - PASS: identity; the layer does nothing for the unit and computes no K/V. A row is passed whole
-  (all of its positions in the window) or not at all.
+  (all of its positions in the window) or not at all, unless the policy sets `passes_units`
+  (it then passes only units whose K/V at that layer were computed earlier in the block).
 
 Prefill and commit forwards write the exact prefix cache and never consult a policy.
 
@@ -60,6 +61,10 @@ class Policy:
     # False when the policy never answers PASS (the engine then knows every unit in scope has a
     # reference after a forward, without reading the plan).
     passes = True
+    # True when the policy may PASS single units (not whole rows). It promises that every unit it
+    # passes at a layer was computed at that layer earlier in this block: the unit's K/V there
+    # are then the ones from that computation (other positions still attend to it).
+    passes_units = False
 
     @property
     def enabled(self) -> bool:
@@ -67,11 +72,24 @@ class Policy:
         then runs exactly as with no policy."""
         return True
 
+    def attach(self, model, ids) -> None:
+        """generate() shows the policy the network and its special token ids (TokenIds) before
+        decoding, for policies that need weights (a logit-lens head) or the mask id."""
+
+    def extra_flops(self) -> int:
+        """FLOPs of work the policy itself ran since last asked (e.g. a logit-lens head), added
+        to the executed FLOPs by the engine; asking resets the count."""
+        return 0
+
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
         """A new block starts: forget per-position state."""
 
     def begin_forward(self, ctx: ForwardContext) -> None:
         """A denoise forward starts."""
+
+    def end_forward(self, x: torch.Tensor, ctx: ForwardContext) -> None:
+        """The denoise forward's last layer has run: x [batch, window, hidden] is its output (the
+        engine's buffer; copy what must outlive the call). For observers (v2/analyze.py)."""
 
     def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         """Actions [batch, window] (int8 of COMPUTE / REUSE / PASS) for layer `layer` given its

@@ -200,6 +200,8 @@ def decode(
             engine = Engine.for_model(model, policy, B, False, cfg.cuda_graphs)
         elif engine.B != B or engine.block_cache:
             raise GenerationError("the draft engine's block size / sub-block cache differ")
+        if engine.policy is not None:
+            engine.policy.attach(model, ids)
         engine.reset_stats()
         engine.allocate(n, rows.total)
     stats = Stats(model.cfg.num_hidden_layers)

@@ -1,0 +1,108 @@
+"""Dynamic early exit in a denoise forward by the logit lens (docs/concepts/early-exit.md).
+
+    python -m v2.generate ... --policy exit --exit-threshold 0.9 --check-every 2 --min-layer 2
+
+The decoder predicts a masked position p from the hidden state at p - 1 (its predicting unit).
+At the input of layer l (l >= min_layer, every check_every layers), the policy applies the head
+(final norm + lm_head) to the predicting units of the masked positions that have not exited yet.
+A unit whose top probability is above `exit_threshold` exits: for layers l .. L-1 of this
+forward it is PASSED (its hidden state is frozen, so the decoder's logits for p are exactly the
+lens prediction that was confident), and its K/V at those layers, which the other positions
+still attend to, are the ones from its last computation at that layer in this block. A unit
+with no such computation (in particular at the block's first denoise forward) cannot exit at
+that layer: it computes it. Masked positions are recognised by their layer-0 input, the mask
+token's embedding. The lens head is real work: 2 x hidden x vocab FLOPs per unit checked,
+counted in the executed FLOPs. exit_threshold >= 1 disables the policy exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from v2 import flops
+from v2.policy import COMPUTE, PASS, ForwardContext, Policy
+
+
+class EarlyExitPolicy(Policy):
+    name = "exit"
+    passes_units = True
+
+    def __init__(self, exit_threshold: float = 1.0, check_every: int = 1, min_layer: int = 1):
+        if not exit_threshold > 0:
+            raise ValueError(f"exit_threshold must be > 0, got {exit_threshold}")
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        if min_layer < 1:
+            raise ValueError(
+                f"min_layer must be >= 1 (the lens needs a layer run), got {min_layer}"
+            )
+        self.exit_threshold = float(exit_threshold)
+        self.check_every, self.min_layer = check_every, min_layer
+        self.model = None
+        self._lens_rows = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.exit_threshold < 1
+
+    def attach(self, model, ids) -> None:
+        self.model = model
+        self.mask_embedding = model.embed_tokens.weight[ids.mask].detach()
+
+    def extra_flops(self) -> int:
+        rows, self._lens_rows = self._lens_rows, 0
+        return flops.head(self.model.cfg, rows) if rows else 0
+
+    def protected_layers(self, num_layers: int) -> set[int]:
+        return set(range(min(self.min_layer, num_layers)))
+
+    def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
+        self.block_size = block_size
+        self.computed: torch.Tensor | None = None  # [layers, rows, B] bool, in this block
+
+    def begin_forward(self, ctx: ForwardContext) -> None:
+        if self.model is None:
+            raise RuntimeError("the exit policy needs generate() to attach the model first")
+        self.exited: torch.Tensor | None = None  # [rows, w] bool
+        self.targets: torch.Tensor | None = None
+
+    def _checks(self, layer: int) -> bool:
+        return layer >= self.min_layer and (layer - self.min_layer) % self.check_every == 0
+
+    def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+        scope = ctx.units if ctx.units is not None else torch.ones(x.shape[:2], dtype=torch.bool)
+        scope = scope.to(x.device)
+        if self.computed is None:
+            shape = (ctx.num_layers, x.shape[0], self.block_size)
+            self.computed = torch.zeros(shape, dtype=torch.bool, device=x.device)
+        w = slice(ctx.window_start, ctx.window_start + x.shape[1])
+        computed = self.computed[layer][:, w]  # a view: updated in place below
+        if layer == 0:
+            masked = (x == self.mask_embedding.to(x.dtype)).all(-1) & scope
+            self.targets = torch.zeros_like(masked)
+            self.targets[:, :-1] = masked[:, 1:]
+            self.exited = torch.zeros_like(masked)
+        elif self._checks(layer):
+            check = self.targets & ~self.exited
+            n = int(check.sum())
+            if n:
+                m = self.model
+                logits = m.lm_head(m.norm(x[check])).float()
+                confident = F.softmax(logits, -1).amax(-1) > self.exit_threshold
+                self._lens_rows += n
+                self.exited[check] = confident
+        # An exited unit passes this layer where it has K/V from earlier in the block.
+        passing = self.exited & computed & scope
+        computed |= scope & ~passing
+        if not bool(passing.any()):
+            return None
+        return torch.where(passing, PASS, COMPUTE).to(torch.int8)
+
+    def config(self) -> dict:
+        return {
+            "policy": self.name,
+            "exit_threshold": self.exit_threshold,
+            "check_every": self.check_every,
+            "min_layer": self.min_layer,
+        }

@@ -1,0 +1,353 @@
+"""Search a policy's options for the cheapest setting within an accuracy budget (Optuna).
+
+    python -m v2.tune configs/sweeps/tiny_exit.yaml --max-drop 1.0 --trials 30 --out tune/tiny_exit
+
+The sweep file is the runner's (v2/experiments.py): `pretrained`, `tasks` (the first is tuned),
+`threshold`, `lm_eval.apply_chat_template`, and a `grid` whose first entry with a policy is the
+search space: a list of values is a categorical choice, `{low: a, high: b}` a range (float or
+int by the option's type, `log: true` for a log scale), a single value is fixed.
+
+Each trial decodes a dev split (problems generated like the task's, none of them in its test
+split; `--dev-n` of them) with the trial's policy and measures accuracy (the `#### N` answer
+against the target) and the objective: executed FLOPs relative to the baseline's (`flops`,
+the default on a CPU), or tokens/s (`tokens_per_second`, the default on a GPU: CPU timings are
+not results). A trial is feasible when its accuracy is at least the baseline's minus
+`--max-drop` (accuracy points, in %). The baseline is decoded once and kept in the study.
+
+The study lives in an SQLite file (`--storage`, default OUT/study.db): a killed search resumes
+where it stopped (a trial that was running when it died is marked failed and does not count;
+`--trials` is the number of completed trials wanted in all; run one search per study at a
+time). `--confirm` then decodes the task's full test split (or its first `--confirm-n` problems)
+with the baseline and the best setting. Out: `best.yaml`, a sweep file with
+the baseline and the best feasible setting, ready for the full run
+(`bash sbatch/run_experiments.sh OUT/best.yaml`); `trials.png` (every trial: accuracy against the
+objective, the budget line); `trials.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+from v2.policies import POLICIES, make_policy
+
+ROOT = Path(__file__).resolve().parents[1]
+OBJECTIVES = ("flops", "tokens_per_second")
+_ANSWER = re.compile(r"#### *(-?[\d,]+)")
+
+
+class TuneError(ValueError):
+    """A bad sweep file or request; the message is one line meant for the user."""
+
+
+# ---- the sweep file -------------------------------------------------------------------------
+
+
+def read_space(path: Path) -> dict:
+    """The tuning setup of a sweep file: model, task, decoding threshold, chat, policy, space."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise TuneError(f"cannot read {path}: {e}".splitlines()[0]) from None
+    if not isinstance(data, dict):
+        raise TuneError(f"{path}: not a sweep file (a YAML mapping)")
+    for key in ("pretrained", "tasks", "grid"):
+        if key not in data:
+            raise TuneError(f"{path}: missing {key!r}")
+    entries = [
+        e for e in data["grid"] if isinstance(e, dict) and e.get("policy") not in (None, "none")
+    ]
+    if not entries:
+        raise TuneError(f"{path}: no grid entry with a policy to tune")
+    entry = dict(entries[0])
+    policy = entry.pop("policy")
+    if policy not in POLICIES:
+        raise TuneError(f"{path}: unknown policy {policy!r}")
+    types = POLICIES[policy][2]
+    unknown = sorted(set(entry) - set(types))
+    if unknown:
+        raise TuneError(f"{path}: policy {policy!r} has no option {', '.join(unknown)}")
+    space = {}
+    for k, v in entry.items():
+        bad_range = isinstance(v, dict) and not ({"low", "high"} <= set(v) and v["low"] < v["high"])
+        if bad_range:
+            raise TuneError(f"{path}: range of {k} needs low < high, got {v}")
+        space[k] = v
+    tasks = data["tasks"] if isinstance(data["tasks"], list) else [data["tasks"]]
+    return {
+        "name": data.get("name", Path(path).stem),
+        "pretrained": data["pretrained"],
+        "task": tasks[0],
+        "threshold": data.get("threshold", 0.9),
+        "chat": bool((data.get("lm_eval") or {}).get("apply_chat_template", False)),
+        "policy": policy,
+        "space": space,
+        "raw": data,
+    }
+
+
+def suggest(trial, space: dict, types: dict[str, type]) -> dict:
+    """The trial's options from the search space."""
+    options = {}
+    for k, v in space.items():
+        if isinstance(v, dict):
+            fn = trial.suggest_int if types[k] is int else trial.suggest_float
+            options[k] = fn(k, v["low"], v["high"], log=bool(v.get("log", False)))
+        elif isinstance(v, list):
+            options[k] = trial.suggest_categorical(k, v)
+        else:
+            options[k] = v
+    return options
+
+
+# ---- the dev split and one evaluation -------------------------------------------------------
+
+
+def test_split(task: str) -> list[dict]:
+    """The task's full committed test split (for --confirm)."""
+    if task != "tiny_gsm":
+        raise TuneError(f"no test split for task {task!r}; tunable: tiny_gsm")
+    from v2.tiny.data import read_jsonl
+
+    return read_jsonl(ROOT / "v2/tiny/data/test.jsonl")
+
+
+def dev_split(task: str, n: int) -> list[dict]:
+    """n problems like the task's, none in its committed test split (deterministic)."""
+    if task != "tiny_gsm":
+        raise TuneError(f"no dev split for task {task!r}; tunable: tiny_gsm")
+    from v2.tiny.data import make_split, read_jsonl
+
+    test = read_jsonl(ROOT / "v2/tiny/data/test.jsonl")
+    return make_split(n, seed=1000, exclude={p["question"] for p in test})
+
+
+def answer(text: str) -> str | None:
+    found = _ANSWER.findall(text)
+    return found[-1].replace(",", "") if found else None
+
+
+def evaluate(lm, problems: list[dict], config, policy, chat: bool, batch_size: int) -> dict:
+    """Accuracy (%) and the generation's statistics over the problems."""
+    correct, flops, base, tokens, seconds = 0, 0, 0, 0, 0.0
+    for i in range(0, len(problems), batch_size):
+        batch = problems[i : i + batch_size]
+        texts = [f"Question: {p['question']}\nAnswer:" for p in batch]
+        result = lm.generate(texts, config, policy, chat=chat)
+        for p, o in zip(batch, result.outputs, strict=True):
+            correct += answer(o.text) == answer(p["answer"])
+        s = result.stats
+        flops, base = flops + s.executed_flops, base + s.baseline_flops
+        tokens, seconds = tokens + s.generated_tokens, seconds + s.wall_seconds
+    return {
+        "accuracy": 100.0 * correct / len(problems),
+        "flops_ratio": flops / max(base, 1),
+        "executed_flops": flops,
+        "tokens_per_second": tokens / seconds if seconds else 0.0,
+    }
+
+
+# ---- the search -----------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace) -> dict:
+    import warnings
+
+    import optuna
+
+    from v2.generate import FastDLLM, GenerationConfig
+
+    # constrained TPE is marked experimental
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+    setup = read_space(args.sweep)
+    if args.max_drop < 0:
+        raise TuneError(f"--max-drop must be >= 0, got {args.max_drop}")
+    if args.trials < 1 or args.dev_n < 1:
+        raise TuneError("--trials and --dev-n must be >= 1")
+    model_path = Path(args.model or setup["pretrained"])
+    if not model_path.is_absolute() and not model_path.exists():
+        model_path = ROOT / model_path
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    objective_name = args.objective or ("tokens_per_second" if device == "cuda" else "flops")
+    problems = dev_split(setup["task"], args.dev_n)
+    lm = FastDLLM.load(model_path, device=device)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, threshold=setup["threshold"])
+    types = POLICIES[setup["policy"]][2]
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    storage_path = args.storage or args.out / "study.db"
+    storage = optuna.storages.RDBStorage(f"sqlite:///{Path(storage_path).resolve()}")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name=f"{setup['name']}:{setup['policy']}:{objective_name}:{args.dev_n}",
+        storage=storage,
+        load_if_exists=True,
+        direction="maximize" if objective_name == "tokens_per_second" else "minimize",
+        sampler=optuna.samplers.TPESampler(seed=args.seed),  # reads set_constraint
+    )
+    # One search per study at a time: a trial still RUNNING here died with its process.
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    if "baseline" not in study.user_attrs:
+        study.set_user_attr(
+            "baseline", evaluate(lm, problems, config, None, setup["chat"], args.batch_size)
+        )
+    baseline = study.user_attrs["baseline"]
+    floor = baseline["accuracy"] - args.max_drop
+
+    def objective(trial) -> float:
+        options = suggest(trial, setup["space"], types)
+        policy = make_policy(setup["policy"], **options)
+        m = evaluate(lm, problems, config, policy, setup["chat"], args.batch_size)
+        for k, v in m.items():
+            trial.set_user_attr(k, v)
+        trial.set_user_attr("options", options)
+        trial.set_user_attr("constraint", floor - m["accuracy"])  # <= 0: within the budget
+        trial.set_constraint("accuracy", floor - m["accuracy"])
+        return m["flops_ratio"] if objective_name == "flops" else m["tokens_per_second"]
+
+    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    if done < args.trials:
+        study.optimize(objective, n_trials=args.trials - done, show_progress_bar=True)
+    summary = write_outputs(study, setup, args, baseline, floor, objective_name)
+    if args.confirm and summary["best"] is not None:
+        test = test_split(setup["task"])[: args.confirm_n]
+        best = make_policy(setup["policy"], **summary["best"]["options"])
+        summary["confirm"] = {
+            "split": f"{setup['task']} test ({len(test)} problems"
+            + (", a prefix: not the full split)" if args.confirm_n else ")"),
+            "baseline": evaluate(lm, test, config, None, setup["chat"], args.batch_size),
+            "best": evaluate(lm, test, config, best, setup["chat"], args.batch_size),
+        }
+        (args.out / "trials.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def write_outputs(study, setup, args, baseline, floor, objective_name) -> dict:
+    from optuna.trial import TrialState
+
+    trials = [
+        {"number": t.number, "value": t.value, **t.user_attrs}
+        for t in study.get_trials(states=(TrialState.COMPLETE,))
+    ]
+    feasible = [t for t in trials if t["constraint"] <= 0]
+    sign = -1 if objective_name == "tokens_per_second" else 1
+    best = min(feasible, key=lambda t: sign * t["value"]) if feasible else None
+    summary = {
+        "sweep": str(args.sweep),
+        "policy": setup["policy"],
+        "objective": objective_name,
+        "max_drop": args.max_drop,
+        "dev_n": args.dev_n,
+        "baseline": baseline,
+        "accuracy_floor": floor,
+        "best": best,
+        "trials": trials,
+    }
+    (args.out / "trials.json").write_text(json.dumps(summary, indent=1) + "\n")
+    if best is not None:
+        raw = dict(setup["raw"])
+        raw["name"] = f"{setup['name']}_tuned"
+        raw["grid"] = [{"policy": "none"}, {"policy": setup["policy"], **best["options"]}]
+        header = (
+            f"# Best setting of `python -m v2.tune {args.sweep} --max-drop {args.max_drop}` "
+            f"(trial {best['number']}: dev accuracy {best['accuracy']:.1f} % vs baseline "
+            f"{baseline['accuracy']:.1f} %, {objective_name} {best['value']:.4g}).\n"
+            f"#   bash sbatch/run_experiments.sh {args.out / 'best.yaml'}\n"
+        )
+        (args.out / "best.yaml").write_text(header + yaml.safe_dump(raw, sort_keys=False))
+    plot(summary, args.out / "trials.png")
+    return summary
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for ok, color, label in ((True, "tab:blue", "within budget"), (False, "tab:red", "over")):
+        pts = [t for t in summary["trials"] if (t["constraint"] <= 0) == ok]
+        ax.scatter([t["value"] for t in pts], [t["accuracy"] for t in pts], c=color, label=label)
+    base = summary["baseline"]
+    x0 = base["flops_ratio"] if summary["objective"] == "flops" else base["tokens_per_second"]
+    ax.scatter([x0], [base["accuracy"]], marker="*", s=150, c="k", label="baseline")
+    ax.axhline(summary["accuracy_floor"], ls="--", c="gray", label="accuracy floor")
+    if summary["best"]:
+        b = summary["best"]
+        ax.scatter([b["value"]], [b["accuracy"]], s=200, facecolors="none", edgecolors="g")
+    ax.set_xlabel("executed FLOPs / baseline" if summary["objective"] == "flops" else "tokens/s")
+    ax.set_ylabel(f"dev accuracy (%), n = {summary['dev_n']}")
+    ax.set_title(f"{summary['policy']}: {len(summary['trials'])} trials", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m v2.tune", description=__doc__.split("\n\n")[0])
+    p.add_argument("sweep", type=Path, help="sweep YAML (configs/sweeps/...)")
+    p.add_argument("--max-drop", type=float, required=True, help="accuracy points (%%) to give")
+    p.add_argument("--trials", type=int, default=30, help="completed trials wanted in all")
+    p.add_argument("--dev-n", type=int, default=64, help="dev problems per trial")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--objective", choices=OBJECTIVES, default=None)
+    p.add_argument("--model", default=None, help="checkpoint (default: the sweep's pretrained)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--storage", type=Path, default=None, help="SQLite file (default OUT/study.db)")
+    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument(
+        "--confirm", action="store_true", help="then decode the full test split: baseline, best"
+    )
+    p.add_argument("--confirm-n", type=int, default=None, help="first n test problems only")
+    p.add_argument("--out", type=Path, default=Path("tune"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from v2.checkpoint import CheckpointError
+
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except (TuneError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    best = summary["best"]
+    base = summary["baseline"]
+    print(f"baseline: dev accuracy {base['accuracy']:.1f} %")
+    if best is None:
+        print(f"no trial within {args.max_drop} points of the baseline")
+    else:
+        x0 = base["flops_ratio"] if summary["objective"] == "flops" else base[summary["objective"]]
+        better = best["value"] < x0 if summary["objective"] == "flops" else best["value"] > x0
+        if not better:
+            print(f"note: no trial beats the baseline's {summary['objective']} ({x0:.4g})")
+        print(
+            f"best: {best['options']} dev accuracy {best['accuracy']:.1f} %, "
+            f"{summary['objective']} {best['value']:.4g}; wrote {args.out / 'best.yaml'}"
+        )
+    if "confirm" in summary:
+        c = summary["confirm"]
+        print(
+            f"{c['split']}: baseline {c['baseline']['accuracy']:.1f} %, best "
+            f"{c['best']['accuracy']:.1f} % at {c['best']['flops_ratio']:.3f} of its FLOPs"
+        )
+    print(f"wrote {args.out / 'trials.json'} and {args.out / 'trials.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
