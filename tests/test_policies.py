@@ -273,6 +273,15 @@ def test_scheduled_reuse_never_calls_the_subset_on_reuse_steps(model):
         h.remove()
     assert "1.self_attn.qkv_proj" not in rows and "2.mlp.down_proj" not in rows
     assert rows["0.self_attn.qkv_proj"] == rows["3.mlp.down_proj"] == 32
+    # A whole-layer REUSE is counted as reused units (steps 1 and 3 of this block: 2 x 32).
+    st = engine.stats
+    assert st.reused_units_per_layer == [0, 64, 64, 0]
+    executed, reused, baseline = (
+        st.executed_units_per_layer,
+        st.reused_units_per_layer,
+        st.baseline_units_per_layer,
+    )
+    assert [e + r for e, r in zip(executed, reused, strict=True)] == baseline
     assert subset_layers("middle", 28) == list(range(8, 20))
     assert subset_layers("first", 8) == [0, 1, 2]
 

@@ -412,6 +412,7 @@ class Engine:
                 self.graphs.run(
                     (i, win.w, "reuse_all"), lambda: reuse_add(win.x, win.units, deltas)
                 )
+                self._stats.reused_units_per_layer[i] += n_scope  # every unit in scope
                 return
             plan = None if how == "compute" else torch.full_like(win.plan, plan)
         if plan is None or isinstance(plan, int):
