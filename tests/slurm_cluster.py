@@ -166,6 +166,11 @@ class Cluster:
         """Every live job and array task, one id each (`squeue -r`)."""
         return self.run(["squeue", "-h", "-r", "-o", "%i"]).stdout.split()
 
+    def drain(self, timeout_s: float = 60) -> None:
+        """Wait until the queue is empty (a task that wrote its DONE marker is still listed
+        while it exits)."""
+        self._wait(lambda: not self.jobs(), timeout_s, "an empty queue")
+
     def cancel_all(self, timeout_s: float = 60) -> None:
         self.run(["scancel", "--user", str(os.getuid())], check=False)
         self._wait(lambda: not self.jobs(), timeout_s, "an empty queue")
