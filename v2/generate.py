@@ -165,6 +165,21 @@ def _step(engine, before, t0, decided, where, block, committed, pending, generat
     return DenoiseStep(*where, *cpu, total.since(before), total)
 
 
+def check_prompts(model: Network, prompts: list[list[int]]) -> int:
+    """Prompts a decode can take, as one-line errors; returns the model's position limit."""
+    if not prompts:
+        raise GenerationError("no prompts given")
+    lengths = [len(p) for p in prompts]
+    if min(lengths) == 0:
+        raise GenerationError("empty prompt (0 tokens)")
+    max_pos = model.cfg.max_position_embeddings
+    if max(lengths) >= max_pos:
+        raise GenerationError(
+            f"prompt of {max(lengths)} tokens does not fit the model's {max_pos} positions"
+        )
+    return max_pos
+
+
 @torch.inference_mode()
 def generate(
     model: Network,
@@ -193,16 +208,8 @@ def generate(
     B = cfg.block_size or model.cfg.block_size
     S = cfg.small_block_size
     cfg.validate(B)
-    if not prompts:
-        raise GenerationError("no prompts given")
+    max_pos = check_prompts(model, prompts)
     lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise GenerationError("empty prompt (0 tokens)")
-    max_pos = model.cfg.max_position_embeddings
-    if max(lengths) >= max_pos:
-        raise GenerationError(
-            f"prompt of {max(lengths)} tokens does not fit the model's {max_pos} positions"
-        )
     device = model.embed_tokens.weight.device
     n = len(prompts)
     ends = [min(L + cfg.max_new_tokens, max_pos) for L in lengths]  # exclusive, per row

@@ -51,6 +51,7 @@ from v2.generate import (
     GenerationResult,
     Output,
     _sync,
+    check_prompts,
 )
 from v2.kv_cache import KVCache
 from v2.model import Network, sdpa
@@ -160,20 +161,6 @@ class _Rows:
         self.finish = ["length"] * n
 
 
-def _setup(model: Network, prompts: list[list[int]], cfg: GenerationConfig):
-    if not prompts:
-        raise GenerationError("no prompts given")
-    lengths = [len(p) for p in prompts]
-    if min(lengths) == 0:
-        raise GenerationError("empty prompt (0 tokens)")
-    max_pos = model.cfg.max_position_embeddings
-    if max(lengths) >= max_pos:
-        raise GenerationError(
-            f"prompt of {max(lengths)} tokens does not fit the model's {max_pos} positions"
-        )
-    return max_pos
-
-
 @torch.inference_mode()
 def decode(
     model: Network,
@@ -190,7 +177,7 @@ def decode(
     B = cfg.block_size or model.cfg.block_size
     cfg.validate(B)
     check(cfg, policy)
-    max_pos = _setup(model, prompts, cfg)
+    max_pos = check_prompts(model, prompts)
     device = model.embed_tokens.weight.device
     rows = _Rows(prompts, ids, cfg, B, max_pos, device)
     n = len(prompts)
