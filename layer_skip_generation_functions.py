@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from v2.policy import PASS, REUSE, ForwardContext, Policy
+from v2.policy import COMPUTE, PASS, REUSE, ForwardContext, Policy
 
 
 def row_cosine(x: torch.Tensor, ref: torch.Tensor, units: torch.Tensor | None) -> torch.Tensor:
@@ -148,10 +148,17 @@ class LayerReusePolicy(Policy):
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
         self.layers = set(subset_layers(self.layer_subset, num_layers, self.subset_size))
 
-    def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+    def _action(self, layer: int, ctx: ForwardContext) -> int:
         if self.reuse_k == 1 or layer not in self.layers or ctx.step % self.reuse_k == 0:
-            return None
+            return COMPUTE
         return REUSE  # every unit in scope
+
+    def host_plan(self, layer: int, ctx: ForwardContext) -> int:
+        return self._action(layer, ctx)
+
+    def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> int | None:
+        action = self._action(layer, ctx)
+        return None if action == COMPUTE else action
 
     def config(self) -> dict:
         return {

@@ -124,6 +124,9 @@ class TokenSkipPolicy(Policy):
         top = self.max_layer if self.max_layer is not None else layer
         return self.enabled and self.min_layer <= layer <= top
 
+    def host_plan(self, layer: int, ctx: ForwardContext) -> int | None:
+        return None if self._applies(layer) else COMPUTE
+
     def capture_key(self, layer: int, ctx: ForwardContext):
         if not self._applies(layer) or self.refresh or ctx.units is None:
             return None

@@ -22,6 +22,14 @@ Per device:
   with one synchronisation for that layer.
 - CPU: plain PyTorch with exact shapes (no padding), attention over the computed queries only.
 
+Forward graphs. The first time a forward with a given signature (kind, window, units in scope,
+the policy's capture keys, the reference state its layouts depend on) runs, its layer loop is
+recorded as it runs: every layer's device work (the steps above) and every host effect (statistics,
+reference bits). From then on the loop does not run: the recorded steps are replayed as one CUDA
+graph and the host effects applied again, so a forward costs one graph launch and no per-layer
+Python. A forward whose loop must read the device (a plan sized only by a read-back) or ask a
+policy eagerly is not recorded; its layers run one graph each, as before.
+
 Statistics (stats.py): executed units are the units fed through a layer's matmuls (the padding
 slots of a compacted layout are not units, but their rows are counted in executed FLOPs);
 baseline units are the units in scope. What only the device knows is accumulated there and read
@@ -145,7 +153,25 @@ class _Window:
         return self._compacted[kind, C]
 
 
+class _Record:
+    """A forward's layer loop as it ran: its device steps and its host effects (module docstring,
+    "Forward graphs"). `replayable` is False when the loop had to read the device."""
+
+    def __init__(self):
+        self.steps: list[Callable[[], None]] = []
+        self.effects: list[tuple] = []
+        self.replayable = True
+
+    def run_steps(self) -> None:
+        for step in self.steps:
+            step()
+
+
 class Engine:
+    # Most forward signatures recorded; later ones run layer by layer (bounds the graphs' memory
+    # when a batch keeps changing shape).
+    MAX_RECORDS = 32
+
     def __init__(
         self,
         model: Network,
@@ -192,6 +218,10 @@ class Engine:
         self._windows: dict[int, _Window] = {}
         self.step = 0
         self._ref_bits = [0] * L
+        # Forward signature -> its _Record, or None when it cannot be replayed.
+        self._records: dict[tuple, _Record | None] = {}
+        self._recording: _Record | None = None
+        self.replays = 0  # forwards replayed from their record
         self.timer: Callable | None = None  # kind -> context manager around each forward
         dev = self.device
         # What only the device knows, per layer: units reused, units executed, attention pairs,
@@ -264,6 +294,7 @@ class Engine:
             if self.static:
                 length = -(-length // 256) * 256
             self.graphs.clear()
+            self._records.clear()
             self._windows.clear()
             self.delta = self.has_ref = None
             self.cache = None
@@ -348,8 +379,13 @@ class Engine:
         b, w = ids.shape
         self._count_forward("commit", b, b * w)
         win = self._load(ids, 0, None)
-        for i in range(self.cfg.num_hidden_layers):
-            self._dense_layer(i, win, b * w, None, deltas=False)
+        sig = ("commit", w, b * w) if self.static else None
+
+        def layers():
+            for i in range(self.cfg.num_hidden_layers):
+                self._dense_layer(i, win, b * w, None, deltas=False)
+
+        self._run_layers(sig, None, layers)
         self._count_flops(b * w, b)
         self.cache.prefix_len += self.B
         return win.x_units[:b, -1].clone()
@@ -380,8 +416,12 @@ class Engine:
         if self.policy is not None:
             self.policy.begin_forward(ctx)
         bits = (((1 << w) - 1) << window_start) if units is None else None
-        for i in range(L):
-            self._layer(i, win, ctx, n_scope, bits)
+
+        def layers():
+            for i in range(L):
+                self._layer(i, win, ctx, n_scope, bits)
+
+        self._run_layers(self._signature(win, ctx, n_scope, bits), bits, layers)
         if self.policy is not None:
             self.policy.end_forward(win.x_units, ctx)
         self._count_flops(n_scope, b * out_positions.numel())
@@ -394,26 +434,107 @@ class Engine:
         m = self.model
         return self._fn("logits", logits)(hidden, m.norm.weight, m.lm_head.weight, m.norm.eps)
 
+    # ---- a forward's layers: recorded once, then replayed as one graph ----------------------
+
+    def _signature(self, win: _Window, ctx: ForwardContext, n_scope: int, bits) -> tuple | None:
+        """What determines a denoise forward's layer loop (its layouts, graphs and host effects),
+        or None when a layer asks its policy eagerly (module docstring, "Forward graphs")."""
+        if not self.static:
+            return None
+        p, keys, refs = self.policy, (), None
+        if p is not None:
+            keys = []
+            for i in range(self.cfg.num_hidden_layers):
+                action = p.host_plan(i, ctx)
+                key = ("host", action) if action is not None else p.capture_key(i, ctx)
+                if key is None:
+                    return None
+                keys.append(key)
+            if self._keeps_deltas:
+                refs = (bits, tuple(r & bits == bits for r in self._ref_bits) if bits else None)
+        return ("denoise", win.w, bits is None, n_scope, self.live, tuple(keys), refs)
+
+    def _run_layers(self, sig: tuple | None, bits, layers: Callable[[], None]) -> None:
+        """Run `layers` (the forward's loop over layers); record it the first time `sig` is seen,
+        replay the record afterwards (module docstring, "Forward graphs")."""
+        record = self._records.get(sig, False) if sig is not None else None
+        if record:
+            self.replays += 1
+            self.graphs.run(("forward", *sig), record.run_steps)
+            for effect in record.effects:
+                self._effect(effect, bits)
+            return
+        if record is None or len(self._records) >= self.MAX_RECORDS:
+            layers()
+            return
+        self._recording = record = _Record()
+        try:
+            layers()
+        finally:
+            self._recording = None
+        self._records[sig] = record if record.replayable else None
+
+    def _run(self, key: tuple, step: Callable[[], None]) -> None:
+        """One step of device work: into the record being made (run now, eagerly), or through its
+        own graph."""
+        if self._recording is None:
+            self.graphs.run(key, step)
+        else:
+            self._recording.steps.append(step)
+            step()
+
+    def _not_replayable(self) -> None:
+        """The loop reads the device here: the forward being recorded cannot be replayed; its
+        remaining layers run one graph each."""
+        if self._recording is not None:
+            self._recording.replayable = False
+            self._recording = None
+
+    def _effect(self, effect: tuple, bits=None) -> None:
+        """Apply one host effect of the layer loop (and record it when recording):
+        ("layer", i, units, rows, pairs0, pairs1): units fed to layer i, rows through its
+        matmuls, its attention's (query, key) pairs pairs0 + pairs1 x keys;
+        ("reused", i, units): units layer i reused whole; ("ref", i): every unit of the window
+        has a reference at layer i."""
+        kind, i = effect[0], effect[1]
+        st = self._stats
+        if kind == "layer":
+            _, _, units, rows, pairs0, pairs1 = effect
+            pairs = pairs0 + pairs1 * (self.cache.prefix_len + self.B)
+            st.executed_units_per_layer[i] += units
+            st.executed_flops += rows * flops.unit(self.cfg) + flops.attention(self.cfg, pairs)
+        elif kind == "reused":
+            st.reused_units_per_layer[i] += effect[2]
+        else:
+            self._ref_bits[i] |= bits
+        if self._recording is not None:
+            self._recording.effects.append(effect)
+
     # ---- one layer ----------------------------------------------------------------------------
 
     def _layer(self, i: int, win: _Window, ctx: ForwardContext, n_scope: int, bits) -> None:
         policy, plan, key = self.policy, None, None
-        if policy is not None:
+        action = policy.host_plan(i, ctx) if policy is not None else None
+        if action is not None:
+            plan = None if action == COMPUTE else action
+        elif policy is not None:
             key = policy.capture_key(i, ctx) if self.static else None
+            if key is None:
+                self._not_replayable()
             plan = _CAPTURED if key is not None else policy.plan(i, win.x_units, ctx)
-            if plan is not None and i in self._protected:
-                raise PolicyError(f"{policy.name}: planned skipping on protected layer {i}")
+        if plan is not None and i in self._protected:
+            raise PolicyError(f"{policy.name}: planned skipping on protected layer {i}")
         if isinstance(plan, int) and plan != COMPUTE:
             how = self._uniform(i, plan, win.w, bits)
             if how == "pass":
                 return  # the layer does not run; x is its output
             if how == "reuse":
                 deltas = Deltas(self.delta[i], self.has_ref[i], win.all_units, self.B)
-                self.graphs.run(
-                    (i, win.w, "reuse_all"), lambda: reuse_add(win.x, win.units, deltas)
-                )
-                self._stats.reused_units_per_layer[i] += n_scope  # every unit in scope
+                self._run((i, win.w, "reuse_all"), lambda: reuse_add(win.x, win.units, deltas))
+                self._effect(("reused", i, n_scope))  # every unit in scope
                 return
+            if how is None:
+                self._not_replayable()
             plan = None if how == "compute" else torch.full_like(win.plan, plan)
         if plan is None or isinstance(plan, int):
             self._dense_layer(i, win, n_scope, bits, deltas=self._keeps_deltas)
@@ -439,17 +560,15 @@ class Engine:
             C = capacity(n_scope, N)
             if win.scope_batch is None:
                 win.scope_batch = win.compacted(C, "scope")
-                self.graphs.run(
-                    ("scope", w, C), lambda: self._compact(win, win.scope_flat, C, "scope")
-                )
+                self._run(("scope", w, C), lambda: self._compact(win, win.scope_flat, C, "scope"))
                 win.scope_batch.count = n_scope
             batch, tag, units, rows = win.scope_batch, ("scope", C), n_scope, C
         else:  # masked: every unit runs, those out of scope are discarded
             batch, tag, units, rows = win.scope_masked, ("scope_masked",), N, N
-        self.graphs.run((i, w, deltas, *(tag or ())), lambda: self._step(i, win, batch, d))
+        self._run((i, w, deltas, *(tag or ())), lambda: self._step(i, win, batch, d))
         self._count_layer(i, win, batch, units=units, rows=rows)
         if bits is not None and deltas:
-            self._ref_bits[i] |= bits
+            self._effect(("ref", i), bits)
 
     def _planned_layer(self, i, win: _Window, ctx, key, n_scope: int, bits) -> None:
         """A per-unit plan (in win.plan, or computed by the policy inside the graph)."""
@@ -506,7 +625,7 @@ class Engine:
             elif d is not None:
                 reuse_add(win.x, win.units, d)
         elif not self._pays(n_scope):  # masked: everything runs, the plan decides what is kept
-            self.graphs.run((i, w, d is not None, "masked", *plan_key), masked)
+            self._run((i, w, d is not None, "masked", *plan_key), masked)
             self._count_layer(i, win, win.masked, units=N, rows=N)
         else:
             bound = self._bound(i, ctx, win, bits) if captured else None
@@ -520,13 +639,14 @@ class Engine:
                     elif d is not None:
                         reuse_add(win.x, win.units, d)
 
-                self.graphs.run((i, w, d is not None, "bound", C, *plan_key), work)
+                self._run((i, w, d is not None, "bound", C, *plan_key), work)
                 if C:
                     host_pairs = self.attention.name != "flash"
                     self._count_layer(
                         i, win, win.compacted(C), units=0, rows=C, attention=host_pairs
                     )
             else:  # the plan's size only the device knows: read it (one sync for this layer)
+                self._not_replayable()
                 self.graphs.run((i, w, d is not None, "sync", *plan_key), plan_and_settle)
                 n = int(win.compute.sum())
                 C = capacity(n, N) if n else 0
@@ -545,7 +665,7 @@ class Engine:
                     reuse = Deltas(d.delta, d.has_ref, win.reuse, self.B)
                     self.graphs.run((i, w, "reuse"), lambda: reuse_add(win.x, win.units, reuse))
         if bits is not None and not self.policy.passes:
-            self._ref_bits[i] |= bits
+            self._effect(("ref", i), bits)
 
     # ---- device work (what graphs capture) ----------------------------------------------------
 
@@ -675,12 +795,11 @@ class Engine:
     ) -> None:
         """Host-known work of one layer: `units` fed to it, `rows` through its matmuls, and
         (unless counted on the device) its attention's (query, key) pairs."""
-        st, cfg = self._stats, self.cfg
-        st.executed_units_per_layer[i] += units
-        st.executed_flops += rows * flops.unit(cfg)
-        if attention:
-            pairs = self.attention.pairs(batch, win.geo, self.cache.prefix_len + self.B)
-            st.executed_flops += flops.attention(cfg, pairs)
+        pairs0 = pairs1 = 0
+        if attention:  # a backend's pairs are affine in the key count
+            pairs0 = self.attention.pairs(batch, win.geo, 0)
+            pairs1 = self.attention.pairs(batch, win.geo, 1) - pairs0
+        self._effect(("layer", i, units, rows, pairs0, pairs1))
 
     def _count_flops(self, n_scope: int, logit_rows: int) -> None:
         cfg, st = self.cfg, self._stats

@@ -105,6 +105,13 @@ class Policy:
         kernels with the layer's (the cosine with the RMSNorm). None: the engine calls `plan`."""
         return None
 
+    def host_plan(self, layer: int, ctx: ForwardContext) -> int | None:
+        """The plan for this layer when the host knows it without the layer's input and without
+        device work: one action (COMPUTE, REUSE or PASS) for every unit in scope. The engine then
+        does not call `plan` for the layer. None: call `plan`. A forward whose every layer has a
+        host plan or a capture key runs as one CUDA graph (engine.py, "Forward graphs")."""
+        return None
+
     def capture_key(self, layer: int, ctx: ForwardContext):
         """None: call `plan` eagerly for this layer. Otherwise a hashable that, with the layer,
         determines the device work `plan` does for it (module docstring)."""

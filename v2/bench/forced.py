@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from layer_skip_generation_functions import LayerReusePolicy, LayerSkipPolicy
 from token_skip_generation_functions import TokenSkipPolicy
-from v2.policy import PASS, ForwardContext, Policy
+from v2.policy import COMPUTE, PASS, ForwardContext, Policy
 
 
 class ForcedTokenReuse(TokenSkipPolicy):
@@ -39,6 +39,9 @@ class ForcedLayerPass(LayerSkipPolicy):
 
     def begin_forward(self, ctx: ForwardContext) -> None:
         pass
+
+    def host_plan(self, layer: int, ctx: ForwardContext) -> int:
+        return PASS if layer in self.layers else COMPUTE
 
     def plan(self, layer: int, x, ctx: ForwardContext):
         return PASS if layer in self.layers else None
