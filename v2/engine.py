@@ -221,7 +221,8 @@ class Engine:
         # Forward signature -> its _Record, or None when it cannot be replayed.
         self._records: dict[tuple, _Record | None] = {}
         self._recording: _Record | None = None
-        self.replays = 0  # forwards replayed from their record
+        self.replays = {"denoise": 0, "commit": 0}  # forwards replayed from their record
+        self._n_scope = 0  # units in scope of the forward running (its effects' "every unit")
         self.timer: Callable | None = None  # kind -> context manager around each forward
         dev = self.device
         # What only the device knows, per layer: units reused, units executed, attention pairs,
@@ -379,13 +380,14 @@ class Engine:
         b, w = ids.shape
         self._count_forward("commit", b, b * w)
         win = self._load(ids, 0, None)
-        sig = ("commit", w, b * w) if self.static else None
+        pays = self._pays(b * w)
+        sig = ("commit", w, b * w == win.N, b * w if pays else None) if self.static else None
 
         def layers():
             for i in range(self.cfg.num_hidden_layers):
                 self._dense_layer(i, win, b * w, None, deltas=False)
 
-        self._run_layers(sig, None, layers)
+        self._run_layers(sig, None, b * w, layers)
         self._count_flops(b * w, b)
         self.cache.prefix_len += self.B
         return win.x_units[:b, -1].clone()
@@ -421,7 +423,7 @@ class Engine:
             for i in range(L):
                 self._layer(i, win, ctx, n_scope, bits)
 
-        self._run_layers(self._signature(win, ctx, n_scope, bits), bits, layers)
+        self._run_layers(self._signature(win, ctx, n_scope, bits), bits, n_scope, layers)
         if self.policy is not None:
             self.policy.end_forward(win.x_units, ctx)
         self._count_flops(n_scope, b * out_positions.numel())
@@ -452,14 +454,18 @@ class Engine:
                 keys.append(key)
             if self._keeps_deltas:
                 refs = (bits, tuple(r & bits == bits for r in self._ref_bits) if bits else None)
-        return ("denoise", win.w, bits is None, n_scope, self.live, tuple(keys), refs)
+        # Units in scope change the layouts only where compaction pays (module docstring).
+        pays = self._pays(n_scope)
+        scope = (n_scope == win.N, n_scope if pays else None, self.live if pays else None)
+        return ("denoise", win.w, bits is None, *scope, tuple(keys), refs)
 
-    def _run_layers(self, sig: tuple | None, bits, layers: Callable[[], None]) -> None:
+    def _run_layers(self, sig: tuple | None, bits, n_scope: int, layers: Callable[[], None]):
         """Run `layers` (the forward's loop over layers); record it the first time `sig` is seen,
         replay the record afterwards (module docstring, "Forward graphs")."""
+        self._n_scope = n_scope
         record = self._records.get(sig, False) if sig is not None else None
         if record:
-            self.replays += 1
+            self.replays[sig[0]] += 1
             self.graphs.run(("forward", *sig), record.run_steps)
             for effect in record.effects:
                 self._effect(effect, bits)
@@ -494,7 +500,7 @@ class Engine:
         """Apply one host effect of the layer loop (and record it when recording):
         ("layer", i, units, rows, pairs0, pairs1): units fed to layer i, rows through its
         matmuls, its attention's (query, key) pairs pairs0 + pairs1 x keys;
-        ("reused", i, units): units layer i reused whole; ("ref", i): every unit of the window
+        ("reused", i): layer i reused every unit in scope; ("ref", i): every unit of the window
         has a reference at layer i."""
         kind, i = effect[0], effect[1]
         st = self._stats
@@ -504,7 +510,7 @@ class Engine:
             st.executed_units_per_layer[i] += units
             st.executed_flops += rows * flops.unit(self.cfg) + flops.attention(self.cfg, pairs)
         elif kind == "reused":
-            st.reused_units_per_layer[i] += effect[2]
+            st.reused_units_per_layer[i] += self._n_scope
         else:
             self._ref_bits[i] |= bits
         if self._recording is not None:
@@ -531,7 +537,7 @@ class Engine:
             if how == "reuse":
                 deltas = Deltas(self.delta[i], self.has_ref[i], win.all_units, self.B)
                 self._run((i, win.w, "reuse_all"), lambda: reuse_add(win.x, win.units, deltas))
-                self._effect(("reused", i, n_scope))  # every unit in scope
+                self._effect(("reused", i))
                 return
             if how is None:
                 self._not_replayable()
