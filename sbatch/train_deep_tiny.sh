@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Train the deep tiny model on the hard problems, evaluate it, profile its layers and write its
+# model card, all under OUT (issue 16). On one H200 the defaults take about 9 minutes:
+#     bash sbatch/train_deep_tiny.sh OUT                      # --minutes 7.5 of training
+#     bash sbatch/train_deep_tiny.sh OUT --smoke --steps 4    # CPU check of every stage
+# Extra arguments go to `python -m v2.tiny.train` (a later --minutes wins). Stages, each run even
+# if an earlier one failed (the card says what is missing):
+#   1. train, save OUT/checkpoint, evaluate hard_test.jsonl at thresholds 1 and 0.9 (train.log)
+#   2. python -m v2.analyze on ANALYZE_N (64) hard test problems -> checkpoint/analysis/ (analyze.log)
+#   3. python -m v2.tiny.card -> checkpoint/README.md and its plots (card.log)
+# OUT/stages.txt has each stage's exit status and seconds.
+set -uo pipefail
+if [[ $# -lt 1 ]]; then
+    echo "usage: bash sbatch/train_deep_tiny.sh OUT [train.py flags]" >&2
+    exit 2
+fi
+RUN="bash sbatch/train_deep_tiny.sh $*"
+OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
+shift
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+CKPT="${OUT}/checkpoint"
+ANALYZE_N="${ANALYZE_N:-64}"
+ANALYZE_ARGS=()
+if [[ " $* " == *" --smoke "* ]]; then
+    ANALYZE_N="${ANALYZE_N_SMOKE:-4}"
+    ANALYZE_ARGS=(--max-new-tokens 64)
+fi
+COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+: >"${OUT}/stages.txt"
+
+stage() {  # stage NAME LOG COMMAND...: run, tee the output into OUT/LOG, record status and time
+    local name=$1 log=$2 start rc
+    shift 2
+    start=$(date +%s)
+    echo "== ${name} ($(date -u +%H:%M:%S) UTC): $*"
+    "$@" 2>&1 | tee "${OUT}/${log}"
+    rc=${PIPESTATUS[0]}
+    echo "${name} rc=${rc} seconds=$(($(date +%s) - start))" | tee -a "${OUT}/stages.txt"
+}
+
+stage train train.log "${PY}" -u -m v2.tiny.train --task hard --arch deep --minutes 7.5 \
+    --out "${CKPT}" "$@"
+if [[ -f "${CKPT}/config.json" ]]; then
+    stage analyze analyze.log "${PY}" -u -m v2.analyze --model "${CKPT}" --task tiny_gsm_hard \
+        --n "${ANALYZE_N}" --chat --threshold 0.9 --out "${CKPT}/analysis" "${ANALYZE_ARGS[@]}"
+fi
+if [[ -f "${CKPT}/train_log.json" ]]; then
+    stage card card.log "${PY}" -u -m v2.tiny.card "${CKPT}" --commit "${COMMIT}" \
+        --run "${RUN}"
+fi
+cat "${OUT}/stages.txt"
+! grep -qv "rc=0" "${OUT}/stages.txt"
