@@ -3,6 +3,7 @@ stop) and the model card of v2/tiny/train.py and v2/tiny/card.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -143,3 +144,56 @@ def test_card_layer_profile(tmp_path: Path) -> None:
     assert profile["token_cosine"] == [0.9, 0.8, 0.7]
     card.plot_layer_profile(profile, tmp_path / "p.png", "t")
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_masked_gqa_forward_matches_the_eager_reference(tok) -> None:
+    """Training's masked forward expands K/V heads (memory-efficient SDPA); same result."""
+    torch.manual_seed(0)
+    model = Network(tr.default_model_config(len(tok), smoke=True))
+    tr.init_weights(model, std=0.2)
+    assert model.cfg.num_key_value_heads < model.cfg.num_attention_heads
+    ids = torch.randint(0, len(tok), (2, 128))
+    mask = tr.attention_mask(64, 32)
+    positions = torch.arange(64).repeat(2)
+    fast = model(ids, positions, mask)
+    model.eager_attention = True
+    torch.testing.assert_close(fast, model(ids, positions, mask), rtol=1e-4, atol=1e-4)
+
+
+def _gradients(samples, micro_batches: int, tok) -> list[torch.Tensor]:
+    torch.manual_seed(0)
+    model = Network(tr.default_model_config(len(tok), smoke=True))
+    tr.init_weights(model)
+    batch = tr.make_batch(samples, torch.arange(8), 32)
+    masked = tr.noise_mask(batch, 32, torch.Generator().manual_seed(0))
+    ids, labels = tr.diffusion_inputs(batch, masked, token_ids(tok).mask, 32)
+    loss = tr.accumulate_gradients(
+        tr.diffusion_loss, model, ids, labels, micro_batches, contextlib.nullcontext()
+    )
+    return [loss, *(p.grad for p in model.parameters())]
+
+
+def test_micro_batches_give_the_same_step(tok) -> None:
+    samples = tr.encode_problems(tok, make_split(8, seed=6, family="hard"), 416, 3)
+    whole, split = _gradients(samples, 1, tok), _gradients(samples, 4, tok)
+    for a, b in zip(whole, split, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_out_of_memory_retries_the_step_in_micro_batches(tok, monkeypatch) -> None:
+    calls = []
+    real_loss = tr.diffusion_loss
+
+    def flaky_loss(model, ids, labels):
+        calls.append(ids.shape[0])
+        if len(calls) == 2:  # the second step runs out of memory once
+            raise torch.OutOfMemoryError("simulated")
+        return real_loss(model, ids, labels)
+
+    monkeypatch.setattr(tr, "diffusion_loss", flaky_loss)
+    samples = tr.encode_problems(tok, make_split(16, seed=2, family="hard"), 416, 3)
+    model = Network(tr.default_model_config(len(tok), smoke=True))
+    cfg = tr.TrainConfig(steps=3, batch_size=4, minutes=5)
+    result = tr.train(model, samples, 3, cfg, torch.device("cpu"), progress_bar=False)
+    assert result.steps == 3 and result.oom_events == [{"step": 1, "micro_batches": 2}]
+    assert calls == [8, 8, 4, 4, 4, 4]  # rows: 2 views x 4 problems, then halves

@@ -301,6 +301,31 @@ def diffusion_loss(model: Network, ids: torch.Tensor, labels: torch.Tensor) -> t
 
 # ---- training ------------------------------------------------------------------------------
 
+MAX_MICRO_BATCHES = 16  # out of memory with a step split this many ways: give up
+
+
+def accumulate_gradients(
+    loss_fn, model: Network, ids: torch.Tensor, labels: torch.Tensor, micro_batches: int, autocast
+) -> torch.Tensor:
+    """Backward of the step's loss (mean over all its supervised tokens), in `micro_batches`
+    row chunks each weighted by its share of the supervised tokens; returns the loss."""
+    if micro_batches == 1:
+        with autocast:
+            loss = loss_fn(model, ids, labels)
+        loss.backward()
+        return loss.detach()
+    counts = [int((c != IGNORE).sum()) for c in labels.chunk(micro_batches)]
+    total = sum(counts)
+    loss = torch.zeros((), device=ids.device)
+    for i, c, n in zip(ids.chunk(micro_batches), labels.chunk(micro_batches), counts, strict=True):
+        if n == 0:
+            continue
+        with autocast:
+            part = loss_fn(model, i, c) * (n / total)
+        part.backward()
+        loss += part.detach()
+    return loss
+
 
 def init_weights(model: Network, std: float = 0.02) -> None:
     """GPT-2 style: normal(0, std) matrices, residual outputs scaled by 1/sqrt(2 * layers)."""
@@ -330,6 +355,7 @@ class TrainResult:
     loss_curve: list[dict] = dataclasses.field(default_factory=list)  # step, seconds, loss
     dev_curve: list[dict] = dataclasses.field(default_factory=list)  # step, seconds, accuracy
     stopped: str = "budget"  # why the loop ended: "budget", "steps" or "dev accuracy"
+    oom_events: list[dict] = dataclasses.field(default_factory=list)  # step, micro_batches
 
     @property
     def final_loss(self) -> float:
@@ -381,6 +407,8 @@ def train(
     data = batches(samples, cfg.batch_size, B, cpu_gen, bucket=cfg.bucket)
     loss_curve: list[dict] = []
     dev_curve: list[dict] = []
+    micro_batches = 1
+    oom_events: list[dict] = []  # the same step again in twice as many micro-batches
 
     def run_dev(step: int) -> float:
         t = time.perf_counter()
@@ -418,10 +446,20 @@ def train(
             group["lr"] = lr
         batch = next(data)
         ids, labels = diffusion_inputs(batch, noise_mask(batch, B, noise_gen), mask_id, B)
-        with autocast:
-            loss = loss_fn(model, ids, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        while True:
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                loss = accumulate_gradients(loss_fn, model, ids, labels, micro_batches, autocast)
+                break
+            except torch.OutOfMemoryError:
+                if micro_batches >= MAX_MICRO_BATCHES:
+                    raise
+            # outside the handler, so that the failed attempt's tensors are already released
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            micro_batches *= 2
+            oom_events.append({"step": step, "micro_batches": micro_batches})
+            tqdm.write(f"out of memory at step {step}: now {micro_batches} micro-batches a step")
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         pending.append(loss.detach())
@@ -444,7 +482,7 @@ def train(
     if dev is not None and stopped != "dev accuracy" and step > 0:
         run_dev(step)  # the accuracy of the weights that are saved
     wall = time.perf_counter() - t0
-    return TrainResult(model.eval(), losses, step, wall, loss_curve, dev_curve, stopped)
+    return TrainResult(model.eval(), losses, step, wall, loss_curve, dev_curve, stopped, oom_events)
 
 
 class DevEvaluator:
@@ -711,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss_curve_note": "mean loss of the 20 steps up to `step`; seconds since the loop began",
         "dev_curve": result.dev_curve,
         "dev_curve_note": "strict accuracy at threshold 1 on the dev split, greedy, one batch",
+        "oom_events": result.oom_events,
     }
     (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
 
