@@ -3,7 +3,7 @@ release layout and evaluate it with our block-diffusion decoder.
 
     python -m v2.tiny.train --out v2/tiny/checkpoint --minutes 8      # CUDA when available
     python -m v2.tiny.train --out /tmp/tiny --smoke --eval-limit 4    # seconds on CPU
-    python -m v2.tiny.train --task hard --arch deep --out OUT/checkpoint --minutes 7.5
+    python -m v2.tiny.train --task hard --arch deep --out OUT/checkpoint --minutes 7
 
 Tasks: `basic` (the committed checkpoint's problems, `v2/tiny/data/test.jsonl`) and `hard` (the
 graded family, `hard_test.jsonl`, with `hard_dev.jsonl` evaluated during training every
