@@ -79,6 +79,7 @@ def test_config_presets() -> None:
     args = tr.build_parser().parse_args(["--task", "hard", "--arch", "deep"])
     cfg = tr.config_from_args(args)
     assert cfg.task == "hard" and cfg.max_len == 416 and cfg.bucket and cfg.dev_every_s == 60
+    assert cfg.n_train == 250_000
     assert cfg.stop_at_dev_acc is None and not cfg.compile
     args = tr.build_parser().parse_args(["--task", "hard", "--no-bucket", "--dev-every-s", "5"])
     cfg = tr.config_from_args(args)
@@ -111,12 +112,15 @@ def test_hard_smoke_run_with_dev_curve_and_card(tmp_path: Path) -> None:
         assert r["n"] == 3 and "tokens_per_forward" in r and "stderr" in r["strict_match"]
         assert sum(v["n"] for v in r["strict_by_level"].values()) == 3
     load_model(out, device="cpu")
+    rows = tr.answer_problems(out, tr.read_jsonl(tr.TASK_SPLITS["hard"][0])[:2])
+    assert [set(r) for r in rows] == [{"question", "gold", "text", "correct"}] * 2
 
     readme = card.write_card(out, commit="abc1234", run="bash sbatch/train_deep_tiny.sh X")
     text = readme.read_text()
     assert "abc1234" in text and "bash sbatch/train_deep_tiny.sh X" in text
     assert "| 0.9 | 3 |" in text and "Tokens per forward at threshold 0.9" in text
     assert "No analysis" in text  # analysis.json is missing: said, not invented
+    assert "| 3 | 5-6 | 2000 |" in text  # the level table
     assert (out / "loss.png").exists() and (out / "dev_accuracy.png").exists()
 
 

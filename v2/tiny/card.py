@@ -147,6 +147,21 @@ def render(
         f"stop at dev accuracy {tc.get('stop_at_dev_acc') or 'off'}.",
         "",
     ]
+    if log.get("task_levels"):
+        lines += [
+            "Each problem draws one of these levels uniformly (`HARD_LEVELS`, `v2/tiny/data.py`):",
+            "",
+            "| level | operations | start up to | operands up to | results up to | factors up to "
+            "| compound steps | distractors |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for i, lv in enumerate(log["task_levels"]):
+            lines.append(
+                f"| {i} | {lv['steps'][0]}-{lv['steps'][1]} | {lv['max_start']} | "
+                f"{lv['max_operand']} | {lv['max_result']} | {lv['max_factor']} | "
+                f"{lv['compound']:.0%} | {lv['distractors'][0]}-{lv['distractors'][1]} |"
+            )
+        lines.append("")
     if "loss.png" in plots:
         lines += ["![loss curve](loss.png)", ""]
     if log.get("dev_curve"):

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from v2.checkpoint import save_release_checkpoint, token_ids
 from v2.model import ModelConfig, Network
-from v2.tiny.data import HARD_SEED, make_split, read_jsonl
+from v2.tiny.data import HARD_LEVELS, HARD_SEED, make_split, read_jsonl
 from v2.tiny.tokenizer import IM_END, build_tokenizer
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -79,7 +79,10 @@ class TrainConfig:
 
 # TrainConfig values each task changes unless given on the command line. Hard problems are
 # up to 385 tokens with the chat prompt (mean 234): a budget of 416 and length buckets.
-TASK_RUN = {"basic": {}, "hard": {"max_len": 416, "bucket": True, "dev_every_s": 60.0}}
+TASK_RUN = {
+    "basic": {},
+    "hard": {"max_len": 416, "bucket": True, "dev_every_s": 60.0, "n_train": 250_000},
+}
 
 
 ARCHS = {
@@ -603,6 +606,29 @@ def evaluate(
     return results
 
 
+def answer_problems(
+    checkpoint: str | Path, problems: Sequence[dict], threshold: float = 1.0
+) -> list[dict]:
+    """Decode `problems` with a saved checkpoint (one batch, greedy, chat template) and return,
+    per problem, the question, the reference `#### N`, the model's text and whether its strict
+    answer is right. For spot checks of a trained checkpoint, e.g. in a test:
+    `sum(r["correct"] for r in answer_problems(ckpt, read_jsonl(path)[:8])) >= 6`."""
+    from v2.generate import FastDLLM, GenerationConfig
+
+    lm = FastDLLM.load(checkpoint)
+    texts = [user_message(p["question"]) for p in problems]
+    config = GenerationConfig(max_new_tokens=256, threshold=threshold)
+    outputs = lm.generate(texts, config, chat=True).outputs
+    rows = []
+    for p, out in zip(problems, outputs, strict=True):
+        strict, _ = extract_answers(out.text)
+        gold = gold_answer(p)
+        rows.append(
+            {"question": p["question"], "gold": gold, "text": out.text, "correct": strict == gold}
+        )
+    return rows
+
+
 # ---- command -------------------------------------------------------------------------------
 
 
@@ -724,6 +750,9 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["python -m v2.tiny.train", *(sys.argv[1:] if argv is None else argv)]),
         "seed": cfg.seed,
         "task": cfg.task,
+        "task_levels": [dataclasses.asdict(lv) for lv in HARD_LEVELS]
+        if cfg.task == "hard"
+        else None,
         "arch": "smoke" if args.smoke else args.arch,
         "test_file": str(test_path.relative_to(DATA.parents[2])),
         "dev_file": str(dev_path.relative_to(DATA.parents[2])) if dev_path else None,
