@@ -9,10 +9,14 @@
 #   2. python -m v2.tiny.card -> checkpoint/README.md and its plots (card.log), so that a card
 #      exists even if the job is stopped during the analysis
 #   3. python -m v2.analyze on ANALYZE_N (64) hard test problems -> checkpoint/analysis/
-#      (analyze.log), cut off by `timeout` DEADLINE_S (570) seconds after the start; with less
-#      than 90 s left it takes 16 problems, with less than 30 s it is skipped
+#      (analyze.log), cut off by `timeout` DEADLINE_S (575) seconds after the start; with less
+#      than 60 s left it takes 16 problems, with less than 20 s it is skipped
 #   4. the card again, now with the layer profile
 # OUT/stages.txt has each stage's exit status and seconds.
+# PACK_TO=DIR (e.g. the device tool's $OUT, which returns at most 8 files of at most 16 MiB):
+# after the first card and at the end, OUT is packed into DIR/deep_tiny.tar.NN (15 MiB parts;
+# restore with `cat deep_tiny.tar.* | tar -x -C OUT`), with README.md, stages.txt and train.log
+# beside the parts for reading.
 set -uo pipefail
 if [[ $# -lt 1 ]]; then
     echo "usage: bash sbatch/train_deep_tiny.sh OUT [train.py flags]" >&2
@@ -32,7 +36,7 @@ if [[ " $* " == *" --smoke "* ]]; then
 fi
 COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 START=$(date +%s)
-DEADLINE_S="${DEADLINE_S:-570}"
+DEADLINE_S="${DEADLINE_S:-575}"
 : >"${OUT}/stages.txt"
 
 stage() {  # stage NAME LOG COMMAND...: run, tee the output into OUT/LOG, record status and time
@@ -45,6 +49,16 @@ stage() {  # stage NAME LOG COMMAND...: run, tee the output into OUT/LOG, record
     echo "${name} rc=${rc} seconds=$(($(date +%s) - start))" | tee -a "${OUT}/stages.txt"
 }
 
+pack() {
+    [[ -n "${PACK_TO:-}" ]] || return 0
+    mkdir -p "${PACK_TO}"
+    rm -f "${PACK_TO}"/deep_tiny.tar.*
+    tar -cf - -C "${OUT}" . | split -b 15m -d - "${PACK_TO}/deep_tiny.tar."
+    cp "${OUT}/stages.txt" "${OUT}/train.log" "${PACK_TO}/" 2>/dev/null
+    cp "${CKPT}/README.md" "${PACK_TO}/" 2>/dev/null
+    echo "packed ${OUT} into ${PACK_TO}: $(cd "${PACK_TO}" && echo deep_tiny.tar.*)"
+}
+
 card() {
     if [[ -f "${CKPT}/train_log.json" ]]; then
         stage card card.log "${PY}" -u -m v2.tiny.card "${CKPT}" --commit "${COMMIT}" \
@@ -55,9 +69,10 @@ card() {
 stage train train.log "${PY}" -u -m v2.tiny.train --task hard --arch deep --minutes 7 \
     --out "${CKPT}" "$@"
 card
+pack
 LEFT=$((DEADLINE_S - ($(date +%s) - START)))
-if [[ -f "${CKPT}/config.json" && ${LEFT} -ge 30 ]]; then
-    if [[ ${LEFT} -lt 90 ]]; then
+if [[ -f "${CKPT}/config.json" && ${LEFT} -ge 20 ]]; then
+    if [[ ${LEFT} -lt 60 ]]; then
         ANALYZE_N=$((ANALYZE_N < 16 ? ANALYZE_N : 16))
     fi
     stage analyze analyze.log timeout "${LEFT}" "${PY}" -u -m v2.analyze --model "${CKPT}" \
@@ -69,5 +84,6 @@ elif [[ -f "${CKPT}/config.json" ]]; then
 else
     echo "analyze skipped: no checkpoint" | tee -a "${OUT}/stages.txt"
 fi
+pack
 cat "${OUT}/stages.txt"
 ! grep -qv "rc=0" "${OUT}/stages.txt"
