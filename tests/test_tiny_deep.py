@@ -106,6 +106,7 @@ def test_hard_smoke_run_with_dev_curve_and_card(tmp_path: Path) -> None:
     # one dev evaluation before each step and one of the final weights
     assert [p["step"] for p in log["dev_curve"]] == [0, 1, 2, 3]
     assert all(0 <= p["dev_accuracy"] <= 1 and p["seconds"] >= 0 for p in log["dev_curve"])
+    assert log["dev_problems"] == 3
     assert [p["step"] for p in log["loss_curve"]] == [3] and log["loss_curve"][0]["loss"] > 0
     for key in ("threshold_1.0", "threshold_0.9"):
         r = log["eval"][key]

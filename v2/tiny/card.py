@@ -169,7 +169,7 @@ def render(
             "## Dev accuracy during training",
             "",
             f"Strict accuracy at threshold 1 on `{log.get('dev_file')}` (n = "
-            f"{log['train_config'].get('dev_limit') or 'all'}), every "
+            f"{log.get('dev_problems', '?')}), every "
             f"{tc.get('dev_every_s')} s of the budget and once at the end:",
             "",
             "| seconds | step | dev accuracy |",

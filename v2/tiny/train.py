@@ -777,6 +777,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss_curve": result.loss_curve,
         "loss_curve_note": "mean loss of the 20 steps up to `step`; seconds since the loop began",
         "dev_curve": result.dev_curve,
+        "dev_problems": len(dev.texts) if dev is not None else 0,
         "dev_curve_note": "strict accuracy at threshold 1 on the dev split, greedy, one batch",
         "oom_events": result.oom_events,
     }
