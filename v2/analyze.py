@@ -292,7 +292,10 @@ def plot(result: dict, path: Path, title: str) -> None:
 
 # ---- command line ---------------------------------------------------------------------------
 
-TASKS = {"tiny_gsm": ROOT / "v2/tiny/data/test.jsonl"}
+TASKS = {
+    "tiny_gsm": ROOT / "v2/tiny/data/test.jsonl",
+    "tiny_gsm_hard": ROOT / "v2/tiny/data/hard_test.jsonl",
+}
 
 
 def task_prompts(name: str, n: int) -> list[str]:

@@ -249,10 +249,15 @@ class Network(nn.Module):
         cos, sin = self.rope(positions)
 
         def attend(q, k, v):
-            out = sdpa(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.eager_attention
-            )
-            return out.transpose(1, 2)
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+            if mask is not None and not self.eager_attention and k.shape[1] != q.shape[1]:
+                # SDPA's enable_gqa with a mask takes the math kernel (T x T float32 scores
+                # kept for backward: what limits training memory); whole K/V heads let the
+                # memory-efficient kernel take the mask.
+                groups = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2)
+            return sdpa(q, k, v, mask, self.eager_attention).transpose(1, 2)
 
         for layer in self.layers:
             x = layer(x, cos, sin, attend)

@@ -3,6 +3,12 @@ release layout and evaluate it with our block-diffusion decoder.
 
     python -m v2.tiny.train --out v2/tiny/checkpoint --minutes 8      # CUDA when available
     python -m v2.tiny.train --out /tmp/tiny --smoke --eval-limit 4    # seconds on CPU
+    python -m v2.tiny.train --task hard --arch deep --out OUT/checkpoint --minutes 7
+
+Tasks: `basic` (the committed checkpoint's problems, `v2/tiny/data/test.jsonl`) and `hard` (the
+graded family, `hard_test.jsonl`, with `hard_dev.jsonl` evaluated during training every
+`--dev-every-s` seconds). Architectures: `base` (8 layers, 6.48M parameters) and `deep` (24
+layers, GQA, 10.7M parameters, 21.4 MB in bf16).
 
 Objective (fast-dllm-v2.md section 10): every sample is a chat (system prompt, user
 "Question: ...\\nAnswer:", assistant answer + <|im_end|>), padded with the mask token to a multiple
@@ -23,7 +29,7 @@ import math
 import re
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,10 +40,16 @@ from tqdm import tqdm
 
 from v2.checkpoint import save_release_checkpoint, token_ids
 from v2.model import ModelConfig, Network
-from v2.tiny.data import make_split, read_jsonl
+from v2.tiny.data import HARD_LEVELS, HARD_SEED, make_split, read_jsonl
 from v2.tiny.tokenizer import IM_END, build_tokenizer
 
-TEST_JSONL = Path(__file__).resolve().parent / "data" / "test.jsonl"
+DATA = Path(__file__).resolve().parent / "data"
+TEST_JSONL = DATA / "test.jsonl"
+# task -> (test split, dev split or None)
+TASK_SPLITS = {
+    "basic": (TEST_JSONL, None),
+    "hard": (DATA / "hard_test.jsonl", DATA / "hard_dev.jsonl"),
+}
 MASK_EPS = 1e-3  # minimum masking probability per block
 IGNORE = -100  # cross-entropy label of unsupervised positions
 SMOKE_EVAL_LIMIT = 8
@@ -58,16 +70,52 @@ class TrainConfig:
     max_len: int = 256  # longer samples are dropped
     seed: int = 0
     compile: bool = False
+    task: str = "basic"  # a key of TASK_SPLITS
+    bucket: bool = False  # batches of similar lengths (less padding); each epoch still shuffled
+    dev_every_s: float | None = None  # dev accuracy at threshold 1 this often (None: never)
+    dev_limit: int | None = None  # first N dev problems (None: all)
+    stop_at_dev_acc: float | None = None  # stop once dev accuracy reaches this (None: never)
 
 
-def default_model_config(vocab_size: int, smoke: bool = False) -> ModelConfig:
-    """The committed checkpoint's size (6.48M parameters), or a very small smoke model."""
-    if smoke:
-        sizes = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
-        sizes.update(num_key_value_heads=2, intermediate_size=128)
-    else:
-        sizes = dict(hidden_size=256, num_hidden_layers=8, num_attention_heads=8)
-        sizes.update(num_key_value_heads=2, intermediate_size=768)
+# TrainConfig values each task changes unless given on the command line. Hard problems are
+# up to 385 tokens with the chat prompt (mean 234): a budget of 416 and length buckets.
+TASK_RUN = {
+    "basic": {},
+    "hard": {"max_len": 416, "bucket": True, "dev_every_s": 60.0, "n_train": 250_000},
+}
+
+
+ARCHS = {
+    # the committed checkpoint: 6.48M parameters
+    "base": dict(
+        hidden_size=256,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=768,
+    ),
+    # deep and narrow, like the real model's layer count: 10.68M parameters, 21.4 MB in bf16
+    "deep": dict(
+        hidden_size=192,
+        num_hidden_layers=24,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        intermediate_size=576,
+    ),
+    # a very small model for CPU checks
+    "smoke": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+    ),
+}
+
+
+def default_model_config(vocab_size: int, smoke: bool = False, arch: str = "base") -> ModelConfig:
+    """The model of `arch` (ARCHS); `smoke` picks the very small smoke model."""
+    sizes = ARCHS["smoke" if smoke else arch]
     return ModelConfig(
         vocab_size=vocab_size,
         rope_theta=10_000.0,
@@ -159,17 +207,39 @@ def make_batch(samples: Samples, index: torch.Tensor, block_size: int) -> Batch:
     return Batch(samples.tokens[index, :T], samples.prompt_len[index], length)
 
 
+BUCKET_BATCHES = 64  # with bucketing, batches are formed by length within 64 batches' samples
+
+
 def batches(
-    samples: Samples, batch_size: int, block_size: int, generator: torch.Generator
+    samples: Samples,
+    batch_size: int,
+    block_size: int,
+    generator: torch.Generator,
+    bucket: bool = False,
 ) -> Iterator[Batch]:
-    """Endless shuffled epochs (the last incomplete batch of an epoch is skipped)."""
+    """Endless shuffled epochs (the last incomplete batch of an epoch is skipped). `bucket`:
+    each run of BUCKET_BATCHES batches of the shuffled order is sorted by length before it is
+    cut into batches, and those batches are shuffled, so a batch pads to its own longest sample
+    rather than to nearly the longest of all."""
     n = len(samples)
     if n < batch_size:
         raise ValueError(f"{n} training samples are fewer than one batch of {batch_size}")
+    device = samples.tokens.device
+    length = samples.length.cpu()
     while True:
-        order = torch.randperm(n, generator=generator).to(samples.tokens.device)
-        for start in range(0, n - batch_size + 1, batch_size):
-            yield make_batch(samples, order[start : start + batch_size], block_size)
+        order = torch.randperm(n, generator=generator)[: n - n % batch_size]
+        if bucket:
+            chunks = []
+            for start in range(0, len(order), batch_size * BUCKET_BATCHES):
+                chunk = order[start : start + batch_size * BUCKET_BATCHES]
+                chunk = chunk[torch.argsort(length[chunk], stable=True)]
+                chunks += list(chunk.split(batch_size))
+            perm = torch.randperm(len(chunks), generator=generator).tolist()
+            groups = [chunks[i] for i in perm]
+        else:
+            groups = list(order.split(batch_size))
+        for index in groups:
+            yield make_batch(samples, index.to(device), block_size)
 
 
 # ---- objective -----------------------------------------------------------------------------
@@ -234,6 +304,31 @@ def diffusion_loss(model: Network, ids: torch.Tensor, labels: torch.Tensor) -> t
 
 # ---- training ------------------------------------------------------------------------------
 
+MAX_MICRO_BATCHES = 16  # out of memory with a step split this many ways: give up
+
+
+def accumulate_gradients(
+    loss_fn, model: Network, ids: torch.Tensor, labels: torch.Tensor, micro_batches: int, autocast
+) -> torch.Tensor:
+    """Backward of the step's loss (mean over all its supervised tokens), in `micro_batches`
+    row chunks each weighted by its share of the supervised tokens; returns the loss."""
+    if micro_batches == 1:
+        with autocast:
+            loss = loss_fn(model, ids, labels)
+        loss.backward()
+        return loss.detach()
+    counts = [int((c != IGNORE).sum()) for c in labels.chunk(micro_batches)]
+    total = sum(counts)
+    loss = torch.zeros((), device=ids.device)
+    for i, c, n in zip(ids.chunk(micro_batches), labels.chunk(micro_batches), counts, strict=True):
+        if n == 0:
+            continue
+        with autocast:
+            part = loss_fn(model, i, c) * (n / total)
+        part.backward()
+        loss += part.detach()
+    return loss
+
 
 def init_weights(model: Network, std: float = 0.02) -> None:
     """GPT-2 style: normal(0, std) matrices, residual outputs scaled by 1/sqrt(2 * layers)."""
@@ -259,7 +354,11 @@ class TrainResult:
     model: Network
     losses: list[float]
     steps: int
-    wall_seconds: float
+    wall_seconds: float  # the whole loop, dev evaluations included
+    loss_curve: list[dict] = dataclasses.field(default_factory=list)  # step, seconds, loss
+    dev_curve: list[dict] = dataclasses.field(default_factory=list)  # step, seconds, accuracy
+    stopped: str = "budget"  # why the loop ended: "budget", "steps" or "dev accuracy"
+    oom_events: list[dict] = dataclasses.field(default_factory=list)  # step, micro_batches
 
     @property
     def final_loss(self) -> float:
@@ -274,8 +373,11 @@ def train(
     cfg: TrainConfig,
     device: torch.device,
     progress_bar: bool = True,
+    dev: Callable[[Network], float] | None = None,
 ) -> TrainResult:
-    """Train `model` in place until `cfg.steps` or `cfg.minutes` runs out."""
+    """Train `model` in place until `cfg.steps` or `cfg.minutes` runs out (or, with
+    `cfg.stop_at_dev_acc`, dev accuracy reaches it). `dev(model)` returns the dev accuracy; it
+    runs every `cfg.dev_every_s` seconds and once at the end, inside the time budget."""
     B = model.cfg.block_size
     model.to(device).train()
     samples = samples.to(device)
@@ -305,12 +407,41 @@ def train(
         disable=not progress_bar,
         mininterval=1.0 if sys.stderr.isatty() else 15.0,
     )
-    data = batches(samples, cfg.batch_size, B, cpu_gen)
+    data = batches(samples, cfg.batch_size, B, cpu_gen, bucket=cfg.bucket)
+    loss_curve: list[dict] = []
+    dev_curve: list[dict] = []
+    micro_batches = 1
+    oom_events: list[dict] = []  # the same step again in twice as many micro-batches
+
+    def run_dev(step: int) -> float:
+        t = time.perf_counter()
+        model.eval()
+        with torch.no_grad():
+            acc = dev(model)
+        model.train()
+        point = {"step": step, "seconds": t - t0, "dev_accuracy": acc}
+        dev_curve.append({**point, "eval_seconds": time.perf_counter() - t})
+        tqdm.write(
+            f"dev accuracy {acc:.1%} at step {step}, {t - t0:.0f} s "
+            f"(evaluated in {time.perf_counter() - t:.1f} s)"
+        )
+        return acc
+
     t0 = time.perf_counter()
+    last_dev = t0
     step = 0
+    stopped = "steps"
     while cfg.steps is None or step < cfg.steps:
+        now = time.perf_counter()
+        if dev is not None and cfg.dev_every_s is not None and now - last_dev >= cfg.dev_every_s:
+            last_dev = now
+            acc = run_dev(step)
+            if cfg.stop_at_dev_acc is not None and acc >= cfg.stop_at_dev_acc:
+                stopped = "dev accuracy"
+                break
         elapsed = time.perf_counter() - t0
         if elapsed > budget:
+            stopped = "budget"
             break
         progress = max(step / cfg.steps if cfg.steps else 0.0, elapsed / budget)
         lr = learning_rate(cfg, step, progress)
@@ -318,10 +449,20 @@ def train(
             group["lr"] = lr
         batch = next(data)
         ids, labels = diffusion_inputs(batch, noise_mask(batch, B, noise_gen), mask_id, B)
-        with autocast:
-            loss = loss_fn(model, ids, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        while True:
+            optimizer.zero_grad(set_to_none=True)
+            try:
+                loss = accumulate_gradients(loss_fn, model, ids, labels, micro_batches, autocast)
+                break
+            except torch.OutOfMemoryError:
+                if micro_batches >= MAX_MICRO_BATCHES:
+                    raise
+            # outside the handler, so that the failed attempt's tensors are already released
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            micro_batches *= 2
+            oom_events.append({"step": step, "micro_batches": micro_batches})
+            tqdm.write(f"out of memory at step {step}: now {micro_batches} micro-batches a step")
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         pending.append(loss.detach())
@@ -329,15 +470,43 @@ def train(
         if len(pending) == 20:
             losses += torch.stack(pending).tolist()
             pending.clear()
+            point = {"step": step, "seconds": time.perf_counter() - t0}
+            loss_curve.append({**point, "loss": sum(losses[-20:]) / 20})
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", min=f"{elapsed / 60:.1f}")
         bar.update(1)
     if pending:
+        k = len(pending)
         losses += torch.stack(pending).tolist()
+        point = {"step": step, "seconds": time.perf_counter() - t0}
+        loss_curve.append({**point, "loss": sum(losses[-k:]) / k})
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    wall = time.perf_counter() - t0
     bar.close()
-    return TrainResult(model.eval(), losses, step, wall)
+    if dev is not None and stopped != "dev accuracy" and step > 0:
+        run_dev(step)  # the accuracy of the weights that are saved
+    wall = time.perf_counter() - t0
+    return TrainResult(model.eval(), losses, step, wall, loss_curve, dev_curve, stopped, oom_events)
+
+
+class DevEvaluator:
+    """Dev accuracy at threshold 1 of the weights being trained: copies them into a separate
+    inference model (bf16 on a GPU, as the saved checkpoint) that keeps its engine and CUDA
+    graphs between calls, and decodes all dev problems in one batch."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer, problems: Sequence[dict], device):
+        from v2.generate import FastDLLM, GenerationConfig
+
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        model = Network(cfg).to(device=device, dtype=dtype).eval()
+        self.lm = FastDLLM(model, tokenizer, token_ids(tokenizer))
+        self.texts = [user_message(p["question"]) for p in problems]
+        self.gold = [gold_answer(p) for p in problems]
+        self.config = GenerationConfig(max_new_tokens=256, threshold=1.0)
+
+    def __call__(self, model: Network) -> float:
+        self.lm.model.load_state_dict(model.state_dict())  # in place: the graphs stay valid
+        strict, _, _ = score(self.lm, self.texts, self.gold, self.config, len(self.texts))
+        return sum(strict) / len(strict)
 
 
 # ---- evaluation ----------------------------------------------------------------------------
@@ -360,6 +529,11 @@ def extract_answers(text: str) -> tuple[str | None, str | None]:
         _normalise(strict.group(1)) if strict else None,
         _normalise(last) if last is not None else None,
     )
+
+
+def gold_answer(problem: dict) -> str:
+    """The reference `#### N` of a problem."""
+    return problem["answer"].rsplit("#### ", 1)[1].strip()
 
 
 def _accuracy(correct: list[bool]) -> dict[str, float]:
@@ -404,11 +578,12 @@ def evaluate(
     from v2.generate import FastDLLM, GenerationConfig
 
     lm = FastDLLM.load(checkpoint)
-    gold = [p["answer"].rsplit("#### ", 1)[1].strip() for p in problems]
+    gold = [gold_answer(p) for p in problems]
     texts = [user_message(p["question"]) for p in problems]
     results = {}
     for threshold in thresholds:
         config = GenerationConfig(max_new_tokens=max_new_tokens, threshold=threshold)
+        t = time.perf_counter()
         strict, flexible, stats = score(
             lm, texts, gold, config, batch_size, desc=f"eval threshold {threshold}"
         )
@@ -418,31 +593,84 @@ def evaluate(
             "strict_match": _accuracy(strict),
             "flexible_extract": _accuracy(flexible),
             "tokens_per_forward": stats.tokens_per_forward,
+            "eval_seconds": time.perf_counter() - t,
             "stats": stats.to_dict(),
         }
+        if problems and "level" in problems[0]:  # the hard family: strict accuracy by level
+            by_level: dict[str, list[bool]] = {}
+            for ok, p in zip(strict, problems, strict=True):
+                by_level.setdefault(str(p["level"]), []).append(ok)
+            results[f"threshold_{threshold}"]["strict_by_level"] = {
+                level: {"n": len(ok), **_accuracy(ok)} for level, ok in sorted(by_level.items())
+            }
     return results
+
+
+def answer_problems(
+    checkpoint: str | Path, problems: Sequence[dict], threshold: float = 1.0
+) -> list[dict]:
+    """Decode `problems` with a saved checkpoint (one batch, greedy, chat template) and return,
+    per problem, the question, the reference `#### N`, the model's text and whether its strict
+    answer is right. For spot checks of a trained checkpoint, e.g. in a test:
+    `sum(r["correct"] for r in answer_problems(ckpt, read_jsonl(path)[:8])) >= 6`."""
+    from v2.generate import FastDLLM, GenerationConfig
+
+    lm = FastDLLM.load(checkpoint)
+    texts = [user_message(p["question"]) for p in problems]
+    config = GenerationConfig(max_new_tokens=256, threshold=threshold)
+    outputs = lm.generate(texts, config, chat=True).outputs
+    rows = []
+    for p, out in zip(problems, outputs, strict=True):
+        strict, _ = extract_answers(out.text)
+        gold = gold_answer(p)
+        rows.append(
+            {"question": p["question"], "gold": gold, "text": out.text, "correct": strict == gold}
+        )
+    return rows
 
 
 # ---- command -------------------------------------------------------------------------------
 
 
 # TrainConfig values that --smoke changes unless they are given on the command line.
-SMOKE_RUN = {"steps": 40, "batch_size": 16, "n_train": 2000, "warmup_steps": 5}
+SMOKE_RUN = {"steps": 40, "batch_size": 16, "n_train": 2000, "warmup_steps": 5, "dev_limit": 8}
+# The command-line options that are TrainConfig fields (None: the preset or the default).
+CONFIG_OPTIONS = (*SMOKE_RUN, "max_len", "bucket", "dev_every_s", "n_train")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m v2.tiny.train", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("v2/tiny/checkpoint"))
+    p.add_argument("--task", choices=sorted(TASK_SPLITS), default="basic", help="problem family")
+    p.add_argument("--arch", choices=["base", "deep"], default="base", help="model size (ARCHS)")
     p.add_argument("--minutes", type=float, default=8.0, help="training-loop wall-clock budget")
     p.add_argument("--steps", type=int, help="maximum steps (default: none; --smoke: 40)")
     p.add_argument("--batch-size", type=int, help="problems per step (default 128; --smoke: 16)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
     p.add_argument("--warmup-steps", type=int, help="default 200; --smoke: 5")
     p.add_argument("--n-train", type=int, help="training problems (default 200000; --smoke: 2000)")
+    p.add_argument("--max-len", type=int, help="longest sample in tokens (256; hard: 416)")
+    p.add_argument(
+        "--bucket",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="length-bucketed batches (default: on for hard)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", action="store_true", help="torch.compile the loss (default off)")
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--smoke", action="store_true", help="a very small model for a CPU check")
+    p.add_argument(
+        "--dev-every-s",
+        type=float,
+        help="dev accuracy (threshold 1) every this many seconds of the budget (hard: 60)",
+    )
+    p.add_argument("--dev-limit", type=int, help="first N dev problems (default all; --smoke: 8)")
+    p.add_argument(
+        "--stop-at-dev-acc",
+        type=float,
+        help="stop training once dev accuracy reaches this fraction (default: off)",
+    )
     p.add_argument("--no-eval", action="store_true")
     p.add_argument(
         "--eval-limit",
@@ -454,14 +682,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    preset = SMOKE_RUN if args.smoke else {}
-    given = {k: getattr(args, k) for k in SMOKE_RUN if getattr(args, k) is not None}
+    preset = {**TASK_RUN[args.task], **(SMOKE_RUN if args.smoke else {})}
+    given = {k: getattr(args, k) for k in CONFIG_OPTIONS if getattr(args, k) is not None}
     return TrainConfig(
         minutes=args.minutes,
         lr=args.lr,
         seed=args.seed,
         compile=args.compile,
+        task=args.task,
+        stop_at_dev_acc=args.stop_at_dev_acc,
         **{**preset, **given},
+    )
+
+
+def training_problems(cfg: TrainConfig) -> list[dict]:
+    """`cfg.n_train` problems of the task that exclude its committed test and dev questions."""
+    held_out = [p for path in TASK_SPLITS[cfg.task] if path for p in read_jsonl(path)]
+    exclude = {p["question"] for p in held_out}
+    if cfg.task == "basic":
+        return make_split(cfg.n_train, seed=2 * cfg.seed, exclude=exclude)
+    return make_split(cfg.n_train, seed=HARD_SEED + 3 * cfg.seed, exclude=exclude, family=cfg.task)
+
+
+def describe_model(cfg: ModelConfig, n_params: int) -> str:
+    return (
+        f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, {cfg.num_attention_heads} "
+        f"query / {cfg.num_key_value_heads} KV heads, intermediate {cfg.intermediate_size}: "
+        f"{n_params / 1e6:.2f}M parameters = {2 * n_params / 1e6:.1f} MB in bf16"
     )
 
 
@@ -473,35 +720,48 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True
     out = args.out
     t_setup = time.perf_counter()
+    test_path, dev_path = TASK_SPLITS[cfg.task]
 
     tokenizer = build_tokenizer(out)  # deterministic; saved again with the checkpoint
     mask_id = token_ids(tokenizer).mask
-    test = read_jsonl(TEST_JSONL)
-    problems = make_split(cfg.n_train, seed=2 * cfg.seed, exclude={p["question"] for p in test})
-    samples = encode_problems(tokenizer, problems, cfg.max_len, mask_id)
+    test = read_jsonl(test_path)
+    samples = encode_problems(tokenizer, training_problems(cfg), cfg.max_len, mask_id)
     torch.manual_seed(cfg.seed)
-    model_cfg = default_model_config(len(tokenizer), smoke=args.smoke)
+    model_cfg = default_model_config(len(tokenizer), smoke=args.smoke, arch=args.arch)
     model = Network(model_cfg)
     init_weights(model)
     n_params = sum(p.numel() for p in model.parameters())
+    dev = None
+    if dev_path is not None and cfg.dev_every_s is not None:
+        dev_problems = read_jsonl(dev_path)[: cfg.dev_limit]
+        dev = DevEvaluator(model_cfg, tokenizer, dev_problems, device)
     setup_seconds = time.perf_counter() - t_setup
     print(
-        f"device {device}; {n_params / 1e6:.2f}M parameters; {len(samples)} training samples "
-        f"({samples.dropped} longer than {cfg.max_len} dropped); setup {setup_seconds:.1f} s",
+        f"device {device}; task {cfg.task}; model {describe_model(model_cfg, n_params)}; "
+        f"{len(samples)} training samples ({samples.dropped} longer than {cfg.max_len} "
+        f"dropped); setup {setup_seconds:.1f} s",
         flush=True,
     )
 
-    result = train(model, samples, mask_id, cfg, device)
+    result = train(model, samples, mask_id, cfg, device, dev=dev)
     save_release_checkpoint(result.model, out, tokenizer, dtype=torch.bfloat16)
     weights_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
     log = {
         "command": " ".join(["python -m v2.tiny.train", *(sys.argv[1:] if argv is None else argv)]),
         "seed": cfg.seed,
+        "task": cfg.task,
+        "task_levels": [dataclasses.asdict(lv) for lv in HARD_LEVELS]
+        if cfg.task == "hard"
+        else None,
+        "arch": "smoke" if args.smoke else args.arch,
+        "test_file": str(test_path.relative_to(DATA.parents[2])),
+        "dev_file": str(dev_path.relative_to(DATA.parents[2])) if dev_path else None,
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps": result.steps,
         "wall_seconds": result.wall_seconds,
         "setup_seconds": setup_seconds,
+        "stopped": result.stopped,
         "final_loss": result.final_loss,
         "final_loss_note": "mean of the last 50 steps",
         "problems_per_second": result.steps * cfg.batch_size / max(result.wall_seconds, 1e-9),
@@ -511,20 +771,32 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": n_params,
         "weights_mb_bf16": weights_mb,
         "train_samples": len(samples),
+        "train_samples_dropped": samples.dropped,
         "train_config": dataclasses.asdict(cfg),
         "model_config": dataclasses.asdict(model_cfg),
+        "loss_curve": result.loss_curve,
+        "loss_curve_note": "mean loss of the 20 steps up to `step`; seconds since the loop began",
+        "dev_curve": result.dev_curve,
+        "dev_problems": len(dev.texts) if dev is not None else 0,
+        "dev_curve_note": "strict accuracy at threshold 1 on the dev split, greedy, one batch",
+        "oom_events": result.oom_events,
     }
     (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
 
     lines = [
         f"checkpoint: {out} ({n_params / 1e6:.2f}M parameters, {weights_mb:.1f} MB bf16)",
         f"trained {result.steps} steps x {cfg.batch_size} problems in {result.wall_seconds:.0f} s "
-        f"on {log['device_name']}; final loss (mean of last 50 steps) {result.final_loss:.4f}",
+        f"on {log['device_name']} (stopped: {result.stopped}); final loss (mean of last 50 "
+        f"steps) {result.final_loss:.4f}",
     ]
+    if result.dev_curve:
+        last = result.dev_curve[-1]
+        lines.append(f"dev accuracy {last['dev_accuracy']:.1%} at step {last['step']}")
     if not args.no_eval:
         limit = args.eval_limit or (SMOKE_EVAL_LIMIT if args.smoke else None)
         eval_problems = test[:limit] if limit else test
-        del result, model
+        del result, model, dev
+        print(f"evaluating {len(eval_problems)} problems of {test_path.name}", flush=True)
         log["eval"] = evaluate(out, eval_problems, batch_size=args.eval_batch_size)
         (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
         for r in log["eval"].values():

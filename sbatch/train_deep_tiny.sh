@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Train the deep tiny model on the hard problems, evaluate it, profile its layers and write its
+# model card, all under OUT (issue 16). On one H200 the defaults should take 8.5-9.5 minutes:
+#     bash sbatch/train_deep_tiny.sh OUT                      # --minutes 7 of training
+#     bash sbatch/train_deep_tiny.sh OUT --smoke --steps 4    # CPU check of every stage
+# Extra arguments go to `python -m v2.tiny.train` (a later --minutes wins). Stages, each run even
+# if an earlier one failed (the card says what is missing):
+#   1. train, save OUT/checkpoint, evaluate hard_test.jsonl at thresholds 1 and 0.9 (train.log)
+#   2. python -m v2.tiny.card -> checkpoint/README.md and its plots (card.log), so that a card
+#      exists even if the job is stopped during the analysis
+#   3. python -m v2.analyze on ANALYZE_N (64) hard test problems -> checkpoint/analysis/
+#      (analyze.log), cut off by `timeout` DEADLINE_S (575) seconds after the start; with less
+#      than 60 s left it takes 16 problems, with less than 20 s it is skipped
+#   4. the card again, now with the layer profile
+# OUT/stages.txt has each stage's exit status and seconds.
+# PACK_TO=DIR (e.g. the device tool's $OUT, which returns at most 8 files of at most 16 MiB):
+# after the first card and at the end, OUT is packed into DIR/deep_tiny.tar.NN (15 MiB parts;
+# restore with `cat deep_tiny.tar.* | tar -x -C OUT`), with README.md, stages.txt and train.log
+# beside the parts for reading.
+set -uo pipefail
+if [[ $# -lt 1 ]]; then
+    echo "usage: bash sbatch/train_deep_tiny.sh OUT [train.py flags]" >&2
+    exit 2
+fi
+RUN="bash sbatch/train_deep_tiny.sh $*"
+OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
+shift
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python}"
+CKPT="${OUT}/checkpoint"
+ANALYZE_N="${ANALYZE_N:-64}"
+ANALYZE_ARGS=()
+if [[ " $* " == *" --smoke "* ]]; then
+    ANALYZE_N="${ANALYZE_N_SMOKE:-4}"
+    ANALYZE_ARGS=(--max-new-tokens 64)
+fi
+COMMIT="${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+START=$(date +%s)
+DEADLINE_S="${DEADLINE_S:-575}"
+: >"${OUT}/stages.txt"
+
+stage() {  # stage NAME LOG COMMAND...: run, tee the output into OUT/LOG, record status and time
+    local name=$1 log=$2 start rc
+    shift 2
+    start=$(date +%s)
+    echo "== ${name} ($(date -u +%H:%M:%S) UTC): $*"
+    "$@" 2>&1 | tee "${OUT}/${log}"
+    rc=${PIPESTATUS[0]}
+    echo "${name} rc=${rc} seconds=$(($(date +%s) - start))" | tee -a "${OUT}/stages.txt"
+}
+
+pack() {
+    [[ -n "${PACK_TO:-}" ]] || return 0
+    mkdir -p "${PACK_TO}"
+    rm -f "${PACK_TO}"/deep_tiny.tar.*
+    tar -cf - -C "${OUT}" . | split -b 15m -d - "${PACK_TO}/deep_tiny.tar."
+    cp "${OUT}/stages.txt" "${OUT}/train.log" "${PACK_TO}/" 2>/dev/null
+    cp "${CKPT}/README.md" "${PACK_TO}/" 2>/dev/null
+    echo "packed ${OUT} into ${PACK_TO}: $(cd "${PACK_TO}" && echo deep_tiny.tar.*)"
+}
+
+card() {
+    if [[ -f "${CKPT}/train_log.json" ]]; then
+        stage card card.log "${PY}" -u -m v2.tiny.card "${CKPT}" --commit "${COMMIT}" \
+            --run "${RUN}"
+    fi
+}
+
+stage train train.log "${PY}" -u -m v2.tiny.train --task hard --arch deep --minutes 7 \
+    --out "${CKPT}" "$@"
+card
+pack
+LEFT=$((DEADLINE_S - ($(date +%s) - START)))
+if [[ -f "${CKPT}/config.json" && ${LEFT} -ge 20 ]]; then
+    if [[ ${LEFT} -lt 60 ]]; then
+        ANALYZE_N=$((ANALYZE_N < 16 ? ANALYZE_N : 16))
+    fi
+    stage analyze analyze.log timeout "${LEFT}" "${PY}" -u -m v2.analyze --model "${CKPT}" \
+        --task tiny_gsm_hard --n "${ANALYZE_N}" --chat --threshold 0.9 --out "${CKPT}/analysis" \
+        "${ANALYZE_ARGS[@]}"
+    card
+elif [[ -f "${CKPT}/config.json" ]]; then
+    echo "analyze skipped: ${LEFT} s left before DEADLINE_S" | tee -a "${OUT}/stages.txt"
+else
+    echo "analyze skipped: no checkpoint" | tee -a "${OUT}/stages.txt"
+fi
+pack
+cat "${OUT}/stages.txt"
+! grep -qv "rc=0" "${OUT}/stages.txt"

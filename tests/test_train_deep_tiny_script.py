@@ -1,0 +1,47 @@
+"""sbatch/train_deep_tiny.sh end to end on CPU with the smoke model: every stage runs, the card
+is generated from the run's records, and PACK_TO gets parts the device tool can return."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "sbatch" / "train_deep_tiny.sh"
+
+
+def test_smoke_run_packs_everything(tmp_path: Path) -> None:
+    out, pack = tmp_path / "run", tmp_path / "pack"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PACK_TO": str(pack), "PYTHON": sys.executable}
+    flags = ["--smoke", "--steps", "2", "--batch-size", "4", "--n-train", "40"]
+    flags += ["--dev-every-s", "0", "--dev-limit", "2", "--eval-limit", "2"]
+    done = subprocess.run(
+        ["bash", str(SCRIPT), str(out), *flags],
+        env=env,
+        cwd=tmp_path,  # the script finds the repository itself
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    stages = (out / "stages.txt").read_text().split("\n")
+    assert [s.split()[0] for s in stages if s] == ["train", "card", "analyze", "card"]
+    ckpt = out / "checkpoint"
+    log = json.loads((ckpt / "train_log.json").read_text())
+    assert log["task"] == "hard" and log["steps"] == 2 and log["dev_curve"]
+    card = (ckpt / "README.md").read_text()
+    assert "sbatch/train_deep_tiny.sh" in card and "## Layer profile" in card
+    assert "No analysis" not in card and (ckpt / "layer_profile.png").exists()
+    analysis = json.loads((ckpt / "analysis" / "analysis.json").read_text())
+    assert analysis["prompts"] == 4 and "--task tiny_gsm_hard" in analysis["command"]
+
+    returned = sorted(p.name for p in pack.iterdir())
+    assert returned == ["README.md", "deep_tiny.tar.00", "stages.txt", "train.log"]
+    assert all(p.stat().st_size < 16 * 2**20 for p in pack.iterdir())
+    with tarfile.open(pack / "deep_tiny.tar.00") as tar:
+        names = set(tar.getnames())
+    assert "./checkpoint/model.safetensors" in names and "./checkpoint/README.md" in names
