@@ -139,9 +139,7 @@ def part_b(res: dict) -> None:
                 sync()
                 if r:
                     speeds[key].append(tokens / (time.perf_counter() - t))
-    base = {
-        (v, k): statistics.median(s[k]) for c, v, _, _, s in runs if c == "baseline" for k in s
-    }
+    base = {(v, k): statistics.median(s[k]) for c, v, _, _, s in runs if c == "baseline" for k in s}
     for cid, variant, lm, _, speeds in runs:
         e = lm.model._v2_engine
         row = dict(config=cid, variant=variant, replays=dict(e.replays))
