@@ -296,3 +296,20 @@ def test_speed_is_labelled_spread_or_not_comparable(tmp_path):
     write_summary(sweep / "layer_ct0.99", dp)
     layer = next(r for r in report.collect(sweep) if r.config_id == "layer_ct0.99")
     assert layer.tokens_per_second is None and report.speed_text(layer) == "-"
+
+
+def test_docs_results_pages_are_the_committed_records_regenerated(tmp_path):
+    """docs/results/<sweep>.md is what `python -m v2.report docs/results/data --out docs/results`
+    makes of the committed records (every record there is valid)."""
+    from v2 import record
+
+    repo = Path(__file__).resolve().parent.parent
+    data, pages = repo / "docs" / "results" / "data", repo / "docs" / "results"
+    command = "python -m v2.report docs/results/data --out docs/results"
+    sweeps = report.sweeps_in(data)
+    assert len(sweeps) >= 6
+    for path in data.glob("*/*/*/summary.json"):
+        assert record.read(path) is not None, path
+    for d in sweeps:
+        md, _, _ = report.build(d, tmp_path, command=command, stem=d.name)
+        assert md.read_text() == (pages / f"{d.name}.md").read_text(), d.name

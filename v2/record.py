@@ -151,14 +151,18 @@ def read(path: Path) -> Record | None:
         return None
 
 
-def write_json(path: Path, data) -> Path:
+def write_text(path: Path, text: str) -> Path:
     """Atomically (temp file + os.replace): readers see the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def write_json(path: Path, data) -> Path:
+    return write_text(path, json.dumps(data, indent=1) + "\n")
 
 
 def write(path: Path, record: Record) -> Path:
