@@ -44,6 +44,7 @@ SUMMARY_KEYS = {
 }
 CONFIG_KEYS = {
     "policy",
+    "seed",
     "decode",
     "threshold",
     "block_size",

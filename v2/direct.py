@@ -69,12 +69,13 @@ def problems(task: str, limit: int | None) -> tuple[list[str], list[str]]:
 
 
 def generation_config(sweep: Sweep, cfg: Config):
-    """The GenerationConfig of a configuration: the sweep's max_new_tokens, its threshold (the
-    GenerationConfig default where the sweep gives none) and its model_args' settings."""
-    from v2.generate import GenerationConfig
+    """The GenerationConfig of a configuration: the evaluation defaults (EVAL_DEFAULTS, as the
+    lm_eval runner's), the sweep's max_new_tokens, threshold and model_args' settings."""
+    from v2.generate import EVAL_DEFAULTS, GenerationConfig
 
     fields = GenerationConfig.__dataclass_fields__
-    settings = {k: v for k, v in {**sweep.model_args, **cfg.model_args}.items() if k in fields}
+    given = {**sweep.model_args, **cfg.model_args}
+    settings = {**EVAL_DEFAULTS, **{k: v for k, v in given.items() if k in fields}}
     settings["max_new_tokens"] = sweep.direct["max_new_tokens"]
     if cfg.threshold is not None:
         settings["threshold"] = cfg.threshold
