@@ -106,3 +106,16 @@ def test_lm_eval_sweep_with_direct_settings_is_rejected(tmp_path):
     path.write_text(SWEEP.replace("runner: direct", "runner: lm_eval"))
     with pytest.raises(experiments.SweepError, match="`direct` settings need `runner: direct`"):
         experiments.load_sweep(path)
+
+
+def test_a_failing_direct_run_marks_every_configuration_failed(tmp_path, capsys):
+    path = tmp_path / "fails.yaml"
+    path.write_text(SWEEP + "model_args: {small_block_size: 5}\n")  # 5 does not divide 32
+    results = tmp_path / "results"
+    argv = [str(path), "--local", "--results", str(results), "--limit", "2"]
+    assert experiments.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "failed: baseline, reuse_k1_middle" in out
+    for cid in ("baseline", "reuse_k1_middle"):
+        failed = json.loads((results / "direct_try" / "_limit2" / cid / "FAILED").read_text())
+        assert "small_block_size 5" in failed["reason"]

@@ -98,8 +98,9 @@ def run_local(
     limit: int | None,
     replace_ids: set[str] | frozenset = frozenset(),
 ) -> list[tuple[str, int]]:
-    """Run `to_run` in this process; returns (id, exit status) per configuration. Ctrl-C raises
-    Interrupted naming them all (records are written only once timing is done)."""
+    """Run `to_run` in this process; returns (id, exit status) per configuration: all failed
+    (FAILED markers with the reason) if any step raised. Ctrl-C raises Interrupted naming them
+    all (records are written only once timing is done)."""
     from dataclasses import asdict
 
     from v2.generate import FastDLLM
@@ -150,11 +151,12 @@ def run_local(
             reason = "interrupted (SIGINT); a rerun runs it again"
             _write_failed(sweep.run_dir(cfg.id, limit), {"rc": 130, "reason": reason, **marker})
         raise Interrupted([c.id for c in to_run]) from None
-    except Exception as e:
+    except Exception as e:  # a bad checkpoint, setting or decode: every configuration failed
+        reason = f"{type(e).__name__}: {e}"
+        _log(f"direct run failed: {reason}")
         for cfg in to_run:
-            reason = f"{type(e).__name__}: {e}"
             _write_failed(sweep.run_dir(cfg.id, limit), {"rc": 1, "reason": reason, **marker})
-        raise
+        return [(cfg.id, 1) for cfg in to_run]
     session = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     command = shlex.join(["python", "-m", "v2.experiments", *sys.argv[1:]])
     results = []
