@@ -119,3 +119,11 @@ def test_a_failing_direct_run_marks_every_configuration_failed(tmp_path, capsys)
     for cid in ("baseline", "reuse_k1_middle"):
         failed = json.loads((results / "direct_try" / "_limit2" / cid / "FAILED").read_text())
         assert "small_block_size 5" in failed["reason"]
+
+
+def test_direct_sweep_is_not_submitted_to_slurm(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "slurm_available", lambda: True)
+    path = tmp_path / "direct_try.yaml"
+    path.write_text(SWEEP)
+    assert experiments.main([str(path), "--results", str(tmp_path / "r")]) == 2
+    assert "run it with --local" in capsys.readouterr().err

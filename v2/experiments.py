@@ -1243,7 +1243,12 @@ def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> in
             forced = {c.id for c in select(sweep, args.force)}
             if not forced <= {c.id for c in configs}:
                 raise SweepError(f"--force {' '.join(sorted(forced))}: not all are in --only")
-        slurm = use_slurm(args.local) and sweep.runner == "lm_eval"
+        slurm = use_slurm(args.local)
+        if slurm and sweep.runner == "direct" and not args.status:
+            raise SweepError(
+                f"{sweep.file}: runner direct times every configuration in one process, here: "
+                "run it with --local (inside a GPU job on a cluster)"
+            )
         gpus = 0 if slurm else num_gpus()
         limit = effective_limit(sweep, args.limit, not slurm, gpus)
         if args.status:
