@@ -89,6 +89,7 @@ def test_direct_runner_writes_the_record_and_times_in_rounds(tmp_path, monkeypat
         ("direct: {speed: {32: 0}}", "direct.speed is {batch: problems}"),
         ("direct: {rounds: 3}", "direct takes batch_size"),
         ("runner: vllm", "runner must be lm_eval or direct"),
+        ("model_args: {release_recipe: true}", "not release_recipe"),
     ],
 )
 def test_bad_direct_sweeps_are_rejected_before_anything_runs(tmp_path, capsys, change, message):

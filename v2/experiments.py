@@ -35,9 +35,11 @@ sacct (SLURM accounting). A sweep is checked when it is read (decoding threshold
 options, a local `pretrained` that exists) and, before a run or --dry-run, its tasks (lm_eval's
 or v2/tasks'): a bad one stops with one line before anything runs.
 
-The command that evaluates one configuration is `python v2/eval.py ...` (`accelerate launch` with
-more than one GPU); FAST_DLLM_EVAL_CMD (or the eval_cmd argument) replaces the launcher and entry,
-e.g. FAST_DLLM_EVAL_CMD="python my_fake_eval.py" in tests.
+With `runner: lm_eval` (the default) the command that evaluates one configuration is
+`python v2/eval.py ...` (`accelerate launch` with more than one GPU); with `runner: direct` every
+configuration runs in this process through the engine (v2/direct.py, --local only). Both write
+the same record (v2/record.py). FAST_DLLM_EVAL_CMD (or the eval_cmd argument) replaces the
+lm_eval launcher and entry, e.g. FAST_DLLM_EVAL_CMD="python my_fake_eval.py" in tests.
 """
 
 from __future__ import annotations
@@ -408,7 +410,16 @@ def check_runner(data: dict, configs: list[Config], where: str) -> tuple[str, di
         raise SweepError(f"{where}: direct takes {', '.join(DEFAULTS)}; got {given!r}")
     direct = {**DEFAULTS, **given}
     if runner == "direct":
+        from v2.generate import GenerationConfig
+
+        known = set(GenerationConfig.__dataclass_fields__)
         for c in configs:
+            foreign = sorted((set(data.get("model_args") or {}) | set(c.model_args)) - known)
+            if foreign:
+                raise SweepError(
+                    f"{where}: {c.id}: runner direct takes generation settings as model_args "
+                    f"({', '.join(sorted(known))}); not {', '.join(foreign)}"
+                )
             if len(c.tasks) != 1 or c.tasks[0] not in TASKS:
                 raise SweepError(
                     f"{where}: {c.id}: runner direct scores one task of {', '.join(TASKS)}, "
