@@ -1,11 +1,11 @@
-"""v2.report: tables and Pareto plots from summary.json files (schema 1 of v2/eval.py)."""
+"""v2.report: tables and Pareto plots from records (summary.json, v2/record.py)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from v2 import report
+from v2 import record, report
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -198,6 +198,16 @@ def test_plots_name_every_point_in_a_legend_and_the_baseline_apart(tmp_path):
     lo, hi = ax.get_xlim()
     assert all(lo < x < hi for _, x, _ in pts)
     plt.close(fig)
+
+
+def test_points_on_one_spot_are_named():
+    sweep_rows = []
+    for cid, x, acc in (("baseline", 0.0, 0.99), ("a", 0.001, 0.99), ("b", 50.0, 0.9)):
+        rec = record.Record.from_dict(summary_dict(accuracy=acc))
+        (row,) = report.rows_from_summary(cid, Path(cid), rec)
+        sweep_rows.append((row, x, None))
+    assert report.coinciding(sweep_rows) == [["baseline", "a"]]
+    assert report.coinciding(sweep_rows[:1]) == []
 
 
 def test_a_folder_of_sweeps_gives_one_page_each(tmp_path, capsys):

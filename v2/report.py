@@ -31,6 +31,7 @@ import json
 import shlex
 import statistics
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -536,7 +537,9 @@ def styles(rows: list[Row]) -> dict[str, dict]:
     a large hollow red star, and no configuration red."""
     import matplotlib
 
-    palette = [c for i, c in enumerate(matplotlib.colormaps["tab20"].colors) if i not in (6, 7)]
+    # strong colours first, then their light shades; red is the baseline's
+    tab20 = matplotlib.colormaps["tab20"].colors
+    palette = [tab20[i] for i in [*range(0, 20, 2), *range(1, 20, 2)] if i not in (6, 7)]
     out, k = {}, 0
     for r in rows:
         if r.config_id in out:
@@ -582,6 +585,20 @@ def draw(ax, pts: list[tuple[Row, float, tuple[float, float] | None]], style: di
     ax.grid(alpha=0.3)
 
 
+def coinciding(pts: list[tuple[Row, float, object]]) -> list[list[str]]:
+    """Configurations whose markers fall on one spot (within 1 % of the points' spread on both
+    axes), hiding each other: named under the plot so that every point is accounted for."""
+    if len(pts) < 2:
+        return []
+    xs, ys = [x for _, x, _ in pts], [100 * r.value for r, _, _ in pts]
+    sx, sy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    spots: dict[tuple[int, int], list[str]] = {}
+    for (r, x, _), y in zip(pts, ys, strict=True):
+        key = (round(100 * (x - min(xs)) / sx), round(100 * (y - min(ys)) / sy))
+        spots.setdefault(key, []).append(r.config_id)
+    return [g for g in spots.values() if len(g) > 1]
+
+
 def figure(
     panels: list[tuple[str, list]], rows: list[Row], title: str, path: Path, note: str | None = None
 ) -> Path:
@@ -595,9 +612,13 @@ def figure(
     fig, axes = plt.subplots(
         1, len(panels), figsize=(4.6 * len(panels) + 2.6, 4.6), sharey=True, squeeze=False
     )
+    notes = [note] if note else []
     for ax, (x_label, pts) in zip(axes[0], panels, strict=True):
         draw(ax, pts, style)
         ax.set_xlabel(x_label)
+        if spots := coinciding(pts):
+            where = f"{x_label.split(':')[0]}: " if len(panels) > 1 else ""
+            notes.append(f"{where}drawn on one spot: " + "; ".join(" = ".join(g) for g in spots))
     axes[0][0].set_ylabel("accuracy (%), bars: ± 1 s.e.")
     smoke = " [smoke test: --limit]" if any(r.smoke for r in rows) else ""
     fig.suptitle(title + smoke, fontsize=10)
@@ -615,9 +636,10 @@ def figure(
             ncol=1 if len(handles) <= 24 else 2,
             frameon=False,
         )
-    if note:
-        fig.text(0.01, 0.005, note, fontsize=8, color="tab:red", ha="left", va="bottom")
-    fig.tight_layout(rect=(0, 0.04 if note else 0, 1, 1))
+    fig.tight_layout()
+    if notes:  # below the axes; the saved image's bounding box takes it in
+        text = "\n".join(textwrap.fill(n, 150, subsequent_indent="    ") for n in notes)
+        fig.text(0.01, -0.01, text, fontsize=7.5, color="tab:red", ha="left", va="top")
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -656,8 +678,10 @@ def speed_plot(rows: list[Row], task: str, path: Path) -> Path:
             pts.append((r, x, (min(r.timed(b)) / m, max(r.timed(b)) / m)))
         panels.append((f"batch {b}: tokens/s / the same session's baseline (bars: min - max)", pts))
     if batches:
-        if any(len(r.timed(b)) < 2 for r in rows for b in batches if r.timed(b)):
-            note = f"{SINGLE_PASS} some configurations were timed in one round: not comparable"
+        one = [len(r.timed(b)) < 2 for r in rows for b in batches if r.timed(b)]
+        if any(one):
+            who = "every configuration was" if all(one) else "some configurations were"
+            note = f"{SINGLE_PASS} {who} timed in one round: ratios not comparable"
     else:
         pts = [
             (r, r.tokens_per_second, None)
