@@ -30,6 +30,7 @@ EVAL = REPO / "v2" / "eval.py"
 TASKS = REPO / "v2" / "tasks"
 SUMMARY_KEYS = {
     "schema",
+    "runner",
     "model",
     "pretrained",
     "config",
@@ -43,6 +44,7 @@ SUMMARY_KEYS = {
 }
 CONFIG_KEYS = {
     "policy",
+    "seed",
     "decode",
     "threshold",
     "block_size",

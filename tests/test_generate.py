@@ -186,6 +186,9 @@ def test_cli_json(capsys, checkpoint):
     assert code == 0
     result = json.loads(out)
     assert len(result["outputs"]) == 2
+    # the settings in force are printed with the result, the default threshold included
+    assert result["config"]["threshold"] == 0.9 and result["config"]["max_new_tokens"] == 40
+    assert result["config"]["policy"] == {"policy": "none"}
     assert set(result["outputs"][0]) == {"text", "token_ids", "finish_reason"}
     stats = result["stats"]
     assert set(stats["forwards"]) == {"prefill", "denoise_full", "denoise_sub", "commit"}
@@ -245,3 +248,41 @@ def test_cli_says_when_a_policy_runs_as_the_baseline(capsys, checkpoint, args, n
         assert len(notes) == 1 and note in notes[0], err
     else:
         assert notes == [], err
+
+
+def test_settings_are_declared_once():
+    """Every generation setting is a GenerationConfig field; the flags of each command, lm_eval's
+    model_args and the chat /set names are derived from it, with one default per entry point."""
+    import argparse
+    from dataclasses import fields
+
+    from v2 import analyze, chatbot, lm_adapter
+    from v2.chat import SETTINGS
+    from v2.generate import (
+        EVAL_DEFAULTS,
+        GenerationConfig,
+        build_parser,
+        config_from_args,
+        settings,
+    )
+
+    declared = {f.name: f.default for f in settings()}
+    assert set(declared) == {f.name for f in fields(GenerationConfig)} - {"cuda_graphs"}
+    args = build_parser().parse_args(["--model", "m", "--prompt", "p"])
+    assert {k: getattr(args, k) for k in declared} == declared
+    assert config_from_args(args) == GenerationConfig()
+    for parser in (chatbot.build_parser(), analyze.build_parser()):
+        extra = ["--prompt", "p"] if parser.prog.endswith("analyze") else []
+        ns = parser.parse_args(["--model", "m", *extra])
+        shown = {k: getattr(ns, k) for k in declared if hasattr(ns, k)}
+        assert shown and shown == {k: declared[k] for k in shown}
+        assert config_from_args(ns) == GenerationConfig(**shown)
+    model_args = {k: v for k, v in lm_adapter.MODEL_ARGS.items() if k in declared}
+    assert set(model_args) == set(declared) - {"ignore_eos"}
+    assert model_args["threshold"] == EVAL_DEFAULTS["threshold"] == 1.0
+    others = set(model_args) - {"threshold", "max_new_tokens"}
+    assert {k: model_args[k] for k in others} == {k: declared[k] for k in others}
+    assert set(SETTINGS) == set(declared) - {"decode"}
+    # a flag's help shows the default in force
+    help = argparse.ArgumentParser.format_help(build_parser())
+    assert "(default: 0.9)" in help

@@ -162,8 +162,14 @@ def test_array_of_the_missing_configurations_pending_running_done(
         "token_ct0.95": ["pending", "running", "done"],
         "reuse_k2_middle": ["pending", "running", "done"],
     }
-    queue = slurm.run(["squeue", "-h", "-t", "all", "-r", "-j", job, "-o", "%i %T"]).stdout
-    assert sorted(queue.splitlines()) == [f"{job}_1 COMPLETED", f"{job}_2 COMPLETED"]
+
+    def completed() -> bool:
+        # DONE is written just before a task's process exits: SLURM may list it RUNNING a moment
+        cmd = ["squeue", "-h", "-t", "all", "-r", "-j", job, "-o", "%i %T"]
+        queue = slurm.run(cmd).stdout
+        return sorted(queue.splitlines()) == [f"{job}_1 COMPLETED", f"{job}_2 COMPLETED"]
+
+    wait(completed, "completed array tasks", slurm, sweep, timeout=60)
 
     for i, cid in ((1, "token_ct0.95"), (2, "reuse_k2_middle")):
         run_dir = sweep.run_dir(cid, LIMIT)

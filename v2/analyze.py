@@ -321,22 +321,19 @@ def analyze(lm, texts: list[str], config, policy: Policy | None = None, chat: bo
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from v2.generate import add_generation_arguments, add_model_arguments
     from v2.policies import add_policy_arguments
 
     p = argparse.ArgumentParser(prog="python -m v2.analyze", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    add_model_arguments(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="repeat for a batch")
     src.add_argument("--task", help=f"prompts from a task: {', '.join(TASKS)}")
     p.add_argument("--n", type=int, default=16, help="problems of --task")
     p.add_argument("--chat", action="store_true", help="apply the chat template")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--threshold", type=float, default=0.9, help="decoding threshold")
-    p.add_argument("--block-size", type=int, default=None)
-    p.add_argument("--small-block-size", type=int, default=8)
-    p.add_argument("--use-block-cache", action="store_true")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--device", default=None)
+    add_generation_arguments(
+        p, ("max_new_tokens", "threshold", "block_size", "small_block_size", "use_block_cache")
+    )
     p.add_argument("--out", type=Path, default=Path("analysis"), help="output directory")
     add_policy_arguments(p)
     return p
@@ -344,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from v2.checkpoint import CheckpointError
-    from v2.generate import FastDLLM, GenerationConfig, GenerationError
+    from v2.generate import GenerationError, config_from_args, load_from_args
     from v2.policies import policy_from_args
 
     argv = sys.argv[1:] if argv is None else argv
@@ -352,18 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         policy = policy_from_args(args)
         texts = args.prompt or task_prompts(args.task, args.n)
-        lm = FastDLLM.load(
-            args.model,
-            dtype=getattr(torch, args.dtype) if args.dtype else None,
-            device=args.device,
-        )
-        config = GenerationConfig(
-            max_new_tokens=args.max_new_tokens,
-            threshold=args.threshold,
-            block_size=args.block_size,
-            small_block_size=args.small_block_size,
-            use_block_cache=args.use_block_cache,
-        )
+        lm = load_from_args(args)
+        config = config_from_args(args)
         out, _, result = analyze(lm, texts, config, policy, chat=args.chat)
     except (CheckpointError, GenerationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

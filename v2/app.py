@@ -26,7 +26,12 @@ import torch  # noqa: E402
 
 from v2.chat import NOT_RUN, ChatError, ChatSession, StepRecord  # noqa: E402
 from v2.checkpoint import CheckpointError  # noqa: E402
-from v2.generate import FastDLLM, GenerationConfig  # noqa: E402
+from v2.generate import (  # noqa: E402
+    FastDLLM,
+    GenerationConfig,
+    add_model_arguments,
+    load_from_args,
+)
 from v2.policies import POLICIES, POLICY_NAMES  # noqa: E402
 from v2.policy import COMPUTE, PASS, REUSE  # noqa: E402
 
@@ -369,29 +374,17 @@ def launch(demo, host: str = "127.0.0.1", port: int | None = None, share: bool =
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m v2.app", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint directory")
+    add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="default: Gradio's (7860 or next free)")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--mask-token", default=None, help="mask token if the tokenizer lacks |<MASK>|")
     return p
-
-
-def load(args: argparse.Namespace) -> FastDLLM:
-    return FastDLLM.load(
-        args.model,
-        dtype=getattr(torch, args.dtype) if args.dtype else None,
-        device=args.device,
-        mask_token=args.mask_token,
-    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        lm = load(args)
+        lm = load_from_args(args)
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

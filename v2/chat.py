@@ -17,23 +17,28 @@ own statistics of the same forward (tests/test_chat.py).
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
-from v2.generate import DenoiseStep, FastDLLM, GenerationConfig, GenerationError, generate
+from v2.generate import (
+    SETTING_TYPES,
+    DenoiseStep,
+    FastDLLM,
+    GenerationConfig,
+    GenerationError,
+    generate,
+    settings,
+)
 from v2.policies import POLICIES, make_policy
 from v2.policy import COMPUTE, PASS, REUSE, ForwardContext, Policy
 from v2.stats import Stats
 
 NOT_RUN = -1  # a plan cell outside the forward's window or scope
-_TYPES = {"int": int, "float": float, "bool": bool, "int | None": int, "bool | None": bool}
-# GenerationConfig fields a user may set (name -> type), e.g. `/set threshold 0.9`; not the
-# CUDA graphs switch, nor `decode`: the app and the chatbot show block-diffusion steps.
+# GenerationConfig settings a user may set (name -> type), e.g. `/set threshold 0.9`; not
+# `decode`: the app and the chatbot show block-diffusion steps.
 SETTINGS: dict[str, type] = {
-    f.name: _TYPES[str(f.type)]
-    for f in fields(GenerationConfig)
-    if f.name not in ("cuda_graphs", "decode")
+    f.name: SETTING_TYPES[str(f.type)] for f in settings() if f.name != "decode"
 }
 
 

@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
 from v2.chat import SETTINGS, ChatError, ChatSession, StepRecord
 from v2.checkpoint import CheckpointError
-from v2.generate import FastDLLM, GenerationConfig
+from v2.generate import (
+    add_generation_arguments,
+    add_model_arguments,
+    config_from_args,
+    load_from_args,
+)
 from v2.policies import POLICY_NAMES, POLICY_OPTIONS, add_policy_arguments
 
 HELP = __doc__.split("\n\n", 2)[2].strip()
@@ -93,7 +96,9 @@ def command(session: ChatSession, line: str, out) -> bool:
 
 def repl(session: ChatSession, stdin=None, out=None) -> int:
     stdin, out = stdin or sys.stdin, out or sys.stdout
-    print(f"chat with {session.describe()}; /help for commands, Ctrl-D to quit", file=out)
+    c = session.config
+    settings = f"threshold {c.threshold}, max_new_tokens {c.max_new_tokens}"
+    print(f"chat with {session.describe()}, {settings}; /help, Ctrl-D to quit", file=out)
     while True:
         out.write("you> ")
         out.flush()
@@ -126,13 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", required=True, help="checkpoint directory")
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--use-block-cache", action="store_true")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--device", default=None)
-    p.add_argument("--mask-token", default=None, help="mask token if the tokenizer lacks |<MASK>|")
+    add_model_arguments(p)
+    add_generation_arguments(p, ("threshold", "max_new_tokens", "use_block_cache"))
     add_policy_arguments(p)
     return p
 
@@ -140,17 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        lm = FastDLLM.load(
-            args.model,
-            dtype=getattr(torch, args.dtype) if args.dtype else None,
-            device=args.device,
-            mask_token=args.mask_token,
-        )
-        config = GenerationConfig(
-            max_new_tokens=args.max_new_tokens,
-            threshold=args.threshold,
-            use_block_cache=args.use_block_cache,
-        )
+        lm = load_from_args(args)
+        config = config_from_args(args)
         session = ChatSession(lm, config)
         session.validate(config)
         options = {k: getattr(args, k) for k in POLICY_OPTIONS if getattr(args, k) is not None}

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import re
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -122,33 +120,6 @@ def readable_name(pretrained: str) -> str:
     return p.resolve().name if p.is_dir() else pretrained
 
 
-def environment() -> dict:
-    import lm_eval
-    import torch
-    import transformers
-
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "-C", str(REPO), "rev-parse", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=10,
-            ).stdout.strip()
-            or None
-        )
-    except (OSError, subprocess.SubprocessError):
-        commit = None
-    return {
-        "git_commit": commit,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "lm_eval": getattr(lm_eval, "__version__", None),
-        "python": platform.python_version(),
-    }
-
-
 def _leaves(name: str, group_subtasks: dict) -> list[str]:
     subs = group_subtasks.get(name) or []
     return [leaf for s in subs for leaf in _leaves(s, group_subtasks)] if subs else [name]
@@ -195,9 +166,10 @@ def build_summary(
     limit,
     rank_seconds: list[float] | None = None,
 ) -> dict:
-    """summary.json (schema 1) from lm_eval's results and the per-request statistics;
-    `rank_seconds`: each process's decoding wall time (default: this process's)."""
+    """summary.json (the record of v2/record.py) from lm_eval's results and the per-request
+    statistics; `rank_seconds`: each process's decoding wall time (default: this process's)."""
     from v2.lm_adapter import sum_stats
+    from v2.record import Record, TaskResult, environment
 
     n_layers = run.num_layers
     by_task: dict[str, list] = {}
@@ -208,27 +180,27 @@ def build_summary(
     tasks = {}
     for name, entry in results.get("results", {}).items():
         leaves = _leaves(name, groups)
-        tasks[name] = {
-            "n": sum(int(n_samples.get(t, {}).get("effective", 0)) for t in leaves),
-            "metrics": _metrics(entry),
-            "stats": sum_stats((s for t in leaves for s in by_task.get(t, [])), n_layers).to_dict(),
-        }
-    return {
-        "schema": 1,
-        "model": readable_name(run.pretrained),
-        "pretrained": run.pretrained,
-        "config": run.config,
-        "limit": int(limit) if limit is not None and float(limit).is_integer() else limit,
-        "smoke_test": limit is not None,
-        "tasks": tasks,
-        "stats": (total := sum_stats((s for v in records.values() for s in v), n_layers)).to_dict(),
-        "speed": speed_summary(
+        tasks[name] = TaskResult(
+            n=sum(int(n_samples.get(t, {}).get("effective", 0)) for t in leaves),
+            metrics=_metrics(entry),
+            stats=sum_stats((s for t in leaves for s in by_task.get(t, [])), n_layers).to_dict(),
+        )
+    total = sum_stats((s for v in records.values() for s in v), n_layers)
+    return Record(
+        model=readable_name(run.pretrained),
+        pretrained=run.pretrained,
+        config=run.config,
+        limit=int(limit) if limit is not None and float(limit).is_integer() else limit,
+        smoke_test=limit is not None,
+        tasks=tasks,
+        stats=total.to_dict(),
+        speed=speed_summary(
             total.generated_tokens,
             rank_seconds if rank_seconds is not None else [run.decode_seconds],
         ),
-        "env": environment(),
-        "results_file": results_file.name,
-    }
+        env=environment(),
+        results_file=results_file.name,
+    ).to_dict()
 
 
 def _gathered_records(run) -> tuple[dict, list[float]] | None:
@@ -255,6 +227,7 @@ def write_summary(output_path: str | None, limit) -> Path | None:
     """After lm_eval: gather the statistics and, on rank 0, write summary.json and
     request_stats.jsonl beside the results file. Returns summary.json's path (rank 0)."""
     from v2 import lm_adapter
+    from v2.record import write_json
 
     run = lm_adapter.RUN
     if not run.config:  # no fast_dllm_v2 model was built (another model or subcommand)
@@ -266,8 +239,7 @@ def write_summary(output_path: str | None, limit) -> Path | None:
     results_file = _results_file(output_path, run.pretrained)
     results = json.loads(results_file.read_text())
     summary = build_summary(results, results_file, run, records, limit, rank_seconds)
-    path = results_file.parent / "summary.json"
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    path = write_json(results_file.parent / "summary.json", summary)
     with (results_file.parent / "request_stats.jsonl").open("w") as f:
         for (task, doc_id, idx), stats in sorted(records.items(), key=lambda kv: str(kv[0])):
             for s in stats:

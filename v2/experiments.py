@@ -35,9 +35,11 @@ sacct (SLURM accounting). A sweep is checked when it is read (decoding threshold
 options, a local `pretrained` that exists) and, before a run or --dry-run, its tasks (lm_eval's
 or v2/tasks'): a bad one stops with one line before anything runs.
 
-The command that evaluates one configuration is `python v2/eval.py ...` (`accelerate launch` with
-more than one GPU); FAST_DLLM_EVAL_CMD (or the eval_cmd argument) replaces the launcher and entry,
-e.g. FAST_DLLM_EVAL_CMD="python my_fake_eval.py" in tests.
+With `runner: lm_eval` (the default) the command that evaluates one configuration is
+`python v2/eval.py ...` (`accelerate launch` with more than one GPU); with `runner: direct` every
+configuration runs in this process through the engine (v2/direct.py, --local only). Both write
+the same record (v2/record.py). FAST_DLLM_EVAL_CMD (or the eval_cmd argument) replaces the
+lm_eval launcher and entry, e.g. FAST_DLLM_EVAL_CMD="python my_fake_eval.py" in tests.
 """
 
 from __future__ import annotations
@@ -134,6 +136,8 @@ class Sweep:
     limit_cpu: int | None
     main_metric: str | None
     results: Path
+    runner: str = "lm_eval"
+    direct: dict = field(default_factory=dict)
 
     def config(self, config_id: str) -> Config:
         for c in self.configs:
@@ -178,6 +182,8 @@ SWEEP_KEYS = {
     "main_metric",
     "results",
     "grid",
+    "runner",
+    "direct",
 }
 
 
@@ -369,6 +375,7 @@ def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
                 raise SweepError(f"{path}: {c.id}: model_args value {k}={v!r} has ',' or '='")
         check_config(c, f"{path}: {c.id}")
     check_pretrained(str(data["pretrained"]), str(path))
+    runner, direct = check_runner(data, configs, str(path))
     name = str(data.get("name") or path.stem)
     root = Path(results) if results else REPO / str(data.get("results") or "results")
     return Sweep(
@@ -383,7 +390,51 @@ def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
         limit_cpu=int(data["limit_cpu"]) if data.get("limit_cpu") else None,
         main_metric=data.get("main_metric"),
         results=root / name,
+        runner=runner,
+        direct=direct,
     )
+
+
+def check_runner(data: dict, configs: list[Config], where: str) -> tuple[str, dict]:
+    """(runner, direct settings): `runner: lm_eval` (default) or `direct` (v2/direct.py), whose
+    settings are `direct: {batch_size, speed: {batch: problems}, speed_rounds, max_new_tokens}`."""
+    from v2.direct import DEFAULTS, TASKS
+
+    runner = data.get("runner", "lm_eval")
+    if runner not in ("lm_eval", "direct"):
+        raise SweepError(f"{where}: runner must be lm_eval or direct, got {runner!r}")
+    given = data.get("direct") or {}
+    if given and runner != "direct":
+        raise SweepError(f"{where}: `direct` settings need `runner: direct`")
+    if not isinstance(given, dict) or set(given) - set(DEFAULTS):
+        raise SweepError(f"{where}: direct takes {', '.join(DEFAULTS)}; got {given!r}")
+    direct = {**DEFAULTS, **given}
+    if runner == "direct":
+        from v2.generate import GenerationConfig
+
+        known = set(GenerationConfig.__dataclass_fields__)
+        for c in configs:
+            foreign = sorted((set(data.get("model_args") or {}) | set(c.model_args)) - known)
+            if foreign:
+                raise SweepError(
+                    f"{where}: {c.id}: runner direct takes generation settings as model_args "
+                    f"({', '.join(sorted(known))}); not {', '.join(foreign)}"
+                )
+            if len(c.tasks) != 1 or c.tasks[0] not in TASKS:
+                raise SweepError(
+                    f"{where}: {c.id}: runner direct scores one task of {', '.join(TASKS)}, "
+                    f"not {', '.join(c.tasks)}"
+                )
+        speed = direct["speed"]
+        ok = isinstance(speed, dict) and all(
+            isinstance(b, int) and isinstance(n, int) and b > 0 and n > 0 for b, n in speed.items()
+        )
+        if not ok or not isinstance(direct["speed_rounds"], int) or direct["speed_rounds"] < 1:
+            raise SweepError(
+                f"{where}: direct.speed is {{batch: problems}} (positive integers) and "
+                f"speed_rounds an integer >= 1; got {speed!r}, {direct['speed_rounds']!r}"
+            )
+    return runner, direct
 
 
 # --------------------------------------------------------------------------- one configuration
@@ -478,30 +529,13 @@ def eval_argv(task: dict, eval_cmd: list[str] | None = None, port: int | None = 
 
 def check_summary(path: Path, expect: dict) -> list[str]:
     """What is wrong with a summary.json for the run that `expect` describes ([] if nothing)."""
+    from v2 import record
+
     try:
         s = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         return [f"unreadable: {e}"]
-    if not isinstance(s, dict):
-        return ["not a JSON object"]
-    problems = []
-    if s.get("schema") != 1:
-        problems.append(f"schema {s.get('schema')!r}, expected 1")
-    tasks = s.get("tasks") if isinstance(s.get("tasks"), dict) else {}
-    for t in expect["tasks"]:
-        entry = tasks.get(t)
-        if not isinstance(entry, dict) or not entry.get("metrics"):
-            problems.append(f"no metrics for task {t}")
-        elif not isinstance(entry.get("n"), int):
-            problems.append(f"no n for task {t}")
-    if not isinstance(s.get("stats"), dict) or "executed_flops" not in s["stats"]:
-        problems.append("no stats")
-    if s.get("limit") != expect["limit"]:
-        problems.append(f"limit {s.get('limit')!r}, expected {expect['limit']!r}")
-    policy = ((s.get("config") or {}).get("policy") or {}).get("policy", "none")
-    if policy != expect["policy"]:
-        problems.append(f"policy {policy!r}, expected {expect['policy']!r}")
-    return problems
+    return record.check(s, expect)
 
 
 def find_summary(run_dir: Path, expect: dict) -> tuple[Path | None, list[str]]:
@@ -521,10 +555,9 @@ def find_summary(run_dir: Path, expect: dict) -> tuple[Path | None, list[str]]:
 
 def write_marker(run_dir: Path, name: str, data: dict) -> None:
     """Atomically: readers see the old marker or the new one, never half of one."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / f".{name}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"time": time.time(), **data}, indent=1))
-    os.replace(tmp, run_dir / name)
+    from v2.record import write_json
+
+    write_json(run_dir / name, {"time": time.time(), **data})
 
 
 def read_marker(run_dir: Path, name: str) -> dict | None:
@@ -1215,13 +1248,18 @@ def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> in
     try:
         sweep = load_sweep(args.sweep, args.results)
         configs = select(sweep, args.only)
-        if not args.status:
+        if not args.status and sweep.runner == "lm_eval":
             check_tasks(sweep)
         if args.force:
             forced = {c.id for c in select(sweep, args.force)}
             if not forced <= {c.id for c in configs}:
                 raise SweepError(f"--force {' '.join(sorted(forced))}: not all are in --only")
         slurm = use_slurm(args.local)
+        if slurm and sweep.runner == "direct" and not args.status:
+            raise SweepError(
+                f"{sweep.file}: runner direct times every configuration in one process, here: "
+                "run it with --local (inside a GPU job on a cluster)"
+            )
         gpus = 0 if slurm else num_gpus()
         limit = effective_limit(sweep, args.limit, not slurm, gpus)
         if args.status:
@@ -1243,7 +1281,9 @@ def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> in
             print("nothing to run (--force [ID ...] reruns)")
             return 0
         if args.dry_run:
-            if slurm:
+            if sweep.runner == "direct":
+                print(f"  runner direct: {', '.join(c.id for c in todo)} in this process")
+            elif slurm:
                 submit_array(sweep, todo, limit, dry_run=True)
             else:
                 cmd = eval_cmd or eval_cmd_from_env()
@@ -1259,7 +1299,12 @@ def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> in
                     print(f"moved the old {c.id} to {dest}")
             submit_array(sweep, todo, limit)
             return 0
-        results = run_local(sweep, todo, limit, gpus, eval_cmd, replace_ids=forced)
+        if sweep.runner == "direct":
+            from v2 import direct
+
+            results = direct.run_local(sweep, todo, limit, replace_ids=forced)
+        else:
+            results = run_local(sweep, todo, limit, gpus, eval_cmd, replace_ids=forced)
     except SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

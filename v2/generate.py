@@ -20,7 +20,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -39,19 +39,34 @@ class GenerationError(ValueError):
     """Bad input to generation; the message is one line meant for the user."""
 
 
+def _setting(default, help: str, flag: bool = True):
+    """A generation setting: its default and its help, declared once; the command-line flags
+    (add_generation_arguments), lm_eval's model_args (v2/lm_adapter.py) and the recorded config
+    are derived from these fields."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
 @dataclass
 class GenerationConfig:
-    max_new_tokens: int = 256
-    threshold: float = 0.9
-    block_size: int | None = None  # None: the checkpoint's bd_size
-    small_block_size: int = 8
-    use_block_cache: bool = False
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    ignore_eos: bool = False
-    cuda_graphs: bool | None = None  # None: on when the model is on a GPU (v2/engine.py)
-    decode: str = "diffusion"  # one of DECODES
+    max_new_tokens: int = _setting(256, "tokens to generate at most per prompt")
+    threshold: float = _setting(
+        0.9, "decoding confidence threshold: commit every slot above it (>= 1: one per forward)"
+    )
+    block_size: int | None = _setting(None, "block size (default: the checkpoint's bd_size)")
+    small_block_size: int = _setting(8, "sub-block size; divides the block size")
+    use_block_cache: bool = _setting(False, "sub-block cache mode (window = the sub-block)")
+    temperature: float = _setting(0.0, "sampling temperature (0: greedy)")
+    top_p: float = _setting(1.0, "nucleus sampling mass")
+    seed: int | None = _setting(None, "sampling seed")
+    ignore_eos: bool = _setting(False, "decode past EOS up to max_new_tokens")
+    # None: on when the model is on a GPU (v2/engine.py)
+    cuda_graphs: bool | None = _setting(None, "CUDA graphs", flag=False)
+    decode: str = _setting(
+        "diffusion",
+        "diffusion; speculative: block-diffusion drafts (at --threshold, runs of "
+        "--small-block-size, --policy applies to them) verified by the causal model; "
+        "autoregressive: its reference",
+    )  # one of DECODES
 
     def validate(self, block_size: int) -> None:
         if self.decode not in DECODES:
@@ -388,31 +403,72 @@ class FastDLLM:
         return result
 
 
+# Where evaluations (lm_eval's model_args, sweeps of either runner) default otherwise than
+# GenerationConfig: threshold 1.0, the paper's accuracy recipe (one token per forward); the
+# commands that decode prompts (generate, chatbot, app, analyze) default to 0.9, the speed recipe.
+EVAL_DEFAULTS = {"threshold": 1.0}
+
+# a setting's type from its annotation (a string: `from __future__ import annotations`)
+SETTING_TYPES = {"int": int, "float": float, "bool": bool, "int | None": int, "str": str}
+
+
+def settings() -> list:
+    """The generation settings a user sets (GenerationConfig's fields with a flag)."""
+    return [f for f in fields(GenerationConfig) if f.metadata.get("flag")]
+
+
+def add_generation_arguments(
+    parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None, **defaults
+) -> None:
+    """--max-new-tokens, --threshold, ... from GenerationConfig (only `names` where given);
+    `defaults` replaces a default for this entry point (its help shows the one in force)."""
+    g = parser.add_argument_group("generation")
+    for f in settings():
+        if names is not None and f.name not in names:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = defaults.get(f.name, f.default)
+        help = f.metadata["help"] + ("" if default is None else " (default: %(default)s)")
+        if f.type in ("bool", bool):
+            g.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif f.name == "decode":
+            g.add_argument(flag, choices=DECODES, default=default, help=help)
+        else:
+            g.add_argument(flag, type=SETTING_TYPES[str(f.type)], default=default, help=help)
+
+
+def config_from_args(args: argparse.Namespace) -> GenerationConfig:
+    """The GenerationConfig of the parsed flags (settings without a flag keep their default)."""
+    return GenerationConfig(
+        **{f.name: getattr(args, f.name) for f in settings() if hasattr(args, f.name)}
+    )
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint directory (or hub id)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--mask-token", default=None, help="mask token if the tokenizer lacks |<MASK>|"
+    )
+
+
+def load_from_args(args: argparse.Namespace) -> FastDLLM:
+    return FastDLLM.load(
+        args.model,
+        dtype=getattr(torch, args.dtype) if args.dtype else None,
+        device=args.device,
+        mask_token=args.mask_token,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m v2.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="checkpoint directory (or hub id)")
+    add_model_arguments(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--threshold", type=float, default=0.9)
-    p.add_argument("--block-size", type=int, default=None, help="default: the checkpoint's bd_size")
-    p.add_argument("--small-block-size", type=int, default=8)
-    p.add_argument("--use-block-cache", action="store_true")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument(
-        "--decode",
-        choices=DECODES,
-        default="diffusion",
-        help="speculative: block-diffusion drafts (at --threshold, runs of --small-block-size, "
-        "--policy applies to them) verified by the causal model; autoregressive: its reference",
-    )
-    p.add_argument("--mask-token", default=None, help="mask token if the tokenizer lacks |<MASK>|")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    p.add_argument("--device", default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_generation_arguments(p)
     from v2.policies import add_policy_arguments
 
     add_policy_arguments(p)
@@ -428,24 +484,8 @@ def main(argv: list[str] | None = None) -> int:
         options = {k: getattr(args, k) for k in POLICY_OPTIONS}
         if note := baseline_note(policy, args.policy, options):
             print(f"note: {note}", file=sys.stderr)
-        lm = FastDLLM.load(
-            args.model,
-            dtype=getattr(torch, args.dtype) if args.dtype else None,
-            device=args.device,
-            mask_token=args.mask_token,
-        )
-        config = GenerationConfig(
-            max_new_tokens=args.max_new_tokens,
-            threshold=args.threshold,
-            block_size=args.block_size,
-            small_block_size=args.small_block_size,
-            use_block_cache=args.use_block_cache,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            seed=args.seed,
-            ignore_eos=args.ignore_eos,
-            decode=args.decode,
-        )
+        lm = load_from_args(args)
+        config = config_from_args(args)
         result = lm.generate(args.prompt, config, policy, chat=args.chat)
     except (CheckpointError, GenerationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -455,13 +495,15 @@ def main(argv: list[str] | None = None) -> int:
             {"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
             for o in result.outputs
         ]
-        print(json.dumps({"outputs": outputs, "stats": result.stats.to_dict()}))
+        settings = {**asdict(config), "policy": policy.config() if policy else {"policy": "none"}}
+        print(json.dumps({"outputs": outputs, "config": settings, "stats": result.stats.to_dict()}))
     else:
         for o in result.outputs:
             print(o.text)
         s = result.stats
         print(
-            f"[{s.generated_tokens} tokens, {s.tokens_per_forward:.2f} tokens/forward, "
+            f"[threshold {config.threshold}, {policy.name if policy else 'no policy'}: "
+            f"{s.generated_tokens} tokens, {s.tokens_per_forward:.2f} tokens/forward, "
             f"{s.tokens_per_second:.1f} tokens/s, executed FLOPs "
             f"{s.executed_flops / max(s.baseline_flops, 1):.1%} of baseline]",
             file=sys.stderr,

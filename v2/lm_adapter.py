@@ -27,7 +27,15 @@ from lm_eval.api.registry import model_registry, register_model
 from tqdm import tqdm
 
 from v2.checkpoint import TokenIds
-from v2.generate import FastDLLM, GenerationConfig, GenerationError, generate
+from v2.generate import (
+    EVAL_DEFAULTS,
+    SETTING_TYPES,
+    FastDLLM,
+    GenerationConfig,
+    GenerationError,
+    generate,
+    settings,
+)
 from v2.model import Network, block_causal_mask
 from v2.policies import POLICIES, POLICY_OPTIONS, baseline_note, make_policy
 from v2.stats import FORWARD_KINDS, SPECULATIVE_COUNTS, Stats
@@ -49,28 +57,27 @@ DTYPES = {
     "fp16": torch.float16,
 }
 
-# Every model_arg and its default. threshold 1.0 is the paper's accuracy recipe (one token per
-# forward); pass threshold=0.9 for the speed recipe.
+# The generation settings as model_args: GenerationConfig's (v2/generate.py), with the
+# evaluation defaults (EVAL_DEFAULTS: threshold 1.0) where they differ; max_new_tokens None: each
+# request's max_gen_toks (2048 with release_recipe). decode: diffusion, autoregressive or
+# speculative (v2/speculative.py; threshold and small_block_size then set the draft, and a policy
+# applies to the draft only). ignore_eos is not one: lm_eval's stop strings end an answer.
+GENERATION_ARGS: dict[str, object] = {
+    f.name: {**EVAL_DEFAULTS, "max_new_tokens": None}.get(f.name, f.default)
+    for f in settings()
+    if f.name != "ignore_eos"
+}
+# Every model_arg and its default.
 MODEL_ARGS: dict[str, object] = {
     "pretrained": None,
     "model_path": None,  # alias of pretrained (eval.py rewrites it so results get a named folder)
-    "threshold": 1.0,
-    "block_size": None,  # None: the checkpoint's bd_size
-    "small_block_size": 8,
-    "use_block_cache": False,
-    "max_new_tokens": None,  # None: each request's max_gen_toks (2048 with release_recipe)
-    "temperature": 0.0,
-    "top_p": 1.0,
-    "seed": None,
+    **GENERATION_ARGS,
     "dtype": "auto",
     "show_speed": False,
     "mask_token": None,
     "release_recipe": False,
     "policy": None,
     **dict.fromkeys(POLICY_OPTIONS),
-    # diffusion (block diffusion), autoregressive, speculative (v2/speculative.py; threshold and
-    # small_block_size then set the draft, and a policy applies to the draft only)
-    "decode": "diffusion",
 }
 # Passed by lm_eval itself (trust_remote_code is accepted and ignored: we never run remote code).
 LM_EVAL_ARGS = ("batch_size", "max_batch_size", "device", "trust_remote_code")
@@ -139,6 +146,24 @@ def _as_bool(name: str, v) -> bool:
     if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
         return v.lower() in ("true", "1", "yes")
     raise EvalError(f"model_arg {name}={v!r} must be true or false")
+
+
+def generation_args(a: dict) -> dict:
+    """The GenerationConfig settings of model_args `a` but max_new_tokens, checked by type."""
+    out = {}
+    for f in settings():
+        if f.name not in GENERATION_ARGS or f.name == "max_new_tokens":
+            continue
+        v, kind = a[f.name], SETTING_TYPES[str(f.type)]
+        if v is None and f.default is None:
+            out[f.name] = None
+        elif kind is bool:
+            out[f.name] = _as_bool(f.name, v)
+        elif kind is str:
+            out[f.name] = str(v)
+        else:
+            out[f.name] = _as_number(f.name, v, kind)
+    return out
 
 
 def _as_number(name: str, v, kind: type):
@@ -378,18 +403,7 @@ def parse_model_args(model_args: dict, batch_size=1, default_policy: str | None 
     max_new = None if max_new is None else _as_number("max_new_tokens", max_new, int)
     if max_new is None and release:
         max_new = RELEASE_MAX_NEW_TOKENS
-    block = a["block_size"]
-    config = GenerationConfig(
-        max_new_tokens=max_new or 1,
-        threshold=_as_number("threshold", a["threshold"], float),
-        block_size=None if block is None else _as_number("block_size", block, int),
-        small_block_size=_as_number("small_block_size", a["small_block_size"], int),
-        use_block_cache=_as_bool("use_block_cache", a["use_block_cache"]),
-        temperature=_as_number("temperature", a["temperature"], float),
-        top_p=_as_number("top_p", a["top_p"], float),
-        seed=None if a["seed"] is None else _as_number("seed", a["seed"], int),
-        decode=str(a["decode"]),
-    )
+    config = GenerationConfig(max_new_tokens=max_new or 1, **generation_args(a))
     if config.block_size is not None:
         config.validate(config.block_size)
     policy = select_policy(a, default_policy)
@@ -437,20 +451,15 @@ class FastDLLMEvalLM(LM):
 
         RUN.pretrained = st.path
         RUN.num_layers = self.model.cfg.num_hidden_layers
-        RUN.config = {
+        RUN.config = {  # the record's config: every generation setting as run, and the policy
             "policy": self.policy.config() if self.policy is not None else {"policy": "none"},
-            "threshold": self.gen_config.threshold,
+            **{k: getattr(self.gen_config, k) for k in GENERATION_ARGS},
             "block_size": self.block_size,
-            "small_block_size": self.gen_config.small_block_size,
-            "use_block_cache": self.gen_config.use_block_cache,
             "max_new_tokens": self.max_new_tokens,
-            "temperature": self.gen_config.temperature,
-            "top_p": self.gen_config.top_p,
             "batch_size": self.batch_size,
             "release_recipe": self.release_recipe,
             "dtype": str(self.model.embed_tokens.weight.dtype).removeprefix("torch."),
             "num_processes": self._world_size,
-            "decode": self.gen_config.decode,
         }
 
     # -- lm_eval hooks -------------------------------------------------------------------------

@@ -1,12 +1,21 @@
-"""A sweep's results as one markdown table per task and Pareto plots, from its summary.json files.
+"""A sweep's results as one markdown table per task and Pareto plots, from its records
+(summary.json, v2/record.py), whichever runner (lm_eval or direct) wrote them.
 
     python -m v2.report results/tiny_default [--out DIR] [--include-limit] [--metric NAME]
+    python -m v2.report docs/results/data --out docs/results     (a folder of sweeps)
 
-Reads results/<sweep>/<config_id>/<model>/summary.json (written by v2/eval.py); --limit runs
+Reads results/<sweep>/<config_id>/<model>/summary.json; given a folder of sweeps instead, writes
+one page per sweep, <out>/<sweep>.md with its plots beside it. --limit runs
 (results/<sweep>/_limit<N>/...) are smoke tests and are left out unless --include-limit, or
 unless the folder given is a _limit<N> folder itself. Folders starting with "_" (manifests,
 replaced runs, reports) are never read. Writes <out>/results.md and, per task,
 <out>/pareto_flops_<task>.png and <out>/pareto_speed_<task>.png (default out: <dir>/_report).
+
+Baselines come from the same sweep: for accuracy and FLOPs the policy-none configuration of the
+same task, limit and decoding threshold; for tokens/s only a baseline timed in the same session
+(the direct runner's interleaved rounds, `timing.session`), shown as median [min - max] over the
+rounds. A tokens/s from one timed pass (lm_eval's, or a session of one round) is marked
+not comparable. Conclusions are prose in docs/, not generated here.
 
 Two FLOPs figures, because skipping changes how many forwards a block takes:
 - per forward: executed FLOPs / the FLOPs the same forwards would have run with no skipping
@@ -19,10 +28,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from v2 import record
+from v2.record import Record
 
 # First present wins; gsm-like tasks report flexible-extract exact match.
 METRIC_PREFERENCE = (
@@ -49,24 +63,13 @@ def main_metric(metrics: dict, preferred: str | None = None) -> str | None:
     return next(iter(metrics), None)
 
 
-def load_summary(path: Path) -> dict | None:
-    """A summary.json that parses and has the fields a table needs, else None."""
-    try:
-        s = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(s, dict) or s.get("schema") != 1 or not isinstance(s.get("tasks"), dict):
-        return None
-    return s
-
-
-def newest_summary(run_dir: Path) -> tuple[Path, dict] | None:
-    """The newest readable <run_dir>/<model>/summary.json."""
+def newest_summary(run_dir: Path) -> tuple[Path, Record] | None:
+    """The newest valid record <run_dir>/<model>/summary.json."""
     found = [(p.stat().st_mtime, p) for p in run_dir.glob("*/summary.json")]
     for _, path in sorted(found, reverse=True):
-        s = load_summary(path)
-        if s is not None:
-            return path, s
+        rec = record.read(path)
+        if rec is not None:
+            return path, rec
     return None
 
 
@@ -76,7 +79,7 @@ class Row:
 
     config_id: str
     task: str
-    summary: dict = field(repr=False)
+    rec: Record = field(repr=False)
     path: Path
     metric: str | None
     value: float | None
@@ -85,31 +88,33 @@ class Row:
     stats: dict = field(repr=False)
     resumed: bool = False
     baseline: Row | None = field(default=None, repr=False)
+    # the baseline timed in the same session (interleaved rounds), the only one to compare speed
+    session_baseline: Row | None = field(default=None, repr=False)
 
     @property
     def policy(self) -> dict:
-        return self.summary.get("config", {}).get("policy") or {"policy": "none"}
+        return self.rec.config.get("policy") or {"policy": "none"}
 
     @property
     def policy_name(self) -> str:
-        return self.policy.get("policy") or "none"
+        return self.rec.policy
 
     @property
     def threshold(self):
-        return self.summary.get("config", {}).get("threshold")
+        return self.rec.config.get("threshold")
 
     @property
     def limit(self) -> int | None:
-        return self.summary.get("limit")
+        return self.rec.limit
 
     @property
     def smoke(self) -> bool:
-        return bool(self.summary.get("smoke_test")) or self.limit is not None
+        return self.rec.smoke_test or self.limit is not None
 
     @property
     def decode(self) -> str:
         """diffusion, or a causal decode (autoregressive, speculative: v2/speculative.py)."""
-        return self.summary.get("config", {}).get("decode") or "diffusion"
+        return self.rec.config.get("decode") or "diffusion"
 
     @property
     def is_baseline(self) -> bool:
@@ -117,28 +122,26 @@ class Row:
 
     @property
     def speed(self) -> dict:
-        """summary.json's "speed" (v2/eval.py: the run's decoding wall, processes, timed passes)."""
-        return self.summary.get("speed") or {}
+        """The record's "speed" (v2/eval.py: the run's decoding wall, processes, timed passes)."""
+        return self.rec.speed or {}
 
     @property
     def processes(self) -> int:
-        return int(
-            self.speed.get("processes") or self.summary.get("config", {}).get("num_processes") or 1
-        )
+        return int(self.speed.get("processes") or self.rec.config.get("num_processes") or 1)
 
     @property
     def on_cpu(self) -> bool:
-        return (self.summary.get("env") or {}).get("gpu") == "cpu"
+        return self.rec.env.get("gpu") == "cpu"
 
     @property
     def tokens_per_second(self) -> float | None:
-        """Aggregate tokens/s: generated tokens / the run's decoding wall time, all processes
-        together. With several processes, `stats` holds the ranks' walls summed (its rate is
-        neither aggregate nor per GPU): only summary "speed" gives it, and only for a summary of
-        this task alone."""
+        """Aggregate tokens/s of the evaluation: generated tokens / the run's decoding wall time,
+        all processes together. With several processes, `stats` holds the ranks' walls summed
+        (its rate is neither aggregate nor per GPU): only the record's "speed" gives it, and
+        only for a record of this task alone."""
         if self.speed.get("tokens_per_second_rounds"):
             return statistics.median(self.speed["tokens_per_second_rounds"])
-        if self.speed and len(self.summary.get("tasks") or {}) == 1:
+        if self.speed and len(self.rec.tasks) == 1:
             return self.speed.get("tokens_per_second")
         return self.stats.get("tokens_per_second") if self.processes == 1 else None
 
@@ -151,6 +154,23 @@ class Row:
     def speed_rounds(self) -> list[float]:
         """tokens/s of each repeated timed round, where the run had several ([] otherwise)."""
         return list(self.speed.get("tokens_per_second_rounds") or [])
+
+    @property
+    def session(self) -> str | None:
+        return self.rec.timing.session if self.rec.timing else None
+
+    def timed(self, batch: str) -> list[float]:
+        """tokens/s of each interleaved round at this batch size ([] if not timed)."""
+        t = self.rec.timing
+        return list((t.batches.get(batch) or {}).get("tokens_per_second_rounds") or []) if t else []
+
+    def timed_ratio(self, batch: str) -> float | None:
+        """Median tokens/s at `batch` over that of the baseline of the same timing session."""
+        b = self.session_baseline
+        mine, theirs = self.timed(batch), b.timed(batch) if b else []
+        if not mine or not theirs:
+            return None
+        return statistics.median(mine) / statistics.median(theirs)
 
     @property
     def tokens_per_forward(self) -> float | None:
@@ -189,25 +209,24 @@ class Row:
 
 
 def rows_from_summary(
-    config_id: str, path: Path, summary: dict, metric: str | None = None, resumed: bool = False
+    config_id: str, path: Path, rec: Record, metric: str | None = None, resumed: bool = False
 ) -> list[Row]:
-    """One row per task of a summary; a task's own stats when the summary has them."""
+    """One row per task of a record; a task's own stats when the record has them."""
     rows = []
-    for task, t in summary["tasks"].items():
-        metrics = t.get("metrics") or {}
-        name = main_metric(metrics, metric)
-        m = metrics.get(name) or {}
+    for task, t in rec.tasks.items():
+        name = main_metric(t.metrics, metric)
+        m = t.metrics.get(name) or {}
         rows.append(
             Row(
                 config_id=config_id,
                 task=task,
-                summary=summary,
+                rec=rec,
                 path=path,
                 metric=name,
                 value=m.get("value"),
                 stderr=m.get("stderr"),
-                n=int(t.get("n") or 0),
-                stats=t.get("stats") or summary.get("stats") or {},
+                n=int(t.n or 0),
+                stats=t.stats or rec.stats or {},
                 resumed=resumed,
             )
         )
@@ -247,13 +266,17 @@ def collect(sweep_dir: Path, include_limit: bool = False, metric: str | None = N
 
 def find_baseline(row: Row, rows: list[Row]) -> Row | None:
     """The policy-none row of the same task, limit and decoding threshold (a baseline at another
-    threshold decodes differently: comparing with it would credit the policy with that change)."""
-    same = (
+    threshold decodes differently: comparing with it would credit the policy with that change).
+    Also sets row.session_baseline: such a row timed in the same session, if any."""
+    same = [
         b
         for b in rows
         if b.is_baseline and (b.task, b.limit, b.threshold) == (row.task, row.limit, row.threshold)
+    ]
+    row.session_baseline = next(
+        (b for b in same if row.session is not None and b.session == row.session), None
     )
-    return next(same, None)
+    return same[0] if same else None
 
 
 def sort_key(r: Row) -> tuple:
@@ -349,10 +372,55 @@ def causal_row(r: Row) -> str:
     )
 
 
+def timing_batches(rows: list[Row]) -> list[str]:
+    """The batch sizes any row was timed at in interleaved rounds, largest first."""
+    found = {b for r in rows if r.rec.timing for b in r.rec.timing.batches}
+    return sorted(found, key=int, reverse=True)
+
+
+def rounds_text(values: list[float]) -> str:
+    """`median [min - max]` over rounds; one round is marked not comparable."""
+    if not values:
+        return "-"
+    if len(values) < 2:
+        return f"{values[0]:.0f} {SINGLE_PASS}"
+    return f"{statistics.median(values):.0f} [{min(values):.0f} - {max(values):.0f}]"
+
+
+def ratio_text(r: Row, batch: str) -> str:
+    if not r.timed(batch):
+        return "-"
+    if r.session_baseline is None:
+        return "no baseline in its session"
+    x = r.timed_ratio(batch)
+    if x is None:
+        return "-"
+    one = len(r.timed(batch)) < 2 or len(r.session_baseline.timed(batch)) < 2
+    return f"{x:.2f}x" + (f" {SINGLE_PASS}" if one else "")
+
+
+def runs(rows: list[Row]) -> dict[tuple, int]:
+    """Number each distinct run (command, date, hardware, commit, note), in table order."""
+    out: dict[tuple, int] = {}
+    for r in rows:
+        out.setdefault(run_key(r), len(out) + 1)
+    return out
+
+
+def run_key(r: Row) -> tuple:
+    e = r.rec.env
+    return (r.rec.runner, r.rec.command, r.rec.date, e.get("gpu"), e.get("git_commit"), r.rec.note)
+
+
 def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], command: str) -> str:
     d = Path(sweep_dir).resolve()
     name = f"{d.parent.name}/{d.name}" if d.name.startswith("_limit") else d.name
-    lines = [f"# Results: {name}", "", f"Made by `{command}` from {len(rows)} rows.", ""]
+    lines = [
+        f"# Results: {name}",
+        "",
+        f"Generated by `{command}` from {len(rows)} rows; do not edit by hand.",
+        "",
+    ]
     if any(r.smoke for r in rows):
         lines += [
             "> **Smoke test**: rows marked `limit` ran on the first N problems only (--limit);",
@@ -360,6 +428,7 @@ def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], com
             "",
         ]
     lines += speed_notes(rows)
+    numbers = runs(rows)
     for task in dict.fromkeys(r.task for r in rows):
         trows = [r for r in rows if r.task == task]
         metrics = ", ".join(dict.fromkeys(str(r.metric) for r in trows))
@@ -375,22 +444,50 @@ def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], com
                 *(causal_row(r) for r in causal),
                 "",
             ]
+        batches = timing_batches(trows)
+        if batches:
+            lines += [
+                "Tokens/s timed in interleaved rounds (after an untimed warm-up pass where the",
+                "session says so), median [min - max] over the rounds, and the median over that of",
+                "the baseline timed in the same session:",
+                "",
+                "| config | run | "
+                + " | ".join(f"batch {b}: tokens/s | vs baseline" for b in batches)
+                + " |",
+                "|---|---:|" + "---:|---:|" * len(batches),
+            ]
+            for r in trows:
+                if r.rec.timing:
+                    cells = " | ".join(
+                        f"{rounds_text(r.timed(b))} | {ratio_text(r, b)}" for b in batches
+                    )
+                    lines.append(f"| {r.config_id} | {numbers[run_key(r)]} | {cells} |")
+            lines.append("")
+        rates = [r for r in trows if r.stats.get("skip_rate_per_layer")]
+        if any(any(x for x in r.stats["skip_rate_per_layer"]) for r in rates):
+            lines += ["Skip rate per layer (1 - executed / no-skip units):", ""]
+            lines += ["| config | per layer, first to last |", "|---|---|"]
+            for r in rates:
+                per = " ".join(f"{x:.2f}" for x in r.stats["skip_rate_per_layer"])
+                lines.append(f"| {r.config_id} | {per} |")
+            lines.append("")
         lines += [f"![{p.stem}]({p.name})" for p in plots.get(task, [])]
         lines.append("")
     lines += [
         "Columns: tokens/fwd = generated tokens per decoding row-forward; fwd/problem = decoding",
         "row-forwards (denoise + commit) per problem; FLOPs/fwd vs no skip = executed FLOPs / the",
         "same forwards with every unit computed (per-forward saving); FLOPs vs baseline run =",
-        "executed FLOPs / those of the baseline configuration on the same problems (end to end);",
-        "skip rate = 1 - executed / no-skip (row, position, layer) units; tokens/s = generated",
-        "tokens / the run's decoding wall time, all processes together (data-parallel runs add",
-        "tokens/s per GPU = that / the processes).",
+        "executed FLOPs / those of the baseline configuration (same task, limit and decoding",
+        "threshold) on the same problems (end to end); skip rate = 1 - executed / no-skip",
+        "(row, position, layer) units; tokens/s = generated tokens / the evaluation's decoding",
+        "wall time, all processes together (data-parallel runs add tokens/s per GPU = that / the",
+        "processes).",
     ]
     if any(r.tokens_per_second is not None and len(r.speed_rounds) < 2 for r in rows):
         lines.append(
             f"{SINGLE_PASS} tokens/s from a single timed pass: not comparable between "
-            "configurations (no spread over repeated, interleaved rounds; "
-            "`python -m v2.tiny.policy_sweep` times in rounds)."
+            "configurations (no spread over repeated, interleaved rounds; a sweep with "
+            "`runner: direct` times in rounds)."
         )
     if any(r.resumed for r in rows):
         lines.append(
@@ -398,17 +495,27 @@ def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], com
             "problem, but the speed and FLOPs figures cover only the problems run in the last "
             "attempt."
         )
-    lines += ["", "## Runs", "", "| config | policy | threshold | batch | gpu | git | summary |"]
-    lines.append("|---|---|---|---|---|---|---|")
-    for r in {id(r.summary): r for r in rows}.values():
-        cfg, env = r.summary.get("config", {}), r.summary.get("env", {})
+    lines += ["", "## Runs", ""]
+    lines += ["| config | run | runner | policy | threshold | batch | record |"]
+    lines.append("|---|---:|---|---|---|---|---|")
+    for r in {id(r.rec): r for r in rows}.values():
+        cfg = r.rec.config
         opts = ", ".join(f"{k}={v}" for k, v in r.policy.items() if k != "policy" and v is not None)
         lines.append(
-            f"| {r.config_id} | {r.policy_name}{' (' + opts + ')' if opts else ''} "
+            f"| {r.config_id} | {numbers[run_key(r)]} | {r.rec.runner} "
+            f"| {r.policy_name}{' (' + opts + ')' if opts else ''} "
             f"| {cfg.get('threshold', '-')} | {cfg.get('batch_size', '-')} "
-            f"| {env.get('gpu', '-')} | {str(env.get('git_commit', '-'))[:10]} "
             f"| `{r.path.relative_to(sweep_dir)}` |"
         )
+    lines.append("")
+    for (runner, cmd, date, gpu, git, note), k in numbers.items():
+        lines.append(
+            f"- run {k} ({runner} runner): {gpu or '-'}, git {git or '-'}, {date or 'no date'}"
+        )
+        if cmd:
+            lines.append(f"  - command: `{cmd}`")
+        if note:
+            lines.append(f"  - note: {note}")
     return "\n".join(lines) + "\n"
 
 
@@ -422,74 +529,118 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
     return sorted(front)
 
 
-def point_labels(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
-    """One label per plotted position, by x: configurations that land on the same point (to 0.1
-    on both axes, e.g. settings that skip nothing) share one label, a name per line."""
-    merged: dict[tuple[float, float], list[str]] = {}
-    for x, y, name in points:
-        merged.setdefault((round(x, 1), round(y, 1)), []).append(name)
-    return [(x, y, "\n".join(names)) for (x, y), names in sorted(merged.items())]
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "<", ">", "h", "p", "d")
 
 
-def plot(rows: list[Row], x_of, x_label: str, title: str, path: Path, speed: bool = False) -> Path:
+def styles(rows: list[Row]) -> dict[str, dict]:
+    """One marker and colour per configuration (the same in every plot of a page); the baseline
+    a large hollow red star, and no configuration red."""
+    import matplotlib
+
+    # strong colours first, then their light shades; red is the baseline's
+    tab20 = matplotlib.colormaps["tab20"].colors
+    palette = [tab20[i] for i in [*range(0, 20, 2), *range(1, 20, 2)] if i not in (6, 7)]
+    out, k = {}, 0
+    for r in rows:
+        if r.config_id in out:
+            continue
+        if r.is_baseline:
+            # hollow, on top: a configuration on the same spot shows through
+            out[r.config_id] = dict(
+                marker="*", ms=17, color="tab:red", mfc="none", mew=1.4, zorder=4
+            )
+        else:
+            color = palette[k % len(palette)]
+            out[r.config_id] = dict(marker=MARKERS[k % len(MARKERS)], ms=6, color=color, zorder=3)
+            k += 1
+    return out
+
+
+def draw(ax, pts: list[tuple[Row, float, tuple[float, float] | None]], style: dict) -> None:
+    """Each (row, x, x spread) as a marker with error bars, named in the legend (no text on the
+    plot: labels cannot overlap); the baseline's accuracy as a dashed line; the Pareto front."""
+    for r, x, xerr in pts:
+        y, err = 100 * r.value, 100 * (r.stderr or 0)
+        label = r.config_id + (" (baseline)" if r.is_baseline and r.config_id != "baseline" else "")
+        xe = None if xerr is None else [[x - xerr[0]], [xerr[1] - x]]
+        ax.errorbar(
+            x, y, yerr=err, xerr=xe, capsize=2, ls="none", lw=0.8, label=label, **style[r.config_id]
+        )
+    base = [r for r, _, _ in pts if r.is_baseline]
+    if base:
+        ax.axhline(
+            100 * base[0].value,
+            color="tab:red",
+            lw=0.7,
+            ls=":",
+            zorder=1,
+            label="baseline accuracy",
+        )
+    front = pareto_front([(x, 100 * r.value) for r, x, _ in pts])
+    if len(front) > 1:
+        ax.plot(
+            *zip(*front, strict=True), ls="--", lw=1, color="gray", zorder=2, label="Pareto front"
+        )
+    ax.margins(x=0.08, y=0.12)  # autoscaled: every point and error bar is inside the axes
+    ax.grid(alpha=0.3)
+
+
+def coinciding(pts: list[tuple[Row, float, object]]) -> list[list[str]]:
+    """Configurations whose markers fall on one spot (within 1 % of the points' spread on both
+    axes), hiding each other: named under the plot so that every point is accounted for."""
+    if len(pts) < 2:
+        return []
+    xs, ys = [x for _, x, _ in pts], [100 * r.value for r, _, _ in pts]
+    sx, sy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    spots: dict[tuple[int, int], list[str]] = {}
+    for (r, x, _), y in zip(pts, ys, strict=True):
+        key = (round(100 * (x - min(xs)) / sx), round(100 * (y - min(ys)) / sy))
+        spots.setdefault(key, []).append(r.config_id)
+    return [g for g in spots.values() if len(g) > 1]
+
+
+def figure(
+    panels: list[tuple[str, list]], rows: list[Row], title: str, path: Path, note: str | None = None
+) -> Path:
+    """One plot per panel (x label, points), shared accuracy axis, one legend to the right."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pts = [(x_of(r), r) for r in rows if x_of(r) is not None and r.value is not None]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for x, r in pts:
-        y, err = 100 * r.value, 100 * (r.stderr or 0)
-        style = dict(marker="o")
-        if r.is_baseline:
-            style = dict(marker="*", ms=14, color="tab:red", zorder=3)
-        ax.errorbar(x, y, yerr=err, capsize=3, ls="none", **style)
-    labels = point_labels([(x, 100 * r.value, r.config_id) for x, r in pts])
-    for i, (x, y, text) in enumerate(labels):
-        # neighbours (by x) go above, below, further above, further below their points
-        dy = (5, -5, 15, -15)[i % 4]
-        ax.annotate(
-            text,
-            (x, y),
-            textcoords="offset points",
-            xytext=(5, dy),
-            va="bottom" if dy > 0 else "top",
+    style = styles(rows)
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(4.6 * len(panels) + 2.6, 4.6), sharey=True, squeeze=False
+    )
+    notes = [note] if note else []
+    for ax, (x_label, pts) in zip(axes[0], panels, strict=True):
+        draw(ax, pts, style)
+        ax.set_xlabel(x_label)
+        if spots := coinciding(pts):
+            where = f"{x_label.split(':')[0]}: " if len(panels) > 1 else ""
+            notes.append(f"{where}drawn on one spot: " + "; ".join(" = ".join(g) for g in spots))
+    axes[0][0].set_ylabel("accuracy (%), bars: ± 1 s.e.")
+    smoke = " [smoke test: --limit]" if any(r.smoke for r in rows) else ""
+    fig.suptitle(title + smoke, fontsize=10)
+    handles: dict[str, object] = {}
+    for ax in axes[0]:
+        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, h)
+    if handles:
+        fig.legend(
+            handles.values(),
+            handles.keys(),
+            loc="upper left",
+            bbox_to_anchor=(1.0, 0.93),
             fontsize=7,
+            ncol=1 if len(handles) <= 24 else 2,
+            frameon=False,
         )
-    front = pareto_front([(x, 100 * r.value) for x, r in pts])
-    if len(front) > 1:
-        ax.plot(*zip(*front, strict=True), ls="--", lw=1, color="gray", label="Pareto front")
-        ax.legend(loc="lower left", fontsize=8)
-    ax.margins(x=0.15, y=0.1)
-    ax.set_xlabel(x_label)
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title + (" [smoke test: --limit]" if any(r.smoke for _, r in pts) else ""))
-    if speed and pts:
-        if any(r.on_cpu for _, r in pts):
-            warning = "CPU: tokens/s are not results"
-        elif any(len(r.speed_rounds) < 2 for _, r in pts):
-            warning = "tokens/s of one timed pass each: not comparable"
-        else:
-            warning = "median of timed rounds; bars: min - max"
-            for x, r in pts:
-                lo, hi = min(r.speed_rounds), max(r.speed_rounds)
-                ax.errorbar(
-                    x, 100 * r.value, xerr=[[x - lo], [hi - x]], capsize=2, ls="none", color="gray"
-                )
-        ax.text(
-            0.99,
-            0.01,
-            warning,
-            transform=ax.transAxes,
-            ha="right",
-            va="bottom",
-            fontsize=8,
-            color="tab:red",
-        )
-    ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    if notes:  # below the axes; the saved image's bounding box takes it in
+        text = "\n".join(textwrap.fill(n, 150, subsequent_indent="    ") for n in notes)
+        fig.text(0.01, -0.01, text, fontsize=7.5, color="tab:red", ha="left", va="top")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -501,48 +652,85 @@ def flops_x(r: Row) -> float | None:
     return None if r.flops_ratio is None else 100 * (1 - r.flops_ratio)
 
 
+def flops_plot(rows: list[Row], task: str, path: Path) -> Path:
+    e2e = any(r.flops_saving is not None for r in rows)
+    pts = [(r, flops_x(r), None) for r in rows if flops_x(r) is not None and r.value is not None]
+    label = (
+        "executed FLOPs saved vs the baseline run (%)"
+        if e2e
+        else "executed FLOPs saved per forward (%)"
+    )
+    return figure([(label, pts)], rows, f"{task}: accuracy vs compute", path)
+
+
+def speed_plot(rows: list[Row], task: str, path: Path) -> Path:
+    """Timed rounds: tokens/s over the same session's baseline per batch size, bars min - max;
+    otherwise the evaluations' single-pass tokens/s, marked not comparable."""
+    batches = timing_batches(rows)
+    panels, note = [], None
+    for b in batches:
+        pts = []
+        for r in rows:
+            x, base = r.timed_ratio(b), r.session_baseline
+            if x is None or r.value is None:
+                continue
+            m = statistics.median(base.timed(b))
+            pts.append((r, x, (min(r.timed(b)) / m, max(r.timed(b)) / m)))
+        panels.append((f"batch {b}: tokens/s / the same session's baseline (bars: min - max)", pts))
+    if batches:
+        one = [len(r.timed(b)) < 2 for r in rows for b in batches if r.timed(b)]
+        if any(one):
+            who = "every configuration was" if all(one) else "some configurations were"
+            note = f"{SINGLE_PASS} {who} timed in one round: ratios not comparable"
+    else:
+        pts = [
+            (r, r.tokens_per_second, None)
+            for r in rows
+            if r.tokens_per_second is not None and r.value is not None
+        ]
+        panels = [("tokens/s (all processes together)", pts)]
+        note = "tokens/s of one timed pass each: not comparable"
+    if any(r.on_cpu for r in rows):
+        note = "CPU: tokens/s are not results" + (f"; {note}" if note else "")
+    return figure(panels, rows, f"{task}: accuracy vs speed", path, note)
+
+
 def build(
     sweep_dir: Path,
     out: Path | None = None,
     include_limit: bool = False,
     metric: str | None = None,
     command: str | None = None,
+    stem: str | None = None,
 ) -> tuple[Path, list[Path], list[Row]]:
-    """Write <out>/results.md and the plots; returns (results.md, plots, rows)."""
+    """Write <out>/results.md (<out>/<stem>.md, plots prefixed <stem>_) and the plots; returns
+    (the page, plots, rows)."""
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir / "_report"
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(sweep_dir, include_limit, metric)
+    prefix = f"{stem}_" if stem else ""
     plots: dict[str, list[Path]] = {}
     for task in dict.fromkeys(r.task for r in rows):
         trows = [r for r in rows if r.task == task]
         safe = task.replace("/", "_")
-        e2e = any(r.flops_saving is not None for r in trows)
         plots[task] = [
-            plot(
-                trows,
-                flops_x,
-                "executed FLOPs saved vs the baseline run (%)"
-                if e2e
-                else "executed FLOPs saved per forward (%)",
-                f"{task}: accuracy vs compute",
-                out / f"pareto_flops_{safe}.png",
-            ),
-            plot(
-                trows,
-                lambda r: r.tokens_per_second,
-                "tokens/s (all processes together)",
-                f"{task}: accuracy vs speed",
-                out / f"pareto_speed_{safe}.png",
-                speed=True,
-            ),
+            flops_plot(trows, task, out / f"{prefix}pareto_flops_{safe}.png"),
+            speed_plot(trows, task, out / f"{prefix}pareto_speed_{safe}.png"),
         ]
     command = command or f"python -m v2.report {sweep_dir}" + (
         " --include-limit" if include_limit else ""
     )
-    md = out / "results.md"
+    md = out / (f"{stem}.md" if stem else "results.md")
     md.write_text(markdown(rows, sweep_dir, plots, command))
     return md, [p for ps in plots.values() for p in ps], rows
+
+
+def sweeps_in(folder: Path) -> list[Path]:
+    """The sweep folders inside `folder` (a folder of sweeps has no records of its own)."""
+    if any(any(d.glob("*/summary.json")) for _, d in run_dirs(folder)):
+        return []
+    return [d for _, d in run_dirs(folder) if any(d.glob("*/*/summary.json"))]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -559,6 +747,15 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweep_dir.is_dir():
         print(f"error: no such folder {args.sweep_dir}", file=sys.stderr)
         return 2
+    many = sweeps_in(args.sweep_dir)
+    if many:
+        argv = sys.argv[1:] if argv is None else argv
+        command = shlex.join(["python", "-m", "v2.report", *argv])
+        out = args.out or args.sweep_dir / "_report"
+        for d in many:
+            md, plots, _ = build(d, out, args.include_limit, args.metric, command, stem=d.name)
+            print(f"written: {md} ({len(plots)} plots)")
+        return 0
     md, plots, rows = build(args.sweep_dir, args.out, args.include_limit, args.metric)
     if not rows:
         print(f"no summary.json under {args.sweep_dir} (--include-limit for --limit runs)")

@@ -20,6 +20,7 @@ from v2.bench.models import MODELS, load
 from v2.bench.report import markdown, targets, update_readme, write_plot
 from v2.bench.roofline import measure_bandwidth, measure_matmul, nbytes
 from v2.bench.timing import Clock
+from v2.record import write_text
 
 GRIDS = {
     "full": dict(
@@ -130,15 +131,15 @@ class Bench:
         self.data["elapsed_s"] = time.perf_counter() - self.t0
         self.data["targets"] = targets(self.data)
         self.out.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.out / f"{self.name}.json", json.dumps(self.data, indent=1) + "\n")
-        write_atomic(self.out / f"{self.name}.md", markdown(self.data))
+        write_text(self.out / f"{self.name}.json", json.dumps(self.data, indent=1) + "\n")
+        write_text(self.out / f"{self.name}.md", markdown(self.data))
         if plot:
             try:
                 write_plot(self.data, self.out / f"{self.name}.png")
             except Exception as e:  # noqa: BLE001 - a missing matplotlib must not lose the data
                 self.data["plot_error"] = f"{type(e).__name__}: {e}"
                 self.log(f"no plot: {self.data['plot_error']}")
-                write_atomic(self.out / f"{self.name}.json", json.dumps(self.data, indent=1) + "\n")
+                write_text(self.out / f"{self.name}.json", json.dumps(self.data, indent=1) + "\n")
 
     def error(self, section: str, model: str | None, e: BaseException) -> None:
         self.data["errors"].append(
@@ -204,12 +205,6 @@ class Bench:
         self.save(plot=True)
         self.log(f"done: {self.out / self.name}.{{json,md,png}}")
         return self.data
-
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def slug(device_name: str) -> str:

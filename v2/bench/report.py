@@ -382,7 +382,7 @@ def readme_table(data: dict, source: str) -> str:
 
 
 def update_readme(json_path: Path, readme: Path) -> None:
-    from v2.bench.cli import write_atomic
+    from v2.record import write_text
 
     data = json.loads(json_path.read_text())
     text = readme.read_text()
@@ -391,4 +391,4 @@ def update_readme(json_path: Path, readme: Path) -> None:
     head, rest = text.split(README_BEGIN, 1)
     tail = rest.split(README_END, 1)[1]
     source = json_path.resolve().relative_to(readme.resolve().parent).as_posix()
-    write_atomic(readme, f"{head}{README_BEGIN}\n{readme_table(data, source)}\n{README_END}{tail}")
+    write_text(readme, f"{head}{README_BEGIN}\n{readme_table(data, source)}\n{README_END}{tail}")

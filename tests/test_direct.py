@@ -1,0 +1,130 @@
+"""`runner: direct` (v2/direct.py): the engine called directly by the sweep runner writes the
+same record (v2/record.py) into the same results/<sweep>/<config>/ layout as the lm_eval runner,
+with every configuration timed in interleaved rounds after a warm-up (CPU, a few problems)."""
+
+import json
+import statistics
+
+import pytest
+
+from v2 import direct, experiments, record, report
+
+SWEEP = """
+name: direct_try
+pretrained: v2/tiny/checkpoint
+tasks: [tiny_gsm]
+threshold: 0.9
+runner: direct
+direct: {batch_size: 3, speed: {2: 2, 1: 1}, speed_rounds: 2, max_new_tokens: 64}
+grid:
+  - policy: none
+  - policy: reuse
+    reuse_k: 1
+    layer_subset: middle
+"""
+
+
+def test_direct_runner_writes_the_record_and_times_in_rounds(tmp_path, monkeypatch, capsys):
+    calls = []
+    real = direct.decode
+
+    def spy(lm, sweep, cfg, texts, gold, batch):
+        calls.append((cfg.id, batch, len(texts)))
+        return real(lm, sweep, cfg, texts, gold, batch)
+
+    monkeypatch.setattr(direct, "decode", spy)
+    path = tmp_path / "direct_try.yaml"
+    path.write_text(SWEEP)
+    results = tmp_path / "results"
+    argv = [str(path), "--local", "--results", str(results), "--limit", "3"]
+    assert experiments.main(argv) == 0
+    root = results / "direct_try" / "_limit3"
+    recs = {}
+    for cid in ("baseline", "reuse_k1_middle"):
+        (summary,) = (root / cid).glob("*/summary.json")
+        d = json.loads(summary.read_text())
+        # the checker of the runner and the report read the one schema
+        cfg = experiments.load_sweep(path, results).config(cid)
+        assert experiments.check_summary(summary, experiments.expected(cfg, 3)) == []
+        assert (root / cid / "DONE").exists()
+        recs[cid] = rec = record.read(summary)
+        assert rec.runner == "direct" and rec.limit == 3 and rec.smoke_test
+        assert rec.config["threshold"] == 0.9 and rec.config["max_new_tokens"] == 64
+        assert rec.tasks["tiny_gsm"].n == 3 and set(rec.tasks["tiny_gsm"].metrics) == {
+            direct.STRICT,
+            direct.FLEXIBLE,
+        }
+        assert {b: len(v["tokens_per_second_rounds"]) for b, v in rec.timing.batches.items()} == {
+            "2": 2,
+            "1": 2,
+        }
+        assert d["timing"]["session"] == rec.timing.session
+    base, k1 = recs["baseline"], recs["reuse_k1_middle"]
+    assert base.timing.session == k1.timing.session  # timed together
+    assert base.stats["executed_flops"] == k1.stats["executed_flops"]  # reuse_k 1 is the baseline
+    # accuracy pass, then the warm-up of every timed work, then 2 rounds, reversed in round 2
+    timed = [(c, b, n) for c in ("baseline", "reuse_k1_middle") for b, n in ((2, 2), (1, 1))]
+    assert calls[:2] == [("baseline", 3, 3), ("reuse_k1_middle", 3, 3)]
+    assert calls[2:6] == timed and calls[6:10] == timed
+    assert calls[10:] == timed[2:] + timed[:2]
+    # the report compares tokens/s with the baseline of the same timing session only
+    rows = {r.config_id: r for r in report.collect(root)}
+    assert rows["reuse_k1_middle"].session_baseline is rows["baseline"]
+    assert rows["baseline"].timed_ratio("2") == 1.0
+    k1_median = statistics.median(k1.timing.batches["2"]["tokens_per_second_rounds"])
+    b_median = statistics.median(base.timing.batches["2"]["tokens_per_second_rounds"])
+    assert rows["reuse_k1_middle"].timed_ratio("2") == pytest.approx(k1_median / b_median)
+    md = (root / "_report" / "results.md").read_text()
+    assert "| reuse_k1_middle | 1 |" in md and "batch 2: tokens/s" in md
+    # a rerun finds both done
+    capsys.readouterr()
+    assert experiments.main(argv) == 0
+    assert "nothing to run" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("tasks: [gsm8k]", "runner direct scores one task of tiny_gsm"),
+        ("direct: {speed: {32: 0}}", "direct.speed is {batch: problems}"),
+        ("direct: {rounds: 3}", "direct takes batch_size"),
+        ("runner: vllm", "runner must be lm_eval or direct"),
+        ("model_args: {release_recipe: true}", "not release_recipe"),
+    ],
+)
+def test_bad_direct_sweeps_are_rejected_before_anything_runs(tmp_path, capsys, change, message):
+    key = change.split(":")[0]
+    lines = [x for x in SWEEP.splitlines() if not x.startswith(key + ":")]
+    path = tmp_path / "bad.yaml"
+    path.write_text("\n".join([*lines, change]) + "\n")
+    assert experiments.main([str(path), "--local", "--results", str(tmp_path / "r")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+
+
+def test_lm_eval_sweep_with_direct_settings_is_rejected(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text(SWEEP.replace("runner: direct", "runner: lm_eval"))
+    with pytest.raises(experiments.SweepError, match="`direct` settings need `runner: direct`"):
+        experiments.load_sweep(path)
+
+
+def test_a_failing_direct_run_marks_every_configuration_failed(tmp_path, capsys):
+    path = tmp_path / "fails.yaml"
+    path.write_text(SWEEP + "model_args: {small_block_size: 5}\n")  # 5 does not divide 32
+    results = tmp_path / "results"
+    argv = [str(path), "--local", "--results", str(results), "--limit", "2"]
+    assert experiments.main(argv) == 1
+    out = capsys.readouterr().out
+    assert "failed: baseline, reuse_k1_middle" in out
+    for cid in ("baseline", "reuse_k1_middle"):
+        failed = json.loads((results / "direct_try" / "_limit2" / cid / "FAILED").read_text())
+        assert "small_block_size 5" in failed["reason"]
+
+
+def test_direct_sweep_is_not_submitted_to_slurm(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(experiments, "slurm_available", lambda: True)
+    path = tmp_path / "direct_try.yaml"
+    path.write_text(SWEEP)
+    assert experiments.main([str(path), "--results", str(tmp_path / "r")]) == 2
+    assert "run it with --local" in capsys.readouterr().err

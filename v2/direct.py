@@ -1,0 +1,200 @@
+"""The `direct` backend of the sweep runner (`runner: direct` in a sweep file): the engine called
+directly, with no lm_eval, so it runs on a bare GPU machine. Every configuration of the sweep
+decodes in this one process:
+
+1. accuracy and statistics on the task's problems (`direct.batch_size` at a time), configuration
+   after configuration;
+2. one untimed pass of every configuration's timed work (compilation, CUDA-graph capture, lazy
+   initialisation), so that no configuration's first timed round pays for it;
+3. `direct.speed_rounds` interleaved timing rounds, the order reversed every other round, at each
+   batch size of `direct.speed` ({batch: problems}); a configuration's speed then does not depend
+   on its place in the list (timing each once, in list order, measured the first configuration
+   up to 1.6x slower than others doing exactly its work).
+
+Each configuration's record (v2/record.py) is written to results/<sweep>/<id>/<model>/summary.json
+once all rounds are done, with `timing.session` shared by the configurations timed together.
+Supported task: tiny_gsm (the committed tiny model's test split), scored as its lm_eval task
+scores it (strict = the `#### N` answer, flexible = the last number).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shlex
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+from v2.experiments import (
+    FAILED,
+    HOST,
+    REPO,
+    RUNNING,
+    Config,
+    Interrupted,
+    Sweep,
+    _log,
+    _write_done,
+    _write_failed,
+    archive,
+    expected,
+    remove_markers,
+    write_marker,
+)
+from v2.record import Record, TaskResult, Timing, environment, write
+
+TASKS = {"tiny_gsm": REPO / "v2" / "tiny" / "data" / "test.jsonl"}
+DEFAULTS = {"batch_size": 250, "speed": {32: 128, 1: 16}, "speed_rounds": 3, "max_new_tokens": 256}
+STRICT, FLEXIBLE = "exact_match,strict-match", "exact_match,flexible-extract"
+
+
+def accuracy(hits: list[bool]) -> dict:
+    """Mean with the standard error sqrt(p(1-p)/(n-1)) (lm_eval's)."""
+    n = len(hits)
+    p = sum(hits) / n
+    return {"value": p, "stderr": math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else 0.0}
+
+
+def problems(task: str, limit: int | None) -> tuple[list[str], list[str]]:
+    """(prompts, gold answers) of a task, the first `limit` only where given."""
+    from v2.tiny.data import read_jsonl
+
+    rows = read_jsonl(TASKS[task])[:limit]
+    texts = [f"Question: {q['question']}\nAnswer:" for q in rows]
+    gold = [q["answer"].split("####")[-1].strip() for q in rows]
+    return texts, gold
+
+
+def generation_config(sweep: Sweep, cfg: Config):
+    """The GenerationConfig of a configuration: the evaluation defaults (EVAL_DEFAULTS, as the
+    lm_eval runner's), the sweep's max_new_tokens, threshold and model_args' settings."""
+    from v2.generate import EVAL_DEFAULTS, GenerationConfig
+
+    fields = GenerationConfig.__dataclass_fields__
+    given = {**sweep.model_args, **cfg.model_args}
+    settings = {**EVAL_DEFAULTS, **{k: v for k, v in given.items() if k in fields}}
+    settings["max_new_tokens"] = sweep.direct["max_new_tokens"]
+    if cfg.threshold is not None:
+        settings["threshold"] = cfg.threshold
+    return GenerationConfig(**settings)
+
+
+def decode(lm, sweep: Sweep, cfg: Config, texts, gold, batch: int):
+    from v2.policies import make_policy
+    from v2.tiny.train import score
+
+    def policy():
+        return make_policy(cfg.policy, **cfg.options)
+
+    return score(lm, texts, gold, generation_config(sweep, cfg), batch, policy)
+
+
+def run_local(
+    sweep: Sweep,
+    to_run: list[Config],
+    limit: int | None,
+    replace_ids: set[str] | frozenset = frozenset(),
+) -> list[tuple[str, int]]:
+    """Run `to_run` in this process; returns (id, exit status) per configuration: all failed
+    (FAILED markers with the reason) if any step raised. Ctrl-C raises Interrupted naming them
+    all (records are written only once timing is done)."""
+    from dataclasses import asdict
+
+    from v2.generate import FastDLLM
+
+    pretrained = Path(sweep.pretrained).expanduser()
+    pretrained = pretrained if pretrained.is_absolute() else REPO / pretrained
+    marker = {"host": HOST, "pid": os.getpid(), "runner": "direct"}
+    for cfg in to_run:
+        if cfg.id in replace_ids and (dest := archive(sweep, cfg, limit)):
+            _log(f"{cfg.id}: moved the old results to {dest}")
+        run_dir = sweep.run_dir(cfg.id, limit)
+        remove_markers(run_dir, FAILED)
+        write_marker(run_dir, RUNNING, marker)
+    started = time.time()
+    d = sweep.direct
+    try:
+        lm = FastDLLM.load(pretrained)
+        env = environment()
+        measured: dict[str, dict] = {}
+        for n, cfg in enumerate(to_run, 1):
+            (task,) = cfg.tasks
+            texts, gold = problems(task, limit)
+            strict, flexible, stats = decode(lm, sweep, cfg, texts, gold, d["batch_size"])
+            s = stats.to_dict()
+            metrics = {STRICT: accuracy(strict), FLEXIBLE: accuracy(flexible)}
+            measured[cfg.id] = {"task": task, "n": len(texts), "metrics": metrics, "stats": s}
+            _log(
+                f"[{n}/{len(to_run)}] {cfg.id}: flexible {metrics[FLEXIBLE]['value']:.3f}, "
+                f"FLOPs/fwd {s['flops_ratio']:.3f}, tokens/fwd {s['tokens_per_forward']:.2f}"
+            )
+        timed = {str(b): min(p, len(texts)) for b, p in d["speed"].items()}
+        rounds: dict[str, dict[str, list[float]]] = {c.id: {b: [] for b in timed} for c in to_run}
+
+        def time_all(order: list[Config], keep: bool) -> None:
+            for cfg in order:
+                texts, gold = problems(cfg.tasks[0], limit)
+                for b, n in timed.items():
+                    _, _, stats = decode(lm, sweep, cfg, texts[:n], gold[:n], int(b))
+                    if keep:
+                        rounds[cfg.id][b].append(stats.tokens_per_second)
+
+        time_all(to_run, keep=False)  # warm-up
+        for r in range(d["speed_rounds"]):
+            time_all(to_run if r % 2 == 0 else to_run[::-1], keep=True)
+            _log(f"speed round {r + 1} of {d['speed_rounds']} done")
+    except KeyboardInterrupt:
+        for cfg in to_run:
+            reason = "interrupted (SIGINT); a rerun runs it again"
+            _write_failed(sweep.run_dir(cfg.id, limit), {"rc": 130, "reason": reason, **marker})
+        raise Interrupted([c.id for c in to_run]) from None
+    except Exception as e:  # a bad checkpoint, setting or decode: every configuration failed
+        reason = f"{type(e).__name__}: {e}"
+        _log(f"direct run failed: {reason}")
+        for cfg in to_run:
+            _write_failed(sweep.run_dir(cfg.id, limit), {"rc": 1, "reason": reason, **marker})
+        return [(cfg.id, 1) for cfg in to_run]
+    session = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+    command = shlex.join(["python", "-m", "v2.experiments", *sys.argv[1:]])
+    results = []
+    for cfg in to_run:
+        m = measured[cfg.id]
+        gen = generation_config(sweep, cfg)
+        rec = Record(
+            model=pretrained.resolve().name,
+            pretrained=sweep.pretrained,
+            config={
+                "policy": {"policy": cfg.policy, **cfg.options},
+                **asdict(gen),
+                "batch_size": d["batch_size"],
+                "dtype": str(lm.model.embed_tokens.weight.dtype).removeprefix("torch."),
+                "num_processes": 1,
+            },
+            tasks={m["task"]: TaskResult(n=m["n"], metrics=m["metrics"], stats=m["stats"])},
+            stats=m["stats"],
+            limit=limit,
+            smoke_test=limit is not None,
+            runner="direct",
+            speed=None,
+            timing=Timing(
+                session=session,
+                rounds=d["speed_rounds"],
+                batches={
+                    b: {"problems": n, "tokens_per_second_rounds": rounds[cfg.id][b]}
+                    for b, n in timed.items()
+                },
+                warmup="one untimed pass of every configuration's timed work",
+            ),
+            env=env,
+            command=command,
+            date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        run_dir = sweep.run_dir(cfg.id, limit)
+        path = write(run_dir / rec.model / "summary.json", rec)
+        task = {"config_id": cfg.id, "expect": expected(cfg, limit)}
+        _write_done(run_dir, task, path, started)
+        results.append((cfg.id, 0))
+    return results

@@ -1,0 +1,205 @@
+"""The one results record: what every evaluation run writes (`summary.json`), the runner checks
+and the report reads, whichever backend produced it.
+
+    results/<sweep>/<config_id>/<model>/summary.json
+
+Backends (`runner:` in a sweep file, v2/experiments.py): `lm_eval` (v2/eval.py, one process per
+configuration) and `direct` (v2/direct.py: the engine called directly, every configuration of the
+sweep in one process, timed in interleaved rounds). Both fill the same fields:
+
+- `config`: every generation setting and the policy with its options, as run (the decoding
+  threshold included, whatever its default was where the run started);
+- `tasks`: per task n, metrics ({name: {value, stderr}}) and decoding statistics (v2/stats.py);
+- `stats`: the statistics summed over the tasks;
+- `speed`: the evaluation's own decoding wall and tokens/s (one timed pass: not comparable
+  between configurations);
+- `timing` (direct runner): tokens/s per batch size over `rounds` interleaved rounds; records
+  with the same `timing.session` were timed together, so their tokens/s compare.
+
+Old records (written before `runner`, `timing`, `command`, `date`, `note`) still read: those
+fields are optional. Numbers are never rewritten: a record is written once, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+SCHEMA = 1
+RUNNERS = ("lm_eval", "direct")
+REPO = Path(__file__).resolve().parents[1]
+
+
+class RecordError(ValueError):
+    """A summary.json that is not a valid record; the message lists what is wrong."""
+
+
+@dataclass
+class TaskResult:
+    n: int
+    metrics: dict[str, dict]  # name -> {"value": float, "stderr": float | None}
+    stats: dict = field(default_factory=dict)
+
+
+@dataclass
+class Timing:
+    """Tokens/s of one configuration timed together with the others of its session: per batch
+    size (a string key, JSON's), the problems decoded and tokens/s of every round."""
+
+    session: str
+    rounds: int
+    batches: dict[str, dict]  # "32" -> {"problems": int, "tokens_per_second_rounds": [float]}
+    warmup: str | None = None
+
+
+@dataclass
+class Record:
+    model: str
+    pretrained: str
+    config: dict
+    tasks: dict[str, TaskResult]
+    stats: dict
+    limit: int | None = None
+    smoke_test: bool = False
+    runner: str = "lm_eval"
+    speed: dict | None = None
+    timing: Timing | None = None
+    env: dict = field(default_factory=dict)
+    results_file: str | None = None
+    command: str | None = None
+    date: str | None = None
+    note: str | None = None
+    schema: int = SCHEMA
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        return {k: v for k, v in d.items() if v is not None or k in ("limit", "speed")}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Record:
+        bad = problems(d)
+        if bad:
+            raise RecordError("; ".join(bad))
+        known = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["tasks"] = {name: TaskResult(**t) for name, t in d["tasks"].items()}
+        if d.get("timing"):
+            kw["timing"] = Timing(**d["timing"])
+        return cls(**kw)
+
+    @property
+    def policy(self) -> str:
+        return (self.config.get("policy") or {}).get("policy") or "none"
+
+
+def problems(d) -> list[str]:
+    """What makes `d` not a record ([] if nothing)."""
+    if not isinstance(d, dict):
+        return ["not a JSON object"]
+    out = []
+    if d.get("schema") != SCHEMA:
+        out.append(f"schema {d.get('schema')!r}, expected {SCHEMA}")
+    if d.get("runner", "lm_eval") not in RUNNERS:
+        out.append(f"runner {d.get('runner')!r}, expected one of {', '.join(RUNNERS)}")
+    for key in ("model", "pretrained"):
+        if not isinstance(d.get(key), str):
+            out.append(f"no {key}")
+    if not isinstance(d.get("config"), dict):
+        out.append("no config")
+    tasks = d.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        out.append("no tasks")
+    else:
+        for name, t in tasks.items():
+            if not isinstance(t, dict) or not t.get("metrics"):
+                out.append(f"no metrics for task {name}")
+            elif not isinstance(t.get("n"), int):
+                out.append(f"no n for task {name}")
+    if not isinstance(d.get("stats"), dict) or "executed_flops" not in d["stats"]:
+        out.append("no stats")
+    timing = d.get("timing")
+    if timing is not None and not (
+        isinstance(timing, dict) and isinstance(timing.get("batches"), dict) and "session" in timing
+    ):
+        out.append("timing without session and batches")
+    return out
+
+
+def check(d, expect: dict) -> list[str]:
+    """What is wrong with record `d` for the run `expect` describes (tasks, limit, policy)."""
+    bad = problems(d)
+    if not isinstance(d, dict):
+        return bad
+    tasks = d.get("tasks") if isinstance(d.get("tasks"), dict) else {}
+    bad += [f"no metrics for task {t}" for t in expect["tasks"] if t not in tasks]
+    if d.get("limit") != expect["limit"]:
+        bad.append(f"limit {d.get('limit')!r}, expected {expect['limit']!r}")
+    policy = ((d.get("config") or {}).get("policy") or {}).get("policy", "none")
+    if policy != expect["policy"]:
+        bad.append(f"policy {policy!r}, expected {expect['policy']!r}")
+    return bad
+
+
+def read(path: Path) -> Record | None:
+    """The record at `path`, or None if it does not parse or is not a valid record."""
+    try:
+        return Record.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Atomically (temp file + os.replace): readers see the old file or the new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_json(path: Path, data) -> Path:
+    return write_text(path, json.dumps(data, indent=1) + "\n")
+
+
+def write(path: Path, record: Record) -> Path:
+    return write_json(path, record.to_dict())
+
+
+def git_commit() -> str | None:
+    """HEAD of this repository, marked when tracked files have uncommitted changes."""
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+
+    try:
+        head = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    return head.stdout.strip() + (" (with uncommitted changes)" if dirty else "")
+
+
+def environment() -> dict:
+    """Versions and hardware of this process (lm_eval's and transformers' where installed)."""
+    import platform
+
+    import torch
+
+    env = {
+        "git_commit": git_commit(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    for name in ("transformers", "lm_eval"):
+        try:
+            env[name] = getattr(__import__(name), "__version__", None)
+        except ImportError:
+            env[name] = None
+    return env
