@@ -884,3 +884,16 @@ def test_tiny_model_sweep_killed_midway_then_rerun(tmp_path, monkeypatch, capsys
     line = next(x for x in out.splitlines() if x.startswith("reuse_k2_middle "))
     assert "done" in line and report.accuracy_text(rows[2]) in line
     assert f"{rows[2].tokens_per_second:.1f}" in line
+
+
+def test_every_policy_option_has_a_short_id():
+    """Config ids are derived from the registry: an option added without a short name there would
+    fail here, not in someone's sweep."""
+    from v2.experiments import config_id
+    from v2.policies import OPTION_IDS, POLICIES
+
+    for name, (_, _, options) in POLICIES.items():
+        for option in options:
+            assert option == "layer_subset" or option in OPTION_IDS, option
+            value = "middle" if option == "layer_subset" else 2
+            assert config_id(name, {option: value}, 0.9, False).startswith(name + "_")

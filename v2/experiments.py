@@ -62,6 +62,8 @@ from pathlib import Path
 
 import yaml
 
+from v2.policies import OPTION_IDS
+
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_ENV = REPO / "sbatch" / "cluster.env"
 SWEEPS_DIR = REPO / "configs" / "sweeps"
@@ -89,19 +91,6 @@ STALE_S = 300  # ... and a marker untouched for longer, on a host we cannot chec
 HOST = socket.gethostname()
 
 # Short names of policy options in configuration ids; layer_subset shows its value.
-ID_ABBREV = {
-    "cosine_threshold": "ct",
-    "reuse_ratio": "rr",
-    "min_layer": "ml",
-    "refresh_every": "re",
-    "max_consecutive_skips": "mcs",
-    "protect_first": "pf",
-    "protect_last": "pl",
-    "reuse_k": "k",
-    "subset_size": "n",
-    "exit_threshold": "et",
-    "check_every": "ce",
-}
 
 
 class SweepError(ValueError):
@@ -211,7 +200,8 @@ def config_id(policy: str, options: dict, threshold, show_threshold: bool) -> st
     else:
         parts.append(policy)
         for k, v in options.items():
-            parts.append(_subset_label(v) if k == "layer_subset" else ID_ABBREV.get(k, k) + _fmt(v))
+            label = _subset_label(v) if k == "layer_subset" else OPTION_IDS[k] + _fmt(v)
+            parts.append(label)
     return "_".join(parts)
 
 

@@ -44,6 +44,22 @@ POLICIES: dict[str, tuple[str, str, dict[str, type]]] = {
         {"exit_threshold": float, "check_every": int, "min_layer": int},
     ),
 }
+# option -> its short name in sweep config ids (v2/experiments.py), e.g. token_ct0.99;
+# layer_subset is written as its value.
+OPTION_IDS: dict[str, str] = {
+    "cosine_threshold": "ct",
+    "reuse_ratio": "rr",
+    "min_layer": "ml",
+    "max_layer": "xl",
+    "refresh_every": "re",
+    "max_consecutive_skips": "mcs",
+    "protect_first": "pf",
+    "protect_last": "pl",
+    "reuse_k": "k",
+    "subset_size": "n",
+    "exit_threshold": "et",
+    "check_every": "ce",
+}
 POLICY_NAMES = ("none", *POLICIES)
 POLICY_OPTIONS: dict[str, type] = {
     k: t for _, _, opts in POLICIES.values() for k, t in opts.items()
