@@ -1119,8 +1119,7 @@ def status_rows(
             note = r.metric or ""
             if r.partial_stats:
                 cover = report.coverage_text(r)
-                note += f"; stats partial{'' if cover == '-' else ' (' + cover + ')'}"
-                note += f" {report.PARTIAL}"
+                note += f"; stats partial{'' if cover == '-' else ': ' + cover} {report.PARTIAL}"
             rows.append([c.id, r.task, "done", report.accuracy_text(r), tps, saved, note])
     notes = []
     if any(r.tokens_per_second is not None and len(r.speed_rounds) < 2 for r in flat):
