@@ -221,6 +221,22 @@ def test_answers_from_the_request_cache_are_counted_apart(checkpoint, tmp_path):
     assert Record.from_dict(first).tasks["tiny_gsm"].partial_stats is False
 
 
+def test_stats_coverage_counts_generating_tasks_only():
+    from v2.eval import stats_coverage
+
+    results = {
+        "n-samples": {"gen": {"effective": 4}, "mc": {"effective": 3}, "old": {"effective": 2}},
+        "configs": {
+            "gen": {"output_type": "generate_until"},
+            "mc": {"output_type": "multiple_choice"},  # loglikelihood: no statistics
+        },
+    }
+    # doc 1 of "gen" decoded twice (repeats, or data-parallel padding): one problem
+    records = {("gen", 0, 0): [], ("gen", 1, 0): [], ("old", 0, 0): []}
+    assert stats_coverage(results, records) == {"gen": (2, 2), "old": (1, 1)}
+    assert stats_coverage(results, {**records, ("gen", 1, 1): []})["gen"] == (2, 2)
+
+
 @pytest.mark.parametrize(
     ("model_args", "extra", "message"),
     [

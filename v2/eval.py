@@ -203,7 +203,9 @@ def build_summary(
     tasks = {}
     for name, entry in results.get("results", {}).items():
         leaves = _leaves(name, groups)
-        covered = [coverage[t] for t in leaves if t in coverage]
+        # counts only where every leaf generates (a group mixing loglikelihood tasks in would
+        # compare decoded problems with problems that never had statistics)
+        covered = [coverage[t] for t in leaves] if all(t in coverage for t in leaves) else []
         tasks[name] = TaskResult(
             n=sum(int(n_samples.get(t, {}).get("effective", 0)) for t in leaves),
             metrics=_metrics(entry),
