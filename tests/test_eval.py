@@ -136,6 +136,8 @@ def test_single_process_results_and_summary(single_run, checkpoint):
     }
     task = summary["tasks"]["tiny_gsm"]
     assert task["n"] == results["n-samples"]["tiny_gsm"]["effective"] == 5
+    # no cache: the statistics cover every problem the metrics do
+    assert task["stats_problems"] == 5 and task["cached_problems"] == 0
     for key in ("exact_match,strict-match", "exact_match,flexible-extract"):
         assert task["metrics"][key]["value"] == results["results"]["tiny_gsm"][key]
 
@@ -170,7 +172,7 @@ def test_data_parallel_matches_single_process(single_run, checkpoint, tmp_path):
     results, summary, requests = _outputs(tmp_path)
     ref_results, ref_summary, ref_requests = _outputs(single_run)
     assert summary["config"]["num_processes"] == 2
-    assert summary["tasks"]["tiny_gsm"]["n"] == 5
+    assert summary["tasks"]["tiny_gsm"]["n"] == summary["tasks"]["tiny_gsm"]["stats_problems"] == 5
     assert summary["tasks"]["tiny_gsm"]["metrics"] == ref_summary["tasks"]["tiny_gsm"]["metrics"]
     assert results["results"] == ref_results["results"]
     # no request counted twice: the same work as one process, request by request
@@ -190,6 +192,49 @@ def test_data_parallel_matches_single_process(single_run, checkpoint, tmp_path):
     assert speed["tokens_per_second"] == pytest.approx(tokens / speed["wall_seconds"])
     assert speed["tokens_per_second_per_gpu"] == pytest.approx(speed["tokens_per_second"] / 2)
     assert speed["wall_seconds"] < summary["stats"]["wall_seconds"]  # summed over ranks
+
+
+def test_answers_from_the_request_cache_are_counted_apart(checkpoint, tmp_path):
+    """A rerun that lm_eval's request cache answers in part (an interrupted run resumed): the
+    metrics cover all problems, the statistics only those decoded, and the record says so."""
+    cache = tmp_path / "lm_cache" / "requests"
+
+    def run(limit: int, out: Path) -> tuple[dict, dict, list[dict]]:
+        args = _eval_args(checkpoint, out, "", "--use_cache", str(cache))
+        args[args.index("--limit") + 1] = str(limit)
+        r = _run([sys.executable, str(EVAL), *args], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr[-4000:]
+        return _outputs(out)
+
+    _, first, _ = run(2, tmp_path / "first")
+    assert first["tasks"]["tiny_gsm"]["stats_problems"] == 2
+    assert first["tasks"]["tiny_gsm"]["cached_problems"] == 0
+    _, second, requests = run(4, tmp_path / "second")
+    task = second["tasks"]["tiny_gsm"]
+    assert task["n"] == 4 and task["stats_problems"] == 2 and task["cached_problems"] == 2
+    assert sorted(r["doc_id"] for r in requests) == [2, 3]  # only the problems decoded
+    decoded = sum(r["stats"]["generated_tokens"] for r in requests)
+    assert task["stats"]["generated_tokens"] == decoded
+    from v2.record import Record
+
+    assert Record.from_dict(second).tasks["tiny_gsm"].partial_stats is True
+    assert Record.from_dict(first).tasks["tiny_gsm"].partial_stats is False
+
+
+def test_stats_coverage_counts_generating_tasks_only():
+    from v2.eval import stats_coverage
+
+    results = {
+        "n-samples": {"gen": {"effective": 4}, "mc": {"effective": 3}, "old": {"effective": 2}},
+        "configs": {
+            "gen": {"output_type": "generate_until"},
+            "mc": {"output_type": "multiple_choice"},  # loglikelihood: no statistics
+        },
+    }
+    # doc 1 of "gen" decoded twice (repeats, or data-parallel padding): one problem
+    records = {("gen", 0, 0): [], ("gen", 1, 0): [], ("old", 0, 0): []}
+    assert stats_coverage(results, records) == {"gen": (2, 2), "old": (1, 1)}
+    assert stats_coverage(results, {**records, ("gen", 1, 1): []})["gen"] == (2, 2)
 
 
 @pytest.mark.parametrize(

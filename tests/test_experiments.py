@@ -49,9 +49,13 @@ log = Path(os.environ["FAKE_EVAL_LOG"])
 with log.open("a") as f:
     seen = {{k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_CACHE")}}
     f.write(json.dumps({{"config": out.name, "argv": sys.argv[1:], "env": seen}}) + "\\n")
+cached = 0
 if args.use_cache:
-    Path(args.use_cache).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.use_cache + "_rank0.db").write_text("cached answers")
+    db = Path(args.use_cache + "_rank0.db")
+    # like lm_eval: an earlier attempt's answers come from the cache, not the model
+    cached = 30 if db.exists() else 0
+    db.parent.mkdir(parents=True, exist_ok=True)
+    db.write_text("cached answers")
 flag = Path(str(log) + ".crashed")
 if os.environ.get("FAKE_EVAL_CRASH_ON") == out.name and not flag.exists():
     flag.write_text("once")
@@ -71,6 +75,9 @@ numbers = {{"none": (0.99, 1000, 50.0), "token": (0.97, 800, 60.0)}}.get(policy,
 s = summary_dict({{"policy": policy}}, accuracy=numbers[0], executed_flops=numbers[1],
                  tokens_per_second=numbers[2], limit=args.limit, task=args.tasks.split(",")[0],
                  n=args.limit or 100)
+for t in s["tasks"].values():
+    c = min(cached, t["n"] // 2)
+    t["stats_problems"], t["cached_problems"] = t["n"] - c, c
 (out / "fake_model").mkdir(parents=True, exist_ok=True)
 (out / "fake_model" / "results_1.json").write_text("{{}}")
 (out / "fake_model" / "summary.json").write_text(json.dumps(s))
@@ -536,7 +543,9 @@ def test_scripts_parse():
 # --------------------------------------------------------------------------- local runs
 
 
-def test_local_crash_then_rerun_repeats_only_the_unfinished(tmp_path, fake_eval, monkeypatch):
+def test_local_crash_then_rerun_repeats_only_the_unfinished(
+    tmp_path, fake_eval, monkeypatch, capsys
+):
     path = write_sweep(tmp_path, 3)
     results = tmp_path / "results"
     sweep = ex.load_sweep(path, results)
@@ -561,6 +570,29 @@ def test_local_crash_then_rerun_repeats_only_the_unfinished(tmp_path, fake_eval,
     rows = report.collect(results / "fake")
     assert [r.config_id for r in rows] == ["baseline", "token_ct0.95", "layer_ct0.99"]
     assert (results / "fake/_report/results.md").exists()
+    # the resumed configuration's statistics cover the problems decoded in its last attempt
+    summary = json.loads((sweep.run_dir("token_ct0.95", None) / done["summary"]).read_text())
+    task = summary["tasks"]["tiny_gsm"]
+    assert task["stats_problems"] == 70 < task["n"] == 100 and task["cached_problems"] == 30
+    assert [r.config_id for r in rows if r.partial_stats] == ["token_ct0.95"]
+    md = (results / "fake/_report/results.md").read_text()
+    assert "| token_ct0.95 † |" in md and "70 of 100 (30 cached)" in md and "--force ID" in md
+    capsys.readouterr()
+    assert ex.main([str(path), "--status", "--local", "--results", str(results)]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("base", "tok"))}
+    assert "stats partial: 70 of 100 (30 cached) †" in lines["token_ct0.95"]
+    assert "stats partial" not in lines["baseline"] and "--force ID redoes it" in out
+
+    # --force ID: the old folder (cache included) moved aside, every problem decoded again
+    assert (
+        ex.main([str(path), "--local", "--results", str(results), "--force", "token_ct0.95"]) == 0
+    )
+    assert invoked(fake_eval)[4:] == ["token_ct0.95"]
+    assert list((results / "fake" / "_replaced").iterdir())
+    rows = report.collect(results / "fake")
+    assert not any(r.partial_stats for r in rows)
+    assert "†" not in (results / "fake/_report/results.md").read_text()
 
 
 def test_local_runner_killed_while_its_evaluation_goes_on(tmp_path, fake_eval, monkeypatch):

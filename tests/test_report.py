@@ -172,6 +172,52 @@ def test_resumed_runs_are_flagged(tmp_path):
     assert "| token_ct0.95 † |" in md and "resumed from lm_eval's request cache" in md
 
 
+def with_coverage(summary: dict, decoded: int, cached: int) -> dict:
+    for t in summary["tasks"].values():
+        t["stats_problems"], t["cached_problems"] = decoded, cached
+    return summary
+
+
+def test_statistics_over_part_of_the_problems_are_marked(tmp_path):
+    """A record resumed from the request cache (its statistics cover 30 of 100 problems) is
+    marked † with its counts and no end-to-end ratio; a clean one (100 of 100) is not."""
+    sweep = tmp_path / "tiny_default"
+    write_summary(sweep / "baseline", with_coverage(summary_dict(), 100, 0))
+    token = summary_dict({"policy": "token", "cosine_threshold": 0.95}, executed_flops=300)
+    write_summary(sweep / "token_ct0.95", with_coverage(token, 30, 70))
+    # a DONE that says "resumed" (its cache held answers) but counts that say every problem
+    # was decoded: the counts win
+    (sweep / "baseline" / "DONE").write_text(json.dumps({"resumed_from_cache": True}))
+    rows = {r.config_id: r for r in report.collect(sweep)}
+    assert rows["token_ct0.95"].partial_stats and not rows["baseline"].partial_stats
+    assert rows["token_ct0.95"].end_to_end_ratio is None
+    assert rows["token_ct0.95"].forwards_per_problem == (400 - 100 + 100) / 30  # per decoded
+    md = report.build(sweep)[0].read_text()
+    table = table_rows(md)
+    assert any(line.startswith("| token_ct0.95 † | 100 |") for line in table)
+    assert any(line.startswith("| **baseline** | 100 |") for line in table)
+    assert "30 of 100 (70 cached)" in md and "| 100 of 100 |" in md
+    assert "† statistics over part of the problems" in md and "--force ID" in md
+
+    clean = tmp_path / "clean"
+    write_summary(clean / "baseline", with_coverage(summary_dict(), 100, 0))
+    md = report.build(clean)[0].read_text()
+    assert "†" not in md and "| 100 of 100 |" in md
+
+
+def test_old_records_without_counts_still_read(tmp_path):
+    sweep = make_sweep(tmp_path)
+    rows = report.collect(sweep)
+    assert all(r.stats_problems is None and not r.partial_stats for r in rows)
+    md = report.build(sweep)[0].read_text()
+    assert "†" not in md and "| stats cover |" in md
+    d = summary_dict()
+    assert record.Record.from_dict(d).tasks["tiny_gsm"].partial_stats is None
+    assert "stats_problems" not in record.Record.from_dict(d).to_dict()["tasks"]["tiny_gsm"]
+    bad = with_coverage(summary_dict(n=10), 11, 0)
+    assert any("stats_problems" in x for x in record.problems(bad))
+
+
 def test_plots_name_every_point_in_a_legend_and_the_baseline_apart(tmp_path):
     """No text on the points (labels cannot overlap): a legend names each configuration, the
     baseline has its own hollow star, and the axes hold every point with its error bar."""

@@ -173,7 +173,15 @@ def run_local(
                 "dtype": str(lm.model.embed_tokens.weight.dtype).removeprefix("torch."),
                 "num_processes": 1,
             },
-            tasks={m["task"]: TaskResult(n=m["n"], metrics=m["metrics"], stats=m["stats"])},
+            tasks={
+                m["task"]: TaskResult(
+                    n=m["n"],
+                    metrics=m["metrics"],
+                    stats=m["stats"],
+                    stats_problems=m["n"],  # every problem decoded: no request cache
+                    cached_problems=0,
+                )
+            },
             stats=m["stats"],
             limit=limit,
             smoke_test=limit is not None,

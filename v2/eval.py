@@ -158,6 +158,28 @@ def speed_summary(generated_tokens: int, rank_seconds: list[float]) -> dict:
     }
 
 
+def stats_coverage(results: dict, records: dict) -> dict[str, tuple[int, int]]:
+    """Per generating task of lm_eval's `results`: (problems decoded here, problems answered
+    from lm_eval's request cache). With --use_cache, lm_eval hands the model only the requests
+    its cache cannot answer, so our statistics (`records`, keyed (task, doc_id, idx)) cover the
+    decoded problems while lm_eval's metrics and `n` cover all: every problem not decoded here
+    was answered from the cache. Tasks that generate nothing (loglikelihood) have no statistics
+    and no entry; a task whose output type is not recorded counts as generating."""
+    decoded: dict[str, set] = {}
+    for task, doc_id, _idx in records:
+        decoded.setdefault(task, set()).add(doc_id)
+    configs = results.get("configs", {})
+    out = {}
+    for task, counts in results.get("n-samples", {}).items():
+        kind = (configs.get(task) or {}).get("output_type")
+        if kind not in (None, "generate_until") and task not in decoded:
+            continue
+        n = int(counts.get("effective", 0))
+        done = min(len(decoded.get(task, ())), n)
+        out[task] = (done, n - done)
+    return out
+
+
 def build_summary(
     results: dict,
     results_file: Path,
@@ -177,13 +199,19 @@ def build_summary(
         by_task.setdefault(task, []).extend(stats)
     groups = results.get("group_subtasks", {})
     n_samples = results.get("n-samples", {})
+    coverage = stats_coverage(results, records)
     tasks = {}
     for name, entry in results.get("results", {}).items():
         leaves = _leaves(name, groups)
+        # counts only where every leaf generates (a group mixing loglikelihood tasks in would
+        # compare decoded problems with problems that never had statistics)
+        covered = [coverage[t] for t in leaves] if all(t in coverage for t in leaves) else []
         tasks[name] = TaskResult(
             n=sum(int(n_samples.get(t, {}).get("effective", 0)) for t in leaves),
             metrics=_metrics(entry),
             stats=sum_stats((s for t in leaves for s in by_task.get(t, [])), n_layers).to_dict(),
+            stats_problems=sum(c[0] for c in covered) if covered else None,
+            cached_problems=sum(c[1] for c in covered) if covered else None,
         )
     total = sum_stats((s for v in records.values() for s in v), n_layers)
     return Record(

@@ -27,7 +27,11 @@ State of a configuration:
   TIMEOUT / OUT_OF_MEMORY / NODE_FAIL / ...;
 - missing: anything else.
 A plain run starts every configuration that is missing or failed (a failed one resumes from its
-request cache); --force [ID ...] also runs all (or these) again from scratch, moving each one's
+request cache: the cache is kept, greedy answers being deterministic, and lm_eval's cached answers
+are not decoded again, so the record's statistics cover only the problems decoded in the last
+attempt: summary.json says how many (stats_problems, cached_problems; v2/record.py), --status
+says "stats partial" and v2.report marks the row †); --force [ID ...] also runs all (or these)
+again from scratch, with every problem decoded, moving each one's
 old results to results/<sweep>/_replaced/ just before it runs (at submission with SLURM), so an
 interrupted forced run keeps the results it did not reach and prints the command that finishes
 it. Pending and running configurations are never started twice. The runner needs squeue, not
@@ -807,7 +811,29 @@ def run_task(
         _log(f"{task['config_id']}: {reason}")
         return 1
     _write_done(run_dir, task, summary, started, resumed_from_cache=resumed)
+    partial = partial_stats(summary)
+    if partial:
+        _log(
+            f"{task['config_id']}: stats partial: {', '.join(partial)} (the rest answered from "
+            f"lm_eval's request cache); --force {task['config_id']} redoes it from scratch"
+        )
     return 0
+
+
+def partial_stats(summary: Path) -> list[str]:
+    """'<task>: <decoded> of <n> decoded' for each task of a record whose statistics cover
+    fewer problems than its metrics ([] if none, or a record without the counts)."""
+    try:
+        tasks = json.loads(Path(summary).read_text()).get("tasks") or {}
+    except (OSError, ValueError):
+        return []
+    return [
+        f"{name}: {t['stats_problems']} of {t['n']} decoded"
+        for name, t in tasks.items()
+        if isinstance(t, dict)
+        and isinstance(t.get("stats_problems"), int)
+        and t["stats_problems"] < t.get("n", 0)
+    ]
 
 
 class Stopped(Exception):
@@ -1080,12 +1106,22 @@ def status_rows(
             if r.end_to_end_ratio is not None:
                 saved += f" / {_fmt_pct(1 - r.end_to_end_ratio)}"
             tps = report.speed_text(r)
-            rows.append([c.id, r.task, "done", report.accuracy_text(r), tps, saved, r.metric or ""])
+            note = r.metric or ""
+            if r.partial_stats:
+                cover = report.coverage_text(r)
+                note += f"; stats partial{'' if cover == '-' else ': ' + cover} {report.PARTIAL}"
+            rows.append([c.id, r.task, "done", report.accuracy_text(r), tps, saved, note])
     notes = []
     if any(r.tokens_per_second is not None and len(r.speed_rounds) < 2 for r in flat):
         notes.append(f"{report.SINGLE_PASS} tokens/s of one timed pass: not comparable")
     if any(r.on_cpu and r.tokens_per_second is not None for r in flat):
         notes.append("tokens/s measured on a CPU are not results (they swing between runs)")
+    if any(r.partial_stats for r in flat):
+        notes.append(
+            f"{report.PARTIAL} stats partial: resumed from lm_eval's request cache, so the "
+            "statistics (tokens/s, FLOPs, ...) cover only the problems decoded in the last "
+            "attempt, the accuracy all of them; --force ID redoes it from scratch"
+        )
     return rows, notes
 
 

@@ -9,15 +9,22 @@ sweep in one process, timed in interleaved rounds). Both fill the same fields:
 
 - `config`: every generation setting and the policy with its options, as run (the decoding
   threshold included, whatever its default was where the run started);
-- `tasks`: per task n, metrics ({name: {value, stderr}}) and decoding statistics (v2/stats.py);
+- `tasks`: per task n, metrics ({name: {value, stderr}}) and decoding statistics (v2/stats.py),
+  with how many problems those statistics cover: `stats_problems` (problems this process
+  decoded) and `cached_problems` (answered from lm_eval's request cache, --use_cache: a rerun
+  of an interrupted configuration). Metrics and `n` cover all `n` problems; the statistics only
+  `stats_problems` of them: when that is less than `n` they do not describe the whole split
+  (`TaskResult.partial_stats`; v2.report marks such rows). Absent (None) in records written
+  before these fields and for tasks that generate nothing (loglikelihood: no statistics);
 - `stats`: the statistics summed over the tasks;
 - `speed`: the evaluation's own decoding wall and tokens/s (one timed pass: not comparable
   between configurations);
 - `timing` (direct runner): tokens/s per batch size over `rounds` interleaved rounds; records
   with the same `timing.session` were timed together, so their tokens/s compare.
 
-Old records (written before `runner`, `timing`, `command`, `date`, `note`) still read: those
-fields are optional. Numbers are never rewritten: a record is written once, atomically.
+Old records (written before `runner`, `timing`, `command`, `date`, `note`, `stats_problems`,
+`cached_problems`) still read: those fields are optional. Numbers are never rewritten: a record
+is written once, atomically.
 """
 
 from __future__ import annotations
@@ -42,6 +49,17 @@ class TaskResult:
     n: int
     metrics: dict[str, dict]  # name -> {"value": float, "stderr": float | None}
     stats: dict = field(default_factory=dict)
+    # problems the statistics cover (decoded in the run that wrote the record) and problems
+    # answered from lm_eval's request cache; None: not recorded (old record, or no generation)
+    stats_problems: int | None = None
+    cached_problems: int | None = None
+
+    @property
+    def partial_stats(self) -> bool | None:
+        """Whether the statistics cover fewer problems than the metrics (None: unknown)."""
+        if self.stats_problems is None:
+            return None
+        return self.stats_problems < self.n
 
 
 @dataclass
@@ -76,6 +94,10 @@ class Record:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        for t in d["tasks"].values():  # old readers and records: no null coverage fields
+            for k in ("stats_problems", "cached_problems"):
+                if t.get(k) is None:
+                    t.pop(k, None)
         return {k: v for k, v in d.items() if v is not None or k in ("limit", "speed")}
 
     @classmethod
@@ -118,6 +140,11 @@ def problems(d) -> list[str]:
                 out.append(f"no metrics for task {name}")
             elif not isinstance(t.get("n"), int):
                 out.append(f"no n for task {name}")
+            else:
+                for key in ("stats_problems", "cached_problems"):
+                    v = t.get(key)
+                    if v is not None and (not isinstance(v, int) or not 0 <= v <= t["n"]):
+                        out.append(f"{key} {v!r} for task {name}: not 0..n")
     if not isinstance(d.get("stats"), dict) or "executed_flops" not in d["stats"]:
         out.append("no stats")
     timing = d.get("timing")

@@ -87,6 +87,9 @@ class Row:
     n: int
     stats: dict = field(repr=False)
     resumed: bool = False
+    # problems the statistics cover / answered from lm_eval's request cache (None: not recorded)
+    stats_problems: int | None = None
+    cached_problems: int | None = None
     baseline: Row | None = field(default=None, repr=False)
     # the baseline timed in the same session (interleaved rounds), the only one to compare speed
     session_baseline: Row | None = field(default=None, repr=False)
@@ -173,16 +176,30 @@ class Row:
         return statistics.median(mine) / statistics.median(theirs)
 
     @property
+    def partial_stats(self) -> bool:
+        """The statistics cover fewer problems than the accuracy: the record's counts say so
+        (stats_problems < n), or, for a record without them, the runner's DONE marker says the
+        run resumed from a request cache."""
+        if self.stats_problems is not None:
+            return self.stats_problems < self.n
+        return self.resumed
+
+    @property
+    def stats_n(self) -> int:
+        """The problems the statistics cover (n where the record does not say)."""
+        return self.n if self.stats_problems is None else self.stats_problems
+
+    @property
     def tokens_per_forward(self) -> float | None:
         return self.stats.get("tokens_per_forward")
 
     @property
     def forwards_per_problem(self) -> float | None:
-        """Decoding row-forwards (denoise full + sub-block + commit) per problem."""
+        """Decoding row-forwards (denoise full + sub-block + commit) per problem decoded."""
         rows = self.stats.get("row_forwards")
-        if not rows or not self.n:
+        if not rows or not self.stats_n:
             return None
-        return sum(rows.get(k, 0) for k in ("denoise_full", "denoise_sub", "commit")) / self.n
+        return sum(rows.get(k, 0) for k in ("denoise_full", "denoise_sub", "commit")) / self.stats_n
 
     @property
     def flops_ratio(self) -> float | None:
@@ -190,9 +207,12 @@ class Row:
 
     @property
     def end_to_end_ratio(self) -> float | None:
-        """Executed FLOPs / the baseline configuration's, on the same problems."""
+        """Executed FLOPs / the baseline configuration's, on the same problems (none when
+        either's statistics cover only part of them)."""
         b = self.baseline
         if b is None or b.n != self.n or not b.stats.get("executed_flops"):
+            return None
+        if self.partial_stats or b.partial_stats:
             return None
         return self.stats.get("executed_flops", 0) / b.stats["executed_flops"]
 
@@ -215,6 +235,8 @@ def rows_from_summary(
     rows = []
     for task, t in rec.tasks.items():
         name = main_metric(t.metrics, metric)
+        # counts of a task with statistics of its own, or of the record's only task
+        own = bool(t.stats) or len(rec.tasks) == 1
         m = t.metrics.get(name) or {}
         rows.append(
             Row(
@@ -228,6 +250,8 @@ def rows_from_summary(
                 n=int(t.n or 0),
                 stats=t.stats or rec.stats or {},
                 resumed=resumed,
+                stats_problems=t.stats_problems if own else None,
+                cached_problems=t.cached_problems if own else None,
             )
         )
     return rows
@@ -303,6 +327,14 @@ def n_text(r: Row) -> str:
     return f"{r.n} (limit {r.limit})" if r.limit is not None else str(r.n)
 
 
+def coverage_text(r: Row) -> str:
+    """The problems the statistics cover, of the accuracy's (and answered from the cache)."""
+    if r.stats_problems is None:
+        return "-"
+    cached = f" ({r.cached_problems} cached)" if r.cached_problems else ""
+    return f"{r.stats_problems} of {r.n}{cached}"
+
+
 TABLE_HEADER = (
     "| config | n | accuracy % | tokens/s | tokens/fwd | fwd/problem "
     "| FLOPs/fwd vs no skip | FLOPs vs baseline run | skip rate |\n"
@@ -311,6 +343,17 @@ TABLE_HEADER = (
 
 
 SINGLE_PASS = "‡"
+PARTIAL = "†"
+PARTIAL_NOTE = (
+    f"{PARTIAL} statistics over part of the problems: the configuration was resumed from "
+    "lm_eval's request cache after an interruption (the runner keeps the cache: greedy answers "
+    "are deterministic), so its accuracy covers every problem but tokens/s, tokens/fwd, "
+    "fwd/problem, FLOPs and acceptance cover only the problems decoded in the last attempt "
+    "(the runs table's `stats cover`{unknown}) and are not compared end to end with the "
+    "baseline. "
+    "`python -m v2.experiments SWEEP.yaml --force ID` redoes the configuration from scratch "
+    "(its old folder, cache included, is moved to `_replaced/`)."
+)
 
 
 def speed_text(r: Row) -> str:
@@ -343,7 +386,7 @@ def speed_notes(rows: list[Row]) -> list[str]:
 
 
 def table_row(r: Row) -> str:
-    mark = " †" if r.resumed else ""
+    mark = f" {PARTIAL}" if r.partial_stats else ""
     return (
         f"| {'**' + r.config_id + '**' if r.is_baseline else r.config_id}{mark} | {n_text(r)} "
         f"| {accuracy_text(r)} | {speed_text(r)} "
@@ -361,10 +404,11 @@ CAUSAL_HEADER = (
 
 def causal_row(r: Row) -> str:
     """A causal decode's row: tokens per full-model causal (verify) forward, draft acceptance."""
-    s, n = r.stats, max(r.n, 1)
+    s, n = r.stats, max(r.stats_n, 1)
     spec = r.decode == "speculative"
+    mark = f" {PARTIAL}" if r.partial_stats else ""
     return (
-        f"| {r.config_id} | {r.decode} | {n_text(r)} | {accuracy_text(r)} "
+        f"| {r.config_id}{mark} | {r.decode} | {n_text(r)} | {accuracy_text(r)} "
         f"| {speed_text(r)} | {_num(s.get('tokens_per_verify_forward'))} "
         f"| {_pct(s.get('acceptance_rate')) if spec else '-'} "
         f"| {_num(s.get('verify_row_forwards', 0) / n, '.1f')} "
@@ -489,22 +533,35 @@ def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], com
             "configurations (no spread over repeated, interleaved rounds; a sweep with "
             "`runner: direct` times in rounds)."
         )
-    if any(r.resumed for r in rows):
+    if any(r.partial_stats for r in rows):
+        unknown = any(r.partial_stats and r.stats_problems is None for r in rows)
         lines.append(
-            "† resumed from lm_eval's request cache after an interruption: accuracy covers every "
-            "problem, but the speed and FLOPs figures cover only the problems run in the last "
-            "attempt."
+            PARTIAL_NOTE.format(
+                unknown="; `-` there: a record from before the counts, flagged by the runner's "
+                "DONE marker"
+                if unknown
+                else ""
+            )
         )
     lines += ["", "## Runs", ""]
-    lines += ["| config | run | runner | policy | threshold | batch | record |"]
-    lines.append("|---|---:|---|---|---|---|---|")
-    for r in {id(r.rec): r for r in rows}.values():
+    lines += ["| config | run | runner | policy | threshold | batch | stats cover | record |"]
+    lines.append("|---|---:|---|---|---|---|---|---|")
+    by_record: dict[int, list[Row]] = {}
+    for r in rows:
+        by_record.setdefault(id(r.rec), []).append(r)
+    for rs in by_record.values():
+        r = rs[0]
+        cover = (
+            coverage_text(r)
+            if len(rs) == 1
+            else "; ".join(f"{x.task}: {coverage_text(x)}" for x in rs)
+        )
         cfg = r.rec.config
         opts = ", ".join(f"{k}={v}" for k, v in r.policy.items() if k != "policy" and v is not None)
         lines.append(
             f"| {r.config_id} | {numbers[run_key(r)]} | {r.rec.runner} "
             f"| {r.policy_name}{' (' + opts + ')' if opts else ''} "
-            f"| {cfg.get('threshold', '-')} | {cfg.get('batch_size', '-')} "
+            f"| {cfg.get('threshold', '-')} | {cfg.get('batch_size', '-')} | {cover} "
             f"| `{r.path.relative_to(sweep_dir)}` |"
         )
     lines.append("")
@@ -654,13 +711,24 @@ def flops_x(r: Row) -> float | None:
 
 def flops_plot(rows: list[Row], task: str, path: Path) -> Path:
     e2e = any(r.flops_saving is not None for r in rows)
-    pts = [(r, flops_x(r), None) for r in rows if flops_x(r) is not None and r.value is not None]
+    # statistics over part of the problems: no end-to-end saving, so not on an end-to-end axis
+    left_out = [r.config_id for r in rows if e2e and r.partial_stats and r.baseline is not None]
+    pts = [
+        (r, flops_x(r), None)
+        for r in rows
+        if flops_x(r) is not None and r.value is not None and r.config_id not in left_out
+    ]
     label = (
         "executed FLOPs saved vs the baseline run (%)"
         if e2e
         else "executed FLOPs saved per forward (%)"
     )
-    return figure([(label, pts)], rows, f"{task}: accuracy vs compute", path)
+    note = (
+        f"not drawn: {', '.join(left_out)} ({PARTIAL} statistics over part of the problems)"
+        if left_out
+        else None
+    )
+    return figure([(label, pts)], rows, f"{task}: accuracy vs compute", path, note)
 
 
 def speed_plot(rows: list[Row], task: str, path: Path) -> Path:
