@@ -82,14 +82,19 @@ def _train(hard, tok, **options) -> tr.TrainResult:
     return tr.train(model, hard, token_ids(tok).mask, cfg, torch.device("cpu"), False)
 
 
-def test_compile_makes_one_graph_per_fixed_length(tok, hard: tr.Samples) -> None:
+@pytest.mark.parametrize("scope", ["layers", "loss"])
+def test_compile_makes_one_graph_per_fixed_length(tok, hard: tr.Samples, scope: str) -> None:
     torch._dynamo.reset()
     counter = CompileCounter()  # counts dynamo's graphs, runs them eager
-    result = _train(hard, tok, compile=True, compile_backend=counter, fixed_lengths=3)
+    options = dict(compile_backend=counter, compile_scope=scope, fixed_lengths=3)
+    result = _train(hard, tok, compile=True, **options)
+    assert result.compile["scope"] == scope
     assert len(result.lengths) == 3
     assert result.compile["failure"] is None
     assert result.compile["lengths_compiled"] == list(result.lengths)
-    assert counter.frame_count == 3  # one graph per fixed length, none during training
+    # one graph per fixed length, none during training (the layers share theirs)
+    assert counter.frame_count == 3
+    assert all(getattr(x, "_compiled_call_impl", None) is None for x in result.model.layers)
     # the same steps eager: padding and the compiled path change nothing; nor does padding
     eager = _train(hard, tok, fixed_lengths=3)
     unpadded = _train(hard, tok)
