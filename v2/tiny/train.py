@@ -901,8 +901,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--compile",
-        action="store_true",
-        help="torch.compile the loss, one graph per fixed batch length (default off)",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile each decoder layer, one graph per fixed batch length (default off)",
     )
     p.add_argument(
         "--compile-mode",
