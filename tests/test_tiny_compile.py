@@ -94,6 +94,7 @@ def test_compile_makes_one_graph_per_fixed_length(tok, hard: tr.Samples, scope: 
     assert result.compile["lengths_compiled"] == list(result.lengths)
     # one graph per fixed length, none during training (the layers share theirs)
     assert counter.frame_count == 3
+    assert result.compile["calls"] == {"compiled": 8, "eager": 0}
     assert all(getattr(x, "_compiled_call_impl", None) is None for x in result.model.layers)
     # the same steps eager: padding and the compiled path change nothing; nor does padding
     eager = _train(hard, tok, fixed_lengths=3)
