@@ -107,6 +107,16 @@ def test_compile_makes_one_graph_per_fixed_length(tok, hard: tr.Samples, scope: 
     torch._dynamo.reset()
 
 
+def test_spent_compile_budget_leaves_lengths_eager(tok, hard: tr.Samples) -> None:
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    options = dict(compile_backend=counter, fixed_lengths=3, compile_budget=0.0)
+    result = _train(hard, tok, compile=True, **options)
+    assert result.compile["lengths_compiled"] == [] and counter.frame_count == 0
+    assert result.compile["calls"] == {"compiled": 0, "eager": 8} and result.steps == 8
+    torch._dynamo.reset()
+
+
 def test_compile_failure_falls_back_to_eager(tok, hard: tr.Samples, capsys) -> None:
     torch._dynamo.reset()
 
@@ -134,5 +144,7 @@ def test_compile_presets() -> None:
     given = parse(["--compile", "--fixed-lengths", "3", "--compile-mode", "max-autotune"])
     given = tr.config_from_args(given)
     assert given.fixed_lengths == 3 and given.compile_mode == "max-autotune"
+    assert given.compile_budget == 0.35
+    assert tr.config_from_args(parse(["--compile-budget", "0.2"])).compile_budget == 0.2
     smoke = tr.config_from_args(parse(["--arch", "deep", "--smoke"]))
     assert smoke.batch_size == 16

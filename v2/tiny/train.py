@@ -885,6 +885,7 @@ CONFIG_OPTIONS = (
     "fixed_lengths",
     "compile_mode",
     "compile_scope",
+    "compile_budget",
 )
 
 
@@ -923,6 +924,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile-scope",
         choices=["layers", "loss"],
         help="compile each decoder layer (default; faster to compile) or the whole loss",
+    )
+    p.add_argument(
+        "--compile-budget",
+        type=float,
+        help="share of --minutes the compile warm-up may start lengths in (default 0.35)",
     )
     p.add_argument(
         "--fixed-lengths",
