@@ -148,3 +148,14 @@ def test_compile_presets() -> None:
     assert tr.config_from_args(parse(["--compile-budget", "0.2"])).compile_budget == 0.2
     smoke = tr.config_from_args(parse(["--arch", "deep", "--smoke"]))
     assert smoke.batch_size == 16
+
+
+def test_unavailable_compile_falls_back_to_eager(tok, hard: tr.Samples, monkeypatch, capsys):
+    def unavailable(*args, **kwargs):
+        raise RuntimeError("torch.compile is not supported here")
+
+    monkeypatch.setattr(torch, "compile", unavailable)
+    result = _train(hard, tok, compile=True, fixed_lengths=2)
+    assert result.steps == 8 and "not supported here" in result.compile["failure"]
+    assert result.compile["calls"] == {"compiled": 0, "eager": 8}
+    assert "training continues eager" in capsys.readouterr().err

@@ -434,20 +434,24 @@ class CompiledLoss:
     def __init__(self, cfg: TrainConfig, model: Network, scope: str = "layers"):
         options = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
         options |= {"dynamic": False, "backend": cfg.compile_backend}
+        if scope not in ("layers", "loss"):
+            raise ValueError(f"unknown compile scope {scope!r}")
         self.scope = scope
         self.model = model
-        if scope == "layers":
-            for layer in model.layers:
-                layer.compile(**options)
-            self.compiled = lambda *a: diffusion_loss(*a)  # noqa: E731 - looked up at call time
-        elif scope == "loss":
-            self.compiled = torch.compile(diffusion_loss, **options)
-        else:
-            raise ValueError(f"unknown compile scope {scope!r}")
         self.shapes: set[tuple[int, ...]] = set()
         self.failure: str | None = None  # why it fell back to eager for good
         self.seconds: dict[int, float] = {}  # length -> warm-up (compile) seconds
         self.calls = {"compiled": 0, "eager": 0}  # loss calls (micro-batches count each)
+        self.compiled = lambda *a: diffusion_loss(*a)  # noqa: E731 - looked up at call time
+        try:
+            if scope == "layers":
+                for layer in model.layers:
+                    layer.compile(**options)
+            else:
+                self.compiled = torch.compile(diffusion_loss, **options)
+        except Exception as error:  # noqa: BLE001 - e.g. torch.compile unsupported here
+            self.restore()
+            self.fail(error)
 
     def __call__(self, model: Network, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.failure is None and tuple(ids.shape) in self.shapes:
