@@ -159,3 +159,25 @@ def test_unavailable_compile_falls_back_to_eager(tok, hard: tr.Samples, monkeypa
     assert result.steps == 8 and "not supported here" in result.compile["failure"]
     assert result.compile["calls"] == {"compiled": 0, "eager": 8}
     assert "training continues eager" in capsys.readouterr().err
+
+
+def test_out_of_memory_with_compile_splits_the_step_and_runs_it_eager(
+    tok, hard: tr.Samples, monkeypatch
+) -> None:
+    torch._dynamo.reset()
+    calls = []
+    real_loss = tr.diffusion_loss
+
+    def flaky_loss(model, ids, labels):
+        calls.append(ids.shape[0])
+        if len(calls) == 4:  # after the 2 warm-ups, the second step runs out of memory once
+            raise torch.OutOfMemoryError("simulated")
+        return real_loss(model, ids, labels)
+
+    monkeypatch.setattr(tr, "diffusion_loss", flaky_loss)
+    result = _train(hard, tok, compile=True, compile_backend=CompileCounter(), fixed_lengths=2)
+    assert result.steps == 8 and result.compile["failure"] is None
+    assert result.oom_events == [{"step": 1, "micro_batches": 2}]
+    # one compiled step, the failed attempt, then 7 steps of 2 eager micro-batches
+    assert result.compile["calls"] == {"compiled": 2, "eager": 14}
+    torch._dynamo.reset()
