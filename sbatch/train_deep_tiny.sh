@@ -1,18 +1,24 @@
 #!/usr/bin/env bash
-# Train the deep tiny model on the hard problems, evaluate it, profile its layers and write its
-# model card, all under OUT (issue 16). On one H200 the defaults should take 8.5-9.5 minutes:
-#     bash sbatch/train_deep_tiny.sh OUT                      # --minutes 7 of training
+# Train the deep tiny model on the hard problems, evaluate it, (optionally) profile its layers
+# and write its model card, all under OUT (issue 16). On one H200 the defaults should take about
+# 9 minutes (the first run: 79 s of setup, saving and evaluation around 392 s of training):
+#     bash sbatch/train_deep_tiny.sh OUT                      # --minutes 7.5 --compile
 #     bash sbatch/train_deep_tiny.sh OUT --smoke --steps 4    # CPU check of every stage
-# Extra arguments go to `python -m v2.tiny.train` (a later --minutes wins). Stages, each run even
-# if an earlier one failed (the card says what is missing):
+# Extra arguments go to `python -m v2.tiny.train` (a later --minutes wins; --no-compile turns
+# the compiled step off). The compile warm-up (each fixed batch length's graph) is spent inside
+# the --minutes budget. Stages, each run even if an earlier one failed (the card says what is
+# missing):
 #   1. train, save OUT/checkpoint, evaluate hard_test.jsonl at thresholds 1 and 0.9 (train.log)
 #   2. python -m v2.tiny.card -> checkpoint/README.md and its plots (card.log), so that a card
 #      exists even if the job is stopped during the analysis
-#   3. python -m v2.analyze on ANALYZE_N (64) hard test problems -> checkpoint/analysis/
-#      (analyze.log), cut off by `timeout` DEADLINE_S (575) seconds after the start; with less
-#      than 60 s left it takes 16 problems, with less than 20 s it is skipped
+#   3. only with ANALYZE=1 (default 0: the training takes the time; run `python -m v2.analyze`
+#      on the saved checkpoint later, on CPU if need be): python -m v2.analyze on ANALYZE_N (64)
+#      hard test problems -> checkpoint/analysis/ (analyze.log), cut off by `timeout`
+#      DEADLINE_S (575) seconds after the start; with less than 60 s left it takes 16
+#      problems, with less than 20 s it is skipped
 #   4. the card again, now with the layer profile
-# OUT/stages.txt has each stage's exit status and seconds.
+# OUT/stages.txt has each stage's exit status and seconds (and why a requested analysis was
+# skipped, which makes the script's exit status non-zero).
 # PACK_TO=DIR (e.g. the device tool's $OUT, which returns at most 8 files of at most 16 MiB):
 # after the first card and at the end, OUT is packed into DIR/deep_tiny.tar.NN (15 MiB parts;
 # restore with `cat deep_tiny.tar.* | tar -x -C OUT`), with README.md, stages.txt and train.log
@@ -66,12 +72,14 @@ card() {
     fi
 }
 
-stage train train.log "${PY}" -u -m v2.tiny.train --task hard --arch deep --minutes 7 \
-    --out "${CKPT}" "$@"
+stage train train.log "${PY}" -u -m v2.tiny.train --task hard --arch deep --minutes 7.5 \
+    --compile --out "${CKPT}" "$@"
 card
 pack
 LEFT=$((DEADLINE_S - ($(date +%s) - START)))
-if [[ -f "${CKPT}/config.json" && ${LEFT} -ge 20 ]]; then
+if [[ "${ANALYZE:-0}" != 1 ]]; then
+    echo "analyze off (ANALYZE=1 runs it): python -m v2.analyze --model ${CKPT} ..."
+elif [[ -f "${CKPT}/config.json" && ${LEFT} -ge 20 ]]; then
     if [[ ${LEFT} -lt 60 ]]; then
         ANALYZE_N=$((ANALYZE_N < 16 ? ANALYZE_N : 16))
     fi

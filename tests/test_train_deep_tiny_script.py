@@ -1,5 +1,6 @@
-"""sbatch/train_deep_tiny.sh end to end on CPU with the smoke model: every stage runs, the card
-is generated from the run's records, and PACK_TO gets parts the device tool can return."""
+"""sbatch/train_deep_tiny.sh end to end on CPU with the smoke model: every stage runs (the
+compiled step included), the card is generated from the run's records, and PACK_TO gets parts
+the device tool can return."""
 
 from __future__ import annotations
 
@@ -14,25 +15,36 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "sbatch" / "train_deep_tiny.sh"
 
 
-def test_smoke_run_packs_everything(tmp_path: Path) -> None:
-    out, pack = tmp_path / "run", tmp_path / "pack"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PACK_TO": str(pack), "PYTHON": sys.executable}
-    flags = ["--smoke", "--steps", "2", "--batch-size", "4", "--n-train", "40"]
+def _run(out: Path, pack: Path | None, flags: list[str], **env: str):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable, **env}
+    if pack is not None:
+        env["PACK_TO"] = str(pack)
+    flags = ["--smoke", "--steps", "2", "--batch-size", "4", "--n-train", "40", *flags]
     flags += ["--dev-every-s", "0", "--dev-limit", "2", "--eval-limit", "2"]
     done = subprocess.run(
         ["bash", str(SCRIPT), str(out), *flags],
         env=env,
-        cwd=tmp_path,  # the script finds the repository itself
+        cwd=out.parent,  # the script finds the repository itself
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done
+
+
+def test_smoke_run_packs_everything(tmp_path: Path) -> None:
+    out, pack = tmp_path / "run", tmp_path / "pack"
+    # the script compiles by default; one fixed length keeps the CPU compile to one graph
+    _run(out, pack, ["--fixed-lengths", "1"], ANALYZE="1")
     stages = (out / "stages.txt").read_text().split("\n")
     assert [s.split()[0] for s in stages if s] == ["train", "card", "analyze", "card"]
     ckpt = out / "checkpoint"
     log = json.loads((ckpt / "train_log.json").read_text())
     assert log["task"] == "hard" and log["steps"] == 2 and log["dev_curve"]
+    assert log["train_config"]["compile"] and log["train_config"]["minutes"] == 7.5
+    assert log["compile"]["failure"] is None
+    assert log["compile"]["lengths_compiled"] == log["fixed_lengths"] and log["fixed_lengths"]
     card = (ckpt / "README.md").read_text()
     assert "sbatch/train_deep_tiny.sh" in card and "## Layer profile" in card
     assert "No analysis" not in card and (ckpt / "layer_profile.png").exists()
@@ -45,3 +57,13 @@ def test_smoke_run_packs_everything(tmp_path: Path) -> None:
     with tarfile.open(pack / "deep_tiny.tar.00") as tar:
         names = set(tar.getnames())
     assert "./checkpoint/model.safetensors" in names and "./checkpoint/README.md" in names
+
+
+def test_analysis_is_off_by_default(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    done = _run(out, None, ["--no-compile"])
+    stages = (out / "stages.txt").read_text().split("\n")
+    assert [s.split()[0] for s in stages if s] == ["train", "card"]
+    assert "analyze off" in done.stdout
+    log = json.loads((out / "checkpoint" / "train_log.json").read_text())
+    assert not log["train_config"]["compile"] and log["compile"] is None

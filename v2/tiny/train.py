@@ -3,12 +3,16 @@ release layout and evaluate it with our block-diffusion decoder.
 
     python -m v2.tiny.train --out v2/tiny/checkpoint --minutes 8      # CUDA when available
     python -m v2.tiny.train --out /tmp/tiny --smoke --eval-limit 4    # seconds on CPU
-    python -m v2.tiny.train --task hard --arch deep --out OUT/checkpoint --minutes 7
+    python -m v2.tiny.train --task hard --arch deep --out OUT/checkpoint --minutes 7.5 --compile
 
 Tasks: `basic` (the committed checkpoint's problems, `v2/tiny/data/test.jsonl`) and `hard` (the
 graded family, `hard_test.jsonl`, with `hard_dev.jsonl` evaluated during training every
 `--dev-every-s` seconds). Architectures: `base` (8 layers, 6.48M parameters) and `deep` (24
-layers, GQA, 10.7M parameters, 21.4 MB in bf16).
+layers, GQA, 10.7M parameters, 21.4 MB in bf16; batch 256 and lr 1.4e-3 unless given).
+
+`--compile` pads each batch to one of a few fixed lengths (`--fixed-lengths`, 6) and compiles
+each decoder layer once per length before the first step, inside the budget; other shapes and
+any compile failure run eager (`CompiledLoss`).
 
 Objective (fast-dllm-v2.md section 10): every sample is a chat (system prompt, user
 "Question: ...\\nAnswer:", assistant answer + <|im_end|>), padded with the mask token to a multiple
@@ -70,6 +74,11 @@ class TrainConfig:
     max_len: int = 256  # longer samples are dropped
     seed: int = 0
     compile: bool = False
+    compile_mode: str | None = None  # torch.compile mode (None: its default)
+    compile_backend: str | Callable = "inductor"  # tests use "eager" / "aot_eager"
+    compile_scope: str = "layers"  # "layers" (each decoder layer) or "loss" (the whole loss)
+    compile_budget: float = 0.35  # stop compiling new lengths past this share of the budget
+    fixed_lengths: int = 0  # pad each batch up to one of this many lengths (0: no padding)
     task: str = "basic"  # a key of TASK_SPLITS
     bucket: bool = False  # batches of similar lengths (less padding); each epoch still shuffled
     dev_every_s: float | None = None  # dev accuracy at threshold 1 this often (None: never)
@@ -82,6 +91,19 @@ class TrainConfig:
 TASK_RUN = {
     "basic": {},
     "hard": {"max_len": 416, "bucket": True, "dev_every_s": 60.0, "n_train": 250_000},
+}
+
+
+# TrainConfig values each architecture changes unless given on the command line. The deep
+# model's step is launch/latency bound (about 15 TFLOP/s of an H200's bf16 peak at 128 problems
+# a step, docs/results/deep-tiny-first-run.md), so twice the rows should cost much less than
+# twice the time: batch 256. Twice the batch halves the gradient noise variance; the peak
+# learning rate grows by sqrt(2) (the usual rule for Adam), 1e-3 -> 1.4e-3, rather than 2x
+# (linear scaling), since a 24-layer model is the more fragile one. Not tuned: no run has
+# measured either value. The base preset keeps 128 and 1e-3 (the committed checkpoint's card).
+ARCH_RUN = {
+    "base": {},
+    "deep": {"batch_size": 256, "lr": 1.4e-3},
 }
 
 
@@ -242,6 +264,73 @@ def batches(
             yield make_batch(samples, index.to(device), block_size)
 
 
+def fixed_lengths(
+    lengths: torch.Tensor | Sequence[int], block_size: int, n: int
+) -> tuple[int, ...]:
+    """At most `n` lengths, multiples of `block_size`, the largest holding the longest of
+    `lengths`, chosen to minimise the tokens when each of `lengths` is padded to the smallest
+    chosen length that holds it (a dynamic programme over the distinct block-rounded lengths).
+    Training passes one epoch's batch lengths (`epoch_lengths`)."""
+    rounded = [-(-int(x) // block_size) * block_size for x in lengths]
+    values = sorted(set(rounded))
+    counts = [rounded.count(v) for v in values]
+    k = len(values)
+    n = max(1, min(n, k))
+    # cost[j][i]: samples of values[j..i] padded to values[i]
+    prefix = [0]
+    for c in counts:
+        prefix.append(prefix[-1] + c)
+
+    def cost(j: int, i: int) -> int:
+        return (prefix[i + 1] - prefix[j]) * values[i]
+
+    inf = float("inf")
+    # best[m][i]: least tokens for values[0..i] with m lengths, the last one values[i]
+    best = [[inf] * k for _ in range(n + 1)]
+    choice = [[-1] * k for _ in range(n + 1)]
+    for i in range(k):
+        best[1][i] = cost(0, i)
+    for m in range(2, n + 1):
+        for i in range(k):
+            for j in range(i):  # the previous chosen length is values[j]
+                c = best[m - 1][j] + cost(j + 1, i)
+                if c < best[m][i]:
+                    best[m][i], choice[m][i] = c, j
+    m = min(range(1, n + 1), key=lambda m: (best[m][k - 1], m))
+    chosen, i = [], k - 1
+    while i >= 0 and m >= 1:
+        chosen.append(values[i])
+        i, m = choice[m][i], m - 1
+    return tuple(sorted(chosen))
+
+
+def pad_batch(
+    batch: Batch, masked: torch.Tensor, length: int, mask_id: int
+) -> tuple[Batch, torch.Tensor]:
+    """`batch` and its noise mask padded to `length` columns the way samples are padded: mask
+    tokens, never masked, never supervised (they lie past every sample's `length`). The added
+    blocks come after every real block, and a block never sees a later one (`attention_mask`),
+    so the loss on the real tokens is unchanged."""
+    extra = length - batch.ids.shape[1]
+    if extra <= 0:
+        return batch, masked
+    ids = F.pad(batch.ids, (0, extra), value=mask_id)
+    return Batch(ids, batch.prompt_len, batch.length), F.pad(masked, (0, extra), value=False)
+
+
+def epoch_lengths(
+    samples: Samples, batch_size: int, block_size: int, bucket: bool, seed: int
+) -> list[int]:
+    """The lengths of one epoch of `batches` (its own generator: training's is not touched)."""
+    data = batches(samples, batch_size, block_size, torch.Generator().manual_seed(seed), bucket)
+    return [next(data).ids.shape[1] for _ in range(len(samples) // batch_size)]
+
+
+def cover_length(T: int, lengths: Sequence[int]) -> int:
+    """The smallest of `lengths` that holds T (T itself when none does)."""
+    return min((L for L in lengths if L >= T), default=T)
+
+
 # ---- objective -----------------------------------------------------------------------------
 
 
@@ -330,6 +419,101 @@ def accumulate_gradients(
     return loss
 
 
+class CompiledLoss:
+    """`diffusion_loss` under torch.compile with static shapes (one graph per input shape),
+    used only for the shapes that `warm_up` compiled; every other shape (micro-batches after an
+    out of memory, lengths left out) and everything after a compile failure runs eager. So the
+    number of graphs is bounded by the warmed-up shapes, compile time is spent before training
+    rather than whenever a new length turns up, and a failure costs a warning, not the run.
+
+    scope "layers" (default) compiles each decoder layer in place (`nn.Module.compile`): the 24
+    layers share one graph per shape, so a shape compiles in about a layer's time (on CPU, deep
+    model, one shape: 13 s against 69 s for the whole loss); embedding, final norm, lm_head and
+    the cross-entropy stay eager. scope "loss" compiles the whole loss function."""
+
+    def __init__(self, cfg: TrainConfig, model: Network, scope: str = "layers"):
+        options = {"mode": cfg.compile_mode} if cfg.compile_mode else {}
+        options |= {"dynamic": False, "backend": cfg.compile_backend}
+        if scope not in ("layers", "loss"):
+            raise ValueError(f"unknown compile scope {scope!r}")
+        self.scope = scope
+        self.model = model
+        self.shapes: set[tuple[int, ...]] = set()
+        self.failure: str | None = None  # why it fell back to eager for good
+        self.seconds: dict[int, float] = {}  # length -> warm-up (compile) seconds
+        self.calls = {"compiled": 0, "eager": 0}  # loss calls (micro-batches count each)
+        self.compiled = lambda *a: diffusion_loss(*a)  # noqa: E731 - looked up at call time
+        try:
+            if scope == "layers":
+                for layer in model.layers:
+                    layer.compile(**options)
+            else:
+                self.compiled = torch.compile(diffusion_loss, **options)
+        except Exception as error:  # noqa: BLE001 - e.g. torch.compile unsupported here
+            self.restore()
+            self.fail(error)
+
+    def __call__(self, model: Network, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.failure is None and tuple(ids.shape) in self.shapes:
+            self.calls["compiled"] += 1
+            with torch.compiler.set_stance("eager_on_recompile"):  # never compile mid-training
+                return self.compiled(model, ids, labels)
+        self.calls["eager"] += 1
+        with torch.compiler.set_stance("force_eager"):  # no compiling of other shapes
+            return diffusion_loss(model, ids, labels)  # looked up at call time (tests patch it)
+
+    def restore(self) -> None:
+        """Take the compiled layers off the model (they stay in dynamo's cache)."""
+        if self.scope == "layers":
+            for layer in self.model.layers:
+                if hasattr(layer, "_compiled_call_impl"):
+                    layer._compiled_call_impl = None
+
+    def fail(self, error: BaseException) -> None:
+        self.failure = f"{type(error).__name__}: {' '.join(str(error).split())[:300]}"
+        print(
+            f"WARNING: torch.compile failed, training continues eager: {self.failure}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def warm_up(self, model: Network, rows: int, length: int, vocab: int, autocast, device) -> bool:
+        """Compile the forward and backward for ids [rows, 2 * length] with a dummy batch (no
+        random numbers drawn, gradients discarded); False (and eager from then on) on failure."""
+        if self.failure is not None:
+            return False
+        ids = torch.zeros(rows, 2 * length, dtype=torch.long, device=device)
+        labels = torch.arange(rows * 2 * length, device=device).view(rows, -1) % vocab
+        t = time.perf_counter()
+        try:
+            with autocast:
+                loss = self.compiled(model, ids, labels)
+            loss.backward()
+        except torch.OutOfMemoryError:
+            model.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            return False  # this length stays eager (and splits into micro-batches)
+        except Exception as error:  # noqa: BLE001 - any compile failure: eager, not a crash
+            model.zero_grad(set_to_none=True)
+            self.fail(error)
+            return False
+        model.zero_grad(set_to_none=True)
+        if ids.is_cuda:
+            torch.cuda.synchronize(ids.device)
+        self.seconds[length] = time.perf_counter() - t
+        self.shapes.add(tuple(ids.shape))
+        return True
+
+
+def set_recompile_limit(graphs: int) -> None:
+    """Let dynamo keep `graphs` graphs of one function (its default is 8)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), graphs))
+
+
 def init_weights(model: Network, std: float = 0.02) -> None:
     """GPT-2 style: normal(0, std) matrices, residual outputs scaled by 1/sqrt(2 * layers)."""
     out_std = std / math.sqrt(2 * model.cfg.num_hidden_layers)
@@ -359,6 +543,8 @@ class TrainResult:
     dev_curve: list[dict] = dataclasses.field(default_factory=list)  # step, seconds, accuracy
     stopped: str = "budget"  # why the loop ended: "budget", "steps" or "dev accuracy"
     oom_events: list[dict] = dataclasses.field(default_factory=list)  # step, micro_batches
+    lengths: tuple[int, ...] = ()  # the fixed batch lengths (empty: each batch its own)
+    compile: dict | None = None  # with cfg.compile: lengths compiled, seconds, failure
 
     @property
     def final_loss(self) -> float:
@@ -380,7 +566,6 @@ def train(
     runs every `cfg.dev_every_s` seconds and once at the end, inside the time budget."""
     B = model.cfg.block_size
     model.to(device).train()
-    samples = samples.to(device)
     cpu_gen = torch.Generator().manual_seed(cfg.seed)
     noise_gen = torch.Generator(device=device).manual_seed(cfg.seed + 1)
     decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -394,10 +579,17 @@ def train(
         betas=cfg.betas,
         fused=device.type == "cuda",
     )
-    loss_fn = torch.compile(diffusion_loss, dynamic=True) if cfg.compile else diffusion_loss
     autocast = torch.autocast(
         device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
     )  # float32 on CPU
+    lengths: tuple[int, ...] = ()
+    if cfg.fixed_lengths or cfg.compile:  # the lengths one epoch's batches have, and how often
+        seen = epoch_lengths(samples, cfg.batch_size, B, cfg.bucket, cfg.seed + 2)
+        if cfg.fixed_lengths:
+            lengths = fixed_lengths(seen, B, cfg.fixed_lengths)
+    samples = samples.to(device)
+    compiled = CompiledLoss(cfg, model, cfg.compile_scope) if cfg.compile else None
+    loss_fn = compiled or diffusion_loss
     budget = cfg.minutes * 60
     pending: list[torch.Tensor] = []  # losses not yet copied to the host (avoids a sync a step)
     losses: list[float] = []
@@ -428,6 +620,22 @@ def train(
         return acc
 
     t0 = time.perf_counter()
+    if compiled is not None:
+        # Compile each fixed length (most frequent first) before the first step, inside the
+        # budget, until cfg.compile_budget of it is spent; without fixed lengths, only the
+        # longest batch length. Lengths not compiled run eager.
+        targets = lengths or (max(seen),)  # without fixed lengths only the longest compiles
+        use = {L: sum(cover_length(r, targets) == L for r in seen) for L in targets}
+        set_recompile_limit(64)  # the shapes routed to the compiled loss bound the graphs
+        model.rope(torch.zeros(1, dtype=torch.long, device=device))  # its cache, before tracing
+        for L in sorted(targets, key=lambda L: -use[L]):
+            if time.perf_counter() - t0 > cfg.compile_budget * budget:
+                tqdm.write(f"compile budget spent: length {L} stays eager")
+                continue
+            if compiled.warm_up(
+                model, 2 * cfg.batch_size, L, model.cfg.vocab_size, autocast, device
+            ):
+                tqdm.write(f"compiled length {L} in {compiled.seconds[L]:.1f} s")
     last_dev = t0
     step = 0
     stopped = "steps"
@@ -448,7 +656,12 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = next(data)
-        ids, labels = diffusion_inputs(batch, noise_mask(batch, B, noise_gen), mask_id, B)
+        masked = noise_mask(batch, B, noise_gen)  # drawn before padding: the same noise
+        if lengths:
+            batch, masked = pad_batch(
+                batch, masked, cover_length(batch.ids.shape[1], lengths), mask_id
+            )
+        ids, labels = diffusion_inputs(batch, masked, mask_id, B)
         while True:
             optimizer.zero_grad(set_to_none=True)
             try:
@@ -457,6 +670,11 @@ def train(
             except torch.OutOfMemoryError:
                 if micro_batches >= MAX_MICRO_BATCHES:
                     raise
+            except Exception as error:
+                if compiled is None or compiled.failure is not None:
+                    raise
+                compiled.fail(error)  # the same step again, eager
+                continue
             # outside the handler, so that the failed attempt's tensors are already released
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
@@ -485,7 +703,31 @@ def train(
     if dev is not None and stopped != "dev accuracy" and step > 0:
         run_dev(step)  # the accuracy of the weights that are saved
     wall = time.perf_counter() - t0
-    return TrainResult(model.eval(), losses, step, wall, loss_curve, dev_curve, stopped, oom_events)
+    compile_info = None
+    if compiled is not None:
+        compiled.restore()
+        compile_info = {
+            "lengths_compiled": sorted(s[1] // 2 for s in compiled.shapes),
+            "warm_up_seconds": compiled.seconds,
+            "failure": compiled.failure,
+            "mode": cfg.compile_mode,
+            "scope": cfg.compile_scope,
+            "calls": compiled.calls,
+            "calls_note": "loss calls routed to the compiled graphs or eager; a guard failure "
+            "on a compiled shape also runs eager (eager_on_recompile) and is not counted here",
+        }
+    return TrainResult(
+        model.eval(),
+        losses,
+        step,
+        wall,
+        loss_curve,
+        dev_curve,
+        stopped,
+        oom_events,
+        lengths,
+        compile_info,
+    )
 
 
 class DevEvaluator:
@@ -634,8 +876,21 @@ def answer_problems(
 
 # TrainConfig values that --smoke changes unless they are given on the command line.
 SMOKE_RUN = {"steps": 40, "batch_size": 16, "n_train": 2000, "warmup_steps": 5, "dev_limit": 8}
+# TrainConfig values that --compile changes unless given: pad batches to at most 6 lengths.
+COMPILE_RUN = {"fixed_lengths": 6}
 # The command-line options that are TrainConfig fields (None: the preset or the default).
-CONFIG_OPTIONS = (*SMOKE_RUN, "max_len", "bucket", "dev_every_s", "n_train")
+CONFIG_OPTIONS = (
+    *SMOKE_RUN,
+    "max_len",
+    "bucket",
+    "dev_every_s",
+    "n_train",
+    "lr",
+    "fixed_lengths",
+    "compile_mode",
+    "compile_scope",
+    "compile_budget",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -645,8 +900,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch", choices=["base", "deep"], default="base", help="model size (ARCHS)")
     p.add_argument("--minutes", type=float, default=8.0, help="training-loop wall-clock budget")
     p.add_argument("--steps", type=int, help="maximum steps (default: none; --smoke: 40)")
-    p.add_argument("--batch-size", type=int, help="problems per step (default 128; --smoke: 16)")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument(
+        "--batch-size", type=int, help="problems per step (default 128; deep: 256; --smoke: 16)"
+    )
+    p.add_argument("--lr", type=float, help="peak learning rate (default 1e-3; deep: 1.4e-3)")
     p.add_argument("--warmup-steps", type=int, help="default 200; --smoke: 5")
     p.add_argument("--n-train", type=int, help="training problems (default 200000; --smoke: 2000)")
     p.add_argument("--max-len", type=int, help="longest sample in tokens (256; hard: 416)")
@@ -657,7 +914,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="length-bucketed batches (default: on for hard)",
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--compile", action="store_true", help="torch.compile the loss (default off)")
+    p.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="torch.compile each decoder layer, one graph per fixed batch length (default off)",
+    )
+    p.add_argument(
+        "--compile-mode",
+        help="torch.compile mode, e.g. max-autotune-no-cudagraphs (default: torch's default)",
+    )
+    p.add_argument(
+        "--compile-scope",
+        choices=["layers", "loss"],
+        help="compile each decoder layer (default; faster to compile) or the whole loss",
+    )
+    p.add_argument(
+        "--compile-budget",
+        type=float,
+        help="share of --minutes the compile warm-up may start lengths in (default 0.35)",
+    )
+    p.add_argument(
+        "--fixed-lengths",
+        type=int,
+        help="pad each batch to one of at most N lengths (default: 6 with --compile, else off)",
+    )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--smoke", action="store_true", help="a very small model for a CPU check")
     p.add_argument(
@@ -682,11 +963,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    preset = {**TASK_RUN[args.task], **(SMOKE_RUN if args.smoke else {})}
+    preset = {
+        **TASK_RUN[args.task],
+        **ARCH_RUN[args.arch],
+        **(COMPILE_RUN if args.compile else {}),
+        **(SMOKE_RUN if args.smoke else {}),
+    }
     given = {k: getattr(args, k) for k in CONFIG_OPTIONS if getattr(args, k) is not None}
     return TrainConfig(
         minutes=args.minutes,
-        lr=args.lr,
         seed=args.seed,
         compile=args.compile,
         task=args.task,
@@ -780,6 +1065,8 @@ def main(argv: list[str] | None = None) -> int:
         "dev_problems": len(dev.texts) if dev is not None else 0,
         "dev_curve_note": "strict accuracy at threshold 1 on the dev split, greedy, one batch",
         "oom_events": result.oom_events,
+        "fixed_lengths": list(result.lengths),
+        "compile": result.compile,
     }
     (out / "train_log.json").write_text(json.dumps(log, indent=2) + "\n")
 
