@@ -128,3 +128,15 @@ def test_direct_sweep_is_not_submitted_to_slurm(tmp_path, monkeypatch, capsys):
     path.write_text(SWEEP)
     assert experiments.main([str(path), "--results", str(tmp_path / "r")]) == 2
     assert "run it with --local" in capsys.readouterr().err
+
+
+def test_the_hard_split_is_a_direct_task():
+    """The deeper tiny model's split (issue 16) can be swept by the direct runner."""
+    import json
+
+    from v2.direct import TASKS, problems
+
+    texts, gold = problems("tiny_gsm_hard", 3)
+    rows = [json.loads(line) for line in TASKS["tiny_gsm_hard"].read_text().splitlines()[:3]]
+    assert texts == [f"Question: {r['question']}\nAnswer:" for r in rows]
+    assert gold == [r["answer"].rsplit("#### ", 1)[1].strip() for r in rows]

@@ -13,7 +13,7 @@ decodes in this one process:
 
 Each configuration's record (v2/record.py) is written to results/<sweep>/<id>/<model>/summary.json
 once all rounds are done, with `timing.session` shared by the configurations timed together.
-Supported task: tiny_gsm (the committed tiny model's test split), scored as its lm_eval task
+Supported tasks: tiny_gsm and tiny_gsm_hard (the committed test splits), scored as their lm_eval
 scores it (strict = the `#### N` answer, flexible = the last number).
 """
 
@@ -46,7 +46,10 @@ from v2.experiments import (
 )
 from v2.record import Record, TaskResult, Timing, environment, write
 
-TASKS = {"tiny_gsm": REPO / "v2" / "tiny" / "data" / "test.jsonl"}
+TASKS = {
+    "tiny_gsm": REPO / "v2" / "tiny" / "data" / "test.jsonl",
+    "tiny_gsm_hard": REPO / "v2" / "tiny" / "data" / "hard_test.jsonl",
+}
 DEFAULTS = {"batch_size": 250, "speed": {32: 128, 1: 16}, "speed_rounds": 3, "max_new_tokens": 256}
 STRICT, FLEXIBLE = "exact_match,strict-match", "exact_match,flexible-extract"
 
