@@ -36,6 +36,17 @@ def prompt(length: int, offset: int = 0) -> list[int]:
     return [(i * 7 + offset) % 60 + 1 for i in range(length)]
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`):
+    its small forwards gain nothing from threads, and on a busy 2-core machine OpenMP threads
+    spinning against other processes cost several times the CPU time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def model() -> Network:
     return random_network()

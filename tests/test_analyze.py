@@ -17,13 +17,7 @@ from v2.analyze import Recorder, aggregate, holds_from, main, skip_scores, thres
 from v2.engine import Engine
 from v2.generate import GenerationConfig, generate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def layer_inputs(model, ids: torch.Tensor) -> list[torch.Tensor]:

@@ -14,13 +14,7 @@ from v2.generate import GenerationConfig, generate
 from v2.policies import make_policy
 from v2.policy import Policy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Watch(Policy):

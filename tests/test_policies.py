@@ -15,15 +15,7 @@ from v2.engine import Engine, PolicyError
 from v2.generate import GenerationConfig, generate
 from v2.policy import COMPUTE, PASS, REUSE, Policy
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These small forwards gain nothing from threads, and on a busy 2-core machine OpenMP
-    threads spinning against other processes cost several times the CPU time."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Scripted(Policy):

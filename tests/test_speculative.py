@@ -24,14 +24,7 @@ LENGTHS = (1, 5, 31, 32, 33, 64, 70)
 MAX_NEW = 40
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Small matmuls: on a busy machine OpenMP threads spinning against other processes cost
-    # several times the CPU time.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

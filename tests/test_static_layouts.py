@@ -16,13 +16,7 @@ from v2.attention import Dense, Flash
 from v2.engine import Engine
 from v2.generate import GenerationConfig, generate
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, **kw):
