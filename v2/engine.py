@@ -22,12 +22,12 @@ Per device:
   with one synchronisation for that layer.
 - CPU: plain PyTorch with exact shapes (no padding), attention over the computed queries only.
 
-Forward graphs. The first time a forward with a given signature (kind, window, units in scope,
-the policy's capture keys, the reference state its layouts depend on) runs, its layer loop is
-recorded as it runs: every layer's device work (the steps above) and every host effect (statistics,
-reference bits). From then on the loop does not run: the recorded steps are replayed as one CUDA
-graph and the host effects applied again, so a forward costs one graph launch and no per-layer
-Python. A forward whose loop must read the device (a plan sized only by a read-back) or ask a
+Forward graphs. The first time a forward with a given signature (kind, window, the layout its
+units in scope imply, the policy's capture keys or host plans, the reference state its layouts
+depend on) runs, its layer loop is recorded as it runs: every layer's device work (the steps
+above) and every host effect (statistics, reference bits). From then on the loop does not run:
+the recorded steps are replayed as one CUDA graph and the host effects applied again, so a
+forward costs one graph launch and no per-layer Python. A forward whose loop must read the device (a plan sized only by a read-back) or ask a
 policy eagerly is not recorded; its layers run one graph each, as before.
 
 Statistics (stats.py): executed units are the units fed through a layer's matmuls (the padding

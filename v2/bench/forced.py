@@ -44,7 +44,8 @@ class ForcedLayerPass(LayerSkipPolicy):
         return PASS if layer in self.layers else COMPUTE
 
     def plan(self, layer: int, x, ctx: ForwardContext):
-        return PASS if layer in self.layers else None
+        action = self.host_plan(layer, ctx)
+        return None if action == COMPUTE else action
 
     def config(self) -> dict:
         return {"policy": self.name, "n": self.n, "layers": self.layers}
