@@ -27,8 +27,9 @@ units in scope imply, the policy's capture keys or host plans, the reference sta
 depend on) runs, its layer loop is recorded as it runs: every layer's device work (the steps
 above) and every host effect (statistics, reference bits). From then on the loop does not run:
 the recorded steps are replayed as one CUDA graph and the host effects applied again, so a
-forward costs one graph launch and no per-layer Python. A forward whose loop must read the device (a plan sized only by a read-back) or ask a
-policy eagerly is not recorded; its layers run one graph each, as before.
+forward costs one graph launch and no per-layer Python. A forward whose loop must read the
+device (a plan sized only by a read-back) or ask a policy eagerly is not recorded; its layers run
+one graph each, as before.
 
 Statistics (stats.py): executed units are the units fed through a layer's matmuls (the padding
 slots of a compacted layout are not units, but their rows are counted in executed FLOPs);
