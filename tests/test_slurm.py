@@ -216,6 +216,7 @@ def test_cancelled_and_requeued_tasks_resubmitted_once(slurm, tmp_path, capsys):
     (rest,) = set(IDS) - {cancelled, requeued}
     slurm.run(["scancel", f"{job}_{index[cancelled]}"])
     slurm.run(["scontrol", "requeue", f"{job}_{index[requeued]}"])
+    requeued_at = time.time()
 
     def settled() -> dict[str, ex.State] | None:
         st = state_map(sweep)
@@ -230,7 +231,12 @@ def test_cancelled_and_requeued_tasks_resubmitted_once(slurm, tmp_path, capsys):
     again = submitted(out, str(index[cancelled]))
     assert f"{again}_{index[cancelled]}" in slurm.jobs()
     assert [j for j in slurm.jobs() if j.startswith(f"{again}_")] == [f"{again}_{index[cancelled]}"]
-    # the requeued task would wait ~2 min (its BeginTime); let it start now
+    # the requeued task would wait ~2 min (its BeginTime); let it start now, but not in the
+    # second its old instance was killed: slurmd revokes a job's credentials by the second, and a
+    # launch credential issued in that second is refused ("Job N already killed", or "Job
+    # credential revoked") and the task ends FAILED without running. The BeginTime delay exists
+    # to avoid exactly this; forcing the start sooner than ~2 s after the requeue races it.
+    time.sleep(max(0.0, requeued_at + 3.0 - time.time()))
     slurm.run(["scontrol", "update", f"jobid={job}_{index[requeued]}", "StartTime=now"])
     wait(
         lambda: all(s.state == "done" for s in state_map(sweep).values()),
