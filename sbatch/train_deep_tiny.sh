@@ -19,6 +19,12 @@
 #   4. the card again, now with the layer profile
 # OUT/stages.txt has each stage's exit status and seconds (and why a requested analysis was
 # skipped, which makes the script's exit status non-zero).
+# Training keeps its state in OUT/train_state.pt and resumes from it, so running the same
+# command again continues a run that was killed or preempted (train.log and the other logs are
+# appended to, not overwritten). A budget longer than one job or call, in two calls:
+#     bash sbatch/train_deep_tiny.sh OUT --minutes 15 --pause-after 7.5   # stops, state saved
+#     bash sbatch/train_deep_tiny.sh OUT --minutes 15                     # goes on, then stages 2-4
+# A paused run records "train ... paused" in stages.txt and runs no other stage.
 # PACK_TO=DIR (e.g. the device tool's $OUT, which returns at most 8 files of at most 16 MiB):
 # after the first card and at the end, OUT is packed into DIR/deep_tiny.tar.NN (15 MiB parts;
 # restore with `cat deep_tiny.tar.* | tar -x -C OUT`), with README.md, stages.txt and train.log
@@ -50,7 +56,7 @@ stage() {  # stage NAME LOG COMMAND...: run, tee the output into OUT/LOG, record
     shift 2
     start=$(date +%s)
     echo "== ${name} ($(date -u +%H:%M:%S) UTC): $*"
-    "$@" 2>&1 | tee "${OUT}/${log}"
+    "$@" 2>&1 | tee -a "${OUT}/${log}"
     rc=${PIPESTATUS[0]}
     echo "${name} rc=${rc} seconds=$(($(date +%s) - start))" | tee -a "${OUT}/stages.txt"
 }
@@ -59,7 +65,7 @@ pack() {
     [[ -n "${PACK_TO:-}" ]] || return 0
     mkdir -p "${PACK_TO}"
     rm -f "${PACK_TO}"/deep_tiny.tar.*
-    tar -cf - -C "${OUT}" . | split -b 15m -d - "${PACK_TO}/deep_tiny.tar."
+    tar -cf - --exclude=./train_state.pt --exclude=./train_state.pt.tmp -C "${OUT}" . | split -b 15m -d - "${PACK_TO}/deep_tiny.tar."
     cp "${OUT}/stages.txt" "${OUT}/train.log" "${PACK_TO}/" 2>/dev/null
     cp "${CKPT}/README.md" "${PACK_TO}/" 2>/dev/null
     echo "packed ${OUT} into ${PACK_TO}: $(cd "${PACK_TO}" && echo deep_tiny.tar.*)"
@@ -73,7 +79,12 @@ card() {
 }
 
 stage train train.log "${PY}" -u -m v2.tiny.train --task hard --arch deep --minutes 7.5 \
-    --compile --out "${CKPT}" "$@"
+    --compile --out "${CKPT}" --state "${OUT}/train_state.pt" --resume "$@"
+if tail -n 3 "${OUT}/train.log" | grep -q "^paused at step"; then
+    echo "train paused: the same command without --pause-after goes on" | tee -a "${OUT}/stages.txt"
+    pack
+    exit 0
+fi
 card
 pack
 LEFT=$((DEADLINE_S - ($(date +%s) - START)))

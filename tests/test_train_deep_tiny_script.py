@@ -67,3 +67,22 @@ def test_analysis_is_off_by_default(tmp_path: Path) -> None:
     assert "analyze off" in done.stdout
     log = json.loads((out / "checkpoint" / "train_log.json").read_text())
     assert not log["train_config"]["compile"] and log["compile"] is None
+
+
+def test_a_paused_run_goes_on_when_run_again(tmp_path: Path) -> None:
+    """--pause-after stops the training with its state saved and runs no other stage; the same
+    command again resumes it (the state file stays out of the packed parts)."""
+    out, pack = tmp_path / "run", tmp_path / "pack"
+    _run(out, pack, ["--no-compile", "--pause-after", "1e-9"])
+    assert (out / "stages.txt").read_text().splitlines()[-1].startswith("train paused")
+    assert (out / "train_state.pt").exists() and not (out / "checkpoint" / "config.json").exists()
+    _run(out, pack, ["--no-compile"])
+    stages = (out / "stages.txt").read_text().split("\n")
+    assert [s.split()[0] for s in stages if s] == ["train", "card"]
+    log = json.loads((out / "checkpoint" / "train_log.json").read_text())
+    assert [p["steps"] for p in log["processes"]] == [[0, 1], [1, 2]]
+    train_log = (out / "train.log").read_text()
+    assert "paused at step 1" in train_log and "resuming" in train_log  # appended, not replaced
+    with tarfile.open(pack / "deep_tiny.tar.00") as tar:
+        names = set(tar.getnames())
+    assert "./checkpoint/model.safetensors" in names and "./train_state.pt" not in names

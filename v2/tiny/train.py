@@ -10,6 +10,13 @@ graded family, `hard_test.jsonl`, with `hard_dev.jsonl` evaluated during trainin
 `--dev-every-s` seconds). Architectures: `base` (8 layers, 6.48M parameters) and `deep` (24
 layers, GQA, 10.7M parameters, 21.4 MB in bf16; batch 256 and lr 1.4e-3 unless given).
 
+`--state FILE` keeps the run's state (saved every `--save-every-s` seconds and at the end);
+`--resume` continues it after a kill, a preemption or a `--pause-after MIN` stop, to the model an
+uninterrupted run would have made (TrainState). A training budget longer than one job or call:
+
+    python -m v2.tiny.train ... --minutes 15 --state S --pause-after 7.5   # then, again:
+    python -m v2.tiny.train ... --minutes 15 --state S --resume
+
 `--compile` pads each batch to one of a few fixed lengths (`--fixed-lengths`, 6) and compiles
 each decoder layer once per length before the first step, inside the budget; other shapes and
 any compile failure run eager (`CompiledLoss`).
@@ -238,11 +245,13 @@ def batches(
     block_size: int,
     generator: torch.Generator,
     bucket: bool = False,
+    skip: int = 0,
 ) -> Iterator[Batch]:
     """Endless shuffled epochs (the last incomplete batch of an epoch is skipped). `bucket`:
     each run of BUCKET_BATCHES batches of the shuffled order is sorted by length before it is
     cut into batches, and those batches are shuffled, so a batch pads to its own longest sample
-    rather than to nearly the longest of all."""
+    rather than to nearly the longest of all. `skip`: the first `skip` batches of that order are
+    passed over unbuilt (a resumed run continues where it stopped)."""
     n = len(samples)
     if n < batch_size:
         raise ValueError(f"{n} training samples are fewer than one batch of {batch_size}")
@@ -260,8 +269,12 @@ def batches(
             groups = [chunks[i] for i in perm]
         else:
             groups = list(order.split(batch_size))
-        for index in groups:
+        if skip >= len(groups):
+            skip -= len(groups)
+            continue
+        for index in groups[skip:]:
             yield make_batch(samples, index.to(device), block_size)
+        skip = 0
 
 
 def fixed_lengths(
@@ -533,18 +546,94 @@ def learning_rate(cfg: TrainConfig, step: int, progress: float) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
+# TrainConfig fields a resumed run may change: how a step is executed and how often the dev
+# split is scored, not what a step computes (padding to fixed lengths gives the same loss).
+RESUME_MAY_CHANGE = frozenset(
+    {
+        "compile",
+        "compile_mode",
+        "compile_backend",
+        "compile_scope",
+        "compile_budget",
+        "fixed_lengths",
+        "dev_every_s",
+        "dev_limit",
+        "stop_at_dev_acc",
+    }
+)
+STATE_FORMAT = 1
+
+
+class TrainStateError(ValueError):
+    """A training state that cannot be resumed (another configuration, another format)."""
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """Where a run keeps what it needs to go on (weights, optimizer moments, step, loop seconds
+    spent, the noise generator, curves), so that a killed, preempted or paused run resumes where
+    it stopped and ends with the model an uninterrupted run would have. Written atomically every
+    `every_s` seconds of the loop and when the loop ends. `pause_after_s`: this process stops
+    after that many seconds of its own loop (at least one step), state saved; `resume`: continue
+    from `path` if it exists (a fresh start if not). The data order needs no state: it is the
+    seed's, and a resumed run skips the batches already used."""
+
+    path: Path
+    every_s: float = 300.0
+    pause_after_s: float | None = None
+    resume: bool = False
+
+
+def _resumable_config(cfg: TrainConfig) -> dict:
+    return {
+        f.name: getattr(cfg, f.name)
+        for f in dataclasses.fields(cfg)
+        if f.name not in RESUME_MAY_CHANGE
+    }
+
+
+def save_train_state(path: Path, state: dict) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-write leaves the last state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_train_state(path: Path, cfg: TrainConfig) -> dict:
+    """The state at `path`, checked against `cfg` (TrainStateError with what differs)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets one message
+        raise TrainStateError(f"{path}: not a readable training state ({e})") from e
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise TrainStateError(f"{path}: not a training state of format {STATE_FORMAT}")
+    saved, now = state["config"], _resumable_config(cfg)
+    differ = [k for k in now if saved.get(k) != now[k]]
+    if differ:
+        what = ", ".join(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in differ)
+        raise TrainStateError(
+            f"{path} was saved by a run with other settings ({what}); resume with the same "
+            "settings, or start afresh without --resume (or with another --state)"
+        )
+    return state
+
+
 @dataclass
 class TrainResult:
     model: Network
     losses: list[float]
     steps: int
-    wall_seconds: float  # the whole loop, dev evaluations included
+    wall_seconds: float  # the whole loop (of every process, when resumed), dev evaluations included
     loss_curve: list[dict] = dataclasses.field(default_factory=list)  # step, seconds, loss
     dev_curve: list[dict] = dataclasses.field(default_factory=list)  # step, seconds, accuracy
     stopped: str = "budget"  # why the loop ended: "budget", "steps" or "dev accuracy"
     oom_events: list[dict] = dataclasses.field(default_factory=list)  # step, micro_batches
     lengths: tuple[int, ...] = ()  # the fixed batch lengths (empty: each batch its own)
     compile: dict | None = None  # with cfg.compile: lengths compiled, seconds, failure
+    # one entry per process that trained this model (more than one when resumed): its first
+    # and last step, loop seconds and why it stopped
+    processes: list[dict] = dataclasses.field(default_factory=list)
 
     @property
     def final_loss(self) -> float:
@@ -560,10 +649,14 @@ def train(
     device: torch.device,
     progress_bar: bool = True,
     dev: Callable[[Network], float] | None = None,
+    state: TrainState | None = None,
 ) -> TrainResult:
     """Train `model` in place until `cfg.steps` or `cfg.minutes` runs out (or, with
     `cfg.stop_at_dev_acc`, dev accuracy reaches it). `dev(model)` returns the dev accuracy; it
-    runs every `cfg.dev_every_s` seconds and once at the end, inside the time budget."""
+    runs every `cfg.dev_every_s` seconds and once at the end, inside the time budget. `state`:
+    save the run's state there and, with `state.resume`, continue the run saved there
+    (TrainState); the budget and the learning-rate schedule count the loop seconds of every
+    process the run took."""
     B = model.cfg.block_size
     model.to(device).train()
     cpu_gen = torch.Generator().manual_seed(cfg.seed)
@@ -588,22 +681,40 @@ def train(
         if cfg.fixed_lengths:
             lengths = fixed_lengths(seen, B, cfg.fixed_lengths)
     samples = samples.to(device)
-    compiled = CompiledLoss(cfg, model, cfg.compile_scope) if cfg.compile else None
-    loss_fn = compiled or diffusion_loss
     budget = cfg.minutes * 60
     pending: list[torch.Tensor] = []  # losses not yet copied to the host (avoids a sync a step)
     losses: list[float] = []
+    loss_curve: list[dict] = []
+    dev_curve: list[dict] = []
+    micro_batches = 1
+    oom_events: list[dict] = []  # the same step again in twice as many micro-batches
+    processes: list[dict] = []
+    step, spent = 0, 0.0  # steps done and loop seconds spent by earlier processes
+    if state is not None and state.resume and state.path.exists():
+        saved = load_train_state(state.path, cfg)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        noise_gen.set_state(saved["noise_gen"])
+        step, spent, micro_batches = saved["step"], saved["spent_s"], saved["micro_batches"]
+        losses, loss_curve, dev_curve = saved["losses"], saved["loss_curve"], saved["dev_curve"]
+        oom_events, processes = saved["oom_events"], saved["processes"]
+        print(
+            f"resuming {state.path}: step {step}, {spent:.0f} s of the {budget:.0f} s budget spent",
+            flush=True,
+        )
+    elif state is not None and state.resume:
+        print(f"no training state at {state.path}: starting afresh", flush=True)
+    first_step = step
+    compiled = CompiledLoss(cfg, model, cfg.compile_scope) if cfg.compile else None
+    loss_fn = compiled or diffusion_loss
     bar = tqdm(
+        initial=step,
         total=cfg.steps,
         desc="train",
         disable=not progress_bar,
         mininterval=1.0 if sys.stderr.isatty() else 15.0,
     )
-    data = batches(samples, cfg.batch_size, B, cpu_gen, bucket=cfg.bucket)
-    loss_curve: list[dict] = []
-    dev_curve: list[dict] = []
-    micro_batches = 1
-    oom_events: list[dict] = []  # the same step again in twice as many micro-batches
+    data = batches(samples, cfg.batch_size, B, cpu_gen, bucket=cfg.bucket, skip=step)
 
     def run_dev(step: int) -> float:
         t = time.perf_counter()
@@ -619,25 +730,63 @@ def train(
         )
         return acc
 
-    t0 = time.perf_counter()
-    if compiled is not None:
+    def flush_losses() -> None:
+        """Copy the pending losses to the host (one sync) and extend the loss curve."""
+        nonlocal losses
+        if not pending:
+            return
+        k = len(pending)
+        losses += torch.stack(pending).tolist()
+        pending.clear()
+        point = {"step": step, "seconds": time.perf_counter() - t0}
+        loss_curve.append({**point, "loss": sum(losses[-k:]) / k})
+
+    def this_process(stopped: str | None) -> dict:
+        seconds = time.perf_counter() - t_process
+        return {"steps": [first_step, step], "seconds": seconds, "stopped": stopped}
+
+    def save_state(stopped: str | None) -> None:
+        flush_losses()
+        save_train_state(
+            state.path,
+            {
+                "format": STATE_FORMAT,
+                "config": _resumable_config(cfg),
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "noise_gen": noise_gen.get_state(),
+                "step": step,
+                "spent_s": time.perf_counter() - t0,
+                "micro_batches": micro_batches,
+                "losses": losses,
+                "loss_curve": loss_curve,
+                "dev_curve": dev_curve,
+                "oom_events": oom_events,
+                "processes": [*processes, this_process(stopped)],
+            },
+        )
+
+    t_process = time.perf_counter()
+    t0 = t_process - spent  # the loop's clock counts the earlier processes' seconds
+    last_save = t_process
+    if compiled is not None and (cfg.steps is None or step < cfg.steps) and spent < budget:
         # Compile each fixed length (most frequent first) before the first step, inside the
-        # budget, until cfg.compile_budget of it is spent; without fixed lengths, only the
-        # longest batch length. Lengths not compiled run eager.
+        # budget, until cfg.compile_budget of what is left of it is spent; without fixed
+        # lengths, only the longest batch length. Lengths not compiled run eager.
         targets = lengths or (max(seen),)  # without fixed lengths only the longest compiles
         use = {L: sum(cover_length(r, targets) == L for r in seen) for L in targets}
         set_recompile_limit(64)  # the shapes routed to the compiled loss bound the graphs
         model.rope(torch.zeros(1, dtype=torch.long, device=device))  # its cache, before tracing
+        compile_until = spent + cfg.compile_budget * (budget - spent)
         for L in sorted(targets, key=lambda L: -use[L]):
-            if time.perf_counter() - t0 > cfg.compile_budget * budget:
+            if time.perf_counter() - t0 > compile_until:
                 tqdm.write(f"compile budget spent: length {L} stays eager")
                 continue
             if compiled.warm_up(
                 model, 2 * cfg.batch_size, L, model.cfg.vocab_size, autocast, device
             ):
                 tqdm.write(f"compiled length {L} in {compiled.seconds[L]:.1f} s")
-    last_dev = t0
-    step = 0
+    last_dev = t0 + (dev_curve[-1]["seconds"] if dev_curve else 0.0)
     stopped = "steps"
     while cfg.steps is None or step < cfg.steps:
         now = time.perf_counter()
@@ -650,6 +799,14 @@ def train(
         elapsed = time.perf_counter() - t0
         if elapsed > budget:
             stopped = "budget"
+            break
+        if (
+            state is not None
+            and state.pause_after_s is not None
+            and step > first_step
+            and time.perf_counter() - t_process >= state.pause_after_s
+        ):
+            stopped = "paused"
             break
         progress = max(step / cfg.steps if cfg.steps else 0.0, elapsed / budget)
         lr = learning_rate(cfg, step, progress)
@@ -686,22 +843,22 @@ def train(
         pending.append(loss.detach())
         step += 1
         if len(pending) == 20:
-            losses += torch.stack(pending).tolist()
-            pending.clear()
-            point = {"step": step, "seconds": time.perf_counter() - t0}
-            loss_curve.append({**point, "loss": sum(losses[-20:]) / 20})
+            flush_losses()
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", min=f"{elapsed / 60:.1f}")
+        if state is not None and time.perf_counter() - last_save >= state.every_s:
+            save_state(None)
+            last_save = time.perf_counter()
         bar.update(1)
-    if pending:
-        k = len(pending)
-        losses += torch.stack(pending).tolist()
-        point = {"step": step, "seconds": time.perf_counter() - t0}
-        loss_curve.append({**point, "loss": sum(losses[-k:]) / k})
+    flush_losses()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     bar.close()
-    if dev is not None and stopped != "dev accuracy" and step > 0:
+    evaluated = bool(dev_curve) and dev_curve[-1]["step"] == step  # a resumed, finished run
+    if dev is not None and stopped not in ("dev accuracy", "paused") and step and not evaluated:
         run_dev(step)  # the accuracy of the weights that are saved
+    if state is not None:
+        save_state(stopped)
+    processes.append(this_process(stopped))
     wall = time.perf_counter() - t0
     compile_info = None
     if compiled is not None:
@@ -727,6 +884,7 @@ def train(
         oom_events,
         lengths,
         compile_info,
+        processes,
     )
 
 
@@ -952,6 +1110,28 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="stop training once dev accuracy reaches this fraction (default: off)",
     )
+    p.add_argument(
+        "--state",
+        type=Path,
+        help="keep the training state (weights, optimizer, step, curves) in this file, saved "
+        "every --save-every-s seconds and when training ends; with --resume, continue from it",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run saved in --state (a fresh start when the file does not exist), "
+        "with the same settings; its budget counts the seconds already spent",
+    )
+    p.add_argument(
+        "--save-every-s", type=float, default=300.0, help="seconds between state saves (300)"
+    )
+    p.add_argument(
+        "--pause-after",
+        type=float,
+        metavar="MIN",
+        help="stop this process after MIN minutes of training, state saved, without saving the "
+        "checkpoint or evaluating; the same command with --resume goes on",
+    )
     p.add_argument("--no-eval", action="store_true")
     p.add_argument(
         "--eval-limit",
@@ -998,8 +1178,28 @@ def describe_model(cfg: ModelConfig, n_params: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.resume or args.pause_after is not None) and args.state is None:
+        parser.error("--resume and --pause-after need --state FILE (where the run is kept)")
+    if args.pause_after is not None and args.pause_after <= 0:
+        parser.error(f"--pause-after must be positive minutes, not {args.pause_after}")
+    if args.save_every_s < 0:
+        parser.error(f"--save-every-s must be >= 0, not {args.save_every_s}")
     cfg = config_from_args(args)
+    state = None
+    if args.state is not None:
+        state = TrainState(
+            args.state,
+            every_s=args.save_every_s,
+            pause_after_s=None if args.pause_after is None else args.pause_after * 60,
+            resume=args.resume,
+        )
+        if args.resume and args.state.exists():
+            try:
+                load_train_state(args.state, cfg)  # a wrong --resume fails before any setup
+            except TrainStateError as e:
+                parser.exit(2, f"{parser.prog}: error: {e}\n")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -1028,7 +1228,15 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    result = train(model, samples, mask_id, cfg, device, dev=dev)
+    result = train(model, samples, mask_id, cfg, device, dev=dev, state=state)
+    if result.stopped == "paused":
+        print(
+            f"paused at step {result.steps} after {result.wall_seconds:.0f} s of the "
+            f"{cfg.minutes * 60:.0f} s budget; state saved to {args.state}. Go on with the same "
+            "command plus --resume (without --pause-after to finish).",
+            flush=True,
+        )
+        return 0
     save_release_checkpoint(result.model, out, tokenizer, dtype=torch.bfloat16)
     weights_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
     log = {
@@ -1065,6 +1273,9 @@ def main(argv: list[str] | None = None) -> int:
         "dev_problems": len(dev.texts) if dev is not None else 0,
         "dev_curve_note": "strict accuracy at threshold 1 on the dev split, greedy, one batch",
         "oom_events": result.oom_events,
+        "processes": result.processes,
+        "processes_note": "the processes that trained this model (more than one when resumed): "
+        "first and last step, loop seconds, why each stopped",
         "fixed_lengths": list(result.lengths),
         "compile": result.compile,
     }
@@ -1073,8 +1284,9 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"checkpoint: {out} ({n_params / 1e6:.2f}M parameters, {weights_mb:.1f} MB bf16)",
         f"trained {result.steps} steps x {cfg.batch_size} problems in {result.wall_seconds:.0f} s "
-        f"on {log['device_name']} (stopped: {result.stopped}); final loss (mean of last 50 "
-        f"steps) {result.final_loss:.4f}",
+        f"on {log['device_name']} (stopped: {result.stopped}"
+        + (f"; {len(result.processes)} processes" if len(result.processes) > 1 else "")
+        + f"); final loss (mean of last 50 steps) {result.final_loss:.4f}",
     ]
     if result.dev_curve:
         last = result.dev_curve[-1]
