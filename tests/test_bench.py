@@ -199,6 +199,25 @@ def test_forward_timer_marks_every_forward():
     assert timer.total_ms() > 0
 
 
+class _Setups:
+    """An engine stand-in whose calls make a new setup (record, warm-up, capture) `n` times."""
+
+    def __init__(self, n: int):
+        self.n, self.setups, self.calls = n, 0, 0
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self.setups += self.calls <= self.n
+
+
+@pytest.mark.parametrize(("setups", "at_least", "calls"), [(0, 2, 2), (3, 2, 4), (1, 3, 3)])
+def test_warm_up_runs_until_a_call_sets_nothing_up(setups, at_least, calls):
+    fake = _Setups(setups)
+    assert Clock(CPU).warm_up(fake, [fake], at_least) == calls == fake.calls
+    capped = _Setups(100)
+    assert Clock(CPU).warm_up(capped, [capped], 1, at_most=5) == 5
+
+
 def test_release_shapes():
     counts = {}
     for name in ("7b", "1.5b"):

@@ -19,6 +19,7 @@ from layer_skip_generation_functions import LayerReusePolicy, LayerSkipPolicy
 from tests.conftest import IDS, prompt, random_network
 from token_skip_generation_functions import TokenSkipPolicy
 from v2.attention import Dense, Packed
+from v2.bench.timing import Clock
 from v2.cuda_graphs import GraphRunner
 from v2.engine import Engine
 from v2.generate import GenerationConfig, generate
@@ -154,6 +155,28 @@ def test_an_engine_serves_later_calls_without_new_graphs():
     assert model._v2_engine is engine and engine.graphs.captured == captured > 0
     assert len(engine.graphs.sets) == sets
     same(first, later)
+
+
+def test_bench_warm_up_leaves_only_replays_to_time():
+    """Clock.warm_up (what the bench times after): a forward's first three calls record, warm up
+    and capture its graph; every call after the warm-up is a replay that sets up nothing."""
+    model = model_on_gpu(torch.bfloat16)
+    engine = Engine(model)
+    engine.allocate(2, 128)
+    engine.prefill(torch.tensor([prompt(64), prompt(64, offset=1)], device="cuda"))
+    engine.begin_block()
+    block = torch.full((2, 32), IDS.mask, device="cuda")
+    out = torch.arange(31, device="cuda")
+    clock = Clock(torch.device("cuda"))
+
+    def fn():
+        engine.logits(engine.denoise(block, 0, out))
+
+    assert clock.warm_up(fn, [engine], at_least=2) >= 3  # record, warm-up, capture
+    setups, replays = engine.setups, engine.replays["denoise"]
+    for _ in range(3):
+        clock.once(fn)
+    assert engine.setups == setups and engine.replays["denoise"] == replays + 3
 
 
 def test_a_long_mixed_sequence_runs_with_no_failure():

@@ -282,6 +282,13 @@ class Engine:
         st.graph_failures = len(self.graphs.failures)
         return st
 
+    @property
+    def setups(self) -> int:
+        """Forward records, graph warm-ups and captures made so far: a call that leaves this
+        unchanged only replayed (what a benchmark times). A forward signature first seen takes
+        three calls to get there: record, warm-up and capture of its forward graph."""
+        return len(self._records) + len(self.graphs.warm) + len(self.graphs.graphs)
+
     # ---- cache and per-block state -------------------------------------------------------
 
     @torch.inference_mode()

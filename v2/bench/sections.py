@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -65,8 +66,7 @@ def forwards(bench, name: str, model: Network, ids: TokenIds) -> None:
             engine.begin_block()
             for kind, fn, window, keys, logit_rows in kinds:
                 clock.reset_peak()
-                for _ in range(g["warmup"]):
-                    fn()
+                warmup = clock.warm_up(fn, [engine], g["warmup"])
                 before = _stats_snapshot(engine)
                 ms = [clock.once(fn) for _ in range(g["repeats"])]
                 work = _diff(before, _stats_snapshot(engine))[0] / g["repeats"]
@@ -85,6 +85,7 @@ def forwards(bench, name: str, model: Network, ids: TokenIds) -> None:
                     "min_ms": min(ms),
                     "max_ms": max(ms),
                     "repeats": len(ms),
+                    "warmup_calls": warmup,
                     **roofline(m, wb, kvb, work, bench.bw, bench.rate),
                     "peak_memory_bytes": clock.peak(),
                 }
@@ -122,18 +123,11 @@ def skip(bench, name: str, model: Network, ids: TokenIds) -> None:
             e.allocate(b, P + B)
             e.prefill(prompt)
             runs.append((label, policy, rate, e, []))
-        for r in range(1 + g["skip_rounds"]):  # round 0 warms up (compiles, captures)
-            order = runs if r % 2 else runs[::-1]
-            for _label, _policy, _rate, e, samples in order:
-                e.begin_block()
-                e.logits(e.denoise(blocks[0], 0, out_pos))  # step 0: computes everything
-                for step in range(1, g["skip_steps"] + 1):
-                    before = _stats_snapshot(e)
-                    ms = clock.once(
-                        lambda e=e, blk=blocks[step], o=out_pos: e.logits(e.denoise(blk, 0, o))
-                    )
-                    if r:
-                        samples.append((step, ms, _diff(before, _stats_snapshot(e))))
+        # warm-up rounds (compiles, records, captures) until a whole round makes none
+        warm = functools.partial(_skip_round, clock, runs[::-1], blocks, out_pos, None)
+        warmup = clock.warm_up(warm, [r[3] for r in runs])
+        for r in range(1, 1 + g["skip_rounds"]):
+            _skip_round(clock, runs if r % 2 else runs[::-1], blocks, out_pos, r)
         base_ms = base_bytes = None
         for label, policy, rate, e, samples in runs:
             # reuse_k2: the skipping (odd) steps; its cycle mean is reported beside.
@@ -165,6 +159,7 @@ def skip(bench, name: str, model: Network, ids: TokenIds) -> None:
                 "layers_run": len(ran),
                 "graph_sets": len(e.graphs.sets),
                 "graph_failures": len(e.graphs.failures),
+                "warmup_rounds": warmup,
             }
             if label.startswith("reuse_k"):
                 cycle = median([s[1] for s in samples if s[0] % 2 == 0])
@@ -179,6 +174,20 @@ def skip(bench, name: str, model: Network, ids: TokenIds) -> None:
         bench.save()
 
 
+def _skip_round(clock, runs, blocks, out_pos, timed: int | None) -> None:
+    """One round of the skip section: each run in turn decodes a block (step 0 computes
+    everything, steps 1.. may skip); with `timed`, each skipping step's time and statistics
+    are added to its run's samples."""
+    for _label, _policy, _rate, e, samples in runs:
+        e.begin_block()
+        e.logits(e.denoise(blocks[0], 0, out_pos))
+        for step in range(1, len(blocks)):
+            before = _stats_snapshot(e)
+            ms = clock.once(lambda e=e, blk=blocks[step]: e.logits(e.denoise(blk, 0, out_pos)))
+            if timed:
+                samples.append((step, ms, _diff(before, _stats_snapshot(e))))
+
+
 def e2e(bench, name: str, model: Network, ids: TokenIds) -> None:
     """generate() at threshold 1 with ignore_eos: one token per row and forward. The forwards
     (logits included) are marked by the engine's timer; the rest of the wall time is the loop."""
@@ -190,7 +199,9 @@ def e2e(bench, name: str, model: Network, ids: TokenIds) -> None:
         prompts = [ordinary_tokens(ids, V, g["prompt_tokens"], r) for r in range(b)]
         gc = GenerationConfig(max_new_tokens=g["new_tokens"], threshold=1.0, ignore_eos=True)
         engine = Engine(model, None, cfg.block_size)
-        generate(model, prompts, ids, gc, engine=engine)  # warm-up: compiles and captures
+        # warm-up: compiles, records and captures, until a whole generation makes none
+        run = functools.partial(generate, model, prompts, ids, gc, engine=engine)
+        warmup = clock.warm_up(run, [engine])
         clock.reset_peak()
         walls, fwd, over, result = [], [], [], None
         for _ in range(g["e2e_repeats"]):
@@ -228,6 +239,7 @@ def e2e(bench, name: str, model: Network, ids: TokenIds) -> None:
             "achieved_tflops": st.executed_flops / wall / 1e12,
             "graph_sets": st.graph_sets,
             "graph_failures": st.graph_failures,
+            "warmup_generations": warmup,
             "peak_memory_bytes": clock.peak(),
         }
         bench.data["e2e"].append(row)
@@ -381,8 +393,8 @@ def _verify_case(bench, name: str, model: Network, ids: TokenIds, b: int, P: int
     def verify_fn():
         ver.logits(ver.forward(window, rows, at, width))
 
-    # (kind, window, logit rows, forward, its executed FLOPs so far)
-    runs = [(f"verify{S + 1}", S + 1, S + 1, verify_fn, lambda: st.executed_flops)]
+    # (kind, window, logit rows, forward, its executed FLOPs so far, engines it warms up)
+    runs = [(f"verify{S + 1}", S + 1, S + 1, verify_fn, lambda: st.executed_flops, [])]
     for label, eager in (("denoise32", False), ("denoise32_eager", True)):
         e = Engine(model, cuda_graphs=False, compile=False) if eager else Engine(model)
         e.allocate(b, P + B)
@@ -395,12 +407,12 @@ def _verify_case(bench, name: str, model: Network, ids: TokenIds, b: int, P: int
                 S,
                 lambda e=e: e.logits(e.denoise(block, 0, out)),
                 lambda e=e: e.stats.executed_flops,
+                [e],
             )
         )
     rows_out = []
-    for kind, w, logit_rows, fn, counted in runs:
-        for _ in range(g["warmup"]):
-            fn()
+    for kind, w, logit_rows, fn, counted, engines in runs:
+        warmup = clock.warm_up(fn, engines, g["warmup"])
         before = counted()
         ms = [clock.once(fn) for _ in range(g["repeats"])]
         work = (counted() - before) / g["repeats"]
@@ -417,6 +429,7 @@ def _verify_case(bench, name: str, model: Network, ids: TokenIds, b: int, P: int
                 "min_ms": min(ms),
                 "max_ms": max(ms),
                 "repeats": len(ms),
+                "warmup_calls": warmup,
                 **roofline(m, wb, kvb, work, bench.bw, bench.rate),
             }
         )

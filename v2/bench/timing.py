@@ -44,6 +44,19 @@ class Clock:
         self.sync()
         return self.between(a, b)
 
+    def warm_up(self, fn, engines=(), at_least: int = 1, at_most: int = 8) -> int:
+        """Call `fn` at least `at_least` times, and on until a call makes no new forward record,
+        graph warm-up or capture in any of `engines` (Engine.setups), so that no timed call
+        pays for one; at most `at_most` calls. Returns the calls made."""
+        calls = 0
+        while calls < at_most:
+            before = [e.setups for e in engines]
+            fn()
+            calls += 1
+            if calls >= at_least and [e.setups for e in engines] == before:
+                break
+        return calls
+
     def repeat(self, fn, warmup: int, repeats: int) -> list[float]:
         for _ in range(warmup):
             fn()
