@@ -295,3 +295,26 @@ def test_verify_section_rows(report):
     v = next(r for r in data["verify"] if r["kind"] == "verify9" and r["batch"] == 1)
     d = next(r for r in data["verify"] if r["kind"] == "denoise32" and r["batch"] == 1)
     assert v["flops"] < d["flops"]  # 9 positions against 32
+
+
+def test_no_forward_graphs_reaches_every_engine_the_sections_build(tmp_path, monkeypatch, report):
+    from v2.bench import cli
+
+    assert report[1]["engine_options"] == {"forward_graphs": True}
+    built = []
+
+    def engine(*args, **kwargs):
+        built.append(kwargs.get("forward_graphs"))
+        return Engine(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "Engine", engine)
+    argv = ["--models", "test", "--quick", "--device", "cpu", "--sections", "forwards,skip,e2e"]
+    argv += ["--out", str(tmp_path), "--name", "n", "--threads", "1", "--no-forward-graphs"]
+    assert cli.main(argv) == 0
+    data = json.loads((tmp_path / "n.json").read_text())
+    assert (
+        data["engine_options"] == {"forward_graphs": False}
+        and "--no-forward-graphs" in data["command"]
+    )
+    assert len(built) >= 3 and set(built) == {False}
+    assert data["skip"] and data["e2e"] and data["forwards"]

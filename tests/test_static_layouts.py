@@ -162,7 +162,7 @@ def test_replayed_forwards_equal_the_layer_loop(name, layout):
     model = random_network(seed=3, num_hidden_layers=5).double()
     cfg = GenerationConfig(max_new_tokens=40, threshold=0.7, use_block_cache=True)
     results, replays = [], []
-    for max_records in (0, Engine.MAX_RECORDS):
+    for forward_graphs in (False, True):
         options = dict(LAYOUTS[layout])
         engine = Engine(
             model,
@@ -172,8 +172,8 @@ def test_replayed_forwards_equal_the_layer_loop(name, layout):
             static_shapes=True,
             compaction=options["compaction"],
             attention=options["attention"](),
+            forward_graphs=forward_graphs,
         )
-        engine.MAX_RECORDS = max_records
         results.append(generate(model, PROMPTS, IDS, cfg, engine.policy, engine=engine))
         replays.append(dict(engine.replays))
     loop, replayed = results

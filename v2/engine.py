@@ -184,10 +184,13 @@ class Engine:
         compaction: str = "auto",
         static_shapes: bool | None = None,
         attention=None,
+        forward_graphs: bool = True,
     ):
         """cuda_graphs / compile: default on for a model on a GPU. static_shapes: the layouts
         CUDA graphs need (default: with graphs); on the CPU, for tests of those layouts.
-        attention: a backend from attention.py (default: attention.choose)."""
+        attention: a backend from attention.py (default: attention.choose). forward_graphs:
+        record and replay whole forwards (module docstring); off, every forward runs its layer
+        loop, one graph per layer step (what forward graphs are measured against)."""
         if compaction not in COMPACTION:
             raise ValueError(f"compaction must be one of {', '.join(COMPACTION)}")
         self.model = model
@@ -212,6 +215,7 @@ class Engine:
         self.static = self.graphs.enabled if static_shapes is None else static_shapes
         self.compiled = (cuda if compile is None else compile) and on
         self.compaction = compaction
+        self.forward_graphs = forward_graphs
         self.weights = [LayerWeights.of(layer) for layer in model.layers]
         self.embed = w.detach()
         self.cache: KVCache | None = None
@@ -478,7 +482,7 @@ class Engine:
             for effect in record.effects:
                 self._effect(effect, bits)
             return
-        if record is None or len(self._records) >= self.MAX_RECORDS:
+        if record is None or not self.forward_graphs or len(self._records) >= self.MAX_RECORDS:
             layers()
             return
         self._recording = record = _Record()

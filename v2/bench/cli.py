@@ -20,6 +20,7 @@ from v2.bench.models import MODELS, load
 from v2.bench.report import markdown, targets, update_readme, write_plot
 from v2.bench.roofline import measure_bandwidth, measure_matmul, nbytes
 from v2.bench.timing import Clock
+from v2.engine import Engine
 from v2.record import write_text
 
 GRIDS = {
@@ -77,6 +78,8 @@ class Bench:
         gpu = torch.cuda.get_device_name(self.device) if self.clock.cuda else None
         self.name = args.name or slug(gpu or "cpu")
         self.out = Path(args.out)
+        # given to every engine the sections build (what --no-forward-graphs changes)
+        self.engine_options = {"forward_graphs": not args.no_forward_graphs}
         self.data: dict = {
             "command": "python -m v2.bench " + " ".join(argv),
             "argv": argv,
@@ -88,6 +91,7 @@ class Bench:
             "dtype": str(self.dtype).removeprefix("torch."),
             "grid": "quick" if args.quick else "full",
             "grid_settings": self.grid,
+            "engine_options": self.engine_options,
             "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "elapsed_s": 0.0,
             "complete": False,
@@ -109,13 +113,18 @@ class Bench:
                 "Forward latency includes the logits of the rows whose logits are used.",
                 "Forced skipping: each configuration has its own engine and prefix cache; each "
                 "block starts with one all-compute forward that is not timed; rounds interleave "
-                "the configurations (order reversed every other round), round 0 warms up.",
+                "the configurations (order reversed every other round) after warm-up rounds that "
+                "end once a round records and captures nothing new.",
                 "token_reuse_K is the token policy's fixed-ratio variant (cosine + top-k per row "
                 "and layer, layers >= 1) at K %: its time includes the policy's own work.",
                 "The AR baseline is transformers' Qwen2ForCausalLM on the same weights, generate "
                 "with a static cache (compiled by transformers with torch.compile on a GPU).",
             ],
         }
+
+    def engine(self, model, policy=None, **options) -> Engine:
+        """An engine for a section, with the run's engine options."""
+        return Engine(model, policy, **{**self.engine_options, **options})
 
     def log(self, msg: str) -> None:
         print(f"[bench {time.perf_counter() - self.t0:6.1f}s] {msg}", flush=True)
@@ -249,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=540.0,
         help="skip work not yet started after this many seconds (default 540)",
+    )
+    p.add_argument(
+        "--no-forward-graphs",
+        action="store_true",
+        help="engines run every forward's layer loop, one CUDA graph per layer step, instead of "
+        "replaying whole forwards (to measure what forward graphs change)",
     )
     p.add_argument(
         "--readme",

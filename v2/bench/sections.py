@@ -36,7 +36,7 @@ def forwards(bench, name: str, model: Network, ids: TokenIds) -> None:
             if bench.over_deadline(f"forwards {name} b{b} p{P}"):
                 continue
             clock.reset_peak()
-            engine = Engine(model)
+            engine = bench.engine(model)
             engine.allocate(b, P + B)
             prompt = token_tensor(ids, V, b, P, dev)
             block = token_tensor(ids, V, b, B, dev)
@@ -119,7 +119,7 @@ def skip(bench, name: str, model: Network, ids: TokenIds) -> None:
         out_pos = torch.arange(S, 2 * S, device=dev) - 1
         runs = []
         for label, policy, rate in skip_policies(L):
-            e = Engine(model, policy)
+            e = bench.engine(model, policy)
             e.allocate(b, P + B)
             e.prefill(prompt)
             runs.append((label, policy, rate, e, []))
@@ -198,7 +198,7 @@ def e2e(bench, name: str, model: Network, ids: TokenIds) -> None:
             continue
         prompts = [ordinary_tokens(ids, V, g["prompt_tokens"], r) for r in range(b)]
         gc = GenerationConfig(max_new_tokens=g["new_tokens"], threshold=1.0, ignore_eos=True)
-        engine = Engine(model, None, cfg.block_size)
+        engine = bench.engine(model, None, block_size=cfg.block_size)
         # warm-up: compiles, records and captures, until a whole generation makes none
         run = functools.partial(generate, model, prompts, ids, gc, engine=engine)
         warmup = clock.warm_up(run, [engine])
@@ -336,7 +336,7 @@ def profile(bench, name: str, model: Network, ids: TokenIds) -> None:
             ("none", lambda: None),
             ("token_reuse_50", lambda: ForcedTokenReuse(0.5)),
         ):
-            e = Engine(model, make())
+            e = bench.engine(model, make())
             e.allocate(b, P + B)
             e.prefill(token_tensor(ids, V, b, P, dev))
             blocks = [token_tensor(ids, V, b, B, dev) for _ in range(2)]
@@ -396,7 +396,7 @@ def _verify_case(bench, name: str, model: Network, ids: TokenIds, b: int, P: int
     # (kind, window, logit rows, forward, its executed FLOPs so far, engines it warms up)
     runs = [(f"verify{S + 1}", S + 1, S + 1, verify_fn, lambda: st.executed_flops, [])]
     for label, eager in (("denoise32", False), ("denoise32_eager", True)):
-        e = Engine(model, cuda_graphs=False, compile=False) if eager else Engine(model)
+        e = Engine(model, cuda_graphs=False, compile=False) if eager else bench.engine(model)
         e.allocate(b, P + B)
         e.prefill(prompt)
         e.begin_block()

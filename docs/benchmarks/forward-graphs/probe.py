@@ -1,6 +1,8 @@
 """The forward-graph probe behind docs/benchmarks/README.md ("Forward graphs"): the engine with
-forward records (one CUDA graph per forward) against the same engine with MAX_RECORDS = 0 (one
-graph per layer), in the same run, interleaved.
+forward records (one CUDA graph per forward) against the same engine with forward_graphs=False
+(one graph per layer), in the same run, interleaved. (It ran with MAX_RECORDS = 0, which the
+engine option now spells; part A's question is now also `python -m v2.bench --sections skip`
+run with and without `--no-forward-graphs`, each against its own run's baseline.)
 
   A. 7B shapes, denoise 32-token window, prefix 512, batch 1 and 32, the bench's forced policies
      none, token_reuse_0 / 50, layer_pass_0 / 8, reuse_k2_12 (skipping steps only).
@@ -54,7 +56,7 @@ def ms(fn) -> float:
 def variants(make_engine):
     """The same engine twice: forward records on, and off."""
     on, off = make_engine(), make_engine()
-    off.MAX_RECORDS = 0
+    off.forward_graphs = False
     return (("records", on), ("loop", off))
 
 
@@ -124,7 +126,7 @@ def part_b(res: dict) -> None:
             lm.generate(texts[:1], gen, policy, chat=True)  # makes the model's engine
             if variant == "loop":
                 e = lm.model._v2_engine
-                e.MAX_RECORDS = 0
+                e.forward_graphs = False
                 e._records.clear()
             runs.append((cid, variant, lm, policy, {"b32": [], "b1": []}))
     timed = (("b32", 32, 128), ("b1", 1, 8)) if DEV.type == "cuda" else (("b32", 4, 4),)
