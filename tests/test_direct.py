@@ -25,12 +25,13 @@ grid:
 
 
 def test_direct_runner_writes_the_record_and_times_in_rounds(tmp_path, monkeypatch, capsys):
-    calls = []
+    calls, bars = [], []
     real = direct.decode
 
-    def spy(lm, sweep, cfg, texts, gold, batch):
+    def spy(lm, sweep, cfg, texts, gold, batch, desc=None):
         calls.append((cfg.id, batch, len(texts)))
-        return real(lm, sweep, cfg, texts, gold, batch)
+        bars.append(desc)
+        return real(lm, sweep, cfg, texts, gold, batch, desc)
 
     monkeypatch.setattr(direct, "decode", spy)
     path = tmp_path / "direct_try.yaml"
@@ -67,6 +68,9 @@ def test_direct_runner_writes_the_record_and_times_in_rounds(tmp_path, monkeypat
     assert calls[:2] == [("baseline", 3, 3), ("reuse_k1_middle", 3, 3)]
     assert calls[2:6] == timed and calls[6:10] == timed
     assert calls[10:] == timed[2:] + timed[:2]
+    # the accuracy pass shows a progress bar per configuration; the short timed passes do not
+    assert bars[:2] == ["[1/2] baseline", "[2/2] reuse_k1_middle"] and set(bars[2:]) == {None}
+    assert "[2/2] reuse_k1_middle: 100%" in capsys.readouterr().err
     # the report compares tokens/s with the baseline of the same timing session only
     rows = {r.config_id: r for r in report.collect(root)}
     assert rows["reuse_k1_middle"].session_baseline is rows["baseline"]

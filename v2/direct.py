@@ -85,14 +85,15 @@ def generation_config(sweep: Sweep, cfg: Config):
     return GenerationConfig(**settings)
 
 
-def decode(lm, sweep: Sweep, cfg: Config, texts, gold, batch: int):
+def decode(lm, sweep: Sweep, cfg: Config, texts, gold, batch: int, desc: str | None = None):
+    """Decode and score `texts` with a configuration; `desc` shows a progress bar."""
     from v2.policies import make_policy
     from v2.tiny.train import score
 
     def policy():
         return make_policy(cfg.policy, **cfg.options)
 
-    return score(lm, texts, gold, generation_config(sweep, cfg), batch, policy)
+    return score(lm, texts, gold, generation_config(sweep, cfg), batch, policy, desc)
 
 
 def run_local(
@@ -126,7 +127,8 @@ def run_local(
         for n, cfg in enumerate(to_run, 1):
             (task,) = cfg.tasks
             texts, gold = problems(task, limit)
-            strict, flexible, stats = decode(lm, sweep, cfg, texts, gold, d["batch_size"])
+            desc = f"[{n}/{len(to_run)}] {cfg.id}"
+            strict, flexible, stats = decode(lm, sweep, cfg, texts, gold, d["batch_size"], desc)
             s = stats.to_dict()
             metrics = {STRICT: accuracy(strict), FLEXIBLE: accuracy(flexible)}
             measured[cfg.id] = {"task": task, "n": len(texts), "metrics": metrics, "stats": s}
