@@ -147,6 +147,7 @@ def test_sampling_is_per_row():
         (dict(small_block_size=5), "divide"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(top_p=1.5), "top_p"),
+        (dict(block_size=0), "block size must be >= 2, got 0"),  # 0 is not "the checkpoint's"
     ],
 )
 def test_bad_config_is_a_clear_error(model, kwargs, message):
@@ -222,6 +223,18 @@ def test_cli_json(capsys, checkpoint):
 def test_cli_bad_input_is_one_line(capsys, checkpoint, args, message):
     code, _, err = run_cli(capsys, "--model", str(checkpoint), *args)
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("foo", "unknown device 'foo'"), ("mps", "only cpu and cuda")]
+    + ([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU here")]),
+)
+def test_cli_bad_device_is_one_argparse_line(capsys, checkpoint, device, message):
+    with pytest.raises(SystemExit) as e:
+        run_cli(capsys, "--model", str(checkpoint), "--prompt", "hi", "--device", device)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err
 
 
 def test_cli_missing_checkpoint(capsys, tmp_path):

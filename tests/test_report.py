@@ -304,6 +304,10 @@ def test_cli(tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert report.main([str(empty)]) == 1
+    assert "error: no summary.json" in capsys.readouterr().err
+    assert list(empty.iterdir()) == []  # no empty page left behind
+    assert report.main([str(sweep), "--out", str(tmp_path / "o2"), "--metric", "bogus"]) == 0
+    assert "no record has the metric 'bogus'" in capsys.readouterr().err
 
 
 def test_baseline_is_the_same_decoding_threshold(tmp_path):

@@ -127,6 +127,10 @@ def test_command_pauses_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit) as e:
         tr.main([*argv, "--resume", "--lr", "0.5"])
     assert e.value.code == 2 and "other settings (lr" in capsys.readouterr().err
+    # a saved run is never overwritten by a command that forgot --resume
+    with pytest.raises(SystemExit):
+        tr.main(argv)
+    assert "holds a saved run: --resume continues it" in capsys.readouterr().err
     for bad in (["--resume"], ["--pause-after", "1"]):
         with pytest.raises(SystemExit):
             tr.main(["--out", str(out), *common, *bad])

@@ -7,6 +7,7 @@ and copy the safetensors in by name. A plain Qwen2 checkpoint loads the same way
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,36 @@ STOP_TOKEN = "<|im_end|>"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be found or used; the message says what to do."""
+
+
+def parse_device(name: str | torch.device | None) -> torch.device:
+    """The device named (None: cuda when there is one, else cpu), if this machine has it;
+    CheckpointError with one line if not."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CheckpointError(f"unknown device {name!r}: cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise CheckpointError(f"device {name!r}: only cpu and cuda are supported")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            built = "" if torch.version.cuda else " (this torch is built without CUDA)"
+            raise CheckpointError(f"device {name!r}: no CUDA GPU here{built}; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CheckpointError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+            )
+    return device
+
+
+def device_arg(text: str) -> torch.device:
+    """An argparse `type` for --device: a device this machine has, or argparse's one-line error."""
+    try:
+        return parse_device(text)
+    except CheckpointError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 @dataclass(frozen=True)
@@ -90,7 +121,7 @@ def load_model(
     """bf16 on GPU and float32 on CPU unless `dtype` says otherwise."""
     directory = resolve(path)
     cfg = read_config(directory)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(device)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     with torch.device("meta"):
         model = Network(cfg)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from v2.checkpoint import CheckpointError, TokenIds, load_model, load_tokenizer
+from v2.checkpoint import CheckpointError, TokenIds, device_arg, load_model, load_tokenizer
 from v2.engine import Engine
 from v2.model import Network
 from v2.policy import Policy
@@ -79,6 +79,8 @@ class GenerationConfig:
             raise GenerationError(
                 f"threshold must be > 0 (>= 1: one token per forward), got {self.threshold}"
             )
+        if self.block_size is not None and self.block_size < 2:  # 0 is not "the checkpoint's"
+            raise GenerationError(f"block size must be >= 2, got {self.block_size}")
         if block_size < 2:
             raise GenerationError(f"block size must be >= 2, got {block_size}")
         s = self.small_block_size
@@ -447,7 +449,9 @@ def config_from_args(args: argparse.Namespace) -> GenerationConfig:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint directory (or hub id)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    parser.add_argument("--device", default=None)
+    parser.add_argument(
+        "--device", type=device_arg, default=None, help="cpu, cuda or cuda:N (default: cuda if any)"
+    )
     parser.add_argument(
         "--mask-token", default=None, help="mask token if the tokenizer lacks |<MASK>|"
     )

@@ -772,11 +772,13 @@ def build(
     stem: str | None = None,
 ) -> tuple[Path, list[Path], list[Row]]:
     """Write <out>/results.md (<out>/<stem>.md, plots prefixed <stem>_) and the plots; returns
-    (the page, plots, rows)."""
+    (the page, plots, rows); with no record found, writes nothing and returns (None, [], [])."""
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir / "_report"
-    out.mkdir(parents=True, exist_ok=True)
     rows = collect(sweep_dir, include_limit, metric)
+    if not rows:
+        return None, [], []
+    out.mkdir(parents=True, exist_ok=True)
     prefix = f"{stem}_" if stem else ""
     plots: dict[str, list[Path]] = {}
     for task in dict.fromkeys(r.task for r in rows):
@@ -826,8 +828,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     md, plots, rows = build(args.sweep_dir, args.out, args.include_limit, args.metric)
     if not rows:
-        print(f"no summary.json under {args.sweep_dir} (--include-limit for --limit runs)")
+        print(
+            f"error: no summary.json under {args.sweep_dir} (--include-limit for --limit runs); "
+            "nothing written",
+            file=sys.stderr,
+        )
         return 1
+    if args.metric and all(r.metric != args.metric for r in rows):
+        shown = sorted({r.metric for r in rows if r.metric})
+        print(
+            f"warning: no record has the metric {args.metric!r}; shown instead: {', '.join(shown)}",
+            file=sys.stderr,
+        )
     print(md.read_text())
     print(f"written: {md}")
     for p in plots:

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from v2.checkpoint import save_release_checkpoint, token_ids
+from v2.checkpoint import device_arg, parse_device, save_release_checkpoint, token_ids
 from v2.model import ModelConfig, Network
 from v2.tiny.data import HARD_LEVELS, HARD_SEED, make_split, read_jsonl
 from v2.tiny.tokenizer import IM_END, build_tokenizer
@@ -605,7 +605,8 @@ def load_train_state(path: Path, cfg: TrainConfig) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets one message
-        raise TrainStateError(f"{path}: not a readable training state ({e})") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise TrainStateError(f"{path}: not a readable training state ({first[:120]})") from e
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise TrainStateError(f"{path}: not a training state of format {STATE_FORMAT}")
     saved, now = state["config"], _resumable_config(cfg)
@@ -1052,7 +1053,10 @@ CONFIG_OPTIONS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m v2.tiny.train", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m v2.tiny.train",
+        description=" ".join(__doc__.split("\n\n")[0].split()),
+    )
     p.add_argument("--out", type=Path, default=Path("v2/tiny/checkpoint"))
     p.add_argument("--task", choices=sorted(TASK_SPLITS), default="basic", help="problem family")
     p.add_argument("--arch", choices=["base", "deep"], default="base", help="model size (ARCHS)")
@@ -1097,7 +1101,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="pad each batch to one of at most N lengths (default: 6 with --compile, else off)",
     )
-    p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    p.add_argument(
+        "--device", type=device_arg, default=None, help="default: cuda when available, else cpu"
+    )
     p.add_argument("--smoke", action="store_true", help="a very small model for a CPU check")
     p.add_argument(
         "--dev-every-s",
@@ -1195,12 +1201,17 @@ def main(argv: list[str] | None = None) -> int:
             pause_after_s=None if args.pause_after is None else args.pause_after * 60,
             resume=args.resume,
         )
+        if args.state.exists() and not args.resume:
+            parser.error(
+                f"{args.state} holds a saved run: --resume continues it; to start afresh, "
+                "remove it or give another --state"
+            )
         if args.resume and args.state.exists():
             try:
                 load_train_state(args.state, cfg)  # a wrong --resume fails before any setup
             except TrainStateError as e:
                 parser.exit(2, f"{parser.prog}: error: {e}\n")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or parse_device(None)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     out = args.out
@@ -1286,7 +1297,8 @@ def main(argv: list[str] | None = None) -> int:
         f"trained {result.steps} steps x {cfg.batch_size} problems in {result.wall_seconds:.0f} s "
         f"on {log['device_name']} (stopped: {result.stopped}"
         + (f"; {len(result.processes)} processes" if len(result.processes) > 1 else "")
-        + f"); final loss (mean of last 50 steps) {result.final_loss:.4f}",
+        + f"); final loss (mean of the last {min(50, len(result.losses))} steps) "
+        f"{result.final_loss:.4f}",
     ]
     if result.dev_curve:
         last = result.dev_curve[-1]
