@@ -59,6 +59,11 @@ def test_chatbot_in_a_terminal():
         child.sendline("/policy token cosine_threshold=0.9")
         child.expect("policy token cosine_threshold=0.9")
         child.expect("you> ")
+        # /stats describes the last answer, decoded with no policy, not the policy chosen since
+        child.sendline("/stats")
+        child.expect("policy none; finish")
+        assert flops(child) == 100.0
+        child.expect("you> ")
         child.sendline("/set max_new_tokens 64")
         child.expect("max_new_tokens = 64")
         child.expect("you> ")

@@ -929,3 +929,11 @@ def test_every_policy_option_has_a_short_id():
             assert option == "layer_subset" or option in OPTION_IDS, option
             value = "middle" if option == "layer_subset" else 2
             assert config_id(name, {option: value}, 0.9, False).startswith(name + "_")
+
+
+@pytest.mark.parametrize("limit", ["0", "-3", "x"])
+def test_a_limit_below_one_is_refused(limit, capsys):
+    """--limit 0 read as "no limit" (the whole split) and -3 made a _limit-3 folder."""
+    with pytest.raises(SystemExit) as e:
+        ex.main(["configs/sweeps/tiny_default.yaml", "--limit", limit, "--dry-run"])
+    assert e.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err

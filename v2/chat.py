@@ -143,6 +143,7 @@ class Turn:
     stats: Stats
     steps: list[StepRecord] = field(default_factory=list)
     stopped: bool = False
+    policy: str = ""  # the session's describe() when the turn was decoded
 
 
 def parse_options(name: str, pairs: list[str] | dict) -> dict:
@@ -276,7 +277,7 @@ class ChatSession:
                 f"the conversation is {len(ids)} tokens; the model has {limit} positions "
                 "(/reset to start over)"
             )
-        recorder = self.policy()
+        recorder, described = self.policy(), self.describe()
         view = _Viewer(self, len(ids), recorder, on_step, stop)
         with self.lock:
             try:
@@ -295,6 +296,7 @@ class ChatSession:
             {"role": "user", "content": message},
             {"role": "assistant", "content": turn.text},
         ]
+        turn.policy = described
         self.last = turn
         return turn
 

@@ -54,7 +54,7 @@ def format_stats(session: ChatSession) -> str:
     skip = [f"{r:.2f}" for r in s["skip_rate_per_layer"]]
     return "\n".join(
         [
-            f"{session.describe()}; finish: {session.last.finish_reason}",
+            f"{session.last.policy or session.describe()}; finish: {session.last.finish_reason}",
             f"generated tokens {s['generated_tokens']}, denoise+commit forwards "
             f"{s['row_forwards']['denoise_full'] + s['row_forwards']['denoise_sub']}"
             f"+{s['row_forwards']['commit']}, tokens per forward {s['tokens_per_forward']:.2f}",

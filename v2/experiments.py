@@ -1192,6 +1192,17 @@ def plan(
     return todo, notes
 
 
+def positive_int(text: str) -> int:
+    """An argparse `type`: an integer >= 1 (a limit of 0 would read as "no limit")."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return n
+
+
 def effective_limit(sweep: Sweep, args_limit: int | None, local: bool, gpus: int) -> int | None:
     if args_limit:
         return args_limit
@@ -1252,7 +1263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="store_true", help="print each configuration's state")
     p.add_argument("--force", nargs="*", metavar="ID", help="rerun all, or these, from scratch")
     p.add_argument("--only", nargs="+", metavar="ID", help="restrict to these configurations")
-    p.add_argument("--limit", type=int, default=None, help="smoke test on N problems per task")
+    p.add_argument(
+        "--limit", type=positive_int, default=None, help="smoke test on N problems per task"
+    )
     p.add_argument("--dry-run", action="store_true", help="print the plan; run nothing")
     p.add_argument("--local", action="store_true", help="run here, one configuration at a time")
     p.add_argument("--results", type=Path, default=None, help="results root (default: results/)")
