@@ -299,3 +299,16 @@ def test_settings_are_declared_once():
     # a flag's help shows the default in force
     help = argparse.ArgumentParser.format_help(build_parser())
     assert "(default: 0.9)" in help
+
+
+def test_diffusion_has_no_tokens_per_verify_forward(model):
+    st = generate(model, [prompt(5)], IDS, GenerationConfig(max_new_tokens=8)).stats
+    assert st.verify_forwards == 0 and st.tokens_per_verify_forward is None
+    assert st.to_dict()["tokens_per_verify_forward"] is None
+
+
+def test_cli_autoregressive_summary_names_no_diffusion_settings(capsys, checkpoint):
+    args = ["--prompt", "hi", "--decode", "autoregressive", "--max-new-tokens", "4"]
+    code, _, err = run_cli(capsys, "--model", str(checkpoint), *args, "--threshold", "0.5")
+    assert code == 0 and "[autoregressive, no policy:" in err
+    assert "threshold" not in err and "drafted" not in err and "1.00 tokens/verify forward" in err

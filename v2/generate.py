@@ -505,18 +505,26 @@ def main(argv: list[str] | None = None) -> int:
         for o in result.outputs:
             print(o.text)
         s = result.stats
+        # the autoregressive decode has no threshold, sub-blocks or drafts: none are printed
+        how = f"threshold {config.threshold}"
+        how = "autoregressive" if args.decode == "autoregressive" else how
         print(
-            f"[threshold {config.threshold}, {policy.name if policy else 'no policy'}: "
+            f"[{how}, {policy.name if policy else 'no policy'}: "
             f"{s.generated_tokens} tokens, {s.tokens_per_forward:.2f} tokens/forward, "
             f"{s.tokens_per_second:.1f} tokens/s, executed FLOPs "
             f"{s.executed_flops / max(s.baseline_flops, 1):.1%} of baseline]",
             file=sys.stderr,
         )
         if args.decode != "diffusion":
+            drafts = (
+                f", {s.accepted_tokens}/{s.drafted_tokens} drafted tokens accepted "
+                f"({s.acceptance_rate:.1%})"
+                if args.decode == "speculative"
+                else ""
+            )
             print(
-                f"[{s.verify_forwards} verify forwards, {s.tokens_per_verify_forward:.2f} "
-                f"tokens/verify forward, {s.accepted_tokens}/{s.drafted_tokens} drafted tokens "
-                f"accepted ({s.acceptance_rate:.1%})]",
+                f"[{s.verify_forwards} verify forwards, {s.tokens_per_verify_forward or 0:.2f} "
+                f"tokens/verify forward{drafts}]",
                 file=sys.stderr,
             )
     return 0

@@ -66,10 +66,13 @@ class Stats:
         return self.generated_tokens / max(self.decode_row_forwards, 1)
 
     @property
-    def tokens_per_verify_forward(self) -> float:
+    def tokens_per_verify_forward(self) -> float | None:
         """Generated tokens per (row, full-model causal forward) of a causal decode: 1.0 for the
-        autoregressive decode, 1 + accepted drafts per verify forward for a speculative one."""
-        return self.generated_tokens / max(self.verify_row_forwards, 1)
+        autoregressive decode, 1 + accepted drafts per verify forward for a speculative one;
+        None for a decode with no verify forward (block diffusion)."""
+        if not self.verify_row_forwards:
+            return None
+        return self.generated_tokens / self.verify_row_forwards
 
     @property
     def acceptance_rate(self) -> float:
