@@ -134,3 +134,128 @@ def test_bad_sweeps_are_one_line_errors(tmp_path, capsys):
     )
     assert main([str(bad), "--max-drop", "1"]) == 2
     assert "low < high" in capsys.readouterr().err
+
+
+def small(sweep: Path, out: Path, *extra: str) -> list[str]:
+    """A fast search's command line: two dev problems, short answers, one trial."""
+    args = [str(sweep), "--max-drop", "1", "--dev-n", "2", "--max-new-tokens", "8"]
+    return [*args, "--trials", "1", "--out", str(out), *extra]
+
+
+def test_a_resume_with_other_settings_is_refused(tmp_path, checkpoint, capsys):
+    sweep, out = sweep_file(tmp_path, checkpoint), tmp_path / "out"
+    assert main(small(sweep, out)) == 0
+    capsys.readouterr()
+    changes = {
+        "--max-new-tokens": ["--max-new-tokens", "4"],  # the audit's case: 64 then 32
+        "--dev-n": ["--dev-n", "3"],  # used to start a second study in the same file
+        "--max-drop": ["--max-drop", "2"],
+        "--batch-size": ["--batch-size", "1"],
+    }
+    for flag, change in changes.items():
+        assert main(small(sweep, out, "--trials", "2", *change)) == 2, flag
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, err
+        assert flag in err and "another --out" in err and "same settings" in err
+    raw = yaml.safe_load(sweep.read_text())
+    raw["threshold"] = 0.5
+    raw["grid"][1]["min_layer"] = [1]
+    sweep.write_text(yaml.safe_dump(raw))
+    assert main(small(sweep, out, "--trials", "2")) == 2
+    err = capsys.readouterr().err
+    assert "threshold (the sweep's) 0.9 there, 0.5 now" in err and "search space" in err
+    db = out / "study.db"
+    assert len(completed(db)) == 1  # nothing was added to the old study, and no second one
+    summary = json.loads((out / "trials.json").read_text())
+    assert summary["settings"]["max_new_tokens"] == 8 and summary["settings"]["dev_n"] == 2
+
+
+def test_a_study_without_recorded_settings_is_refused(tmp_path, checkpoint, capsys):
+    sweep, out = sweep_file(tmp_path, checkpoint), tmp_path / "out"
+    out.mkdir()
+    old = optuna.create_study(study_name="t:token:flops:2", storage=f"sqlite:///{out}/study.db")
+    old.set_user_attr("baseline", {"accuracy": 0.0})  # an older v2.tune's study
+    assert main(small(sweep, out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no recorded settings" in err and "--out" in err
+
+
+def test_a_study_that_measured_nothing_takes_new_settings(tmp_path, checkpoint, capsys):
+    sweep, out = sweep_file(tmp_path, checkpoint), tmp_path / "out"
+    assert main(small(sweep, out, "--model", str(tmp_path / "missing"))) == 2
+    assert "error: " in capsys.readouterr().err  # a bad model: no baseline, no trial
+    assert main(small(sweep, out)) == 0  # the fixed command is not refused as a resume
+    assert len(completed(out / "study.db")) == 1
+    summary = json.loads((out / "trials.json").read_text())
+    assert summary["settings"]["pretrained"] == str(checkpoint.resolve())
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        (["--dev-n", "-1"], "--dev-n must be >= 1, got -1"),
+        (["--trials", "0"], "--trials must be >= 1, got 0"),
+        (["--max-drop", "-1"], "--max-drop must be >= 0, got -1.0"),
+        (["--confirm", "--confirm-n", "0"], "--confirm-n must be >= 1, got 0"),
+        (["--confirm", "--confirm-n", "-3"], "--confirm-n must be >= 1, got -3"),
+        (["--confirm-n", "2"], "add --confirm"),
+    ],
+)
+def test_bad_numbers_are_refused_before_any_work(tmp_path, checkpoint, capsys, extra, message):
+    sweep, out = sweep_file(tmp_path, checkpoint), tmp_path / "out"
+    assert main(small(sweep, out, *extra)) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: {err[7:]}" and err.count("\n") == 1 and message in err, err
+    assert not out.exists()  # no model loaded, no study, no search
+
+
+def fake_evaluate(baseline: dict, trial: dict):
+    """v2.tune.evaluate with set results: `baseline` without a policy, `trial` with one."""
+
+    def evaluate(lm, problems, config, policy, chat, batch_size):
+        m = baseline if policy is None else trial
+        return {"executed_flops": 1, "tokens_per_second": 1.0, **m}
+
+    return evaluate
+
+
+def test_a_zero_percent_baseline_is_warned_about(tmp_path, checkpoint, capsys, monkeypatch):
+    sweep, out = sweep_file(tmp_path, checkpoint), tmp_path / "out"
+    monkeypatch.setattr(
+        "v2.tune.evaluate",
+        fake_evaluate({"accuracy": 0.0, "flops_ratio": 1.0}, {"accuracy": 0.0, "flops_ratio": 0.5}),
+    )
+    assert main(small(sweep, out)) == 0
+    err = capsys.readouterr().err
+    assert "warning: the baseline scores 0 %" in err and "budget means nothing" in err
+    assert "--max-new-tokens (now 8)" in err
+    summary = json.loads((out / "trials.json").read_text())
+    assert summary["warnings"] and "0 %" in summary["warnings"][0]
+    assert summary["best_beats_baseline"] is True
+    assert "# warning: the baseline scores 0 %" in (out / "best.yaml").read_text()
+
+
+def test_a_best_no_better_than_the_baseline_says_so(tmp_path, checkpoint, capsys, monkeypatch):
+    sweep, out = sweep_file(tmp_path, checkpoint), tmp_path / "out"
+    monkeypatch.setattr(
+        "v2.tune.evaluate",
+        fake_evaluate(
+            {"accuracy": 50.0, "flops_ratio": 1.0}, {"accuracy": 50.0, "flops_ratio": 1.02}
+        ),
+    )
+    assert main(small(sweep, out)) == 0
+    captured = capsys.readouterr()
+    assert "warning" not in captured.err  # a 50 % baseline: the budget means something
+    assert "no trial beats the baseline's flops (1)" in captured.out
+    assert "best.yaml's setting (trial 0, flops 1.02)" in captured.out
+    assert "no better than running without the policy" in captured.out
+    summary = json.loads((out / "trials.json").read_text())
+    assert summary["best_beats_baseline"] is False and summary["warnings"] == []
+    assert "# NOT BETTER than the baseline" in (out / "best.yaml").read_text()
+    # the file is still a sweep the runner reads (the existing contract)
+    assert [c.policy for c in experiments.load_sweep(out / "best.yaml").configs] == [
+        "none",
+        "token",
+    ]

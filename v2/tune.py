@@ -12,16 +12,24 @@ split; `--dev-n` of them) with the trial's policy and measures accuracy (the `##
 against the target) and the objective: executed FLOPs relative to the baseline's (`flops`,
 the default on a CPU), or tokens/s (`tokens_per_second`, the default on a GPU: CPU timings are
 not results). A trial is feasible when its accuracy is at least the baseline's minus
-`--max-drop` (accuracy points, in %). The baseline is decoded once and kept in the study.
+`--max-drop` (accuracy points, in %). The baseline is decoded once and kept in the study. A
+baseline at 0 % (answers cut off by a small `--max-new-tokens`, say) is warned about: every trial
+is then within the budget and the search only finds the cheapest setting.
 
 The study lives in an SQLite file (`--storage`, default OUT/study.db): a killed search resumes
 where it stopped (a trial that was running when it died is marked failed and does not count;
 `--trials` is the number of completed trials wanted in all; run one search per study at a
-time). `--confirm` then decodes the task's full test split (or its first `--confirm-n` problems)
-with the baseline and the best setting. Out: `best.yaml`, a sweep file with
-the baseline and the best feasible setting, ready for the full run
-(`bash sbatch/run_experiments.sh OUT/best.yaml`); `trials.png` (every trial: accuracy against the
-objective, the budget line); `trials.json`.
+time). The file holds one search: the settings that change what a trial measures (the model,
+task, threshold, chat, policy and search space; --max-new-tokens, --dev-n, --batch-size,
+--device, --objective, --max-drop) are kept with the study, and a resume with other settings is
+refused with an error naming them (give another --out or --storage for a new search; --trials,
+--seed, --out and --confirm may change). Bad numbers are refused before any work. `--confirm` then
+decodes the task's full test split (or its first `--confirm-n` problems) with the baseline and the
+best setting. Out: `best.yaml`, a sweep file with the baseline and the best feasible setting, ready
+for the full run (`bash sbatch/run_experiments.sh OUT/best.yaml`), written even when that setting
+is no better than the baseline on the objective (then said in its header, in a note and in
+trials.json's `best_beats_baseline`); `trials.png` (every trial: accuracy against the objective,
+the budget line); `trials.json` (with the study's settings and any warnings).
 """
 
 from __future__ import annotations
@@ -156,7 +164,105 @@ def evaluate(lm, problems: list[dict], config, policy, chat: bool, batch_size: i
 # ---- the search -----------------------------------------------------------------------------
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad numbers before any work (one-line TuneErrors)."""
+    if not args.max_drop >= 0:
+        raise TuneError(f"--max-drop must be >= 0, got {args.max_drop}")
+    for key in ("trials", "dev_n", "max_new_tokens", "batch_size"):
+        if getattr(args, key) < 1:
+            raise TuneError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.confirm_n is not None:
+        if not args.confirm:
+            raise TuneError("--confirm-n is the size of --confirm's test prefix: add --confirm")
+        if args.confirm_n < 1:
+            raise TuneError(f"--confirm-n must be >= 1, got {args.confirm_n}")
+
+
+# What a setting is called in the refusal to resume: a command-line option or a sweep-file key.
+SETTING_NAMES = {
+    "pretrained": "model (--model or the sweep's pretrained)",
+    "task": "task (the sweep's first)",
+    "threshold": "threshold (the sweep's)",
+    "chat": "chat template (the sweep's lm_eval.apply_chat_template)",
+    "max_new_tokens": "--max-new-tokens",
+    "dev_n": "--dev-n",
+    "batch_size": "--batch-size",
+    "device": "device (--device)",
+    "objective": "objective (--objective)",
+    "max_drop": "--max-drop",
+    "policy": "policy (the sweep's)",
+    "space": "search space (the sweep's)",
+}
+
+
+def study_settings(setup: dict, args, model_path: Path, device: str, objective: str) -> dict:
+    """Everything that changes what a trial measures (or which trials count as feasible), as
+    JSON: kept with the study so that a resume with other settings is refused. The sampler seed,
+    --trials, --out and --confirm are not among them."""
+    settings = {
+        "pretrained": str(Path(model_path).resolve()),
+        "task": setup["task"],
+        "threshold": setup["threshold"],
+        "chat": setup["chat"],
+        "max_new_tokens": args.max_new_tokens,
+        "dev_n": args.dev_n,
+        "batch_size": args.batch_size,  # tokens/s, and rows leave a batch at block ends
+        "device": device,
+        "objective": objective,
+        "max_drop": args.max_drop,  # each trial's stored constraint is against its floor
+        "policy": setup["policy"],
+        "space": setup["space"],
+    }
+    return json.loads(json.dumps(settings))  # as the study's user attrs give them back
+
+
+def resumable_study(storage, storage_path, settings: dict) -> str | None:
+    """The name of the study in the storage to resume (None: the file holds none yet). A file
+    holds one search: a study that measured something with other settings, or whose settings
+    were not recorded (an older v2.tune), is refused with a TuneError naming what differs."""
+    studies = storage.get_all_studies()
+    how = "resume with the same settings, or give another --out (or --storage) for a new search"
+    if len(studies) > 1:
+        names = ", ".join(s.study_name for s in studies)
+        raise TuneError(f"{storage_path} holds {len(studies)} studies ({names}); {how}")
+    if not studies:
+        return None
+    study = studies[0]
+    study_id = storage.get_study_id_from_name(study.study_name)
+    if "baseline" not in study.user_attrs and not storage.get_all_trials(study_id, deepcopy=False):
+        return study.study_name  # stopped before it measured anything (a bad model?): no mixing
+    old = study.user_attrs.get("settings")
+    if old is None:
+        raise TuneError(
+            f"{storage_path}: study {study.study_name!r} has no recorded settings (an older "
+            "v2.tune), so resuming it cannot be checked; give another --out (or --storage)"
+        )
+    differ = [k for k in settings if old.get(k) != settings[k]]
+    differ += [k for k in old if k not in settings]
+    if differ:
+        said = "; ".join(
+            f"{SETTING_NAMES.get(k, k)} {json.dumps(old.get(k))} there, "
+            f"{json.dumps(settings.get(k))} now"
+            for k in differ
+        )
+        raise TuneError(f"{storage_path} holds a search with other settings: {said}; {how}")
+    return study.study_name
+
+
+def baseline_warnings(baseline: dict, args) -> list[str]:
+    """What makes the search's answer meaningless, for the user (printed, and in trials.json)."""
+    if baseline["accuracy"] > 0:
+        return []
+    return [
+        f"the baseline scores 0 % on the {args.dev_n} dev problems, so the accuracy budget means "
+        "nothing (every trial is within it) and best.yaml is only the cheapest setting; if its "
+        f"answers are cut off, search again with a larger --max-new-tokens (now "
+        f"{args.max_new_tokens}) or --dev-n (now {args.dev_n}) and another --out"
+    ]
+
+
 def run(args: argparse.Namespace) -> dict:
+    check_args(args)  # before any import or work
     import warnings
 
     import optuna
@@ -167,31 +273,30 @@ def run(args: argparse.Namespace) -> dict:
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
     setup = read_space(args.sweep)
-    if args.max_drop < 0:
-        raise TuneError(f"--max-drop must be >= 0, got {args.max_drop}")
-    if args.trials < 1 or args.dev_n < 1:
-        raise TuneError("--trials and --dev-n must be >= 1")
     model_path = Path(args.model or setup["pretrained"])
     if not model_path.is_absolute() and not model_path.exists():
         model_path = ROOT / model_path
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     objective_name = args.objective or ("tokens_per_second" if device == "cuda" else "flops")
-    problems = dev_split(setup["task"], args.dev_n)
-    lm = FastDLLM.load(model_path, device=device)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, threshold=setup["threshold"])
     types = POLICIES[setup["policy"]][2]
+    problems = dev_split(setup["task"], args.dev_n)  # a task without one: refused here
+    settings = study_settings(setup, args, model_path, device, objective_name)
 
     args.out.mkdir(parents=True, exist_ok=True)
     storage_path = args.storage or args.out / "study.db"
     storage = optuna.storages.RDBStorage(f"sqlite:///{Path(storage_path).resolve()}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    name = resumable_study(storage, storage_path, settings)
     study = optuna.create_study(
-        study_name=f"{setup['name']}:{setup['policy']}:{objective_name}:{args.dev_n}",
+        study_name=name or f"{setup['name']}:{setup['policy']}:{objective_name}:{args.dev_n}",
         storage=storage,
         load_if_exists=True,
         direction="maximize" if objective_name == "tokens_per_second" else "minimize",
         sampler=optuna.samplers.TPESampler(seed=args.seed),  # reads set_constraint
     )
+    study.set_user_attr("settings", settings)  # the same, or the study's first
+    lm = FastDLLM.load(model_path, device=device)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, threshold=setup["threshold"])
     # One search per study at a time: a trial still RUNNING here died with its process.
     from optuna.trial import TrialState
 
@@ -203,6 +308,7 @@ def run(args: argparse.Namespace) -> dict:
         )
     baseline = study.user_attrs["baseline"]
     floor = baseline["accuracy"] - args.max_drop
+    cautions = baseline_warnings(baseline, args)
 
     def objective(trial) -> float:
         options = suggest(trial, setup["space"], types)
@@ -217,14 +323,17 @@ def run(args: argparse.Namespace) -> dict:
 
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done < args.trials:
+        for w in cautions:  # now, not only after the search: it may be worth stopping
+            print(f"warning: {w}", file=sys.stderr)
         study.optimize(objective, n_trials=args.trials - done, show_progress_bar=True)
-    summary = write_outputs(study, setup, args, baseline, floor, objective_name)
+    summary = write_outputs(study, setup, args, baseline, floor, objective_name, cautions)
     if args.confirm and summary["best"] is not None:
-        test = test_split(setup["task"])[: args.confirm_n]
+        full = test_split(setup["task"])
+        test = full[: args.confirm_n]
         best = make_policy(setup["policy"], **summary["best"]["options"])
         summary["confirm"] = {
             "split": f"{setup['task']} test ({len(test)} problems"
-            + (", a prefix: not the full split)" if args.confirm_n else ")"),
+            + (", a prefix: not the full split)" if len(test) < len(full) else ")"),
             "baseline": evaluate(lm, test, config, None, setup["chat"], args.batch_size),
             "best": evaluate(lm, test, config, best, setup["chat"], args.batch_size),
         }
@@ -232,7 +341,7 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def write_outputs(study, setup, args, baseline, floor, objective_name) -> dict:
+def write_outputs(study, setup, args, baseline, floor, objective_name, warnings=()) -> dict:
     from optuna.trial import TrialState
 
     trials = [
@@ -242,15 +351,21 @@ def write_outputs(study, setup, args, baseline, floor, objective_name) -> dict:
     feasible = [t for t in trials if t["constraint"] <= 0]
     sign = -1 if objective_name == "tokens_per_second" else 1
     best = min(feasible, key=lambda t: sign * t["value"]) if feasible else None
+    x0 = baseline["flops_ratio"] if objective_name == "flops" else baseline[objective_name]
     summary = {
         "sweep": str(args.sweep),
         "policy": setup["policy"],
         "objective": objective_name,
         "max_drop": args.max_drop,
         "dev_n": args.dev_n,
+        "settings": study.user_attrs.get("settings"),
         "baseline": baseline,
+        "baseline_value": x0,
         "accuracy_floor": floor,
+        "warnings": list(warnings),
         "best": best,
+        # False: best.yaml's setting is within the budget but no cheaper (faster) than no policy
+        "best_beats_baseline": None if best is None else sign * best["value"] < sign * x0,
         "trials": trials,
     }
     (args.out / "trials.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -262,11 +377,24 @@ def write_outputs(study, setup, args, baseline, floor, objective_name) -> dict:
             f"# Best setting of `python -m v2.tune {args.sweep} --max-drop {args.max_drop}` "
             f"(trial {best['number']}: dev accuracy {best['accuracy']:.1f} % vs baseline "
             f"{baseline['accuracy']:.1f} %, {objective_name} {best['value']:.4g}).\n"
-            f"#   bash sbatch/run_experiments.sh {args.out / 'best.yaml'}\n"
         )
+        if not summary["best_beats_baseline"]:
+            header += f"# NOT BETTER than the baseline: {not_better(summary)}\n"
+        header += "".join(f"# warning: {w}\n" for w in warnings)
+        header += f"#   bash sbatch/run_experiments.sh {args.out / 'best.yaml'}\n"
         (args.out / "best.yaml").write_text(header + yaml.safe_dump(raw, sort_keys=False))
     plot(summary, args.out / "trials.png")
     return summary
+
+
+def not_better(summary: dict) -> str:
+    """Why best.yaml's setting is no improvement (when no trial beats the baseline)."""
+    name, best = summary["objective"], summary["best"]
+    return (
+        f"no trial beats the baseline's {name} ({summary['baseline_value']:.4g}); "
+        f"best.yaml's setting (trial {best['number']}, {name} {best['value']:.4g}) is only "
+        "the best within the budget, no better than running without the policy"
+    )
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -328,13 +456,13 @@ def main(argv: list[str] | None = None) -> int:
     best = summary["best"]
     base = summary["baseline"]
     print(f"baseline: dev accuracy {base['accuracy']:.1f} %")
+    for w in summary["warnings"]:
+        print(f"warning: {w}", file=sys.stderr)
     if best is None:
         print(f"no trial within {args.max_drop} points of the baseline")
     else:
-        x0 = base["flops_ratio"] if summary["objective"] == "flops" else base[summary["objective"]]
-        better = best["value"] < x0 if summary["objective"] == "flops" else best["value"] > x0
-        if not better:
-            print(f"note: no trial beats the baseline's {summary['objective']} ({x0:.4g})")
+        if not summary["best_beats_baseline"]:
+            print(f"note: {not_better(summary)}")
         print(
             f"best: {best['options']} dev accuracy {best['accuracy']:.1f} %, "
             f"{summary['objective']} {best['value']:.4g}; wrote {args.out / 'best.yaml'}"
