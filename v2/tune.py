@@ -155,7 +155,7 @@ def evaluate(lm, problems: list[dict], config, policy, chat: bool, batch_size: i
         tokens, seconds = tokens + s.generated_tokens, seconds + s.wall_seconds
     return {
         "accuracy": 100.0 * correct / len(problems),
-        "flops_ratio": flops / max(base, 1),
+        "flops_ratio": flops / max(base, 1),  # per forward: executed / the same forwards unskipped
         "executed_flops": flops,
         "tokens_per_second": tokens / seconds if seconds else 0.0,
     }
@@ -208,7 +208,9 @@ def study_settings(setup: dict, args, model_path: Path, device: str, objective: 
         "dev_n": args.dev_n,
         "batch_size": args.batch_size,  # tokens/s, and rows leave a batch at block ends
         "device": device,
-        "objective": objective,
+        # flops: executed FLOPs over the baseline run's on the same problems (end to end; before
+        # this was recorded, the per-forward ratio)
+        "objective": objective if objective != "flops" else "flops vs the baseline run",
         "max_drop": args.max_drop,  # each trial's stored constraint is against its floor
         "policy": setup["policy"],
         "space": setup["space"],
@@ -319,7 +321,7 @@ def run(args: argparse.Namespace) -> dict:
         trial.set_user_attr("options", options)
         trial.set_user_attr("constraint", floor - m["accuracy"])  # <= 0: within the budget
         trial.set_constraint("accuracy", floor - m["accuracy"])
-        return m["flops_ratio"] if objective_name == "flops" else m["tokens_per_second"]
+        return objective_value(m, baseline, objective_name)
 
     done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     if done < args.trials:
@@ -341,6 +343,14 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+def objective_value(m: dict, baseline: dict, objective_name: str) -> float:
+    """A decode's objective: its executed FLOPs over the baseline's on the same problems (end to
+    end: a setting that saves per forward but needs more forwards costs more), or tokens/s."""
+    if objective_name == "flops":
+        return m["executed_flops"] / max(baseline["executed_flops"], 1)
+    return m[objective_name]
+
+
 def write_outputs(study, setup, args, baseline, floor, objective_name, warnings=()) -> dict:
     from optuna.trial import TrialState
 
@@ -351,7 +361,7 @@ def write_outputs(study, setup, args, baseline, floor, objective_name, warnings=
     feasible = [t for t in trials if t["constraint"] <= 0]
     sign = -1 if objective_name == "tokens_per_second" else 1
     best = min(feasible, key=lambda t: sign * t["value"]) if feasible else None
-    x0 = baseline["flops_ratio"] if objective_name == "flops" else baseline[objective_name]
+    x0 = objective_value(baseline, baseline, objective_name)
     summary = {
         "sweep": str(args.sweep),
         "policy": setup["policy"],
@@ -407,14 +417,14 @@ def plot(summary: dict, path: Path) -> None:
     for ok, color, label in ((True, "tab:blue", "within budget"), (False, "tab:red", "over")):
         pts = [t for t in summary["trials"] if (t["constraint"] <= 0) == ok]
         ax.scatter([t["value"] for t in pts], [t["accuracy"] for t in pts], c=color, label=label)
-    base = summary["baseline"]
-    x0 = base["flops_ratio"] if summary["objective"] == "flops" else base["tokens_per_second"]
+    base, x0 = summary["baseline"], summary["baseline_value"]
     ax.scatter([x0], [base["accuracy"]], marker="*", s=150, c="k", label="baseline")
     ax.axhline(summary["accuracy_floor"], ls="--", c="gray", label="accuracy floor")
     if summary["best"]:
         b = summary["best"]
         ax.scatter([b["value"]], [b["accuracy"]], s=200, facecolors="none", edgecolors="g")
-    ax.set_xlabel("executed FLOPs / baseline" if summary["objective"] == "flops" else "tokens/s")
+    flops = summary["objective"] == "flops"
+    ax.set_xlabel("executed FLOPs / the baseline run's" if flops else "tokens/s")
     ax.set_ylabel(f"dev accuracy (%), n = {summary['dev_n']}")
     ax.set_title(f"{summary['policy']}: {len(summary['trials'])} trials", fontsize=9)
     ax.legend(fontsize=7)
@@ -471,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         c = summary["confirm"]
         print(
             f"{c['split']}: baseline {c['baseline']['accuracy']:.1f} %, best "
-            f"{c['best']['accuracy']:.1f} % at {c['best']['flops_ratio']:.3f} of its FLOPs"
+            f"{c['best']['accuracy']:.1f} % at "
+            f"{objective_value(c['best'], c['baseline'], 'flops'):.3f} of its FLOPs"
         )
     print(f"wrote {args.out / 'trials.json'} and {args.out / 'trials.png'}")
     return 0
