@@ -41,6 +41,8 @@ SUMMARY_KEYS = {
     "speed",
     "env",
     "results_file",
+    "command",
+    "date",
 }
 CONFIG_KEYS = {
     "policy",
@@ -126,6 +128,7 @@ def test_single_process_results_and_summary(single_run, checkpoint):
     assert summary["config"]["num_processes"] == 1 and summary["config"]["dtype"] == "float32"
     assert summary["model"] == checkpoint.name and summary["pretrained"] == str(checkpoint)
     assert summary["limit"] == 5 and summary["smoke_test"] is True
+    assert summary["date"].startswith("20") and "eval.py" in summary["command"]
     assert set(summary["env"]) == {
         "git_commit",
         "gpu",

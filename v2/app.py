@@ -373,7 +373,11 @@ def launch(demo, host: str = "127.0.0.1", port: int | None = None, share: bool =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m v2.app", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog="python -m v2.app",
+        description="\n\n".join(__doc__.split("\n\n")[:2]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="default: Gradio's (7860 or next free)")

@@ -377,3 +377,12 @@ class _Viewer:
         if self._last is None:
             return Stats(self.lm.model.cfg.num_hidden_layers)
         return self._last.total
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(
+        "v2.chat is the conversation library; talk to a model with `python -m v2.chatbot` "
+        "(terminal) or `python -m v2.app` (web)"
+    )

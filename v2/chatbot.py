@@ -127,7 +127,7 @@ def repl(session: ChatSession, stdin=None, out=None) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m v2.chatbot",
-        description=__doc__.split("\n\n")[0],
+        description="\n\n".join(__doc__.split("\n\n")[:2]),
         epilog=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

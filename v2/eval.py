@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import sys
 import textwrap
+from datetime import datetime, timezone
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a file: the repository root, not v2/, is importable
@@ -228,6 +230,8 @@ def build_summary(
         ),
         env=environment(),
         results_file=results_file.name,
+        command=shlex.join(["python", *sys.argv]),
+        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     ).to_dict()
 
 

@@ -60,6 +60,28 @@ OPTION_IDS: dict[str, str] = {
     "exit_threshold": "et",
     "check_every": "ce",
 }
+# option -> what it does, for --help (the policies that take it are added from POLICIES)
+OPTION_HELP: dict[str, str] = {
+    "cosine_threshold": "token: reuse a position whose layer input's cosine with the previous "
+    "denoise forward's is above this; layer: pass a layer whose input barely changed across the "
+    "last layer run (>= 1: the policy is off)",
+    "min_layer": "token: first layer token skipping applies to (default 1); exit: first layer "
+    "whose logit lens is checked (default 1)",
+    "max_layer": "last layer token skipping applies to (default: the last)",
+    "reuse_ratio": "reuse this fraction of each row's positions per layer (the most similar) "
+    "instead of a threshold; in [0, 1)",
+    "refresh_every": "every N-th denoise forward of a block computes everything (default: never)",
+    "max_consecutive_skips": "most layers passed in a row (default 1)",
+    "protect_first": "first N layers always run (default 1)",
+    "protect_last": "last N layers always run (default 1)",
+    "reuse_k": "on denoise steps s with s %% k != 0, the subset's layers reuse their last "
+    "update (1: the baseline)",
+    "layer_subset": "first, middle, last, or layer indices like '3;5;7' (default middle)",
+    "subset_size": "layers in first / middle / last (default 12 of 28, scaled with depth)",
+    "exit_threshold": "a masked position whose logit-lens probability is above this stops "
+    "computing (>= 1: off)",
+    "check_every": "check the lens every N layers from min_layer (default 1)",
+}
 POLICY_NAMES = ("none", *POLICIES)
 POLICY_OPTIONS: dict[str, type] = {
     k: t for _, _, opts in POLICIES.values() for k, t in opts.items()
@@ -100,9 +122,15 @@ def baseline_note(policy: Policy | None, name: str | None, options: dict) -> str
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("compute skipping")
-    g.add_argument("--policy", choices=POLICY_NAMES, default="none")
+    g.add_argument("--policy", choices=POLICY_NAMES, default="none", help="(default none)")
     for option, typ in POLICY_OPTIONS.items():
-        g.add_argument("--" + option.replace("_", "-"), type=typ, default=None)
+        owners = ", ".join(n for n, (_, _, opts) in POLICIES.items() if option in opts)
+        g.add_argument(
+            "--" + option.replace("_", "-"),
+            type=typ,
+            default=None,
+            help=f"[{owners}] {OPTION_HELP[option]}",
+        )
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy | None:
