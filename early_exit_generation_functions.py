@@ -46,6 +46,9 @@ class EarlyExitPolicy(Policy):
     def enabled(self) -> bool:
         return self.exit_threshold < 1
 
+    def acts_on(self, num_layers: int) -> bool:
+        return self.enabled and self.min_layer < num_layers
+
     def attach(self, model, ids) -> None:
         self.model = model
         self.mask_embedding = model.embed_tokens.weight[ids.mask].detach()

@@ -54,6 +54,9 @@ class LayerSkipPolicy(Policy):
     def enabled(self) -> bool:
         return self.cosine_threshold < 1
 
+    def acts_on(self, num_layers: int) -> bool:
+        return self.enabled and self.protect_first + self.protect_last < num_layers
+
     def protected_layers(self, num_layers: int) -> set[int]:
         return set(range(self.protect_first)) | set(
             range(num_layers - self.protect_last, num_layers)

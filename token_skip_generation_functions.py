@@ -108,6 +108,9 @@ class TokenSkipPolicy(Policy):
     def enabled(self) -> bool:
         return bool(self.reuse_ratio) or self.cosine_threshold < 1
 
+    def acts_on(self, num_layers: int) -> bool:
+        return self.enabled and self.min_layer < num_layers
+
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
         shape = (num_layers, batch_size, block_size)
         if self.previous is not None and tuple(self.seen.shape) == shape:

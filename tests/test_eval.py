@@ -320,6 +320,21 @@ def test_model_args_errors(checkpoint):
         FastDLLMEvalLM(threshold=1)
 
 
+def test_a_policy_past_the_models_depth_is_named_the_baseline(checkpoint, capsys):
+    """The lm_eval path says so once the model's depth is known, as v2.generate does."""
+    lm_adapter.reset_run()
+    lm = FastDLLMEvalLM(
+        pretrained=str(checkpoint), device="cpu", policy="token", cosine_threshold=0.5, min_layer=9
+    )
+    err = capsys.readouterr().err
+    layers = lm.model.cfg.num_hidden_layers
+    assert f"can skip nothing on a model of {layers} layers: this run is the baseline" in err
+    lm_adapter.reset_run()
+    FastDLLMEvalLM(pretrained=str(checkpoint), device="cpu", policy="token", cosine_threshold=0.5)
+    assert "note" not in capsys.readouterr().err
+    lm_adapter.reset_run()
+
+
 def _reference_score(model, ids, ctx: list[int], cont: list[int], B: int) -> tuple[float, bool]:
     """The release's rule written out: mask the first continuation token, pad with masks to the
     next block boundary (a whole block when aligned), EOS first, block-causal forward."""

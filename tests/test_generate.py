@@ -249,6 +249,12 @@ def test_cli_missing_checkpoint(capsys, tmp_path):
         (["--policy", "layer", "--cosine-threshold", "1"], "this run is the baseline"),
         (["--policy", "token", "--cosine-threshold", "0.5"], None),
         ([], None),
+        # options past the test checkpoint's depth (4 layers): enabled, yet nothing to skip
+        (["--policy", "token", "--cosine-threshold", "0.5", "--min-layer", "4"], "of 4 layers"),
+        (["--policy", "exit", "--exit-threshold", "0.5", "--min-layer", "4"], "of 4 layers"),
+        (["--policy", "layer", "--cosine-threshold", "0.5", "--protect-first", "3"], "of 4 layers"),
+        (["--policy", "layer", "--cosine-threshold", "0.5", "--protect-first", "2"], None),
+        (["--policy", "token", "--cosine-threshold", "0.5", "--min-layer", "3"], None),
     ],
 )
 def test_cli_says_when_a_policy_runs_as_the_baseline(capsys, checkpoint, args, note):

@@ -541,3 +541,23 @@ def test_scheduled_reuse_re_adds_the_old_update_not_the_old_output(model):
     assert not torch.allclose(new_in, old_in, atol=1e-3)  # the input did change
     assert torch.allclose(new_out, new_in + (old_out - old_in), atol=1e-5)
     assert not torch.allclose(new_out, old_out, atol=1e-3)  # the group's bug would give this
+
+
+def test_a_policy_that_cannot_act_on_the_model_is_no_policy():
+    """Layer options past the model's depth skip nothing: the engine runs as with no policy (no
+    per-layer planning cost), and the same options on a deeper model do act."""
+    from early_exit_generation_functions import EarlyExitPolicy
+    from layer_skip_generation_functions import LayerSkipPolicy
+    from token_skip_generation_functions import TokenSkipPolicy
+
+    model = random_network(num_hidden_layers=4)
+    for policy, acts_on_5 in [
+        (TokenSkipPolicy(cosine_threshold=0.5, min_layer=4), True),
+        (EarlyExitPolicy(exit_threshold=0.5, min_layer=4), True),
+        (LayerSkipPolicy(cosine_threshold=0.5, protect_first=2, protect_last=2), True),
+        (LayerSkipPolicy(cosine_threshold=0.5, protect_first=3, protect_last=2), False),
+    ]:
+        assert policy.enabled and not policy.acts_on(4) and policy.acts_on(5) == acts_on_5
+        assert Engine(model, policy).policy is None
+    acting = TokenSkipPolicy(cosine_threshold=0.5, min_layer=3)
+    assert Engine(model, acting).policy is acting

@@ -200,8 +200,8 @@ class Engine:
         # A policy that can never skip (e.g. cosine_threshold >= 1) is no policy: same output,
         # no per-layer planning cost.
         self.given_policy = policy
-        self.policy = policy if policy is not None and policy.enabled else None
         L = cfg.num_hidden_layers
+        self.policy = policy if policy is not None and policy.acts_on(L) else None
         self._protected = self.policy.protected_layers(L) if self.policy else set()
         w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype

@@ -490,9 +490,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         policy = policy_from_args(args)
         options = {k: getattr(args, k) for k in POLICY_OPTIONS}
-        if note := baseline_note(policy, args.policy, options):
-            print(f"note: {note}", file=sys.stderr)
         lm = load_from_args(args)
+        layers = lm.model.cfg.num_hidden_layers
+        if note := baseline_note(policy, args.policy, options, layers):
+            print(f"note: {note}", file=sys.stderr)
         config = config_from_args(args)
         result = lm.generate(args.prompt, config, policy, chat=args.chat)
     except (CheckpointError, GenerationError, ValueError) as e:

@@ -451,6 +451,11 @@ class FastDLLMEvalLM(LM):
 
         RUN.pretrained = st.path
         RUN.num_layers = self.model.cfg.num_hidden_layers
+        p = self.policy
+        if p is not None and p.enabled and not p.acts_on(RUN.num_layers):  # else said already
+            options = {k: v for k, v in p.config().items() if k != "policy"}
+            note = baseline_note(p, p.name, options, RUN.num_layers)
+            print(f"[fast_dllm_v2] note: {note}", file=sys.stderr)
         RUN.config = {  # the record's config: every generation setting as run, and the policy
             "policy": self.policy.config() if self.policy is not None else {"policy": "none"},
             **{k: getattr(self.gen_config, k) for k in GENERATION_ARGS},

@@ -109,14 +109,24 @@ def make_policy(name: str | None, **options) -> Policy | None:
     )
 
 
-def baseline_note(policy: Policy | None, name: str | None, options: dict) -> str | None:
+def baseline_note(
+    policy: Policy | None, name: str | None, options: dict, num_layers: int | None = None
+) -> str | None:
     """The warning every entry point prints when a policy was asked for but can skip nothing
-    (e.g. `--policy token` with no threshold): the run is the baseline."""
-    if policy is None or policy.enabled:
+    (e.g. `--policy token` with no threshold, or layer options past a model of `num_layers`
+    layers when that is known): the run is the baseline."""
+    if policy is None:
+        return None
+    if num_layers is None and policy.enabled:
+        return None
+    if num_layers is not None and policy.acts_on(num_layers):
         return None
     given = {k: v for k, v in options.items() if v is not None}
+    depth = num_layers is not None and policy.enabled  # enabled, but not on this model
+    where = f" on a model of {num_layers} layers" if depth else ""
     return (
-        f"policy {name!r} with {given or 'its defaults'} can skip nothing: this run is the baseline"
+        f"policy {name!r} with {given or 'its defaults'} can skip nothing{where}: "
+        "this run is the baseline"
     )
 
 

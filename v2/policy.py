@@ -72,6 +72,11 @@ class Policy:
         then runs exactly as with no policy."""
         return True
 
+    def acts_on(self, num_layers: int) -> bool:
+        """False when, on a model of `num_layers` layers, the policy can skip nothing (its layer
+        options lie past the last layer, say): the engine then runs as with no policy."""
+        return self.enabled
+
     def attach(self, model, ids) -> None:
         """generate() shows the policy the network and its special token ids (TokenIds) before
         decoding, for policies that need weights (a logit-lens head) or the mask id."""
