@@ -25,10 +25,17 @@
 #     bash sbatch/train_deep_tiny.sh OUT --minutes 15 --pause-after 7.5   # stops, state saved
 #     bash sbatch/train_deep_tiny.sh OUT --minutes 15                     # goes on, then stages 2-4
 # A paused run records "train ... paused" in stages.txt and runs no other stage.
+# As a SLURM job (requeued on preemption, it resumes), submitted from the repository root with the
+# cluster's flags (sbatch/cluster.env's account and partition; the job's Python: job_env.sh):
+#     sbatch --gres=gpu:1 [--account A --partition P] sbatch/train_deep_tiny.sh OUT
 # PACK_TO=DIR (e.g. the device tool's $OUT, which returns at most 8 files of at most 16 MiB):
 # after the first card and at the end, OUT is packed into DIR/deep_tiny.tar.NN (15 MiB parts;
 # restore with `cat deep_tiny.tar.* | tar -x -C OUT`), with README.md, stages.txt and train.log
 # beside the parts for reading.
+#SBATCH --job-name=fdllm-deep-tiny
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --time=00:40:00
 set -uo pipefail
 if [[ $# -lt 1 ]]; then
     echo "usage: bash sbatch/train_deep_tiny.sh OUT [train.py flags]" >&2
@@ -37,8 +44,18 @@ fi
 RUN="bash sbatch/train_deep_tiny.sh $*"
 OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
 shift
-cd "$(dirname "$0")/.."
-PY="${PYTHON:-python}"
+if [[ -n "${SLURM_JOB_ID:-}" ]]; then
+    cd "${SLURM_SUBMIT_DIR}"  # sbatch runs a copy of this script: cd to where it was submitted
+    if [[ ! -f sbatch/job_env.sh ]]; then
+        echo "submit from the repository root (no sbatch/job_env.sh in ${PWD})" >&2
+        exit 2
+    fi
+    source sbatch/job_env.sh
+    PY="${PYTHON:-${FDLLM_JOB_PYTHON}}"
+else
+    cd "$(dirname "$0")/.."
+    PY="${PYTHON:-python}"
+fi
 CKPT="${OUT}/checkpoint"
 ANALYZE_N="${ANALYZE_N:-64}"
 ANALYZE_ARGS=()

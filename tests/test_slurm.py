@@ -1,5 +1,6 @@
 """The SLURM runner against a real one-node cluster (tests/slurm_cluster.py: Debian's slurm-wlm,
-munge, no accounting) on the committed tiny model with --limit 2.
+munge, no accounting) on the committed tiny model with --limit 2, and the deep model's training
+job (sbatch/train_deep_tiny.sh) requeued while it trains.
 
 Jobs run sbatch/array_job.sh (or run_single.sh) for real: job_env.sh, the submitting Python,
 v2/eval.py on the tiny checkpoint. Pending is observed through held jobs (--hold, released by
@@ -373,3 +374,68 @@ def test_force_and_resubmission_while_pending(slurm, tmp_path, capsys, monkeypat
     assert ex.main(argv) == 0
     fourth = submitted(capsys.readouterr().out, "0-1")
     assert set(slurm.jobs()) == {f"{fourth}_0", f"{fourth}_1", f"{second}_2"}
+
+
+def test_deep_training_job_requeued_midway_resumes(slurm, tmp_path):
+    """sbatch/train_deep_tiny.sh as a SLURM job (the smoke model, on the CPU): requeued while it
+    trains (SIGTERM, as a preemption), the job starts again and resumes from the state it saved;
+    the model is trained for every step once, by two processes."""
+    import torch
+
+    out, steps = tmp_path / "deep", 300
+    flags = ["--smoke", "--steps", str(steps), "--batch-size", "4", "--n-train", "40"]
+    flags += ["--no-compile", "--save-every-s", "0", "--eval-limit", "2"]
+    env = {**os.environ, "SLURM_CONF": str(slurm.conf), "PYTHON": sys.executable}
+    sbatch = ["sbatch", "--parsable", f"--output={tmp_path}/job-%j.log"]
+    sbatch += ["--export=ALL,OMP_NUM_THREADS=1", str(REPO / "sbatch" / "train_deep_tiny.sh")]
+    submitted = subprocess.run(
+        [*sbatch, str(out), *flags],
+        cwd=REPO,  # the job runs in the repository it was submitted from
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    job = submitted.stdout.strip()
+    state = out / "train_state.pt"
+
+    def saved_step() -> int:
+        try:
+            return torch.load(state, weights_only=True)["step"] if state.exists() else 0
+        except Exception:  # noqa: BLE001 - replaced while read: try again
+            return 0
+
+    def job_log() -> str:
+        logs = sorted(tmp_path.glob("job-*.log"))
+        return logs[0].read_text(errors="replace")[-3000:] if logs else "(no job log)"
+
+    def until(cond, what: str, timeout: float = 240):
+        deadline = time.time() + timeout
+        while not (value := cond()):
+            if time.time() > deadline:
+                queue = slurm.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%T %r"])
+                pytest.fail(f"no {what} after {timeout:.0f} s: {queue.stdout}\n{job_log()}")
+            time.sleep(0.2)
+        return value
+
+    first = until(lambda: (s := saved_step()) >= 20 and s, "training state at step 20")
+    assert first < steps, "the job finished before it could be requeued"
+    slurm.run(["scontrol", "requeue", job])
+    requeued_at = time.time()
+    until(
+        lambda: slurm.run(["squeue", "-h", "-j", job, "-o", "%T"]).stdout.strip() == "PENDING",
+        "requeued job pending",
+    )
+    time.sleep(max(0.0, requeued_at + 3.0 - time.time()))  # see the test above: not in 1 s
+    slurm.run(["scontrol", "update", f"jobid={job}", "StartTime=now"])
+    log_path = out / "checkpoint" / "train_log.json"
+    until(lambda: log_path.exists() and "card rc=" in (out / "stages.txt").read_text(), "card")
+    log = json.loads(log_path.read_text())
+    processes = log["processes"]
+    assert log["steps"] == steps and len(processes) == 2, processes
+    killed, resumed = processes
+    assert killed["steps"][0] == 0 and killed["stopped"] is None  # its last periodic save
+    assert resumed["steps"] == [killed["steps"][1], steps] and resumed["stopped"] == "steps"
+    assert killed["steps"][1] >= first
+    assert "resuming" in (out / "train.log").read_text()
+    assert "card rc=0" in (out / "stages.txt").read_text()
