@@ -143,3 +143,6 @@ def test_command_line(checkpoint, tmp_path, capsys):
     assert (out / "analysis.png").stat().st_size > 0
     assert main(["--model", str(checkpoint), "--task", "nope", "--out", str(out)]) == 2
     assert "unknown task" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --n was ignored with --prompt
+        main([*argv, "--n", "2", "--out", str(out)])
+    assert "--n counts the problems of --task" in capsys.readouterr().err

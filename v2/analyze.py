@@ -329,12 +329,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="repeat for a batch")
     src.add_argument("--task", help=f"prompts from a task: {', '.join(TASKS)}")
-    p.add_argument("--n", type=int, default=16, help="problems of --task")
+    p.add_argument("--n", type=int, default=None, help="problems of --task (default 16)")
     p.add_argument("--chat", action="store_true", help="apply the chat template")
     add_generation_arguments(
         p, ("max_new_tokens", "threshold", "block_size", "small_block_size", "use_block_cache")
     )
-    p.add_argument("--out", type=Path, default=Path("analysis"), help="output directory")
+    p.add_argument(
+        "--out", type=Path, default=Path("analysis"), help="output directory (default ./analysis)"
+    )
     add_policy_arguments(p)
     return p
 
@@ -345,10 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     from v2.policies import policy_from_args
 
     argv = sys.argv[1:] if argv is None else argv
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.prompt and args.n is not None:
+        parser.error("--n counts the problems of --task; with --prompt, the prompts are the batch")
     try:
         policy = policy_from_args(args)
-        texts = args.prompt or task_prompts(args.task, args.n)
+        texts = args.prompt or task_prompts(args.task, 16 if args.n is None else args.n)
         lm = load_from_args(args)
         config = config_from_args(args)
         out, _, result = analyze(lm, texts, config, policy, chat=args.chat)
