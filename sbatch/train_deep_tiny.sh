@@ -24,7 +24,9 @@
 # appended to, not overwritten). A budget longer than one job or call, in two calls:
 #     bash sbatch/train_deep_tiny.sh OUT --minutes 15 --pause-after 7.5   # stops, state saved
 #     bash sbatch/train_deep_tiny.sh OUT --minutes 15                     # goes on, then stages 2-4
-# A paused run records "train ... paused" in stages.txt and runs no other stage.
+# A paused run records "train paused" in stages.txt and runs no other stage; so does a run
+# stopped by SIGTERM ("train stopped by SIGTERM", exit status 143: the state is saved at the end
+# of the step under way). stages.txt is this call's; the logs keep every call's output.
 # As a SLURM job (requeued on preemption, it resumes), submitted from the repository root with the
 # cluster's flags (sbatch/cluster.env's account and partition; the job's Python: job_env.sh):
 #     sbatch --gres=gpu:1 [--account A --partition P] sbatch/train_deep_tiny.sh OUT
@@ -44,8 +46,9 @@ fi
 RUN="bash sbatch/train_deep_tiny.sh $*"
 OUT="$(mkdir -p "$1" && cd "$1" && pwd)"
 shift
-if [[ -n "${SLURM_JOB_ID:-}" ]]; then
-    cd "${SLURM_SUBMIT_DIR}"  # sbatch runs a copy of this script: cd to where it was submitted
+if [[ -n "${SLURM_JOB_ID:-}" && ! -f "$(dirname "$0")/job_env.sh" ]]; then
+    # sbatch runs a copy of this script from its spool: cd to where it was submitted
+    cd "${SLURM_SUBMIT_DIR}"
     if [[ ! -f sbatch/job_env.sh ]]; then
         echo "submit from the repository root (no sbatch/job_env.sh in ${PWD})" >&2
         exit 2
@@ -68,21 +71,28 @@ START=$(date +%s)
 DEADLINE_S="${DEADLINE_S:-575}"
 : >"${OUT}/stages.txt"
 
+# On SIGTERM (preemption, requeue, time limit) this script waits for the stage under way: the
+# training saves its state at the end of its step and exits 143, recorded below.
+trap 'echo "== SIGTERM: waiting for the stage under way" >&2' TERM
+LAST_RC=0
 stage() {  # stage NAME LOG COMMAND...: run, tee the output into OUT/LOG, record status and time
-    local name=$1 log=$2 start rc
+    local name=$1 log=$2 start
     shift 2
     start=$(date +%s)
     echo "== ${name} ($(date -u +%H:%M:%S) UTC): $*"
-    "$@" 2>&1 | tee -a "${OUT}/${log}"
-    rc=${PIPESTATUS[0]}
-    echo "${name} rc=${rc} seconds=$(($(date +%s) - start))" | tee -a "${OUT}/stages.txt"
+    # tee ignores SIGTERM: it keeps the log (and the training's stdout) open while the training
+    # saves its state on SIGTERM; a tee killed first would end the training on a broken pipe
+    "$@" 2>&1 | (trap '' TERM && exec tee -a "${OUT}/${log}")
+    LAST_RC=${PIPESTATUS[0]}
+    echo "${name} rc=${LAST_RC} seconds=$(($(date +%s) - start))" | tee -a "${OUT}/stages.txt"
 }
 
 pack() {
     [[ -n "${PACK_TO:-}" ]] || return 0
     mkdir -p "${PACK_TO}"
     rm -f "${PACK_TO}"/deep_tiny.tar.*
-    tar -cf - --exclude=./train_state.pt --exclude=./train_state.pt.tmp -C "${OUT}" . | split -b 15m -d - "${PACK_TO}/deep_tiny.tar."
+    tar -cf - --exclude=./train_state.pt --exclude=./train_state.pt.tmp -C "${OUT}" . |
+        split -b 15m -d - "${PACK_TO}/deep_tiny.tar."
     cp "${OUT}/stages.txt" "${OUT}/train.log" "${PACK_TO}/" 2>/dev/null
     cp "${CKPT}/README.md" "${PACK_TO}/" 2>/dev/null
     echo "packed ${OUT} into ${PACK_TO}: $(cd "${PACK_TO}" && echo deep_tiny.tar.*)"
@@ -95,9 +105,16 @@ card() {
     fi
 }
 
+# train.log is appended to: this call's lines are those after SEEN
+SEEN=$(cat "${OUT}/train.log" 2>/dev/null | wc -l)
 stage train train.log "${PY}" -u -m v2.tiny.train --task hard --arch deep --minutes 7.5 \
     --compile --out "${CKPT}" --state "${OUT}/train_state.pt" --resume "$@"
-if tail -n 3 "${OUT}/train.log" | grep -q "^paused at step"; then
+if [[ ${LAST_RC} == 143 ]]; then  # SIGTERM (preemption, requeue, time limit): state saved
+    echo "train stopped by SIGTERM: the same command goes on" | tee -a "${OUT}/stages.txt"
+    pack
+    exit 143
+fi
+if [[ ${LAST_RC} == 0 ]] && tail -n "+$((SEEN + 1))" "${OUT}/train.log" | grep -q "^paused at"; then
     echo "train paused: the same command without --pause-after goes on" | tee -a "${OUT}/stages.txt"
     pack
     exit 0

@@ -378,13 +378,14 @@ def test_force_and_resubmission_while_pending(slurm, tmp_path, capsys, monkeypat
 
 def test_deep_training_job_requeued_midway_resumes(slurm, tmp_path):
     """sbatch/train_deep_tiny.sh as a SLURM job (the smoke model, on the CPU): requeued while it
-    trains (SIGTERM, as a preemption), the job starts again and resumes from the state it saved;
-    the model is trained for every step once, by two processes."""
+    trains (SIGTERM, as a preemption), it saves its state at the end of the step under way; the
+    job starts again and resumes there; the model is trained for every step once, by two
+    processes."""
     import torch
 
     out, steps = tmp_path / "deep", 300
     flags = ["--smoke", "--steps", str(steps), "--batch-size", "4", "--n-train", "40"]
-    flags += ["--no-compile", "--save-every-s", "0", "--eval-limit", "2"]
+    flags += ["--no-compile", "--save-every-s", "0.5", "--eval-limit", "2"]
     env = {**os.environ, "SLURM_CONF": str(slurm.conf), "PYTHON": sys.executable}
     sbatch = ["sbatch", "--parsable", f"--output={tmp_path}/job-%j.log"]
     sbatch += ["--export=ALL,OMP_NUM_THREADS=1", str(REPO / "sbatch" / "train_deep_tiny.sh")]
@@ -434,8 +435,10 @@ def test_deep_training_job_requeued_midway_resumes(slurm, tmp_path):
     processes = log["processes"]
     assert log["steps"] == steps and len(processes) == 2, processes
     killed, resumed = processes
-    assert killed["steps"][0] == 0 and killed["stopped"] is None  # its last periodic save
+    # SIGTERM: the step under way ended, the state was saved there and the process stopped
+    assert killed["steps"][0] == 0 and killed["stopped"] == "terminated"
     assert resumed["steps"] == [killed["steps"][1], steps] and resumed["stopped"] == "steps"
     assert killed["steps"][1] >= first
-    assert "resuming" in (out / "train.log").read_text()
+    train_log = (out / "train.log").read_text()
+    assert f"resuming {state}: step {killed['steps'][1]}," in train_log
     assert "card rc=0" in (out / "stages.txt").read_text()

@@ -135,3 +135,75 @@ def test_command_pauses_and_resumes(tmp_path: Path, capsys: pytest.CaptureFixtur
         with pytest.raises(SystemExit):
             tr.main(["--out", str(out), *common, *bad])
         assert "need --state" in capsys.readouterr().err
+
+
+def test_a_finished_run_resumed_stays_finished(tok, hard: tr.Samples, tmp_path: Path) -> None:
+    """A rerun after the end (a requeue during evaluation, say) trains nothing more: not for a
+    run that ran out of steps, nor for one that stopped on its dev accuracy (which nothing in the
+    loop would stop again before the next dev check)."""
+    path = tmp_path / "state.pt"
+    cfg = tr.TrainConfig(**{**vars(CFG), "steps": 6})
+    done = _train(tok, hard, cfg, tr.TrainState(path))
+    again = _train(tok, hard, cfg, tr.TrainState(path, resume=True))
+    assert again.steps == 6 and again.losses == done.losses and len(again.processes) == 1
+    for a, b in zip(done.model.parameters(), again.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+    calls = []
+
+    def dev(model) -> float:  # reaches the target at its third check
+        calls.append(1)
+        return 1.0 if len(calls) >= 3 else 0.0
+
+    path = tmp_path / "dev.pt"
+    cfg = tr.TrainConfig(**{**vars(CFG), "dev_every_s": 0.0, "stop_at_dev_acc": 0.5})
+    model = Network(tr.default_model_config(len(tok), smoke=True))
+    first = tr.train(
+        model, hard, token_ids(tok).mask, cfg, torch.device("cpu"), False, dev, tr.TrainState(path)
+    )
+    assert first.stopped == "dev accuracy" and first.steps == 2
+    resumed = _train(tok, hard, cfg, tr.TrainState(path, resume=True))
+    assert resumed.stopped == "dev accuracy" and resumed.steps == 2
+    assert len(resumed.processes) == 1 and len(calls) == 3
+
+
+def test_sigterm_saves_at_the_end_of_the_step_and_stops(
+    tok, hard: tr.Samples, tmp_path: Path, monkeypatch
+) -> None:
+    """What SLURM sends on preemption, requeue or a time limit: the step under way ends, the state
+    is saved, the loop stops; resumed, the run ends where an uninterrupted one does."""
+    import os
+    import signal
+
+    cfg = tr.TrainConfig(**{**vars(CFG), "steps": 8})
+    straight = _train(tok, hard, cfg)
+    path = tmp_path / "state.pt"
+    real, calls = tr.accumulate_gradients, []
+
+    def terminated_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "accumulate_gradients", terminated_in_step_3)
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = _train(tok, hard, cfg, tr.TrainState(path, every_s=1e9))
+    assert signal.getsignal(signal.SIGTERM) == before  # the handler is the loop's only
+    monkeypatch.setattr(tr, "accumulate_gradients", real)
+    assert stopped.stopped == "terminated" and stopped.steps == 3
+    saved = torch.load(path, weights_only=True)
+    assert saved["step"] == 3 and saved["processes"][-1]["stopped"] == "terminated"
+    resumed = _train(tok, hard, cfg, tr.TrainState(path, resume=True))
+    assert resumed.losses == straight.losses
+    assert [p["steps"] for p in resumed.processes] == [[0, 3], [3, 8]]
+
+
+def test_a_state_from_another_device_is_refused(tok, hard: tr.Samples, tmp_path: Path) -> None:
+    path = tmp_path / "state.pt"
+    cfg = tr.TrainConfig(**{**vars(CFG), "steps": 1})
+    _train(tok, hard, cfg, tr.TrainState(path))
+    state = torch.load(path, weights_only=True)
+    tr.save_train_state(path, {**state, "device_type": "cuda"})
+    with pytest.raises(tr.TrainStateError, match="saved by a run on cuda; resume it on cuda"):
+        _train(tok, hard, cfg, tr.TrainState(path, resume=True))

@@ -86,3 +86,22 @@ def test_a_paused_run_goes_on_when_run_again(tmp_path: Path) -> None:
     with tarfile.open(pack / "deep_tiny.tar.00") as tar:
         names = set(tar.getnames())
     assert "./checkpoint/model.safetensors" in names and "./train_state.pt" not in names
+
+
+def test_a_refused_resume_is_not_taken_for_a_pause(tmp_path: Path) -> None:
+    """Call 2 of a paused run with other settings is refused by the training (one line, rc 2):
+    the script says the train stage failed, not that it paused again, and exits non-zero."""
+    out = tmp_path / "run"
+    _run(out, None, ["--no-compile", "--pause-after", "1e-9"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    flags = ["--smoke", "--steps", "2", "--batch-size", "4", "--n-train", "40", "--no-compile"]
+    done = subprocess.run(
+        ["bash", str(SCRIPT), str(out), *flags, "--lr", "0.5", "--eval-limit", "2"],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    stages = (out / "stages.txt").read_text()
+    assert done.returncode != 0 and "train rc=2" in stages and "paused" not in stages, stages

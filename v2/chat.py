@@ -65,6 +65,9 @@ class PlanRecorder(Policy):
     def enabled(self) -> bool:
         return self.inner.enabled
 
+    def acts_on(self, num_layers: int) -> bool:
+        return self.inner.acts_on(num_layers)
+
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
         self._has_ref = torch.zeros(num_layers, batch_size, block_size, dtype=torch.bool)
         self.inner.begin_block(batch_size, block_size, num_layers)

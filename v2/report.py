@@ -823,8 +823,9 @@ def main(argv: list[str] | None = None) -> int:
         command = shlex.join(["python", "-m", "v2.report", *argv])
         out = args.out or args.sweep_dir / "_report"
         for d in many:
-            md, plots, _ = build(d, out, args.include_limit, args.metric, command, stem=d.name)
-            print(f"written: {md} ({len(plots)} plots)")
+            md, plots, rows = build(d, out, args.include_limit, args.metric, command, stem=d.name)
+            if rows:
+                print(f"written: {md} ({len(plots)} plots)")
         return 0
     md, plots, rows = build(args.sweep_dir, args.out, args.include_limit, args.metric)
     if not rows:

@@ -40,9 +40,9 @@ import re
 import sys
 from pathlib import Path
 
-import torch
 import yaml
 
+from v2.checkpoint import device_arg, parse_device
 from v2.policies import POLICIES, make_policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -278,8 +278,9 @@ def run(args: argparse.Namespace) -> dict:
     model_path = Path(args.model or setup["pretrained"])
     if not model_path.is_absolute() and not model_path.exists():
         model_path = ROOT / model_path
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    objective_name = args.objective or ("tokens_per_second" if device == "cuda" else "flops")
+    device = str(args.device or parse_device(None))  # a string: kept with the study as JSON
+    gpu = device.startswith("cuda")
+    objective_name = args.objective or ("tokens_per_second" if gpu else "flops")
     types = POLICIES[setup["policy"]][2]
     problems = dev_split(setup["task"], args.dev_n)  # a task without one: refused here
     settings = study_settings(setup, args, model_path, device, objective_name)
@@ -443,7 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--objective", choices=OBJECTIVES, default=None)
     p.add_argument("--model", default=None, help="checkpoint (default: the sweep's pretrained)")
-    p.add_argument("--device", default=None)
+    p.add_argument(
+        "--device", type=device_arg, default=None, help="default: cuda when available, else cpu"
+    )
     p.add_argument("--storage", type=Path, default=None, help="SQLite file (default OUT/study.db)")
     p.add_argument("--seed", type=int, default=0, help="sampler seed")
     p.add_argument(

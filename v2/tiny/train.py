@@ -10,9 +10,10 @@ graded family, `hard_test.jsonl`, with `hard_dev.jsonl` evaluated during trainin
 `--dev-every-s` seconds). Architectures: `base` (8 layers, 6.48M parameters) and `deep` (24
 layers, GQA, 10.7M parameters, 21.4 MB in bf16; batch 256 and lr 1.4e-3 unless given).
 
-`--state FILE` keeps the run's state (saved every `--save-every-s` seconds and at the end);
-`--resume` continues it after a kill, a preemption or a `--pause-after MIN` stop, to the model an
-uninterrupted run would have made (TrainState). A training budget longer than one job or call:
+`--state FILE` keeps the run's state (saved every `--save-every-s` seconds, at the end and on
+SIGTERM); `--resume` continues it after a kill, a preemption or a `--pause-after MIN` stop
+(TrainState: with `--steps`, to the model an uninterrupted run makes). A training budget longer
+than one job or call:
 
     python -m v2.tiny.train ... --minutes 15 --state S --pause-after 7.5   # then, again:
     python -m v2.tiny.train ... --minutes 15 --state S --resume
@@ -37,8 +38,11 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -562,6 +566,7 @@ RESUME_MAY_CHANGE = frozenset(
     }
 )
 STATE_FORMAT = 1
+FINISHED = ("steps", "budget", "dev accuracy")  # a run stopped for one of these is done
 
 
 class TrainStateError(ValueError):
@@ -572,11 +577,17 @@ class TrainStateError(ValueError):
 class TrainState:
     """Where a run keeps what it needs to go on (weights, optimizer moments, step, loop seconds
     spent, the noise generator, curves), so that a killed, preempted or paused run resumes where
-    it stopped and ends with the model an uninterrupted run would have. Written atomically every
-    `every_s` seconds of the loop and when the loop ends. `pause_after_s`: this process stops
-    after that many seconds of its own loop (at least one step), state saved; `resume`: continue
-    from `path` if it exists (a fresh start if not). The data order needs no state: it is the
-    seed's, and a resumed run skips the batches already used."""
+    it stopped. Written atomically every `every_s` seconds of the loop, when the loop ends, and on
+    SIGTERM (what SLURM sends on preemption, requeue or time limit: the process saves at the end
+    of its step and stops). `pause_after_s`: this process stops after that many seconds of its own
+    loop (at least one step), state saved; `resume`: continue from `path` if it exists (a fresh
+    start if not; a run that had finished stays finished). The data order needs no state: it is
+    the seed's, and a resumed run skips the batches already used.
+
+    A run bounded by `steps` ends, resumed any number of times, with the weights and losses an
+    uninterrupted run has. A run bounded by time (`minutes`) counts every process's loop seconds,
+    including a resumed process's own compile warm-up: it trains the steps its budget allows,
+    fewer than one uninterrupted process when each process compiles again."""
 
     path: Path
     every_s: float = 300.0
@@ -593,10 +604,14 @@ def _resumable_config(cfg: TrainConfig) -> dict:
 
 
 def save_train_state(path: Path, state: dict) -> None:
-    """torch.save to a temporary file, then rename: a kill mid-write leaves the last state."""
+    """torch.save to a temporary file, flushed to disk, then rename: a kill (or a node crash)
+    mid-write leaves the last state whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(path)
 
 
@@ -691,16 +706,25 @@ def train(
     oom_events: list[dict] = []  # the same step again in twice as many micro-batches
     processes: list[dict] = []
     step, spent = 0, 0.0  # steps done and loop seconds spent by earlier processes
+    finished = None  # why a resumed run had already ended
     if state is not None and state.resume and state.path.exists():
         saved = load_train_state(state.path, cfg)
+        if saved["device_type"] != device.type:
+            raise TrainStateError(
+                f"{state.path} was saved by a run on {saved['device_type']}; resume it on "
+                f"{saved['device_type']} (this run is on {device.type})"
+            )
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         noise_gen.set_state(saved["noise_gen"])
         step, spent, micro_batches = saved["step"], saved["spent_s"], saved["micro_batches"]
         losses, loss_curve, dev_curve = saved["losses"], saved["loss_curve"], saved["dev_curve"]
         oom_events, processes = saved["oom_events"], saved["processes"]
+        if processes and processes[-1]["stopped"] in FINISHED:
+            finished = processes[-1]["stopped"]
         print(
-            f"resuming {state.path}: step {step}, {spent:.0f} s of the {budget:.0f} s budget spent",
+            f"resuming {state.path}: step {step}, {spent:.0f} s of the {budget:.0f} s budget spent"
+            + (f" (finished: {finished}; nothing left to train)" if finished else ""),
             flush=True,
         )
     elif state is not None and state.resume:
@@ -744,7 +768,13 @@ def train(
 
     def this_process(stopped: str | None) -> dict:
         seconds = time.perf_counter() - t_process
-        return {"steps": [first_step, step], "seconds": seconds, "stopped": stopped}
+        warm_up = sum(compiled.seconds.values()) if compiled is not None else 0.0
+        return {
+            "steps": [first_step, step],
+            "seconds": seconds,
+            "compile_warm_up_s": warm_up,
+            "stopped": stopped,
+        }
 
     def save_state(stopped: str | None) -> None:
         flush_losses()
@@ -753,6 +783,7 @@ def train(
             {
                 "format": STATE_FORMAT,
                 "config": _resumable_config(cfg),
+                "device_type": device.type,
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "noise_gen": noise_gen.get_state(),
@@ -770,7 +801,8 @@ def train(
     t_process = time.perf_counter()
     t0 = t_process - spent  # the loop's clock counts the earlier processes' seconds
     last_save = t_process
-    if compiled is not None and (cfg.steps is None or step < cfg.steps) and spent < budget:
+    to_train = finished is None and (cfg.steps is None or step < cfg.steps) and spent < budget
+    if compiled is not None and to_train:
         # Compile each fixed length (most frequent first) before the first step, inside the
         # budget, until cfg.compile_budget of what is left of it is spent; without fixed
         # lengths, only the longest batch length. Lengths not compiled run eager.
@@ -788,8 +820,16 @@ def train(
             ):
                 tqdm.write(f"compiled length {L} in {compiled.seconds[L]:.1f} s")
     last_dev = t0 + (dev_curve[-1]["seconds"] if dev_curve else 0.0)
-    stopped = "steps"
-    while cfg.steps is None or step < cfg.steps:
+    stopped = finished or "steps"
+    terminate: list[int] = []  # SIGTERM received: save at the end of this step and stop
+    catch = state is not None and threading.current_thread() is threading.main_thread()
+    previous_handler = (
+        signal.signal(signal.SIGTERM, lambda *_: terminate.append(1)) if catch else None
+    )
+    while finished is None and (cfg.steps is None or step < cfg.steps):
+        if terminate:
+            stopped = "terminated"
+            break
         now = time.perf_counter()
         if dev is not None and cfg.dev_every_s is not None and now - last_dev >= cfg.dev_every_s:
             last_dev = now
@@ -854,12 +894,16 @@ def train(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     bar.close()
+    ended = stopped in ("steps", "budget")
     evaluated = bool(dev_curve) and dev_curve[-1]["step"] == step  # a resumed, finished run
-    if dev is not None and stopped not in ("dev accuracy", "paused") and step and not evaluated:
+    if dev is not None and ended and step and not evaluated and not terminate:
         run_dev(step)  # the accuracy of the weights that are saved
-    if state is not None:
-        save_state(stopped)
-    processes.append(this_process(stopped))
+    if finished is None:  # a finished run resumed: nothing happened, nothing to record
+        if state is not None:
+            save_state(stopped)
+        processes.append(this_process(stopped))
+    if catch:
+        signal.signal(signal.SIGTERM, previous_handler)
     wall = time.perf_counter() - t0
     compile_info = None
     if compiled is not None:
@@ -1248,6 +1292,13 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         return 0
+    if result.stopped == "terminated":
+        print(
+            f"stopped by SIGTERM at step {result.steps}; state saved to {args.state}. The same "
+            "command with --resume goes on.",
+            flush=True,
+        )
+        return 143  # 128 + SIGTERM, as if the signal had ended the process
     save_release_checkpoint(result.model, out, tokenizer, dtype=torch.bfloat16)
     weights_mb = sum(f.stat().st_size for f in out.glob("*.safetensors")) / 1e6
     log = {
