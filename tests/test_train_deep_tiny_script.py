@@ -81,6 +81,8 @@ def test_a_paused_run_goes_on_when_run_again(tmp_path: Path) -> None:
     assert [s.split()[0] for s in stages if s] == ["train", "card"]
     log = json.loads((out / "checkpoint" / "train_log.json").read_text())
     assert [p["steps"] for p in log["processes"]] == [[0, 1], [1, 2]]
+    card = (out / "checkpoint" / "README.md").read_text()
+    assert "Trained by 2 processes" in card and "steps 0-1 in" in card and "by paused" in card
     train_log = (out / "train.log").read_text()
     assert "paused at step 1" in train_log and "resuming" in train_log  # appended, not replaced
     with tarfile.open(pack / "deep_tiny.tar.00") as tar:

@@ -137,6 +137,25 @@ def render(
             if log.get("peak_gpu_memory_gb")
             else "."
         ),
+        *(
+            [
+                f"Trained by {len(log['processes'])} processes, each resuming the saved state of "
+                "the one before (`--state`, `--resume`); the loop seconds above are their sum: "
+                + "; ".join(
+                    f"steps {p['steps'][0]}-{p['steps'][1]} in {p['seconds']:.0f} s"
+                    + (
+                        f" ({p['compile_warm_up_s']:.0f} s compiling)"
+                        if p.get("compile_warm_up_s")
+                        else ""
+                    )
+                    + f", stopped by {p['stopped'] or 'a kill'}"
+                    for p in log["processes"]
+                )
+                + "."
+            ]
+            if len(log.get("processes") or []) > 1
+            else []
+        ),
         f"Training data: {log['train_samples']} generated problems (seed {log['seed']}; "
         f"{log.get('train_samples_dropped', 0)} longer than {tc['max_len']} tokens dropped) that "
         f"exclude every question of `{log.get('test_file')}`"
