@@ -567,6 +567,7 @@ RESUME_MAY_CHANGE = frozenset(
 )
 STATE_FORMAT = 1
 FINISHED = ("steps", "budget", "dev accuracy")  # a run stopped for one of these is done
+CURVE_EVERY = 20  # steps per loss-curve point
 
 
 class TrainStateError(ValueError):
@@ -755,14 +756,16 @@ def train(
         )
         return acc
 
-    def flush_losses() -> None:
-        """Copy the pending losses to the host (one sync) and extend the loss curve."""
+    def sync_losses() -> None:
+        """Copy the pending losses to the host (one sync)."""
         nonlocal losses
-        if not pending:
-            return
-        k = len(pending)
-        losses += torch.stack(pending).tolist()
-        pending.clear()
+        if pending:
+            losses += torch.stack(pending).tolist()
+            pending.clear()
+
+    def curve_point(k: int) -> None:
+        """A loss-curve point: the mean loss of the last k steps. Points fall every CURVE_EVERY
+        steps (and at the end of a finished run), whatever the processes and saves in between."""
         point = {"step": step, "seconds": time.perf_counter() - t0}
         loss_curve.append({**point, "loss": sum(losses[-k:]) / k})
 
@@ -777,7 +780,7 @@ def train(
         }
 
     def save_state(stopped: str | None) -> None:
-        flush_losses()
+        sync_losses()
         save_train_state(
             state.path,
             {
@@ -883,14 +886,17 @@ def train(
         optimizer.step()
         pending.append(loss.detach())
         step += 1
-        if len(pending) == 20:
-            flush_losses()
+        if step % CURVE_EVERY == 0:
+            sync_losses()
+            curve_point(CURVE_EVERY)
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{lr:.2e}", min=f"{elapsed / 60:.1f}")
         if state is not None and time.perf_counter() - last_save >= state.every_s:
             save_state(None)
             last_save = time.perf_counter()
         bar.update(1)
-    flush_losses()
+    sync_losses()
+    if finished is None and stopped in FINISHED and step % CURVE_EVERY:
+        curve_point(min(step % CURVE_EVERY, len(losses)))  # the last, partial window
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     bar.close()
@@ -1330,7 +1336,8 @@ def main(argv: list[str] | None = None) -> int:
         "train_config": dataclasses.asdict(cfg),
         "model_config": dataclasses.asdict(model_cfg),
         "loss_curve": result.loss_curve,
-        "loss_curve_note": "mean loss of the 20 steps up to `step`; seconds since the loop began",
+        "loss_curve_note": "mean loss of the 20 steps up to `step` (the last point: of the steps "
+        "since the point before); seconds since the loop began, over every process",
         "dev_curve": result.dev_curve,
         "dev_problems": len(dev.texts) if dev is not None else 0,
         "dev_curve_note": "strict accuracy at threshold 1 on the dev split, greedy, one batch",
