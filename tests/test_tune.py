@@ -214,7 +214,7 @@ def test_bad_numbers_are_refused_before_any_work(tmp_path, checkpoint, capsys, e
 def fake_evaluate(baseline: dict, trial: dict):
     """v2.tune.evaluate with set results: `baseline` without a policy, `trial` with one."""
 
-    def evaluate(lm, problems, config, policy, chat, batch_size):
+    def evaluate(lm, problems, config, policy, chat, batch_size, warm=False):
         m = baseline if policy is None else trial
         return {"executed_flops": 1, "tokens_per_second": 1.0, **m}
 
@@ -265,3 +265,34 @@ def test_a_best_no_better_than_the_baseline_says_so(tmp_path, checkpoint, capsys
         "none",
         "token",
     ]
+
+
+def test_a_warm_evaluation_times_no_first_decode():
+    """warm=True (the tokens/s objective): the first batch is decoded once, unmeasured, with the
+    same policy object; the statistics are those of the measured pass only."""
+    from types import SimpleNamespace
+
+    from v2.stats import Stats
+    from v2.tune import evaluate
+
+    calls = []
+
+    class LM:
+        def generate(self, texts, config, policy, chat):
+            calls.append((len(texts), policy))
+            st = Stats(1)
+            st.generated_tokens, st.wall_seconds = (
+                10 * len(texts),
+                100.0 if len(calls) == 1 else 1.0,
+            )
+            outputs = [SimpleNamespace(text="#### 3") for _ in texts]
+            return SimpleNamespace(outputs=outputs, stats=st)
+
+    problems = [{"question": f"q{i}", "answer": "#### 3"} for i in range(5)]
+    policy = object()
+    cold = evaluate(LM(), problems, None, policy, False, 2)
+    assert [n for n, _ in calls] == [2, 2, 1] and cold["tokens_per_second"] < 1
+    calls.clear()
+    hot = evaluate(LM(), problems, None, policy, False, 2, warm=True)
+    assert [n for n, _ in calls] == [2, 2, 2, 1] and {p for _, p in calls} == {policy}
+    assert hot["tokens_per_second"] == 50 / 3 and hot["accuracy"] == 100.0
