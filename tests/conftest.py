@@ -62,11 +62,27 @@ def tokenizer_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def checkpoint(tmp_path_factory, tokenizer_dir) -> Path:
-    """A random checkpoint in the release layout (float32 so CPU comparisons are exact)."""
+def tok(tokenizer_dir: Path):
+    """The tiny model's tokenizer, loaded as transformers loads a checkpoint's."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
+
+
+@pytest.fixture(scope="module")
+def hard(tok):
+    """96 hard-family problems encoded for training (v2/tiny/train.py's Samples): with 6 a batch,
+    16 batches an epoch."""
+    from v2.checkpoint import token_ids
+    from v2.tiny import train as tr
+    from v2.tiny.data import make_split
+
+    return tr.encode_problems(tok, make_split(96, seed=7, family="hard"), 416, token_ids(tok).mask)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, tok) -> Path:
+    """A random checkpoint in the release layout (float32 so CPU comparisons are exact)."""
     model = random_network(seed=1, vocab_size=len(tok))
     out = tmp_path_factory.mktemp("checkpoint")
     return save_release_checkpoint(model, out, tokenizer=tok, dtype=torch.float32)

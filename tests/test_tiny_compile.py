@@ -4,12 +4,9 @@ compile failure falls back to eager."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from torch._dynamo.testing import CompileCounter
-from transformers import AutoTokenizer
 
 from v2.checkpoint import token_ids
 from v2.model import Network
@@ -17,16 +14,6 @@ from v2.tiny import train as tr
 from v2.tiny.data import make_split
 
 B = 32
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir: Path):
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
-
-
-@pytest.fixture(scope="module")
-def hard(tok) -> tr.Samples:
-    return tr.encode_problems(tok, make_split(96, seed=7, family="hard"), 416, token_ids(tok).mask)
 
 
 def test_fixed_lengths_minimise_padding() -> None:

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from v2.checkpoint import load_model, save_release_checkpoint, token_ids
 from v2.model import Network
@@ -36,11 +35,6 @@ def test_deep_config_is_deep_gqa_and_small(tmp_path: Path) -> None:
     committed = json.loads((Path(tr.__file__).parent / "checkpoint" / "config.json").read_text())
     assert base.num_hidden_layers == committed["num_hidden_layers"] == 8
     assert base.hidden_size == committed["hidden_size"]
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir: Path):
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
 
 
 def test_bucketed_batches_cover_each_epoch_and_pad_less(tok) -> None:

@@ -9,27 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from v2.checkpoint import token_ids
 from v2.model import Network
 from v2.tiny import train as tr
-from v2.tiny.data import make_split
 
-B = 32
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir: Path):
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
-
-
-@pytest.fixture(scope="module")
-def hard(tok) -> tr.Samples:
-    # 96 problems, 6 a batch: 16 batches an epoch, so 20 steps cross an epoch boundary
-    return tr.encode_problems(tok, make_split(96, seed=7, family="hard"), 416, token_ids(tok).mask)
-
-
+# on conftest's 96 `hard` problems, 6 a batch: 16 batches an epoch, so 20 steps cross its end
 CFG = tr.TrainConfig(steps=20, batch_size=6, warmup_steps=2, minutes=60, bucket=True)
 
 
@@ -39,6 +24,19 @@ def _train(tok, hard, cfg=CFG, state: tr.TrainState | None = None) -> tr.TrainRe
     model = Network(tr.default_model_config(len(tok), smoke=True))
     tr.init_weights(model)
     return tr.train(model, hard, token_ids(tok).mask, cfg, torch.device("cpu"), False, state=state)
+
+
+def interrupt_step(monkeypatch, n: int, interrupt) -> None:
+    """`interrupt()` runs inside training step n (at its n-th accumulate_gradients call)."""
+    real, calls = tr.accumulate_gradients, []
+
+    def step(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            interrupt()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tr, "accumulate_gradients", step)
 
 
 def test_a_run_paused_after_every_step_ends_where_an_uninterrupted_one_does(
@@ -74,18 +72,14 @@ def test_a_killed_run_resumes_from_its_last_save(
     cfg = tr.TrainConfig(**{**vars(CFG), "steps": 8})
     straight = _train(tok, hard, cfg)
     path = tmp_path / "state.pt"
-    real, calls = tr.accumulate_gradients, []
 
-    def dies_in_step_5(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt  # what SIGINT does; SIGKILL leaves the same file behind
-        return real(*args, **kwargs)
+    def kill():
+        raise KeyboardInterrupt  # what SIGINT does; SIGKILL leaves the same file behind
 
-    monkeypatch.setattr(tr, "accumulate_gradients", dies_in_step_5)
+    interrupt_step(monkeypatch, 5, kill)
     with pytest.raises(KeyboardInterrupt):
         _train(tok, hard, cfg, tr.TrainState(path, every_s=0.0))
-    monkeypatch.setattr(tr, "accumulate_gradients", real)
+    monkeypatch.undo()
     saved = torch.load(path, weights_only=True)
     assert saved["step"] == 4 and saved["processes"][-1]["stopped"] is None
     resumed = _train(tok, hard, cfg, tr.TrainState(path, resume=True))
@@ -182,19 +176,11 @@ def test_sigterm_saves_at_the_end_of_the_step_and_stops(
     cfg = tr.TrainConfig(**{**vars(CFG), "steps": 8})
     straight = _train(tok, hard, cfg)
     path = tmp_path / "state.pt"
-    real, calls = tr.accumulate_gradients, []
-
-    def terminated_in_step_3(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tr, "accumulate_gradients", terminated_in_step_3)
+    interrupt_step(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
     before = signal.getsignal(signal.SIGTERM)
     stopped = _train(tok, hard, cfg, tr.TrainState(path, every_s=1e9))
     assert signal.getsignal(signal.SIGTERM) == before  # the handler is the loop's only
-    monkeypatch.setattr(tr, "accumulate_gradients", real)
+    monkeypatch.undo()
     assert stopped.stopped == "terminated" and stopped.steps == 3
     saved = torch.load(path, weights_only=True)
     assert saved["step"] == 3 and saved["processes"][-1]["stopped"] == "terminated"

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 from v2.checkpoint import load_model, load_tokenizer, save_release_checkpoint, token_ids
 from v2.generate import FastDLLM
@@ -17,11 +16,6 @@ from v2.tiny import train as tr
 from v2.tiny.data import make_split
 
 B = 32
-
-
-@pytest.fixture(scope="module")
-def tok(tokenizer_dir: Path):
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False)
 
 
 @pytest.fixture(scope="module")

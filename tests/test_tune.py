@@ -221,16 +221,22 @@ def fake_evaluate(baseline: dict, trial: dict):
     return evaluate
 
 
-def test_a_zero_percent_baseline_is_warned_about(tmp_path, checkpoint, capsys, monkeypatch):
+def search_with(tmp_path, checkpoint, monkeypatch, baseline: dict, trial: dict) -> Path:
+    """A small search whose decodes give set results (fake_evaluate); its output folder."""
     sweep, out = sweep_file(tmp_path, checkpoint), tmp_path / "out"
-    monkeypatch.setattr(
-        "v2.tune.evaluate",
-        fake_evaluate(
-            {"accuracy": 0.0, "flops_ratio": 1.0, "executed_flops": 100},
-            {"accuracy": 0.0, "flops_ratio": 0.5, "executed_flops": 50},
-        ),
-    )
+    monkeypatch.setattr("v2.tune.evaluate", fake_evaluate(baseline, trial))
     assert main(small(sweep, out)) == 0
+    return out
+
+
+def test_a_zero_percent_baseline_is_warned_about(tmp_path, checkpoint, capsys, monkeypatch):
+    out = search_with(
+        tmp_path,
+        checkpoint,
+        monkeypatch,
+        {"accuracy": 0.0, "flops_ratio": 1.0, "executed_flops": 100},
+        {"accuracy": 0.0, "flops_ratio": 0.5, "executed_flops": 50},
+    )
     err = capsys.readouterr().err
     assert "warning: the baseline scores 0 %" in err and "budget means nothing" in err
     assert "--max-new-tokens (now 8)" in err
@@ -241,17 +247,15 @@ def test_a_zero_percent_baseline_is_warned_about(tmp_path, checkpoint, capsys, m
 
 
 def test_a_best_no_better_than_the_baseline_says_so(tmp_path, checkpoint, capsys, monkeypatch):
-    sweep, out = sweep_file(tmp_path, checkpoint), tmp_path / "out"
-    monkeypatch.setattr(
-        "v2.tune.evaluate",
-        # the trial saves 10 % per forward but needs more forwards: 2 % more FLOPs in all,
-        # and the objective is the end-to-end ratio
-        fake_evaluate(
-            {"accuracy": 50.0, "flops_ratio": 1.0, "executed_flops": 100},
-            {"accuracy": 50.0, "flops_ratio": 0.9, "executed_flops": 102},
-        ),
+    # the trial saves 10 % per forward but needs more forwards: 2 % more FLOPs in all, and the
+    # objective is the end-to-end ratio
+    out = search_with(
+        tmp_path,
+        checkpoint,
+        monkeypatch,
+        {"accuracy": 50.0, "flops_ratio": 1.0, "executed_flops": 100},
+        {"accuracy": 50.0, "flops_ratio": 0.9, "executed_flops": 102},
     )
-    assert main(small(sweep, out)) == 0
     captured = capsys.readouterr()
     assert "warning" not in captured.err  # a 50 % baseline: the budget means something
     assert "no trial beats the baseline's flops (1)" in captured.out
