@@ -64,9 +64,10 @@ def accuracy(hits: list[bool]) -> dict:
 def problems(task: str, limit: int | None) -> tuple[list[str], list[str]]:
     """(prompts, gold answers) of a task, the first `limit` only where given."""
     from v2.tiny.data import read_jsonl
+    from v2.tiny.train import user_message
 
     rows = read_jsonl(TASKS[task])[:limit]
-    texts = [f"Question: {q['question']}\nAnswer:" for q in rows]
+    texts = [user_message(q["question"]) for q in rows]
     gold = [q["answer"].split("####")[-1].strip() for q in rows]
     return texts, gold
 

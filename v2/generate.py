@@ -511,8 +511,8 @@ def main(argv: list[str] | None = None) -> int:
             print(o.text)
         s = result.stats
         # the autoregressive decode has no threshold, sub-blocks or drafts: none are printed
-        how = f"threshold {config.threshold}"
-        how = "autoregressive" if args.decode == "autoregressive" else how
+        causal = args.decode == "autoregressive"
+        how = "autoregressive" if causal else f"threshold {config.threshold}"
         print(
             f"[{how}, {policy.name if policy else 'no policy'}: "
             f"{s.generated_tokens} tokens, {s.tokens_per_forward:.2f} tokens/forward, "

@@ -117,9 +117,7 @@ def baseline_note(
     layers when that is known): the run is the baseline."""
     if policy is None:
         return None
-    if num_layers is None and policy.enabled:
-        return None
-    if num_layers is not None and policy.acts_on(num_layers):
+    if policy.acts_on(num_layers) if num_layers is not None else policy.enabled:
         return None
     given = {k: v for k, v in options.items() if v is not None}
     depth = num_layers is not None and policy.enabled  # enabled, but not on this model

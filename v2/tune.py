@@ -149,14 +149,15 @@ def evaluate(
     """Accuracy (%) and the generation's statistics over the problems. `warm`: decode the first
     batch once, unmeasured, with the same policy object first, so that the measured pass pays
     for no compilation or graph capture (on a GPU, what a tokens/s objective needs)."""
-    if warm and problems:
-        texts = [f"Question: {p['question']}\nAnswer:" for p in problems[:batch_size]]
-        lm.generate(texts, config, policy, chat=chat)
+    from v2.tiny.train import user_message
+
+    texts = [user_message(p["question"]) for p in problems]
+    if warm and texts:
+        lm.generate(texts[:batch_size], config, policy, chat=chat)
     correct, flops, base, tokens, seconds = 0, 0, 0, 0, 0.0
     for i in range(0, len(problems), batch_size):
         batch = problems[i : i + batch_size]
-        texts = [f"Question: {p['question']}\nAnswer:" for p in batch]
-        result = lm.generate(texts, config, policy, chat=chat)
+        result = lm.generate(texts[i : i + batch_size], config, policy, chat=chat)
         for p, o in zip(batch, result.outputs, strict=True):
             correct += answer(o.text) == answer(p["answer"])
         s = result.stats

@@ -616,8 +616,9 @@ def save_train_state(path: Path, state: dict) -> None:
     tmp.replace(path)
 
 
-def load_train_state(path: Path, cfg: TrainConfig) -> dict:
-    """The state at `path`, checked against `cfg` (TrainStateError with what differs)."""
+def load_train_state(path: Path, cfg: TrainConfig, device_type: str) -> dict:
+    """The state at `path`, checked against `cfg` and the device type it resumes on
+    (TrainStateError with what differs)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets one message
@@ -632,6 +633,11 @@ def load_train_state(path: Path, cfg: TrainConfig) -> dict:
         raise TrainStateError(
             f"{path} was saved by a run with other settings ({what}); resume with the same "
             "settings, or start afresh without --resume (or with another --state)"
+        )
+    if state["device_type"] != device_type:
+        raise TrainStateError(
+            f"{path} was saved by a run on {state['device_type']}; resume it on "
+            f"{state['device_type']} (this run is on {device_type})"
         )
     return state
 
@@ -709,12 +715,7 @@ def train(
     step, spent = 0, 0.0  # steps done and loop seconds spent by earlier processes
     finished = None  # why a resumed run had already ended
     if state is not None and state.resume and state.path.exists():
-        saved = load_train_state(state.path, cfg)
-        if saved["device_type"] != device.type:
-            raise TrainStateError(
-                f"{state.path} was saved by a run on {saved['device_type']}; resume it on "
-                f"{saved['device_type']} (this run is on {device.type})"
-            )
+        saved = load_train_state(state.path, cfg, device.type)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         noise_gen.set_state(saved["noise_gen"])
@@ -1243,6 +1244,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.save_every_s < 0:
         parser.error(f"--save-every-s must be >= 0, not {args.save_every_s}")
     cfg = config_from_args(args)
+    device = args.device or parse_device(None)
     state = None
     if args.state is not None:
         state = TrainState(
@@ -1258,10 +1260,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.resume and args.state.exists():
             try:
-                load_train_state(args.state, cfg)  # a wrong --resume fails before any setup
+                load_train_state(args.state, cfg, device.type)  # fails before any setup
             except TrainStateError as e:
                 parser.exit(2, f"{parser.prog}: error: {e}\n")
-    device = args.device or parse_device(None)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
     out = args.out
