@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from lm_eval.api.instance import Instance
 
 from v2 import lm_adapter
@@ -19,7 +18,6 @@ from v2.lm_adapter import (
     EvalError,
     FastDLLMEvalLM,
     cut_at_stop,
-    release_loglikelihood,
     split_stats,
     sum_stats,
 )
@@ -333,52 +331,6 @@ def test_a_policy_past_the_models_depth_is_named_the_baseline(checkpoint, capsys
     FastDLLMEvalLM(pretrained=str(checkpoint), device="cpu", policy="token", cosine_threshold=0.5)
     assert "note" not in capsys.readouterr().err
     lm_adapter.reset_run()
-
-
-def _reference_score(model, ids, ctx: list[int], cont: list[int], B: int) -> tuple[float, bool]:
-    """The release's rule written out: mask the first continuation token, pad with masks to the
-    next block boundary (a whole block when aligned), EOS first, block-causal forward."""
-    seq = ctx + cont
-    target = seq[len(ctx)]
-    seq[len(ctx)] = ids.mask
-    pad = B - len(seq) % B
-    seq = seq + [ids.eos] + [ids.mask] * (pad - 1)
-    pos = torch.arange(len(seq))
-    visible = (pos[:, None] // B) >= (pos[None, :] // B)
-    with torch.no_grad():
-        logits = model(torch.tensor([seq]), pos, visible)[0]
-    logp = logits[len(ctx) - 1].log_softmax(-1)
-    return logp[target].item(), int(logp.argmax()) == target
-
-
-def test_loglikelihood_is_the_release_rule(lm):
-    B, ids = lm.block_size, lm.ids
-    # token pairs whose total length is below, at and above a block boundary, batched together
-    pairs = [
-        ([5 + i for i in range(n_ctx)], [40 + i for i in range(n_cont)])
-        for n_ctx, n_cont in [(20, 3), (30, 2), (33, 4), (1, 1), (63, 1)]
-    ]
-    got = release_loglikelihood(lm.model, ids, [(list(c), list(x)) for c, x in pairs], B, 3)
-    for (ctx, cont), (score, greedy) in zip(pairs, got, strict=True):
-        ref_score, ref_greedy = _reference_score(lm.model, ids, list(ctx), list(cont), B)
-        assert score == pytest.approx(ref_score, abs=1e-4) and greedy == ref_greedy
-
-    # through lm_eval's interface: text requests
-    tok = lm.tokenizer
-    context, continuation = "Question: What is 2 + 3?\nAnswer:", " 2 + 3 = 5"
-    ctx = tok.encode(context, add_special_tokens=False)
-    whole = tok.encode(context + continuation, add_special_tokens=False)
-    assert whole[: len(ctx)] == ctx
-    reqs = [_instance("loglikelihood", (context, continuation), 0)]
-    reqs.append(_instance("loglikelihood", ("Question: 7 * 8?", " 56"), 1))
-    (score, greedy), _ = lm.loglikelihood(reqs)
-    ref = _reference_score(lm.model, ids, ctx, whole[len(ctx) :], B)
-    assert score == pytest.approx(ref[0], abs=1e-4) and greedy == ref[1]
-
-
-def test_loglikelihood_rolling_is_not_supported(lm):
-    with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
-        lm.loglikelihood_rolling([_instance("loglikelihood_rolling", ("text",), 0)])
 
 
 def test_generate_until_budgets_stops_and_padding(lm):

@@ -4,7 +4,10 @@ that it is registered once per process, whatever runs as `__main__`.
 
 - `generate_until`: requests grouped by (task, gen_kwargs) so each request gets its own `until`
   and `max_gen_toks`, sorted by prompt length, decoded in batches by `v2.generate.generate`.
-- `loglikelihood`: the release's scoring rule (fast-dllm-v2.md section 8, `release_loglikelihood`).
+- `loglikelihood`: the release's scoring rule (fast-dllm-v2.md section 8, `release_loglikelihood`)
+  on the release's split of each request into context and continuation tokens (`encode_pair`:
+  no whitespace moved; where the context's tokens are not a prefix of the whole's, the merged
+  token is scored). is_greedy is the real value (the release always returns 0.0).
 - Statistics: each batch's `Stats` is split among its requests (generated tokens exactly per
   row; forwards, units, FLOPs and wall-clock in equal shares, integers by largest remainder so
   sums are exact) and recorded in `RUN` by (task, doc_id, idx), at most `repeats` times per key,
@@ -18,6 +21,7 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import lm_eval.models  # noqa: F401 - registers lm_eval's own models (lazily) so they stay usable
@@ -307,6 +311,37 @@ def cut_at_stop(text: str, until: list[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Scoring
+
+
+def encode_pair(
+    encode: Callable[[str], list[int]], context: str, continuation: str, empty_context: int
+) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) of a loglikelihood request, the tokens of
+    context + continuation split in two. The one rule, documented in docs/evaluation.md:
+
+    - the release's split: the continuation is the tokens of the whole after the context's own
+      tokens, whenever the context's tokens are a prefix of the whole's. Nothing is moved: a
+      context ending in whitespace ("<|im_start|>assistant\\n", "Answer: " before "7") keeps
+      it, and the first continuation token (the one scored) is the continuation's own.
+    - where they are not a prefix (the context's last token merges with the continuation's
+      first: "Answer: " + "A" is "Answer", ":", " A"), the split is at the first token where
+      the two differ: the context is the common leading tokens, the merged token " A" is the
+      first continuation token. (The release crashes there, or scores a sequence that is not
+      the text's tokenisation when the continuation has more tokens.)
+    - an empty context (or one whose every token merges) is the single token `empty_context`
+      (EOS), so the first continuation token has a position to be predicted from.
+
+    `encode` tokenises without special tokens added. A continuation with no tokens of its own
+    is an error."""
+    whole, ctx = encode(context + continuation), encode(context)
+    n = 0
+    while n < min(len(ctx), len(whole)) and ctx[n] == whole[n]:
+        n += 1
+    if n == len(whole):
+        raise GenerationError(
+            f"loglikelihood continuation {continuation!r} adds no tokens to its context"
+        )
+    return (whole[:n] or [empty_context]), whole[n:]
 
 
 @torch.inference_mode()
@@ -612,18 +647,7 @@ class FastDLLMEvalLM(LM):
         return out  # type: ignore[return-value]
 
     def _encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
-        """lm_eval's convention: trailing spaces of the context move to the continuation; the
-        continuation's tokens are those of context+continuation after the context's."""
-        n = len(context) - len(context.rstrip())
-        if n:
-            context, continuation = context[:-n], context[-n:] + continuation
-        if not context:
-            return [self.ids.eos], self._encode(continuation)
-        whole, ctx = self._encode(context + continuation), self._encode(context)
-        cont = whole[len(ctx) :]
-        if whole[: len(ctx)] != ctx or not cont:
-            return ctx, self._encode(continuation)
-        return ctx, cont
+        return encode_pair(self._encode, context, continuation, self.ids.eos)
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         if not requests:
