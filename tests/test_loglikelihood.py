@@ -1,11 +1,14 @@
 """Log-likelihood requests (v2/lm_adapter.py: `encode_pair`, `release_loglikelihood`, the
-model's `loglikelihood`), on CPU: the committed tiny
+model's `loglikelihood`) and the `tiny_mc` multiple-choice task, on CPU: the committed tiny
 model (v2/tiny/checkpoint) where the scores must mean something, the random checkpoint of
 conftest where only the arithmetic is checked. docs/evaluation.md states the rule."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "v2" / "tiny" / "checkpoint"
+MC_TEST = REPO / "v2" / "tiny" / "data" / "mc_test.jsonl"
 QUESTION = json.loads((REPO / "v2" / "tiny" / "data" / "test.jsonl").open().readline())
 
 
@@ -239,3 +243,61 @@ def test_loglikelihood_rolling_is_not_supported(lm):
     req = Instance("loglikelihood_rolling", {}, ("text",), 0, metadata=("t", 0, 1))
     with pytest.raises(NotImplementedError, match="loglikelihood_rolling"):
         lm.loglikelihood_rolling([req])
+
+
+# ---- the tiny_mc task through lm_eval -------------------------------------------------------
+
+
+def test_multiple_choice_task_with_chat_template(tiny, tmp_path):
+    """`v2/eval.py --tasks tiny_mc --apply_chat_template`, run from a folder outside the
+    repository: every context ends in "assistant\\n", the continuations are the bare letters,
+    each logged score is the letter's (as scored in this process), and distinct choices get
+    distinct scores, also for the question whose context fills its last block."""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(
+        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+        OMP_NUM_THREADS="1",
+    )  # fmt: skip
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        str(REPO / "v2" / "eval.py"),
+        "--model",
+        "fast_dllm_v2",
+        "--model_args",
+        f"pretrained={TINY},dtype=float32",
+        "--tasks",
+        "tiny_mc",
+        "--apply_chat_template",
+        "--batch_size",
+        "4",
+        "--log_samples",
+        "--output_path",
+        str(out),
+    ]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    (samples_file,) = out.rglob("samples_tiny_mc_*.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    rows = [json.loads(line) for line in MC_TEST.read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == list(range(len(rows))) and len(rows) == 8
+
+    B, enc = tiny.block_size, tiny._encode
+    aligned = 0
+    for s in samples:
+        args = [s["arguments"][f"gen_args_{i}"] for i in range(4)]
+        context = args[0]["arg_0"]
+        assert all(a["arg_0"] == context for a in args)
+        assert context.endswith("<|im_start|>assistant\n")
+        assert rows[s["doc_id"]]["question"] in context
+        assert [a["arg_1"] for a in args] == ["A", "B", "C", "D"]  # target delimiter ""
+        scores = [float(resp[0][0]) for resp in s["resps"]]
+        assert len(set(scores)) == 4, (s["doc_id"], scores)
+        ctx = enc(context)
+        aligned += len(ctx) % B == 0
+        for letter, score in zip("ABCD", scores, strict=True):
+            ref, _ = _reference_score(tiny.model, tiny.ids, ctx, enc(letter), B)
+            assert score == pytest.approx(ref, abs=1e-4)
+        best = max(range(4), key=scores.__getitem__)
+        assert s["acc"] == float(best == rows[s["doc_id"]]["answer"])
+    assert aligned == 1  # the fourth question: its letter opens a new block
