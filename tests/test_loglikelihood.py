@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "v2" / "tiny" / "checkpoint"
 MC_TEST = REPO / "v2" / "tiny" / "data" / "mc_test.jsonl"
-QUESTION = json.loads((REPO / "v2" / "tiny" / "data" / "test.jsonl").open().readline())
+QUESTION = json.loads((REPO / "v2" / "tiny" / "data" / "test.jsonl").read_text().split("\n", 1)[0])
 
 
 def _instance(args: tuple, doc_id: int) -> Instance:
