@@ -148,7 +148,7 @@ def test_unavailable_compile_falls_back_to_eager(tok, hard: tr.Samples, monkeypa
     assert "training continues eager" in capsys.readouterr().err
 
 
-def test_out_of_memory_with_compile_splits_the_step_and_runs_it_eager(
+def test_out_of_memory_with_compile_splits_the_length_and_compiles_its_micro_batches(
     tok, hard: tr.Samples, monkeypatch
 ) -> None:
     torch._dynamo.reset()
@@ -156,7 +156,7 @@ def test_out_of_memory_with_compile_splits_the_step_and_runs_it_eager(
     real_loss = tr.diffusion_loss
 
     def flaky_loss(model, ids, labels):
-        calls.append(ids.shape[0])
+        calls.append(tuple(ids.shape))
         if len(calls) == 4:  # after the 2 warm-ups, the second step runs out of memory once
             raise torch.OutOfMemoryError("simulated")
         return real_loss(model, ids, labels)
@@ -164,7 +164,41 @@ def test_out_of_memory_with_compile_splits_the_step_and_runs_it_eager(
     monkeypatch.setattr(tr, "diffusion_loss", flaky_loss)
     result = _train(hard, tok, compile=True, compile_backend=CompileCounter(), fixed_lengths=2)
     assert result.steps == 8 and result.compile["failure"] is None
-    assert result.oom_events == [{"step": 1, "micro_batches": 2}]
-    # one compiled step, the failed attempt, then 7 steps of 2 eager micro-batches
-    assert result.compile["calls"] == {"compiled": 2, "eager": 14}
+    rows, columns = calls[3]
+    length = columns // 2
+    assert result.oom_events == [{"step": 1, "length": length, "micro_batches": 2}]
+    # the half-batch shape of that length is compiled right away (call 5), then the step again
+    assert calls[4] == calls[5] == calls[6] == (rows // 2, columns)
+    assert result.compile["micro_batches"] == {length: 2}
+    # only that length splits: every other length's steps stay whole, and nothing runs eager
+    assert result.compile["calls"]["eager"] == 0
+    later = calls[7:]
+    assert all(r == rows // 2 for r, c in later if c == columns)
+    assert all(r == rows for r, c in later if c != columns)
+    assert any(c != columns for _, c in later)  # the other length was trained too
+    torch._dynamo.reset()
+
+
+def test_a_length_that_does_not_fit_compiles_in_micro_batches(
+    tok, hard: tr.Samples, monkeypatch
+) -> None:
+    L = max(_train(hard, tok, fixed_lengths=2).lengths)  # the longest of the run's lengths
+    torch._dynamo.reset()
+    calls = []
+    real_loss = tr.diffusion_loss
+
+    def small_memory(model, ids, labels):
+        calls.append(tuple(ids.shape))
+        if tuple(ids.shape) == (12, 2 * L):  # a whole batch (2 x 6 rows) of it does not fit
+            raise torch.OutOfMemoryError("simulated")
+        return real_loss(model, ids, labels)
+
+    monkeypatch.setattr(tr, "diffusion_loss", small_memory)
+    result = _train(hard, tok, compile=True, compile_backend=CompileCounter(), fixed_lengths=2)
+    assert result.steps == 8 and result.compile["failure"] is None
+    assert result.compile["micro_batches"] == {L: 2}
+    assert (6, 2 * L) in calls
+    assert result.oom_events == []  # found in the warm-up, no step ran out of memory
+    assert result.compile["calls"]["eager"] == 0
+    assert result.compile["lengths_compiled"] == sorted(result.lengths)
     torch._dynamo.reset()

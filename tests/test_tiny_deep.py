@@ -180,11 +180,12 @@ def test_micro_batches_give_the_same_step(tok) -> None:
 
 
 def test_out_of_memory_retries_the_step_in_micro_batches(tok, monkeypatch) -> None:
-    calls = []
+    calls, lengths = [], []
     real_loss = tr.diffusion_loss
 
     def flaky_loss(model, ids, labels):
         calls.append(ids.shape[0])
+        lengths.append(ids.shape[1] // 2)
         if len(calls) == 2:  # the second step runs out of memory once
             raise torch.OutOfMemoryError("simulated")
         return real_loss(model, ids, labels)
@@ -194,5 +195,8 @@ def test_out_of_memory_retries_the_step_in_micro_batches(tok, monkeypatch) -> No
     model = Network(tr.default_model_config(len(tok), smoke=True))
     cfg = tr.TrainConfig(steps=3, batch_size=4, minutes=5)
     result = tr.train(model, samples, 3, cfg, torch.device("cpu"), progress_bar=False)
-    assert result.steps == 3 and result.oom_events == [{"step": 1, "micro_batches": 2}]
-    assert calls == [8, 8, 4, 4, 4, 4]  # rows: 2 views x 4 problems, then halves
+    assert result.steps == 3
+    assert result.oom_events == [{"step": 1, "length": lengths[1], "micro_batches": 2}]
+    # rows: 2 views x 4 problems, then halves for that step's length (the third step's too)
+    assert calls[:4] == [8, 8, 4, 4] and lengths[2] == lengths[3] == lengths[1]
+    assert calls[4:] == ([4, 4] if lengths[4] == lengths[1] else [8])

@@ -20,7 +20,10 @@ than one job or call:
 
 `--compile` pads each batch to one of a few fixed lengths (`--fixed-lengths`, 6) and compiles
 each decoder layer once per length before the first step, inside the budget; other shapes and
-any compile failure run eager (`CompiledLoss`).
+any compile failure run eager (`CompiledLoss`). A length whose whole batch does not fit in
+memory (found in that warm-up, or when a step runs out of memory) is split into micro-batches
+(per length, doubling), whose shape is compiled too: on an 80 GB H100 the deep preset's longest
+length needs two.
 
 Objective (fast-dllm-v2.md section 10): every sample is a chat (system prompt, user
 "Question: ...\\nAnswer:", assistant answer + <|im_end|>), padded with the mask token to a multiple
@@ -438,10 +441,11 @@ def accumulate_gradients(
 
 class CompiledLoss:
     """`diffusion_loss` under torch.compile with static shapes (one graph per input shape),
-    used only for the shapes that `warm_up` compiled; every other shape (micro-batches after an
-    out of memory, lengths left out) and everything after a compile failure runs eager. So the
+    used only for the shapes that `fit` compiled; every other shape (lengths left out, a last
+    micro-batch of another size) and everything after a compile failure runs eager. So the
     number of graphs is bounded by the warmed-up shapes, compile time is spent before training
-    rather than whenever a new length turns up, and a failure costs a warning, not the run.
+    (or once, right after a step ran out of memory) rather than whenever a new length turns up,
+    and a failure costs a warning, not the run.
 
     scope "layers" (default) compiles each decoder layer in place (`nn.Module.compile`): the 24
     layers share one graph per shape, so a shape compiles in about a layer's time (on CPU, deep
@@ -494,9 +498,25 @@ class CompiledLoss:
             flush=True,
         )
 
+    def fit(
+        self, model: Network, rows: int, length: int, vocab: int, autocast, device, micro: int = 1
+    ) -> int:
+        """Compile the step's micro-batch shape for batches of `rows` x `length`: the fewest
+        micro-batches from `micro` on (doubling) whose forward and backward fit in memory; that
+        number, or 0 where none up to MAX_MICRO_BATCHES fits or the compile failed (eager)."""
+        while micro <= MAX_MICRO_BATCHES:
+            try:
+                if not self.warm_up(model, -(-rows // micro), length, vocab, autocast, device):
+                    return 0
+                return micro
+            except torch.OutOfMemoryError:
+                micro *= 2
+        return 0
+
     def warm_up(self, model: Network, rows: int, length: int, vocab: int, autocast, device) -> bool:
         """Compile the forward and backward for ids [rows, 2 * length] with a dummy batch (no
-        random numbers drawn, gradients discarded); False (and eager from then on) on failure."""
+        random numbers drawn, gradients discarded); False (and eager from then on) on a compile
+        failure; torch.OutOfMemoryError where the shape does not fit (nothing kept)."""
         if self.failure is not None:
             return False
         ids = torch.zeros(rows, 2 * length, dtype=torch.long, device=device)
@@ -507,17 +527,20 @@ class CompiledLoss:
                 loss = self.compiled(model, ids, labels)
             loss.backward()
         except torch.OutOfMemoryError:
-            model.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            return False  # this length stays eager (and splits into micro-batches)
+            oom = True
         except Exception as error:  # noqa: BLE001 - any compile failure: eager, not a crash
             model.zero_grad(set_to_none=True)
             self.fail(error)
             return False
+        else:
+            oom = False
         model.zero_grad(set_to_none=True)
+        if oom:  # outside the handler, so that the failed attempt's tensors are released
+            torch.cuda.empty_cache()
+            raise torch.OutOfMemoryError(f"ids [{rows}, {2 * length}] do not fit")
         if ids.is_cuda:
             torch.cuda.synchronize(ids.device)
-        self.seconds[length] = time.perf_counter() - t
+        self.seconds[length] = self.seconds.get(length, 0.0) + time.perf_counter() - t
         self.shapes.add(tuple(ids.shape))
         return True
 
@@ -565,7 +588,7 @@ RESUME_MAY_CHANGE = frozenset(
         "stop_at_dev_acc",
     }
 )
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: micro-batches per batch length
 FINISHED = ("steps", "budget", "dev accuracy")  # a run stopped for one of these is done
 CURVE_EVERY = 20  # steps per loss-curve point
 
@@ -651,7 +674,7 @@ class TrainResult:
     loss_curve: list[dict] = dataclasses.field(default_factory=list)  # step, seconds, loss
     dev_curve: list[dict] = dataclasses.field(default_factory=list)  # step, seconds, accuracy
     stopped: str = "budget"  # why the loop ended: "budget", "steps" or "dev accuracy"
-    oom_events: list[dict] = dataclasses.field(default_factory=list)  # step, micro_batches
+    oom_events: list[dict] = dataclasses.field(default_factory=list)  # step, length, micro
     lengths: tuple[int, ...] = ()  # the fixed batch lengths (empty: each batch its own)
     compile: dict | None = None  # with cfg.compile: lengths compiled, seconds, failure
     # one entry per process that trained this model (more than one when resumed): its first
@@ -709,7 +732,9 @@ def train(
     losses: list[float] = []
     loss_curve: list[dict] = []
     dev_curve: list[dict] = []
-    micro_batches = 1
+    # micro-batches a step of each batch length is split into (1 where absent): set by the
+    # compile warm-up where a whole batch does not fit, doubled where a step runs out of memory
+    micro_batches: dict[int, int] = {}
     oom_events: list[dict] = []  # the same step again in twice as many micro-batches
     processes: list[dict] = []
     step, spent = 0, 0.0  # steps done and loop seconds spent by earlier processes
@@ -802,6 +827,19 @@ def train(
             },
         )
 
+    def fit(length: int, micro: int) -> None:
+        """Compile length's step in the fewest micro-batches from `micro` on that fit in memory
+        (its eager steps keep `micro` where none does or the compile failed)."""
+        m = compiled.fit(
+            model, 2 * cfg.batch_size, length, model.cfg.vocab_size, autocast, device, micro
+        )
+        if m:
+            micro_batches[length] = m
+            split = f" in {m} micro-batches" if m > 1 else ""
+            tqdm.write(f"compiled length {length}{split} in {compiled.seconds[length]:.1f} s")
+        elif compiled.failure is None:
+            tqdm.write(f"length {length}: no micro-batch fits in memory to compile; eager")
+
     t_process = time.perf_counter()
     t0 = t_process - spent  # the loop's clock counts the earlier processes' seconds
     last_save = t_process
@@ -819,10 +857,7 @@ def train(
             if time.perf_counter() - t0 > compile_until:
                 tqdm.write(f"compile budget spent: length {L} stays eager")
                 continue
-            if compiled.warm_up(
-                model, 2 * cfg.batch_size, L, model.cfg.vocab_size, autocast, device
-            ):
-                tqdm.write(f"compiled length {L} in {compiled.seconds[L]:.1f} s")
+            fit(L, micro_batches.get(L, 1))
     last_dev = t0 + (dev_curve[-1]["seconds"] if dev_curve else 0.0)
     stopped = finished or "steps"
     terminate: list[int] = []  # SIGTERM received: save at the end of this step and stop
@@ -864,13 +899,15 @@ def train(
                 batch, masked, cover_length(batch.ids.shape[1], lengths), mask_id
             )
         ids, labels = diffusion_inputs(batch, masked, mask_id, B)
+        length = ids.shape[1] // 2
         while True:
             optimizer.zero_grad(set_to_none=True)
+            micro = micro_batches.get(length, 1)
             try:
-                loss = accumulate_gradients(loss_fn, model, ids, labels, micro_batches, autocast)
+                loss = accumulate_gradients(loss_fn, model, ids, labels, micro, autocast)
                 break
             except torch.OutOfMemoryError:
-                if micro_batches >= MAX_MICRO_BATCHES:
+                if micro >= MAX_MICRO_BATCHES:
                     raise
             except Exception as error:
                 if compiled is None or compiled.failure is not None:
@@ -880,9 +917,13 @@ def train(
             # outside the handler, so that the failed attempt's tensors are already released
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-            micro_batches *= 2
-            oom_events.append({"step": step, "micro_batches": micro_batches})
-            tqdm.write(f"out of memory at step {step}: now {micro_batches} micro-batches a step")
+            micro_batches[length] = 2 * micro
+            oom_events.append({"step": step, "length": length, "micro_batches": 2 * micro})
+            tqdm.write(
+                f"out of memory at step {step}: length {length} now in {2 * micro} micro-batches"
+            )
+            if compiled is not None and compiled.failure is None:
+                fit(length, 2 * micro)  # its micro-batch shape compiled, not eager from now on
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         pending.append(loss.detach())
@@ -916,7 +957,8 @@ def train(
     if compiled is not None:
         compiled.restore()
         compile_info = {
-            "lengths_compiled": sorted(s[1] // 2 for s in compiled.shapes),
+            "lengths_compiled": sorted({s[1] // 2 for s in compiled.shapes}),
+            "micro_batches": {L: m for L, m in sorted(micro_batches.items()) if m > 1},
             "warm_up_seconds": compiled.seconds,
             "failure": compiled.failure,
             "mode": cfg.compile_mode,
