@@ -15,7 +15,7 @@ from v2.bench.cli import slug
 from v2.bench.forced import ForcedLayerPass, ForcedTokenReuse, middle_layers, spread_layers
 from v2.bench.models import SHAPES, build_random
 from v2.bench.report import TARGET_GOALS, targets
-from v2.bench.timing import Clock, ForwardTimer
+from v2.bench.timing import Clock, CompileSetups, ForwardTimer, settle
 from v2.engine import Engine
 from v2.model import ModelConfig, Network, block_causal_mask
 
@@ -216,6 +216,54 @@ def test_warm_up_runs_until_a_call_sets_nothing_up(setups, at_least, calls):
     assert Clock(CPU).warm_up(fake, [fake], at_least) == calls == fake.calls
     capped = _Setups(100)
     assert Clock(CPU).warm_up(capped, [capped], 1, at_most=5) == 5
+
+
+def test_settle_keeps_the_call_that_set_nothing_up():
+    """The warm-up rule's one function: the last call's result, and whether it was quiet."""
+    fake = _Setups(2)
+    done = settle(lambda: (fake(), fake.calls)[1], [fake, None])  # None: a decode without engine
+    assert (done.calls, done.settled, done.result) == (3, True, 3)
+    capped = _Setups(100)
+    done = settle(lambda: (capped(), capped.calls)[1], [capped], at_most=4)
+    assert (done.calls, done.settled, done.result) == (4, False, 4)
+    assert settle(lambda: "x", [], at_least=3).calls == 3  # nothing watched: `at_least` calls
+    repeated = _Setups(2)
+    assert len(Clock(CPU).repeat(repeated, 1, 2, [repeated])) == 2 and repeated.calls == 3 + 2
+
+
+def test_warm_up_repeats_generate_until_the_engine_sets_nothing_up():
+    """A real engine on the CPU with the GPU's static layouts (forward records): the first
+    generation records its forwards (Engine.setups grows), the second replays them; the rule
+    stops there, and a timed call sets nothing up."""
+    from tests.conftest import IDS, prompt, random_network
+    from v2.generate import GenerationConfig, generate
+
+    model = random_network()
+    config = GenerationConfig(max_new_tokens=40, threshold=0.9, block_size=8, small_block_size=4)
+    engine = Engine(model, None, 8, static_shapes=True)
+    prompts = [prompt(5), prompt(11, 3)]
+    setups = []
+
+    def run():
+        generate(model, prompts, IDS, config, engine=engine)
+        setups.append(engine.setups)
+
+    assert Clock(CPU).warm_up(run, [engine]) == 2
+    assert setups[0] > 0 and setups[1] == setups[0]
+    run()
+    assert setups[-1] == setups[0]
+
+
+def test_compile_setups_count_torch_compile_work():
+    """Work without an Engine (the autoregressive baseline under torch.compile) is warmed up by
+    the same rule, watching torch.compile's compilations."""
+    compiled = torch.compile(lambda x: x * 2 + 1, backend="eager", dynamic=False)
+    watched = CompileSetups()
+    before = watched.setups
+    assert Clock(CPU).warm_up(lambda: compiled(torch.ones(3)), [watched]) == 2
+    assert watched.setups > before
+    assert Clock(CPU).warm_up(lambda: compiled(torch.ones(5)), [watched]) == 2  # a recompile
+    assert Clock(CPU).warm_up(lambda: compiled(torch.ones(5)), [watched]) == 1
 
 
 def test_release_shapes():

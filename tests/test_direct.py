@@ -28,10 +28,10 @@ def test_direct_runner_writes_the_record_and_times_in_rounds(tmp_path, monkeypat
     calls, bars = [], []
     real = direct.decode
 
-    def spy(lm, sweep, cfg, texts, gold, batch, desc=None):
+    def spy(lm, sweep, cfg, texts, refs, batch, desc=None, engine=None):
         calls.append((cfg.id, batch, len(texts)))
         bars.append(desc)
-        return real(lm, sweep, cfg, texts, gold, batch, desc)
+        return real(lm, sweep, cfg, texts, refs, batch, desc, engine)
 
     monkeypatch.setattr(direct, "decode", spy)
     path = tmp_path / "direct_try.yaml"
@@ -84,6 +84,55 @@ def test_direct_runner_writes_the_record_and_times_in_rounds(tmp_path, monkeypat
     capsys.readouterr()
     assert experiments.main(argv) == 0
     assert "nothing to run" in capsys.readouterr().out
+
+
+def test_direct_warm_up_repeats_until_no_engine_sets_anything_up(tmp_path, monkeypatch):
+    """The warm-up rule (v2.bench.timing.settle) before the interleaved rounds: whole passes of
+    every configuration's timed work until one sets nothing up in any configuration's own
+    engine. On the CPU an engine records nothing, so the engines here take the GPU's static
+    layouts (forward records): the first pass records, the second sets nothing up, and no timed
+    round does. Also the n = 1 accuracy: no standard error (null), as lm_eval's "N/A"."""
+    from v2.engine import Engine
+    from v2.generate import FastDLLM, GenerationConfig
+
+    def static_engine(self, config=None, policy=None):
+        cfg = config or GenerationConfig()
+        B = cfg.block_size or self.model.cfg.block_size
+        return Engine(self.model, policy, B, cfg.use_block_cache, static_shapes=True)
+
+    monkeypatch.setattr(FastDLLM, "engine", static_engine)
+    calls, real = [], direct.decode
+
+    def spy(lm, sweep, cfg, texts, refs, batch, desc=None, engine=None):
+        before = engine.setups if engine is not None else None
+        out = real(lm, sweep, cfg, texts, refs, batch, desc, engine)
+        calls.append((cfg.id, engine, before, engine.setups if engine is not None else None))
+        return out
+
+    monkeypatch.setattr(direct, "decode", spy)
+    path = tmp_path / "direct_try.yaml"
+    path.write_text(SWEEP)
+    results = tmp_path / "results"
+    assert experiments.main([str(path), "--local", "--results", str(results), "--limit", "1"]) == 0
+    accuracy_pass, timed = calls[:2], calls[2:]
+    assert all(engine is None for _, engine, _, _ in accuracy_pass)  # the model's own engine
+    engines = {cid: engine for cid, engine, _, _ in timed}
+    assert len(timed) == 4 * 4 and len(set(map(id, engines.values()))) == 2  # one per config
+    assert all(engine is engines[cid] for cid, engine, _, _ in timed)
+    first, second, rounds = timed[:4], timed[4:8], timed[8:]
+    assert any(after > before for _, _, before, after in first)  # recorded its forwards
+    assert all(after == before for _, _, before, after in second + rounds)  # then nothing more
+    for cid in ("baseline", "reuse_k1_middle"):
+        (summary,) = (results / "direct_try" / "_limit1" / cid).glob("*/summary.json")
+        rec = record.read(summary)
+        assert rec.timing.warmup.startswith("2 untimed passes") and "setting nothing up" in (
+            rec.timing.warmup
+        )
+        assert {m["stderr"] for m in rec.tasks["tiny_gsm"].metrics.values()} == {None}
+        assert (
+            json.loads(summary.read_text())["tasks"]["tiny_gsm"]["metrics"][direct.STRICT]["stderr"]
+            is None
+        )
 
 
 @pytest.mark.parametrize(
@@ -140,7 +189,7 @@ def test_the_hard_split_is_a_direct_task():
 
     from v2.direct import TASKS, problems
 
-    texts, gold = problems("tiny_gsm_hard", 3)
+    texts, references = problems("tiny_gsm_hard", 3)
     rows = [json.loads(line) for line in TASKS["tiny_gsm_hard"].read_text().splitlines()[:3]]
     assert texts == [f"Question: {r['question']}\nAnswer:" for r in rows]
-    assert gold == [r["answer"].rsplit("#### ", 1)[1].strip() for r in rows]
+    assert references == [r["answer"] for r in rows]  # read by the task's scorer

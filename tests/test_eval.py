@@ -462,7 +462,7 @@ def test_boxed_tasks_score_the_last_boxed_answer(boxed_tasks):
 
 
 def test_boxed_answer_extraction():
-    from v2.tasks.boxed_utils import INVALID, boxed_answer
+    from v2.tasks.gsm_answers import INVALID, boxed_answer
 
     assert boxed_answer("so \\boxed{\\$18 \\text{ dollars}}") == "18"
     assert boxed_answer("\\boxed{\\frac{1}{2}} then \\boxed{-3}") == "-3"

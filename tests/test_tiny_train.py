@@ -162,12 +162,6 @@ def test_training_lowers_loss_and_saves_a_release_checkpoint(
     assert ids.mask == mask_id and ids.eos == tok.convert_tokens_to_ids("<|im_end|>")
 
 
-def test_answer_extraction() -> None:
-    assert tr.extract_answers("Tom has 3 + 4 = <<3+4=7>>7.\n#### 1,234.") == ("1234", "1234")
-    assert tr.extract_answers("so 12 and then 237 apples") == (None, "237")
-    assert tr.extract_answers("no numbers") == (None, None)
-
-
 def test_command_smoke_run(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "run"
     argv = ["--out", str(out), "--smoke", "--steps", "3", "--batch-size", "4", "--n-train", "50"]

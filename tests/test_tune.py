@@ -170,6 +170,22 @@ def test_a_resume_with_other_settings_is_refused(tmp_path, checkpoint, capsys):
     assert summary["settings"]["max_new_tokens"] == 8 and summary["settings"]["dev_n"] == 2
 
 
+def test_a_study_scored_by_the_old_scorer_is_not_resumed(tmp_path, checkpoint, capsys):
+    """Studies before the one scorer recorded none (they took the last `#### N`): resuming one
+    would mix two scorers' accuracies, so it is refused, naming the scorer."""
+    sweep, out = sweep_file(tmp_path, checkpoint), tmp_path / "out"
+    assert main(small(sweep, out)) == 0
+    (name,) = optuna.get_all_study_names(f"sqlite:///{out}/study.db")
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{out}/study.db")
+    settings = study.user_attrs["settings"]
+    assert settings["scorer"].startswith("strict-match, v2/tasks/gsm_answers.py")
+    study.set_user_attr("settings", {k: v for k, v in settings.items() if k != "scorer"})
+    capsys.readouterr()
+    assert main(small(sweep, out, "--trials", "2")) == 2
+    err = capsys.readouterr().err
+    assert "scorer (an older v2.tune's, null: the last `#### N`" in err and "--out" in err
+
+
 def test_a_study_without_recorded_settings_is_refused(tmp_path, checkpoint, capsys):
     sweep, out = sweep_file(tmp_path, checkpoint), tmp_path / "out"
     out.mkdir()
@@ -271,32 +287,45 @@ def test_a_best_no_better_than_the_baseline_says_so(tmp_path, checkpoint, capsys
     ]
 
 
-def test_a_warm_evaluation_times_no_first_decode():
-    """warm=True (the tokens/s objective): the first batch is decoded once, unmeasured, with the
-    same policy object; the statistics are those of the measured pass only."""
+def test_a_warm_evaluation_measures_the_pass_that_set_nothing_up():
+    """warm=True (the tokens/s objective): the warm-up rule (v2.bench.timing.settle) on an engine
+    of the trial's own: whole passes over the problems until one sets nothing up (a forward
+    signature first seen takes three calls on a GPU: record, warm-up, capture), and the accuracy
+    and statistics are that pass's. (Before: one pass over the first batch, and the measured
+    pass paid for whatever the rest set up.)"""
     from types import SimpleNamespace
 
     from v2.stats import Stats
     from v2.tune import evaluate
 
-    calls = []
+    calls, made = [], []
+
+    class Engine:
+        setups = 0
 
     class LM:
-        def generate(self, texts, config, policy, chat):
-            calls.append((len(texts), policy))
+        def engine(self, config, policy):
+            made.append(policy)
+            return Engine()
+
+        def generate(self, texts, config, policy, chat, engine=None):
+            calls.append((len(texts), policy, engine))
+            setting_up = engine is None or engine.setups < 4  # the first four calls set up
+            if engine is not None and setting_up:
+                engine.setups += 1
             st = Stats(1)
-            st.generated_tokens, st.wall_seconds = (
-                10 * len(texts),
-                100.0 if len(calls) == 1 else 1.0,
-            )
+            st.generated_tokens, st.wall_seconds = 10 * len(texts), 100.0 if setting_up else 1.0
             outputs = [SimpleNamespace(text="#### 3") for _ in texts]
             return SimpleNamespace(outputs=outputs, stats=st)
 
     problems = [{"question": f"q{i}", "answer": "#### 3"} for i in range(5)]
     policy = object()
     cold = evaluate(LM(), problems, None, policy, False, 2)
-    assert [n for n, _ in calls] == [2, 2, 1] and cold["tokens_per_second"] < 1
+    assert [n for n, _, _ in calls] == [2, 2, 1] and cold["tokens_per_second"] < 1
+    assert made == [] and "warm_up_passes" not in cold
     calls.clear()
     hot = evaluate(LM(), problems, None, policy, False, 2, warm=True)
-    assert [n for n, _ in calls] == [2, 2, 2, 1] and {p for _, p in calls} == {policy}
+    assert [n for n, _, _ in calls] == [2, 2, 1] * 3  # pass 2 still set one thing up
+    assert made == [policy] and {(p, id(e)) for _, p, e in calls} == {(policy, id(calls[0][2]))}
     assert hot["tokens_per_second"] == 50 / 3 and hot["accuracy"] == 100.0
+    assert hot["warm_up_passes"] == 2 and hot["settled"] is True

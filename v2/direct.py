@@ -4,8 +4,12 @@ decodes in this one process:
 
 1. accuracy and statistics on the task's problems (`direct.batch_size` at a time), configuration
    after configuration;
-2. one untimed pass of every configuration's timed work (compilation, CUDA-graph capture, lazy
-   initialisation), so that no configuration's first timed round pays for it;
+2. untimed passes of every configuration's timed work, until a pass sets nothing up in any
+   configuration's engine (the warm-up rule, v2.bench.timing.settle: compilation, forward
+   records, CUDA-graph warm-up and capture), so that no timed round pays for a setup; each
+   configuration is timed on an engine of its own (FastDLLM.engine), which keeps its graphs
+   while the others decode (on the model's one engine, every switch of configuration built it
+   anew and the timed rounds paid for its setups again);
 3. `direct.speed_rounds` interleaved timing rounds, the order reversed every other round, at each
    batch size of `direct.speed` ({batch: problems}); a configuration's speed then does not depend
    on its place in the list (timing each once, in list order, measured the first configuration
@@ -13,13 +17,13 @@ decodes in this one process:
 
 Each configuration's record (v2/record.py) is written to results/<sweep>/<id>/<model>/summary.json
 once all rounds are done, with `timing.session` shared by the configurations timed together.
-Supported tasks: tiny_gsm and tiny_gsm_hard (the committed test splits), scored as their lm_eval
-scores it (strict = the `#### N` answer, flexible = the last number).
+Supported tasks: tiny_gsm and tiny_gsm_hard (the committed test splits), scored by their lm_eval
+task's scorer (v2/tasks/gsm_answers.py: strict = the first `#### N`, flexible = the last number),
+accuracy and standard error by v2.record.accuracy.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import shlex
 import sys
@@ -28,6 +32,7 @@ import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
+from v2.bench.timing import settle
 from v2.experiments import (
     FAILED,
     HOST,
@@ -44,7 +49,7 @@ from v2.experiments import (
     remove_markers,
     write_marker,
 )
-from v2.record import Record, TaskResult, Timing, environment, write
+from v2.record import Record, TaskResult, Timing, accuracy, environment, write
 
 TASKS = {
     "tiny_gsm": REPO / "v2" / "tiny" / "data" / "test.jsonl",
@@ -54,22 +59,14 @@ DEFAULTS = {"batch_size": 250, "speed": {32: 128, 1: 16}, "speed_rounds": 3, "ma
 STRICT, FLEXIBLE = "exact_match,strict-match", "exact_match,flexible-extract"
 
 
-def accuracy(hits: list[bool]) -> dict:
-    """Mean with the standard error sqrt(p(1-p)/(n-1)) (lm_eval's)."""
-    n = len(hits)
-    p = sum(hits) / n
-    return {"value": p, "stderr": math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else 0.0}
-
-
 def problems(task: str, limit: int | None) -> tuple[list[str], list[str]]:
-    """(prompts, gold answers) of a task, the first `limit` only where given."""
+    """(prompts, references) of a task, the first `limit` only where given: a reference is the
+    problem's answer ("... #### N"), which the scorer reads as the task does."""
     from v2.tiny.data import read_jsonl
     from v2.tiny.train import user_message
 
     rows = read_jsonl(TASKS[task])[:limit]
-    texts = [user_message(q["question"]) for q in rows]
-    gold = [q["answer"].split("####")[-1].strip() for q in rows]
-    return texts, gold
+    return [user_message(q["question"]) for q in rows], [q["answer"] for q in rows]
 
 
 def generation_config(sweep: Sweep, cfg: Config):
@@ -86,15 +83,28 @@ def generation_config(sweep: Sweep, cfg: Config):
     return GenerationConfig(**settings)
 
 
-def decode(lm, sweep: Sweep, cfg: Config, texts, gold, batch: int, desc: str | None = None):
-    """Decode and score `texts` with a configuration; `desc` shows a progress bar."""
+def decode(lm, sweep: Sweep, cfg: Config, texts, references, batch: int, desc=None, engine=None):
+    """Decode and score `texts` with a configuration; `desc` shows a progress bar. `engine`: the
+    configuration's own (`timing_engine`), with its policy; None: the model's, a new policy."""
     from v2.policies import make_policy
     from v2.tiny.train import score
 
     def policy():
+        if engine is not None:
+            return engine.given_policy
         return make_policy(cfg.policy, **cfg.options)
 
-    return score(lm, texts, gold, generation_config(sweep, cfg), batch, policy, desc)
+    gen = generation_config(sweep, cfg)
+    return score(lm, texts, references, gen, batch, policy, desc, engine)
+
+
+def timing_engine(lm, sweep: Sweep, cfg: Config):
+    """A configuration's own engine, with its own policy object, for every timed pass of it (its
+    graphs stay valid while the other configurations decode); None where it decodes without one
+    (decode: autoregressive)."""
+    from v2.policies import make_policy
+
+    return lm.engine(generation_config(sweep, cfg), make_policy(cfg.policy, **cfg.options))
 
 
 def run_local(
@@ -127,9 +137,9 @@ def run_local(
         measured: dict[str, dict] = {}
         for n, cfg in enumerate(to_run, 1):
             (task,) = cfg.tasks
-            texts, gold = problems(task, limit)
+            texts, refs = problems(task, limit)
             desc = f"[{n}/{len(to_run)}] {cfg.id}"
-            strict, flexible, stats = decode(lm, sweep, cfg, texts, gold, d["batch_size"], desc)
+            strict, flexible, stats = decode(lm, sweep, cfg, texts, refs, d["batch_size"], desc)
             s = stats.to_dict()
             metrics = {STRICT: accuracy(strict), FLEXIBLE: accuracy(flexible)}
             measured[cfg.id] = {"task": task, "n": len(texts), "metrics": metrics, "stats": s}
@@ -139,16 +149,25 @@ def run_local(
             )
         timed = {str(b): min(p, len(texts)) for b, p in d["speed"].items()}
         rounds: dict[str, dict[str, list[float]]] = {c.id: {b: [] for b in timed} for c in to_run}
+        engines = {c.id: timing_engine(lm, sweep, c) for c in to_run}
 
         def time_all(order: list[Config], keep: bool) -> None:
             for cfg in order:
-                texts, gold = problems(cfg.tasks[0], limit)
+                texts, refs = problems(cfg.tasks[0], limit)
                 for b, n in timed.items():
-                    _, _, stats = decode(lm, sweep, cfg, texts[:n], gold[:n], int(b))
+                    e = engines[cfg.id]
+                    _, _, stats = decode(lm, sweep, cfg, texts[:n], refs[:n], int(b), None, e)
                     if keep:
                         rounds[cfg.id][b].append(stats.tokens_per_second)
 
-        time_all(to_run, keep=False)  # warm-up
+        warm = settle(lambda: time_all(to_run, keep=False), engines.values())
+        warmup = (
+            f"{warm.calls} untimed pass{'es' if warm.calls > 1 else ''} of every "
+            "configuration's timed work, "
+            + ("the last one setting nothing up" if warm.settled else "the last still setting up")
+            + " (v2.bench.timing.settle)"
+        )
+        _log(f"warm-up: {warmup}")
         for r in range(d["speed_rounds"]):
             time_all(to_run if r % 2 == 0 else to_run[::-1], keep=True)
             _log(f"speed round {r + 1} of {d['speed_rounds']} done")
@@ -200,7 +219,7 @@ def run_local(
                     b: {"problems": n, "tokens_per_second_rounds": rounds[cfg.id][b]}
                     for b, n in timed.items()
                 },
-                warmup="one untimed pass of every configuration's timed work",
+                warmup=warmup,
             ),
             env=env,
             command=command,

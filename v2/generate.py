@@ -182,6 +182,27 @@ def _step(engine, before, t0, decided, where, block, committed, pending, generat
     return DenoiseStep(*where, *cpu, total.since(before), total)
 
 
+def engine_for(
+    model: Network,
+    config: GenerationConfig | None = None,
+    policy: Policy | None = None,
+    own: bool = False,
+) -> Engine | None:
+    """The engine a decode with these settings runs on: the model's (Engine.for_model: kept on
+    the model between calls with the same policy object; what `generate` uses when given none),
+    or with `own` a new one that nothing else uses (a caller that interleaves configurations keeps
+    one per configuration, so that each keeps its graphs). None for decode="autoregressive",
+    which uses none. What a warm-up watches (Engine.setups, v2.bench.timing.settle)."""
+    cfg = config or GenerationConfig()
+    if cfg.decode == "autoregressive":
+        return None
+    B = cfg.block_size or model.cfg.block_size
+    block_cache = cfg.use_block_cache and cfg.decode == "diffusion"  # speculative drafts: none
+    if own:
+        return Engine(model, policy, B, block_cache, cfg.cuda_graphs)
+    return Engine.for_model(model, policy, B, block_cache, cfg.cuda_graphs)
+
+
 def check_prompts(model: Network, prompts: list[list[int]]) -> int:
     """Prompts a decode can take, as one-line errors; returns the model's position limit."""
     if not prompts:
@@ -242,7 +263,7 @@ def generate(
         gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
     # The model's engine for these settings: its buffers and CUDA graphs serve later calls too.
     if engine is None:
-        engine = Engine.for_model(model, policy, B, cfg.use_block_cache, cfg.cuda_graphs)
+        engine = engine_for(model, cfg, policy)
     elif engine.B != B or engine.block_cache != cfg.use_block_cache:
         raise GenerationError("the engine's block size / sub-block cache differ from the config")
     if engine.policy is not None:
@@ -390,16 +411,26 @@ class FastDLLM:
             ]
         return [self.tokenizer.encode(t, add_special_tokens=False) for t in texts]
 
+    def engine(
+        self, config: GenerationConfig | None = None, policy: Policy | None = None
+    ) -> Engine | None:
+        """A new engine of this model for these settings, for `generate(..., engine=)`: one that
+        keeps its buffers and graphs whatever else decodes in between (`engine_for`)."""
+        return engine_for(self.model, config, policy, own=True)
+
     def generate(
         self,
         texts: list[str],
         config: GenerationConfig | None = None,
         policy: Policy | None = None,
         chat: bool = False,
+        engine: Engine | None = None,
     ) -> GenerationResult:
+        """`engine`: decode on this one (its policy is used; see `engine`), not the model's."""
         if not texts:
             raise GenerationError("no prompts given")
-        result = generate(self.model, self.encode(texts, chat), self.ids, config, policy)
+        prompts = self.encode(texts, chat)
+        result = generate(self.model, prompts, self.ids, config, policy, engine)
         for o in result.outputs:
             o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
         return result

@@ -30,8 +30,10 @@ is written once, atomically.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,6 +44,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 class RecordError(ValueError):
     """A summary.json that is not a valid record; the message lists what is wrong."""
+
+
+def accuracy(scores: Sequence[bool | float]) -> dict:
+    """A metric of per-problem scores (1 right, 0 wrong) as records hold it: {"value": the mean,
+    "stderr": its standard error}, lm_eval's: the sample standard deviation / sqrt(n) (for 0/1
+    scores sqrt(p(1-p)/(n-1))), computed as lm_eval's `mean_stderr` computes it. One problem has
+    no spread to estimate: stderr None (lm_eval says "N/A", which v2/eval.py records as None).
+    No problem: value and stderr None (nothing measured). The one accuracy with standard error:
+    the direct backend's metrics, the training script's evaluation and the tuner's use it."""
+    n = len(scores)
+    if n == 0:
+        return {"value": None, "stderr": None}
+    mean = sum(scores) / n
+    if n == 1:
+        return {"value": mean, "stderr": None}
+    stddev = math.sqrt(sum((x - mean) ** 2 for x in scores) / (n - 1))
+    return {"value": mean, "stderr": stddev / math.sqrt(n)}
 
 
 @dataclass

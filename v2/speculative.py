@@ -52,6 +52,7 @@ from v2.generate import (
     Output,
     _sync,
     check_prompts,
+    engine_for,
 )
 from v2.kv_cache import KVCache
 from v2.model import Network, sdpa
@@ -184,7 +185,7 @@ def decode(
     speculative = cfg.decode == "speculative"
     if speculative:
         if engine is None:
-            engine = Engine.for_model(model, policy, B, False, cfg.cuda_graphs)
+            engine = engine_for(model, cfg, policy)  # no sub-block cache for drafts
         elif engine.B != B or engine.block_cache:
             raise GenerationError("the draft engine's block size / sub-block cache differ")
         if engine.policy is not None:

@@ -8,11 +8,13 @@ search space: a list of values is a categorical choice, `{low: a, high: b}` a ra
 int by the option's type, `log: true` for a log scale), a single value is fixed.
 
 Each trial decodes a dev split (problems generated like the task's, none of them in its test
-split; `--dev-n` of them) with the trial's policy and measures accuracy (the `#### N` answer
-against the target) and the objective: executed FLOPs relative to the baseline's on the same
-problems, end to end (`flops`, the default on a CPU), or tokens/s (`tokens_per_second`, the
-default on a GPU: CPU timings are not results; each decode is measured after one unmeasured pass
-over its first batch, so that no compilation or graph capture is timed). A trial is feasible
+split; `--dev-n` of them) with the trial's policy and measures accuracy (strict-match, the first
+`#### N` answer, by the task's own scorer, v2/tasks/gsm_answers.py) and the objective: executed
+FLOPs relative to the baseline's on the same problems, end to end (`flops`, the default on a
+CPU), or tokens/s (`tokens_per_second`, the default on a GPU: CPU timings are not results; each
+decode is a pass over the dev problems on an engine of its own, repeated until a pass sets
+nothing up, and that pass is the one measured: the warm-up rule, v2.bench.timing.settle, so that
+no compilation, forward record or graph capture is timed). A trial is feasible
 when its accuracy is at least the baseline's minus `--max-drop` (accuracy points, in %). The
 baseline is decoded once and kept in the study. A baseline at 0 % (answers cut off by a small
 `--max-new-tokens`, say) is warned about: every trial is then within the budget and the search
@@ -38,18 +40,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 import yaml
 
+from v2.bench.timing import settle
 from v2.checkpoint import device_arg, parse_device
 from v2.policies import POLICIES, make_policy
+from v2.record import accuracy
+from v2.tasks.gsm_answers import hits
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("flops", "tokens_per_second")
-_ANSWER = re.compile(r"#### *(-?[\d,]+)")
+
+
+# An objective as the study records it: what changed how one is measured changes the string (a
+# resume of a study measured the old way is refused). flops: end to end (before, per forward);
+# tokens/s: the pass measured after the warm-up rule (before, after one pass of its first batch).
+OBJECTIVE_SETTINGS = {
+    "flops": "flops vs the baseline run",
+    "tokens_per_second": "tokens_per_second, the pass after the warm-up rule",
+}
 
 
 class TuneError(ValueError):
@@ -138,37 +150,45 @@ def dev_split(task: str, n: int) -> list[dict]:
     return make_split(n, seed=1000, exclude={p["question"] for p in test})
 
 
-def answer(text: str) -> str | None:
-    found = _ANSWER.findall(text)
-    return found[-1].replace(",", "") if found else None
-
-
 def evaluate(
     lm, problems: list[dict], config, policy, chat: bool, batch_size: int, warm: bool = False
 ) -> dict:
-    """Accuracy (%) and the generation's statistics over the problems. `warm`: decode the first
-    batch once, unmeasured, with the same policy object first, so that the measured pass pays
-    for no compilation or graph capture (on a GPU, what a tokens/s objective needs)."""
+    """Accuracy (%, strict-match by the task's scorer, with its standard error) and the
+    generation's statistics over the problems. `warm` (what a tokens/s objective needs): decode
+    on an engine of the trial's own and repeat the whole pass until one sets nothing up (the
+    warm-up rule, v2.bench.timing.settle); the accuracy and the statistics are that pass's,
+    which paid for no compilation, forward record or graph capture."""
     from v2.tiny.train import user_message
 
     texts = [user_message(p["question"]) for p in problems]
-    if warm and texts:
-        lm.generate(texts[:batch_size], config, policy, chat=chat)
-    correct, flops, base, tokens, seconds = 0, 0, 0, 0, 0.0
-    for i in range(0, len(problems), batch_size):
-        batch = problems[i : i + batch_size]
-        result = lm.generate(texts[i : i + batch_size], config, policy, chat=chat)
-        for p, o in zip(batch, result.outputs, strict=True):
-            correct += answer(o.text) == answer(p["answer"])
+    engine = lm.engine(config, policy) if warm else None
+
+    def one_pass() -> list:
+        return [
+            lm.generate(texts[i : i + batch_size], config, policy, chat=chat, engine=engine)
+            for i in range(0, len(texts), batch_size)
+        ]
+
+    passes = settle(one_pass, [engine]) if warm else None
+    results = passes.result if passes else one_pass()
+    correct, flops, base, tokens, seconds = [], 0, 0, 0, 0.0
+    for i, result in zip(range(0, len(problems), batch_size), results, strict=True):
+        for p, o in zip(problems[i : i + batch_size], result.outputs, strict=True):
+            correct.append(hits(o.text, p["answer"], ("strict-match",))["strict-match"])
         s = result.stats
         flops, base = flops + s.executed_flops, base + s.baseline_flops
         tokens, seconds = tokens + s.generated_tokens, seconds + s.wall_seconds
-    return {
-        "accuracy": 100.0 * correct / len(problems),
+    acc = accuracy(correct)
+    m = {
+        "accuracy": 100.0 * acc["value"],
+        "accuracy_stderr": None if acc["stderr"] is None else 100.0 * acc["stderr"],
         "flops_ratio": flops / max(base, 1),  # per forward: executed / the same forwards unskipped
         "executed_flops": flops,
         "tokens_per_second": tokens / seconds if seconds else 0.0,
     }
+    if passes:  # unmeasured passes before the measured one; settled: it set nothing up
+        m.update(warm_up_passes=passes.calls - 1, settled=passes.settled)
+    return m
 
 
 # ---- the search -----------------------------------------------------------------------------
@@ -199,6 +219,7 @@ SETTING_NAMES = {
     "batch_size": "--batch-size",
     "device": "device (--device)",
     "objective": "objective (--objective)",
+    "scorer": "scorer (an older v2.tune's, null: the last `#### N`, no decimals)",
     "max_drop": "--max-drop",
     "policy": "policy (the sweep's)",
     "space": "search space (the sweep's)",
@@ -218,9 +239,8 @@ def study_settings(setup: dict, args, model_path: Path, device: str, objective: 
         "dev_n": args.dev_n,
         "batch_size": args.batch_size,  # tokens/s, and rows leave a batch at block ends
         "device": device,
-        # flops: executed FLOPs over the baseline run's on the same problems (end to end; before
-        # this was recorded, the per-forward ratio)
-        "objective": objective if objective != "flops" else "flops vs the baseline run",
+        "objective": OBJECTIVE_SETTINGS[objective],
+        "scorer": "strict-match, v2/tasks/gsm_answers.py (the task's)",
         "max_drop": args.max_drop,  # each trial's stored constraint is against its floor
         "policy": setup["policy"],
         "space": setup["space"],

@@ -94,7 +94,11 @@ def plot_layer_profile(profile: dict, path: Path, title: str) -> None:
 
 
 def _pct(acc: dict) -> str:
-    return f"{100 * acc['accuracy']:.1f} % +- {100 * acc['stderr']:.1f}"
+    """Accuracy +- its standard error (v2.record.accuracy: none for one problem, "-" for none)."""
+    if acc["accuracy"] is None:
+        return "-"
+    err = acc.get("stderr")
+    return f"{100 * acc['accuracy']:.1f} %" + (f" +- {100 * err:.1f}" if err is not None else "")
 
 
 def _fmt(v: float | None, spec: str = ".4f") -> str:

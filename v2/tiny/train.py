@@ -42,7 +42,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -58,6 +57,8 @@ from tqdm import tqdm
 
 from v2.checkpoint import device_arg, parse_device, save_release_checkpoint, token_ids
 from v2.model import ModelConfig, Network
+from v2.record import accuracy
+from v2.tasks.gsm_answers import hits, target
 from v2.tiny.data import HARD_LEVELS, HARD_SEED, make_split, read_jsonl
 from v2.tiny.tokenizer import IM_END, build_tokenizer
 
@@ -994,65 +995,58 @@ class DevEvaluator:
         model = Network(cfg).to(device=device, dtype=dtype).eval()
         self.lm = FastDLLM(model, tokenizer, token_ids(tokenizer))
         self.texts = [user_message(p["question"]) for p in problems]
-        self.gold = [gold_answer(p) for p in problems]
+        self.references = [p["answer"] for p in problems]
         self.config = GenerationConfig(max_new_tokens=256, threshold=1.0)
 
     def __call__(self, model: Network) -> float:
         self.lm.model.load_state_dict(model.state_dict())  # in place: the graphs stay valid
-        strict, _, _ = score(self.lm, self.texts, self.gold, self.config, len(self.texts))
-        return sum(strict) / len(strict)
+        strict, _, _ = score(self.lm, self.texts, self.references, self.config, len(self.texts))
+        return accuracy(strict)["value"]
 
 
 # ---- evaluation ----------------------------------------------------------------------------
 
-_STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
-_FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
-
-
-def _normalise(number: str) -> str:
-    """lm_eval gsm8k's exact_match clean-up: drop commas and `$`, and a trailing period."""
-    return re.sub(r"\.$", "", number.replace(",", "").replace("$", "")).strip()
-
-
-def extract_answers(text: str) -> tuple[str | None, str | None]:
-    """(strict `#### N`, flexible last number) as lm_eval's gsm8k filters find them."""
-    strict = _STRICT.search(text)
-    flexible = _FLEXIBLE.findall(text)
-    last = next((g for g in flexible[-1] if g), None) if flexible else None
-    return (
-        _normalise(strict.group(1)) if strict else None,
-        _normalise(last) if last is not None else None,
-    )
-
 
 def gold_answer(problem: dict) -> str:
-    """The reference `#### N` of a problem."""
-    return problem["answer"].rsplit("#### ", 1)[1].strip()
+    """The reference `#### N` of a problem, as the scorer compares it (v2/tasks/gsm_answers.py)."""
+    return target(problem["answer"])
 
 
-def _accuracy(correct: list[bool]) -> dict[str, float]:
-    n = len(correct)
-    p = sum(correct) / n
-    stderr = math.sqrt(p * (1 - p) / (n - 1)) if n > 1 else float("nan")
-    return {"accuracy": p, "stderr": stderr}
+def _accuracy(correct: list[bool]) -> dict:
+    """The record's accuracy and standard error (v2.record.accuracy) under this log's keys."""
+    m = accuracy(correct)
+    return {"accuracy": m["value"], "stderr": m["stderr"]}
 
 
-def score(lm, texts, gold, config, batch_size: int, make_policy=None, desc: str | None = None):
-    """Decode `texts` (chat template) in batches and score them: per problem, whether the strict
-    and the flexible answer equal `gold`, and the batches' summed statistics. `make_policy`
-    builds the policy (None: no policy), once: policies reset their state at every block, and
-    the model's engine keeps its CUDA graphs only for the policy object it was built with (a
-    fresh policy per batch re-captured every batch: on the GPU, token skipping measured at
-    0.43x the baseline's tokens/s that way). `desc` shows a progress bar."""
+def score(
+    lm,
+    texts,
+    references,
+    config,
+    batch_size: int,
+    make_policy=None,
+    desc: str | None = None,
+    engine=None,
+):
+    """Decode `texts` (chat template) in batches and score them against `references` (a
+    problem's `answer`, "... #### N") with the one scorer (v2/tasks/gsm_answers.py, the lm_eval
+    task's): per problem, whether the strict (first `#### N`) and the flexible (last number)
+    answer are right, and the batches' summed statistics. `make_policy` builds the policy (None:
+    no policy), once: policies reset their state at every block, and the model's engine keeps its
+    CUDA graphs only for the policy object it was built with (a fresh policy per batch
+    re-captured every batch: on the GPU, token skipping measured at 0.43x the baseline's tokens/s
+    that way). `engine`: decode on this one (its policy; FastDLLM.engine) rather than the
+    model's. `desc` shows a progress bar."""
     strict, flexible, stats = [], [], None
     starts = range(0, len(texts), batch_size)
     policy = make_policy() if make_policy else None
     for start in tqdm(starts, desc=desc) if desc else starts:
-        result = lm.generate(texts[start : start + batch_size], config, policy, chat=True)
-        for out, ref in zip(result.outputs, gold[start : start + batch_size], strict=True):
-            s, f = extract_answers(out.text)
-            strict.append(s == ref)
-            flexible.append(f == ref)
+        batch = texts[start : start + batch_size]
+        result = lm.generate(batch, config, policy, chat=True, engine=engine)
+        for out, ref in zip(result.outputs, references[start : start + batch_size], strict=True):
+            ok = hits(out.text, ref)
+            strict.append(ok["strict-match"])
+            flexible.append(ok["flexible-extract"])
         if stats is None:
             stats = result.stats
         else:
@@ -1072,14 +1066,14 @@ def evaluate(
     from v2.generate import FastDLLM, GenerationConfig
 
     lm = FastDLLM.load(checkpoint)
-    gold = [gold_answer(p) for p in problems]
+    references = [p["answer"] for p in problems]
     texts = [user_message(p["question"]) for p in problems]
     results = {}
     for threshold in thresholds:
         config = GenerationConfig(max_new_tokens=max_new_tokens, threshold=threshold)
         t = time.perf_counter()
         strict, flexible, stats = score(
-            lm, texts, gold, config, batch_size, desc=f"eval threshold {threshold}"
+            lm, texts, references, config, batch_size, desc=f"eval threshold {threshold}"
         )
         results[f"threshold_{threshold}"] = {
             "threshold": threshold,
@@ -1115,10 +1109,9 @@ def answer_problems(
     outputs = lm.generate(texts, config, chat=True).outputs
     rows = []
     for p, out in zip(problems, outputs, strict=True):
-        strict, _ = extract_answers(out.text)
-        gold = gold_answer(p)
+        right = hits(out.text, p["answer"], ("strict-match",))["strict-match"]
         rows.append(
-            {"question": p["question"], "gold": gold, "text": out.text, "correct": strict == gold}
+            {"question": p["question"], "gold": gold_answer(p), "text": out.text, "correct": right}
         )
     return rows
 
