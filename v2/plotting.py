@@ -5,8 +5,10 @@ Draw every marker at its data point first, lay the figure out (`tight_layout`: t
 points must be final), then call `separate`: markers whose drawn discs overlap (in points, from
 their sizes) form a group; a group's anchor (the baseline) stays on its point, the others move
 onto a ring around it, each joined to its own point by a thin gray spoke (with no anchor, a small
-black dot marks the common point). Only markers move: error bars stay where the data are. The
-caller names each group under the plot, so that what coincides is also listed.
+black dot marks the common point). The ring keeps the members' directions from the common point
+where they lie apart, and starts sideways for exact twins (a lone twin keeps its height). Only
+markers move: error bars stay where the data are. The caller names each group under the plot,
+so that what coincides is also listed.
 """
 
 from __future__ import annotations
@@ -88,9 +90,22 @@ def separate(ax, markers: list[Marker]) -> list[list[str]]:
             biggest,
         )
         z = min(m.line.get_zorder() for m in members)  # spokes under every marker
+        n = len(ring)
+        # Where the members lie apart, the ring keeps their directions from the centre (sorted by
+        # angle, the first on its own); exact twins go sideways first (one or two keep their
+        # height: accuracy is read against the baseline's line), four on the diagonals.
+        offsets = [
+            (px - cx, py - cy) for px, py in ax.transData.transform([(m.x, m.y) for m in ring])
+        ]
+        if any(math.hypot(*o) > 0.5 for o in offsets):
+            angles = [math.degrees(math.atan2(oy, ox)) for ox, oy in offsets]
+            order = sorted(range(n), key=lambda k: angles[k])
+            ring = [ring[k] for k in order]
+            start = angles[order[0]]
+        else:
+            start = 180 / n if n % 4 == 0 else 0.0
         for k, m in enumerate(ring):
-            # first at 45 degrees, none straight up or down: the error bars run there
-            a = math.radians(45 - 360 * k / len(ring))
+            a = math.radians(start + 360 * k / n)
             r = radius * to_px
             x, y = back.transform((cx + r * math.cos(a), cy + r * math.sin(a)))
             m.line.set_data([x], [y])
@@ -100,7 +115,8 @@ def separate(ax, markers: list[Marker]) -> list[list[str]]:
             x, y = back.transform((cx, cy))
             top = max(m.line.get_zorder() for m in members)
             ax.plot([x], [y], marker="o", ms=2.5, color="k", ls="none", zorder=top + 0.5)
-        names.append([m.name for m in ([anchor] if anchor is not None else []) + ring])
+        others = [m.name for m in members if m is not anchor]  # in drawing order
+        names.append(([anchor.name] if anchor is not None else []) + others)
     return names
 
 
