@@ -140,7 +140,10 @@ def test_command_line(checkpoint, tmp_path, capsys):
     record = json.loads((out / "analysis.json").read_text())
     assert record["prompts"] == 2 and record["forwards"] > 0
     assert set(record["thresholds"]) == {"token", "layer", "exit"}
-    assert (out / "analysis.png").stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(out / "analysis.png") as png:  # four panels, each readable at its size
+        assert png.size[0] >= 1000 and png.size[1] >= 700
     assert main(["--model", str(checkpoint), "--task", "nope", "--out", str(out)]) == 2
     assert "unknown task" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # --n was ignored with --prompt

@@ -54,6 +54,8 @@ def same_stats(a, b):
     )
     assert g.executed_units_per_layer == e.executed_units_per_layer
     assert g.reused_units_per_layer == e.reused_units_per_layer
+    assert g.padding_units_per_layer == e.padding_units_per_layer
+    assert g.skip_rate_per_layer() == e.skip_rate_per_layer()
 
 
 @pytest.mark.parametrize("compaction", ["auto", "always"])

@@ -384,7 +384,12 @@ def test_default_policy_selection(monkeypatch):
 
 
 def test_split_stats_sums_exactly():
-    total = Stats(num_layers=2, executed_units_per_layer=[7, 5], baseline_units_per_layer=[9, 9])
+    total = Stats(
+        num_layers=2,
+        executed_units_per_layer=[7, 5],
+        baseline_units_per_layer=[9, 9],
+        padding_units_per_layer=[5, 1],
+    )
     total.forwards.update(denoise_full=10, commit=3)
     total.row_forwards.update(denoise_full=23, commit=7)
     total.generated_tokens, total.executed_flops, total.baseline_flops = 11, 1001, 2002
@@ -396,6 +401,8 @@ def test_split_stats_sums_exactly():
     assert back_d.pop("wall_seconds") == pytest.approx(total_d.pop("wall_seconds"))
     assert back_d.pop("tokens_per_second") == pytest.approx(total_d.pop("tokens_per_second"))
     assert back_d == total_d
+    assert back.padding_units_per_layer == [5, 1]  # padding shared out, not lost
+    assert all(p.padding_units <= p.executed_units for p in parts)
     assert cut_at_stop("abc\n\nQuestion: x", ["Question:", "\n\n"]) == "abc"
     assert cut_at_stop("abc", []) == "abc"
 

@@ -21,9 +21,12 @@ def summary_dict(
     task: str = "tiny_gsm",
     threshold: float = 0.9,
     decode_row_forwards: int = 400,
+    padding_units: int | None = 0,
 ) -> dict:
-    """A summary.json in the adapter's schema, with numbers a test can check."""
+    """A summary.json in the adapter's schema, with numbers a test can check (units: FLOPs /
+    10; padding_units None: a record from before padding was counted apart)."""
     policy = policy or {"policy": "none"}
+    executed, baseline = executed_flops // 10, baseline_flops // 10
     stats = {
         "forwards": {"prefill": 4, "denoise_full": 0, "denoise_sub": 30, "commit": 10},
         "row_forwards": {
@@ -34,8 +37,8 @@ def summary_dict(
         },
         "generated_tokens": 20 * n,
         "tokens_per_forward": 20 * n / decode_row_forwards,
-        "executed_units": executed_flops // 10,
-        "baseline_units": baseline_flops // 10,
+        "executed_units": executed,
+        "baseline_units": baseline,
         "executed_flops": executed_flops,
         "baseline_flops": baseline_flops,
         "flops_ratio": executed_flops / baseline_flops,
@@ -45,6 +48,14 @@ def summary_dict(
         "wall_seconds": 20 * n / tokens_per_second,
         "tokens_per_second": tokens_per_second,
     }
+    if padding_units is not None:
+        useful = executed - padding_units
+        stats.update(
+            useful_units=useful,
+            padding_units=padding_units,
+            skip_rate_per_layer=[1 - useful / baseline] * 2,
+            padding_rate_per_layer=[padding_units / baseline] * 2,
+        )
     se = (accuracy * (1 - accuracy) / max(n - 1, 1)) ** 0.5
     metrics = {
         "exact_match,strict-match": {"value": accuracy - 0.01, "stderr": se},
@@ -128,10 +139,12 @@ def test_table_baseline_first_and_both_flops_ratios(tmp_path):
     assert body[0].startswith("| **baseline** | 100 | 99.00 ± 1.00 | 50.0 ‡ |")
     token = next(line for line in body if line.startswith("| token_ct0.95"))
     cells = [c.strip() for c in token.strip("|").split("|")]
-    # config, n, accuracy, tokens/s, tokens/fwd, fwd/problem, FLOPs/fwd, FLOPs vs baseline, skip
+    # config, n, accuracy, tokens/s, tokens/fwd, fwd/problem, FLOPs/fwd, FLOPs vs baseline,
+    # skip, padding
     assert cells[1] == "100" and cells[2].startswith("97.00 ± ")
     assert cells[3] == "60.0 ‡" and cells[4] == "5.00" and cells[5] == "4.0"
     assert cells[6] == "80.0 %" and cells[7] == "80.0 %" and cells[8] == "20.0 %"
+    assert cells[9] == "0.0 %"
     layer = next(r for r in rows if r.config_id == "layer_ct0.99")
     assert round(layer.flops_ratio, 4) == round(1100 / 1400, 4)
     assert layer.end_to_end_ratio == 1.1  # per forward saves, end to end costs more
@@ -246,14 +259,192 @@ def test_plots_name_every_point_in_a_legend_and_the_baseline_apart(tmp_path):
     plt.close(fig)
 
 
-def test_points_on_one_spot_are_named():
-    sweep_rows = []
-    for cid, x, acc in (("baseline", 0.0, 0.99), ("a", 0.001, 0.99), ("b", 50.0, 0.9)):
-        rec = record.Record.from_dict(summary_dict(accuracy=acc))
-        (row,) = report.rows_from_summary(cid, Path(cid), rec)
-        sweep_rows.append((row, x, None))
-    assert report.coinciding(sweep_rows) == [["baseline", "a"]]
-    assert report.coinciding(sweep_rows[:1]) == []
+def one_row(config_id: str, summary: dict) -> report.Row:
+    (row,) = report.rows_from_summary(config_id, Path(config_id), record.Record.from_dict(summary))
+    return row
+
+
+def marker_centres(ax) -> list[tuple[str, tuple[float, float], float]]:
+    """(legend label, centre in points, markersize) of every marker drawn by an errorbar."""
+    scale = 72 / ax.figure.dpi
+    out = []
+    for c in ax.containers:
+        line = c.lines[0]
+        (x,), (y,) = line.get_data()
+        px, py = ax.transData.transform((x, y))
+        out.append((c.get_label(), (px * scale, py * scale), line.get_markersize()))
+    return out
+
+
+def test_no_point_hides_behind_another():
+    """Configurations on one spot (layer_ct0.95 exactly on the baseline, as in the main job's
+    FLOPs plot; a third one too) are drawn apart, each joined to the point, and listed under
+    the plot; their error bars stay on the data; a point on its own stays where it is."""
+    import matplotlib.pyplot as plt
+
+    from v2.plotting import GAP
+
+    rows = [
+        one_row("baseline", summary_dict(accuracy=0.997)),
+        one_row("layer_ct0.95", summary_dict({"policy": "layer"}, accuracy=0.997)),
+        one_row("reuse_k1", summary_dict({"policy": "reuse", "reuse_k": 1}, accuracy=0.997)),
+        one_row("token_rr0.75", summary_dict({"policy": "token"}, accuracy=0.999)),
+    ]
+    pts = [(r, x, None) for r, x in zip(rows, (0.0, 0.0, 0.0, 59.0), strict=True)]
+    fig, notes = report.build_figure([("saved (%)", pts)], rows, "t")
+    try:
+        ax = fig.axes[0]
+        drawn = marker_centres(ax)
+        assert [d[0] for d in drawn] == [r.config_id for r in rows]
+        for i, (a, pa, sa) in enumerate(drawn):
+            for b, pb, sb in drawn[i + 1 :]:
+                apart = ((pa[0] - pb[0]) ** 2 + (pa[1] - pb[1]) ** 2) ** 0.5
+                assert apart >= (sa + sb) / 2 + GAP - 1e-6, (a, b)
+        # the baseline stays on its point, the lone configuration too
+        assert ax.containers[0].lines[0].get_data() == ([0.0], [99.7])
+        assert ax.containers[3].lines[0].get_data() == ([59.0], [99.9])
+        # every error bar is drawn at its configuration's data point
+        for c, x in zip(ax.containers, (0.0, 0.0, 0.0, 59.0), strict=True):
+            bars = c.lines[2][0].get_segments()
+            assert all(seg[0][0] == x for seg in bars)
+        assert notes == [
+            "overlapping markers drawn apart (a gray spoke to each one's point): "
+            "baseline, layer_ct0.95, reuse_k1"
+        ]
+    finally:
+        plt.close(fig)
+
+
+def test_overlap_is_measured_on_the_drawn_markers():
+    """Markers overlap by their size in points on the axes as laid out: a point 1 % of the
+    axis away from the baseline's star is hidden by it, one half an axis away is not, and a
+    chain (a on b, b on c) is one group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from v2.plotting import Marker, groups, separate
+
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.set_xlim(0, 100)
+    ax.set_ylim(0, 100)
+
+    def marker(name, x, y, size=6, anchor=False):
+        (line,) = ax.plot([x], [y], marker="o", ms=size)
+        return Marker(name, x, y, line, size, anchor)
+
+    ms = [
+        marker("base", 50, 50, size=17, anchor=True),
+        marker("near", 51, 50),
+        marker("far", 0, 0),
+        marker("a", 90, 90),
+        marker("b", 92, 90),
+        marker("c", 94, 90),
+    ]
+    assert groups(ax, ms) == [[0, 1], [3, 4, 5]]
+    assert separate(ax, ms) == [["base", "near"], ["a", "b", "c"]]
+    assert groups(ax, ms[:1] + ms[2:3]) == []
+    assert ms[0].line.get_data() == ([50], [50]) and ms[2].line.get_data() == ([0], [0])
+    drawn = [Marker(m.name, *(v[0] for v in m.line.get_data()), m.line, m.size) for m in ms]
+    assert groups(ax, drawn) == []  # where they are drawn now, nothing overlaps
+    plt.close(fig)
+
+
+def test_padding_is_its_own_column_and_never_negative_skipping(tmp_path):
+    """The baseline runs padding (a third more units than in scope) and skips nothing: skip
+    rate 0, padding 32.9 %, FLOPs/fwd above 100 % (padding is executed work). A policy's skip
+    rate is its useful units' saving, its padding apart. A record written before padding was
+    counted apart shows the skip rate it recorded, marked, and no padding."""
+    sweep = tmp_path / "padded"
+    write_summary(
+        sweep / "baseline",
+        summary_dict(executed_flops=13290, baseline_flops=10000, padding_units=329),
+    )
+    token = summary_dict(
+        {"policy": "token", "cosine_threshold": 0.95},
+        executed_flops=12000,
+        baseline_flops=10000,
+        padding_units=400,
+    )
+    write_summary(sweep / "token_ct0.95", token)
+    old = summary_dict(
+        {"policy": "token"}, executed_flops=13210, baseline_flops=10000, padding_units=None
+    )
+    old["stats"]["skip_rate_per_layer"] = [-0.321, -0.321]
+    write_summary(sweep / "old_token", old)
+    md = report.build(sweep)[0].read_text()
+    main = {
+        line.split("|")[1].strip(" *"): [c.strip() for c in line.strip("|").split("|")]
+        for line in table_rows(md.split("## Runs")[0])
+        if line.count("|") == 11
+    }
+    assert main["baseline"][6:] == ["132.9 %", "100.0 %", "0.0 %", "32.9 %"]
+    assert main["token_ct0.95"][6:] == ["120.0 %", "90.3 %", "20.0 %", "40.0 %"]
+    assert main["old_token"][8:] == ["-32.1 % ¶", "-"]
+    assert report.NOT_SEPARATED_NOTE in md
+    per_layer = {
+        line.split("|")[1].strip(): line
+        for line in table_rows(md)
+        if line.count("|") == 4 and "per layer" not in line
+    }
+    assert per_layer["baseline"] == "| baseline | 0.00 0.00 | 0.33 0.33 |"
+    assert per_layer["token_ct0.95"] == "| token_ct0.95 | 0.20 0.20 | 0.40 0.40 |"
+    assert per_layer["old_token"] == "| old_token | -0.32 -0.32 ¶ | - |"
+    rows = {r.config_id: r for r in report.collect(sweep)}
+    assert rows["baseline"].padding_separated and not rows["old_token"].padding_separated
+    # a clean sweep of new records has no such note
+    write_summary(tmp_path / "clean" / "baseline", summary_dict(padding_units=5))
+    assert report.NOT_SEPARATED not in report.build(tmp_path / "clean")[0].read_text()
+
+
+def test_nothing_measured_shows_no_numbers(tmp_path):
+    """A configuration whose every answer came from lm_eval's request cache (the rerun after a
+    Ctrl-C: stats_problems 0, generated_tokens 0, no forward) shows `-` for tokens/s, tokens
+    per forward, FLOPs, skip rate and padding (not 0.0, not 100 %), and both plots leave it
+    out with the same note; so does an older record with no counts but nothing decoded."""
+    sweep = tmp_path / "resumed"
+    write_summary(sweep / "baseline", with_coverage(summary_dict(), 100, 0))
+    empty = summary_dict({"policy": "layer", "cosine_threshold": 0.95}, executed_flops=0)
+    for stats in (empty["stats"], empty["tasks"]["tiny_gsm"]["stats"]):
+        stats.update(
+            generated_tokens=0,
+            tokens_per_forward=0.0,
+            executed_units=0,
+            baseline_units=0,
+            executed_flops=0,
+            baseline_flops=0,
+            flops_ratio=1.0,
+            wall_seconds=0.0,
+            tokens_per_second=0.0,
+            forwards=dict.fromkeys(stats["forwards"], 0),
+            row_forwards=dict.fromkeys(stats["row_forwards"], 0),
+        )
+    empty["speed"] = {"processes": 1, "wall_seconds": 0.0, "tokens_per_second": 0.0}
+    write_summary(sweep / "layer_ct0.95", with_coverage(empty, 0, 100))
+    older = json.loads(json.dumps(empty))
+    del older["tasks"]["tiny_gsm"]["stats_problems"], older["tasks"]["tiny_gsm"]["cached_problems"]
+    write_summary(sweep / "layer_ct0.99", older)
+    md = report.build(sweep)[0].read_text()
+    rows = {r.config_id: r for r in report.collect(sweep)}
+    assert rows["baseline"].measured
+    for cid in ("layer_ct0.95", "layer_ct0.99"):
+        r = rows[cid]
+        assert not r.measured
+        assert r.tokens_per_second is r.tokens_per_forward is r.flops_ratio is None
+        assert r.skip_rate is r.padding_rate is r.end_to_end_ratio is None
+        line = next(x for x in table_rows(md) if x.startswith(f"| {cid} §"))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[3:] == ["-"] * 7, line
+        assert cells[2].startswith("99.00 ± ")  # the accuracy is a measurement of every problem
+    assert report.NOTHING_NOTE in md
+    trows = list(rows.values())
+    label, pts, flops_note = report.flops_data(trows)
+    panels, speed_note = report.speed_data(trows)
+    for drawn in (pts, panels[0][1]):
+        assert [p[0].config_id for p in drawn] == ["baseline"]
+    note = f"not drawn: layer_ct0.95, layer_ct0.99 ({report.NOTHING} {report.NOTHING_WHY})"
+    assert flops_note == note and speed_note.endswith(note)
 
 
 def test_a_folder_of_sweeps_gives_one_page_each(tmp_path, capsys):
@@ -342,7 +533,7 @@ def test_speed_is_labelled_spread_or_not_comparable(tmp_path):
     cells = {
         line.split("|")[1].strip(" *"): line.split("|")[4].strip()
         for line in table_rows(md.split("## Runs")[0])[1:]
-        if line.count("|") == 10  # the main table (the skip-rate table follows)
+        if line.count("|") == 11  # the main table (the per-layer table follows)
     }
     assert cells["baseline"] == "50.0 ‡"
     assert cells["token_ct0.95"] == "61.0 [59.0 - 70.0]"

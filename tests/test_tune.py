@@ -329,3 +329,47 @@ def test_a_warm_evaluation_measures_the_pass_that_set_nothing_up():
     assert made == [policy] and {(p, id(e)) for _, p, e in calls} == {(policy, id(calls[0][2]))}
     assert hot["tokens_per_second"] == 50 / 3 and hot["accuracy"] == 100.0
     assert hot["warm_up_passes"] == 2 and hot["settled"] is True
+
+
+def test_the_trials_plot_hides_no_trial_behind_the_baseline():
+    """Feasible trials on the baseline's spot (the best among them) are drawn around its star,
+    each apart from every other marker, and named under the plot; a trial elsewhere stays."""
+    import matplotlib.pyplot as plt
+
+    from v2.plotting import GAP
+    from v2.tune import trials_figure
+
+    def trial(number, value, accuracy):
+        return dict(number=number, value=value, accuracy=accuracy, constraint=99 - accuracy)
+
+    summary = {
+        "policy": "layer",
+        "objective": "flops",
+        "dev_n": 48,
+        "baseline": {"accuracy": 100.0},
+        "baseline_value": 1.0,
+        "accuracy_floor": 99.0,
+        "best": trial(1, 1.0, 100.0),
+        "trials": [trial(0, 1.0, 100.0), trial(1, 1.0, 100.0), trial(2, 1.5, 50.0)],
+    }
+    fig, notes = trials_figure(summary)
+    try:
+        ax = fig.axes[0]
+        scale = 72 / fig.dpi
+        drawn = []
+        for line in ax.lines:
+            if line.get_marker() in ("*", "o") and line.get_markersize() >= 6:
+                (x,), (y,) = line.get_data()
+                px, py = ax.transData.transform((x, y)) * scale
+                drawn.append(((px, py), line.get_markersize(), (x, y)))
+        assert len(drawn) == 4  # the baseline and three trials
+        for i, (a, sa, _) in enumerate(drawn):
+            for b, sb, _ in drawn[i + 1 :]:
+                assert ((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2) ** 0.5 >= (sa + sb) / 2 + GAP
+        assert drawn[0][2] == (1.0, 100.0) and drawn[3][2] == (1.5, 50.0)
+        assert notes == [
+            "overlapping markers drawn apart (a gray spoke to each one's point): "
+            "baseline, trial 0, trial 1"
+        ]
+    finally:
+        plt.close(fig)

@@ -268,25 +268,27 @@ def plot(result: dict, path: Path, title: str) -> None:
         ("token_cosine", "(b) cos(x_l, previous step)", "layer l"),
         ("lens_agreement", "(c) lens = final prediction", "depth d (layers run)"),
     ]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6))
+    # two by two, at a size where a panel's labels and colour bar read at 100 dpi
+    fig, grid = plt.subplots(2, 2, figsize=(11, 8))
+    axes = grid.ravel()
     for ax, (key, name, ylabel) in zip(axes, panels, strict=False):
         data = np.array(
             [[np.nan if v is None else v for v in row] for row in result["by_step_layer"][key]]
         ).T  # [layers, steps]
         im = ax.imshow(data, aspect="auto", origin="lower", cmap="viridis", interpolation="none")
-        ax.set_title(name, fontsize=9)
+        ax.set_title(name, fontsize=11)
         ax.set_xlabel("denoise step of the block")
         ax.set_ylabel(ylabel)
         fig.colorbar(im, ax=ax)
     h = result["holds_from_depth"]["histogram"]
     ax = axes[3]
     ax.bar(range(len(h)), h)
-    ax.set_title("depth from which the final prediction holds", fontsize=9)
+    ax.set_title("(d) depth from which the final prediction holds", fontsize=11)
     ax.set_xlabel("depth d")
     ax.set_ylabel("masked positions x forwards")
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle(title, fontsize=12)
     fig.tight_layout()
-    fig.savefig(path, dpi=60)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 

@@ -31,10 +31,22 @@ forward costs one graph launch and no per-layer Python. A forward whose loop mus
 device (a plan sized only by a read-back) or ask a policy eagerly is not recorded; its layers run
 one graph each, as before.
 
-Statistics (stats.py): executed units are the units fed through a layer's matmuls (the padding
-slots of a compacted layout are not units, but their rows are counted in executed FLOPs);
-baseline units are the units in scope. What only the device knows is accumulated there and read
-when `stats` is read.
+Statistics (stats.py): baseline units are the units in scope; executed units are the row slots
+fed through a layer's matmuls (all counted in executed FLOPs); of those, the useful units are the
+units in scope that the plan computes, the rest padding. Per layout:
+- dense: N executed, all useful (every unit is in scope and computes);
+- exact (CPU): the units computed, all useful;
+- compacted: C slots executed (the bucket), useful the units compacted into them (the forward's
+  scope for a dense layer, the plan's computed units for a planned one), padding the C - n slots
+  past them;
+- masked: N executed (every unit of every cache row), useful the units in scope that the plan
+  computes (all in scope for a dense layer), padding the rest: rows waiting or finished, cache
+  rows with no sequence, units the plan reuses or passes (run, then discarded).
+Skipped units (baseline - useful) are the units a plan reused or passed, so with no policy the
+skip rate is 0 whatever the layout. The useful units of a planned layer are counted on the device
+(`settle`), the executed slots on the host: `_settled_rows` holds the host's share until `stats`
+reads the device's. What only the device knows is accumulated there and read when `stats` is
+read.
 """
 
 from __future__ import annotations
@@ -230,9 +242,12 @@ class Engine:
         self._n_scope = 0  # units in scope of the forward running (its effects' "every unit")
         self.timer: Callable | None = None  # kind -> context manager around each forward
         dev = self.device
-        # What only the device knows, per layer: units reused, units executed, attention pairs,
-        # plan overflows. Read and zeroed by `stats`.
+        # What only the device knows, per layer: units reused, useful units of planned layers
+        # (the units their plans computed), attention pairs, plan overflows. Read and zeroed by
+        # `stats`, with `_settled_rows`: the rows executed by those planned layers (host known),
+        # so that padding = executed rows - useful units.
         self._counters = torch.zeros(4, L, dtype=torch.long, device=dev)
+        self._settled_rows = [0] * L
         self._layer_ids = [torch.tensor([i], device=dev) for i in range(L)]
         self.reset_stats()
 
@@ -263,6 +278,7 @@ class Engine:
     def reset_stats(self) -> None:
         self._stats = Stats(self.cfg.num_hidden_layers)
         self._counters.zero_()
+        self._settled_rows = [0] * self.cfg.num_hidden_layers
         if self.policy is not None:
             self.policy.extra_flops()  # forget the policy's work before now
 
@@ -272,15 +288,16 @@ class Engine:
         st = self._stats
         if self.policy is not None:
             st.executed_flops += self.policy.extra_flops()
-        reused, units, pairs, overflow = self._counters.tolist()
+        reused, useful, pairs, overflow = self._counters.tolist()
         pairs, overflow = sum(pairs), any(overflow)
         if overflow:
             name = self.policy.name if self.policy else "none"
             raise PolicyError(f"{name}: a captured plan computed more units than its reuse_quota")
         self._counters.zero_()
         for i in range(self.cfg.num_hidden_layers):
-            st.executed_units_per_layer[i] += units[i]
+            st.padding_units_per_layer[i] += self._settled_rows[i] - useful[i]
             st.reused_units_per_layer[i] += reused[i]
+        self._settled_rows = [0] * self.cfg.num_hidden_layers
         st.executed_flops += flops.attention(self.cfg, pairs)
         st.graph_sets = len(self.graphs.sets)
         st.graph_failures = len(self.graphs.failures)
@@ -510,16 +527,23 @@ class Engine:
 
     def _effect(self, effect: tuple, bits=None) -> None:
         """Apply one host effect of the layer loop (and record it when recording):
-        ("layer", i, units, rows, pairs0, pairs1): units fed to layer i, rows through its
-        matmuls, its attention's (query, key) pairs pairs0 + pairs1 x keys;
+        ("layer", i, rows, planned, pairs0, pairs1): rows through layer i's matmuls (its executed
+        units), of which useful: the units in scope (a dense layer; the forward's, not the
+        recorded one's: layouts that do not depend on the scope's size are replayed for any
+        size) or, `planned`, the units its plan computed (counted on the device by `settle`);
+        its attention's (query, key) pairs pairs0 + pairs1 x keys;
         ("reused", i): layer i reused every unit in scope; ("ref", i): every unit of the window
         has a reference at layer i."""
         kind, i = effect[0], effect[1]
         st = self._stats
         if kind == "layer":
-            _, _, units, rows, pairs0, pairs1 = effect
+            _, _, rows, planned, pairs0, pairs1 = effect
             pairs = pairs0 + pairs1 * (self.cache.prefix_len + self.B)
-            st.executed_units_per_layer[i] += units
+            st.executed_units_per_layer[i] += rows
+            if planned:
+                self._settled_rows[i] += rows
+            else:
+                st.padding_units_per_layer[i] += rows - self._n_scope
             st.executed_flops += rows * flops.unit(self.cfg) + flops.attention(self.cfg, pairs)
         elif kind == "reused":
             st.reused_units_per_layer[i] += self._n_scope
@@ -566,25 +590,25 @@ class Engine:
         """Every unit in scope computes."""
         d = Deltas(self.delta[i], self.has_ref[i], None, self.B) if deltas else None
         w, N = win.w, win.N
-        # (layout, graph tag, units fed to the layer, rows through its matmuls)
+        # (layout, graph tag, rows through its matmuls); the n_scope units in scope are useful
         if n_scope == N:
-            batch, tag, units, rows = win.dense, ("dense",), N, N
+            batch, tag, rows = win.dense, ("dense",), N
         elif not self.static:
             if win.scope_batch is None:
                 index = win.scope_flat.nonzero().squeeze(1)
                 win.scope_batch = UnitBatch(index, None, None, n_scope)
-            batch, tag, units, rows = win.scope_batch, None, n_scope, n_scope
+            batch, tag, rows = win.scope_batch, None, n_scope
         elif self._pays(n_scope):
             C = capacity(n_scope, N)
             if win.scope_batch is None:
                 win.scope_batch = win.compacted(C, "scope")
                 self._run(("scope", w, C), lambda: self._compact(win, win.scope_flat, C, "scope"))
                 win.scope_batch.count = n_scope
-            batch, tag, units, rows = win.scope_batch, ("scope", C), n_scope, C
-        else:  # masked: every unit runs, those out of scope are discarded
-            batch, tag, units, rows = win.scope_masked, ("scope_masked",), N, N
+            batch, tag, rows = win.scope_batch, ("scope", C), C  # C - n_scope: bucket padding
+        else:  # masked: every unit runs, those out of scope are discarded (padding)
+            batch, tag, rows = win.scope_masked, ("scope_masked",), N
         self._run((i, w, deltas, *(tag or ())), lambda: self._step(i, win, batch, d))
-        self._count_layer(i, win, batch, units=units, rows=rows)
+        self._count_layer(i, win, batch, rows=rows, planned=False)
         if bits is not None and deltas:
             self._effect(("ref", i), bits)
 
@@ -639,19 +663,19 @@ class Engine:
             batch = UnitBatch(index, None, None, n)
             if n:
                 self._step(i, win, batch, d)
-                self._count_layer(i, win, batch, units=n, rows=n)
+                self._count_layer(i, win, batch, rows=n, planned=True)
             elif d is not None:
                 reuse_add(win.x, win.units, d)
         elif not self._pays(n_scope):  # masked: everything runs, the plan decides what is kept
             self._run((i, w, d is not None, "masked", *plan_key), masked)
-            self._count_layer(i, win, win.masked, units=N, rows=N)
+            self._count_layer(i, win, win.masked, rows=N, planned=True)
         else:
             bound = self._bound(i, ctx, win, bits) if captured else None
             if bound is not None:
                 C = capacity(bound, N) if bound else 0
 
                 def work():
-                    plan_and_settle(C)  # units, pairs and the overflow check counted there
+                    plan_and_settle(C)  # useful units, pairs and the overflow check counted there
                     if C:
                         self._step(i, win, win.compacted(C), d)
                     elif d is not None:
@@ -661,7 +685,7 @@ class Engine:
                 if C:
                     host_pairs = self.attention.name != "flash"
                     self._count_layer(
-                        i, win, win.compacted(C), units=0, rows=C, attention=host_pairs
+                        i, win, win.compacted(C), rows=C, planned=True, attention=host_pairs
                     )
             else:  # the plan's size only the device knows: read it (one sync for this layer)
                 self._not_replayable()
@@ -678,7 +702,7 @@ class Engine:
                         ),
                     )
                     batch.count = n
-                    self._count_layer(i, win, batch, units=n, rows=C)
+                    self._count_layer(i, win, batch, rows=C, planned=True)
                 elif d is not None:
                     reuse = Deltas(d.delta, d.has_ref, win.reuse, self.B)
                     self.graphs.run((i, w, "reuse"), lambda: reuse_add(win.x, win.units, reuse))
@@ -807,17 +831,19 @@ class Engine:
         i: int,
         win: _Window,
         batch: UnitBatch,
-        units: int,
         rows: int,
+        planned: bool,
         attention: bool = True,
     ) -> None:
-        """Host-known work of one layer: `units` fed to it, `rows` through its matmuls, and
-        (unless counted on the device) its attention's (query, key) pairs."""
+        """Host-known work of one layer: `rows` through its matmuls (executed units; useful of
+        them: the forward's units in scope, or, `planned`, the units the plan computed, counted
+        on the device by `settle`), and (unless counted on the device) its attention's (query,
+        key) pairs."""
         pairs0 = pairs1 = 0
         if attention:  # a backend's pairs are affine in the key count
             pairs0 = self.attention.pairs(batch, win.geo, 0)
             pairs1 = self.attention.pairs(batch, win.geo, 1) - pairs0
-        self._effect(("layer", i, units, rows, pairs0, pairs1))
+        self._effect(("layer", i, rows, planned, pairs0, pairs1))
 
     def _count_flops(self, n_scope: int, logit_rows: int) -> None:
         cfg, st = self.cfg, self._stats

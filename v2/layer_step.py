@@ -266,11 +266,12 @@ def settle(
     pair_keys: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """All of a planned layer's bookkeeping in one function (one compiled graph on CUDA): the
-    plan resolved into `compute_out` / `reuse_out`; the units reused counted; and, given a
-    `capacity`, the computed units compacted into `batch_out`'s buffers, with the units, the
-    overflow flag and the attention pairs (n x `pair_keys`) counted on the device. `counters`
-    [4, layers] long: reused, executed units, attention pairs, overflows; `layer` [1]: this
-    layer's column. Returns the units to compute ([N] bool, what `compute_out` now holds)."""
+    plan resolved into `compute_out` / `reuse_out`; the units reused and the units computed (the
+    layer's useful units, whatever layout then runs them) counted; and, given a `capacity`, the
+    computed units compacted into `batch_out`'s buffers, with the overflow flag and the attention
+    pairs (n x `pair_keys`) counted on the device. `counters` [4, layers] long: reused, useful
+    units, attention pairs, overflows; `layer` [1]: this layer's column. Returns the units to
+    compute ([N] bool, what `compute_out` now holds)."""
     compute, reuse = resolve(plan, scope, has_ref, units, block, full_window)
     compute_out.copy_(compute)
     zero = compute.new_zeros((), dtype=torch.long)
@@ -278,14 +279,14 @@ def settle(
     if reuse is not None:
         reuse_out.copy_(reuse)
         reused = reuse.sum()
-    n = pairs = over = zero
+    n = compute.sum()
+    pairs = over = zero
     if capacity is not None:
         if capacity:
             compact_into(compute, capacity, rows, batch_out)
-        n = compute.sum()
         pairs = n * pair_keys
         over = (n > capacity).long()
-    # One update of the counters: (reused, units, pairs, overflow) into this layer's column
+    # One update of the counters: (reused, useful, pairs, overflow) into this layer's column
     # (pairs and overflow are summed over layers when read), as one elementwise kernel: an
     # integer index_add_ is not compiled (torch.compile falls back to aten's sort-based
     # index_put, twelve kernels with bounds-check asserts, seen on an H200).

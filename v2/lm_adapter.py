@@ -45,7 +45,7 @@ from v2.generate import (
 )
 from v2.model import Network, block_causal_mask
 from v2.policies import POLICIES, POLICY_OPTIONS, baseline_note, make_policy
-from v2.stats import FORWARD_KINDS, SPECULATIVE_COUNTS, Stats
+from v2.stats import FORWARD_KINDS, PER_LAYER, SPECULATIVE_COUNTS, Stats
 
 log = logging.getLogger(__name__)
 
@@ -275,14 +275,10 @@ def split_stats(total: Stats, tokens: list[int]) -> list[Stats]:
         parts, shares(total.executed_flops), shares(total.baseline_flops), strict=True
     ):
         p.executed_flops, p.baseline_flops = e, b
-    for layer in range(total.num_layers):
-        ex = shares(total.executed_units_per_layer[layer])
-        ba = shares(total.baseline_units_per_layer[layer])
-        re = shares(total.reused_units_per_layer[layer])
-        for i, p in enumerate(parts):
-            p.executed_units_per_layer[layer] = ex[i]
-            p.baseline_units_per_layer[layer] = ba[i]
-            p.reused_units_per_layer[layer] = re[i]
+    for name in PER_LAYER:  # executed, baseline, reused, padding units
+        for layer, v in enumerate(getattr(total, f"{name}_units_per_layer")):
+            for p, share in zip(parts, shares(v), strict=True):
+                getattr(p, f"{name}_units_per_layer")[layer] = share
     for name in SPECULATIVE_COUNTS:
         for p, v in zip(parts, shares(getattr(total, name)), strict=True):
             setattr(p, name, v)

@@ -22,6 +22,14 @@ Two FLOPs figures, because skipping changes how many forwards a block takes:
   (the summary's flops_ratio);
 - end to end: executed FLOPs of this configuration / executed FLOPs of the baseline
   configuration (policy none, same task, limit and decoding threshold) on the same problems.
+
+Skip rate and padding (v2/stats.py): skip rate = 1 - useful / no-skip units, 0 for the baseline;
+padding = executed units that are not useful / no-skip units, its own column, per layer too.
+A record written before padding was counted apart is marked "padding not separated" (¶): its
+skip rate is the recorded 1 - executed / no-skip units. A configuration with nothing measured
+in the run that wrote its record (every answer from lm_eval's request cache) shows `-` for
+tokens/s, tokens per forward and FLOPs (§), and neither plot draws it; both say so. Markers
+that would overlap on a plot are drawn apart around their point and listed (v2/plotting.py).
 """
 
 from __future__ import annotations
@@ -141,7 +149,9 @@ class Row:
         """Aggregate tokens/s of the evaluation: generated tokens / the run's decoding wall time,
         all processes together. With several processes, `stats` holds the ranks' walls summed
         (its rate is neither aggregate nor per GPU): only the record's "speed" gives it, and
-        only for a record of this task alone."""
+        only for a record of this task alone. None where nothing was measured."""
+        if not self.measured:
+            return None
         if self.speed.get("tokens_per_second_rounds"):
             return statistics.median(self.speed["tokens_per_second_rounds"])
         if self.speed and len(self.rec.tasks) == 1:
@@ -185,25 +195,39 @@ class Row:
         return self.resumed
 
     @property
+    def measured(self) -> bool:
+        """Whether the run that wrote the record decoded any problem of this row: False when
+        every answer came from lm_eval's request cache (a rerun after an interruption:
+        stats_problems 0), or when its statistics hold no generated token and no forward (the
+        same in a record from before the counts; or a task that generates nothing). Then its
+        tokens/s, tokens per forward and FLOPs are not numbers: the table shows `-` and no plot
+        draws it (NOTHING_NOTE)."""
+        if self.stats_problems == 0:
+            return False
+        s = self.stats
+        forwards = sum((s.get("row_forwards") or {}).values()) + (s.get("verify_row_forwards") or 0)
+        return bool(s.get("generated_tokens")) or forwards > 0
+
+    @property
     def stats_n(self) -> int:
         """The problems the statistics cover (n where the record does not say)."""
         return self.n if self.stats_problems is None else self.stats_problems
 
     @property
     def tokens_per_forward(self) -> float | None:
-        return self.stats.get("tokens_per_forward")
+        return self.stats.get("tokens_per_forward") if self.measured else None
 
     @property
     def forwards_per_problem(self) -> float | None:
         """Decoding row-forwards (denoise full + sub-block + commit) per problem decoded."""
         rows = self.stats.get("row_forwards")
-        if not rows or not self.stats_n:
+        if not rows or not self.stats_n or not self.measured:
             return None
         return sum(rows.get(k, 0) for k in ("denoise_full", "denoise_sub", "commit")) / self.stats_n
 
     @property
     def flops_ratio(self) -> float | None:
-        return self.stats.get("flops_ratio")
+        return self.stats.get("flops_ratio") if self.measured else None
 
     @property
     def end_to_end_ratio(self) -> float | None:
@@ -211,6 +235,8 @@ class Row:
         either's statistics cover only part of them)."""
         b = self.baseline
         if b is None or b.n != self.n or not b.stats.get("executed_flops"):
+            return None
+        if not (self.measured and b.measured):
             return None
         if self.partial_stats or b.partial_stats:
             return None
@@ -223,9 +249,37 @@ class Row:
         return None if r is None else 1.0 - r
 
     @property
+    def padding_separated(self) -> bool:
+        """Whether the record counts padding apart from useful units (stats.py): records
+        written before it do not (their executed units include the padding)."""
+        return "padding_units" in self.stats
+
+    @property
     def skip_rate(self) -> float | None:
+        """1 - useful / no-skip units; in a record that does not separate padding, 1 - executed
+        / no-skip units as it was recorded (padding included: negative where it exceeds the
+        skipping)."""
         e, b = self.stats.get("executed_units"), self.stats.get("baseline_units")
-        return 1.0 - e / b if e is not None and b else None
+        if e is None or not b or not self.measured:
+            return None
+        return 1.0 - (e - self.stats.get("padding_units", 0)) / b
+
+    @property
+    def padding_rate(self) -> float | None:
+        """Padding / no-skip units (None where the record does not separate it)."""
+        b = self.stats.get("baseline_units")
+        if not self.padding_separated or not b or not self.measured:
+            return None
+        return self.stats["padding_units"] / b
+
+    def per_layer(self) -> tuple[list[float], list[float] | None] | None:
+        """(skip rate, padding rate) per layer, as `skip_rate` and `padding_rate` (padding None
+        where not separated); None where nothing was measured or nothing is recorded."""
+        s = self.stats
+        skip = s.get("skip_rate_per_layer")
+        if not skip or not self.measured:
+            return None
+        return list(skip), s.get("padding_rate_per_layer") if self.padding_separated else None
 
 
 def rows_from_summary(
@@ -337,13 +391,33 @@ def coverage_text(r: Row) -> str:
 
 TABLE_HEADER = (
     "| config | n | accuracy % | tokens/s | tokens/fwd | fwd/problem "
-    "| FLOPs/fwd vs no skip | FLOPs vs baseline run | skip rate |\n"
-    "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    "| FLOPs/fwd vs no skip | FLOPs vs baseline run | skip rate | padding |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
 SINGLE_PASS = "‡"
 PARTIAL = "†"
+NOTHING = "§"
+NOT_SEPARATED = "¶"
+# what a row with nothing measured is (Row.measured), in the table's note and under the plots
+NOTHING_WHY = (
+    "nothing measured: no problem of it was decoded in the run that wrote its record (every "
+    "answer came from lm_eval's request cache, e.g. a rerun after an interruption, or the task "
+    "generates nothing)"
+)
+NOTHING_NOTE = (
+    f"{NOTHING} {NOTHING_WHY}: its tokens/s, tokens/fwd, fwd/problem, FLOPs, skip rate and "
+    "padding are `-`, not numbers, and no plot draws it (each names it under the axes). "
+    "`python -m v2.experiments SWEEP.yaml --force ID` decodes the configuration again."
+)
+NOT_SEPARATED_NOTE = (
+    f"{NOT_SEPARATED} padding not separated: a record written before padding was counted apart "
+    "from useful units. Its executed units include the padding (rows waiting or finished in the "
+    "batch, graph-bucket slots, units computed and discarded by the masked layout), so its skip "
+    "rate is 1 - executed / no-skip units, negative where the padding exceeds the skipping, and "
+    "its padding is `-`. A CPU run (exact shapes) has no padding: there the rate is the skip rate."
+)
 PARTIAL_NOTE = (
     f"{PARTIAL} statistics over part of the problems: the configuration was resumed from "
     "lm_eval's request cache after an interruption (the runner keeps the cache: greedy answers "
@@ -385,13 +459,26 @@ def speed_notes(rows: list[Row]) -> list[str]:
     return notes
 
 
+def row_mark(r: Row) -> str:
+    """§ for a row with nothing measured, else † for statistics over part of the problems."""
+    if not r.measured:
+        return f" {NOTHING}"
+    return f" {PARTIAL}" if r.partial_stats else ""
+
+
+def skip_text(r: Row) -> str:
+    if r.skip_rate is None:
+        return "-"
+    return _pct(r.skip_rate) + ("" if r.padding_separated else f" {NOT_SEPARATED}")
+
+
 def table_row(r: Row) -> str:
-    mark = f" {PARTIAL}" if r.partial_stats else ""
     return (
-        f"| {'**' + r.config_id + '**' if r.is_baseline else r.config_id}{mark} | {n_text(r)} "
-        f"| {accuracy_text(r)} | {speed_text(r)} "
+        f"| {'**' + r.config_id + '**' if r.is_baseline else r.config_id}{row_mark(r)} "
+        f"| {n_text(r)} | {accuracy_text(r)} | {speed_text(r)} "
         f"| {_num(r.tokens_per_forward)} | {_num(r.forwards_per_problem, '.1f')} "
-        f"| {_pct(r.flops_ratio)} | {_pct(r.end_to_end_ratio)} | {_pct(r.skip_rate)} |"
+        f"| {_pct(r.flops_ratio)} | {_pct(r.end_to_end_ratio)} | {skip_text(r)} "
+        f"| {_pct(r.padding_rate)} |"
     )
 
 
@@ -404,15 +491,17 @@ CAUSAL_HEADER = (
 
 def causal_row(r: Row) -> str:
     """A causal decode's row: tokens per full-model causal (verify) forward, draft acceptance."""
-    s, n = r.stats, max(r.stats_n, 1)
-    spec = r.decode == "speculative"
-    mark = f" {PARTIAL}" if r.partial_stats else ""
+    s, n = (r.stats if r.measured else {}), max(r.stats_n, 1)
+    spec = r.decode == "speculative" and r.measured
+
+    def per_problem(key: str, scale: float = 1.0) -> str:
+        return _num(s[key] / n / scale, ".1f") if key in s else "-"
+
     return (
-        f"| {r.config_id}{mark} | {r.decode} | {n_text(r)} | {accuracy_text(r)} "
+        f"| {r.config_id}{row_mark(r)} | {r.decode} | {n_text(r)} | {accuracy_text(r)} "
         f"| {speed_text(r)} | {_num(s.get('tokens_per_verify_forward'))} "
         f"| {_pct(s.get('acceptance_rate')) if spec else '-'} "
-        f"| {_num(s.get('verify_row_forwards', 0) / n, '.1f')} "
-        f"| {_num(s.get('executed_flops', 0) / n / 1e9, '.1f')} |"
+        f"| {per_problem('verify_row_forwards')} | {per_problem('executed_flops', 1e9)} |"
     )
 
 
@@ -507,13 +596,20 @@ def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], com
                     )
                     lines.append(f"| {r.config_id} | {numbers[run_key(r)]} | {cells} |")
             lines.append("")
-        rates = [r for r in trows if r.stats.get("skip_rate_per_layer")]
-        if any(any(x for x in r.stats["skip_rate_per_layer"]) for r in rates):
-            lines += ["Skip rate per layer (1 - executed / no-skip units):", ""]
-            lines += ["| config | per layer, first to last |", "|---|---|"]
-            for r in rates:
-                per = " ".join(f"{x:.2f}" for x in r.stats["skip_rate_per_layer"])
-                lines.append(f"| {r.config_id} | {per} |")
+        layers = [(r, r.per_layer()) for r in trows if r.per_layer()]
+        if any(any(skip) or any(pad or ()) for _, (skip, pad) in layers):
+            lines += [
+                "Per layer, first to last: skip rate (1 - useful / no-skip units) and padding",
+                "(padding / no-skip units):",
+                "",
+                "| config | skip rate per layer | padding per layer |",
+                "|---|---|---|",
+            ]
+            for r, (skip, pad) in layers:
+                mark = "" if r.padding_separated else f" {NOT_SEPARATED}"
+                pads = "-" if pad is None else " ".join(f"{x:.2f}" for x in pad)
+                skips = " ".join(f"{x:.2f}" for x in skip)
+                lines.append(f"| {r.config_id} | {skips}{mark} | {pads} |")
             lines.append("")
         lines += [f"![{p.stem}]({p.name})" for p in plots.get(task, [])]
         lines.append("")
@@ -522,10 +618,14 @@ def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], com
         "row-forwards (denoise + commit) per problem; FLOPs/fwd vs no skip = executed FLOPs / the",
         "same forwards with every unit computed (per-forward saving); FLOPs vs baseline run =",
         "executed FLOPs / those of the baseline configuration (same task, limit and decoding",
-        "threshold) on the same problems (end to end); skip rate = 1 - executed / no-skip",
-        "(row, position, layer) units; tokens/s = generated tokens / the evaluation's decoding",
-        "wall time, all processes together (data-parallel runs add tokens/s per GPU = that / the",
-        "processes).",
+        "threshold) on the same problems (end to end); skip rate = 1 - useful / no-skip",
+        "(row, position, layer) units (0 with no policy), useful = the executed units in scope",
+        "that the plan computed; padding = the other executed units (rows waiting or finished in",
+        "the batch, graph-bucket slots, units computed and discarded by the masked layout) /",
+        "no-skip units: real work, in the executed FLOPs, never counted as skipping (executed /",
+        "no-skip units = 1 - skip rate + padding); tokens/s = generated tokens / the evaluation's",
+        "decoding wall time, all processes together (data-parallel runs add tokens/s per GPU =",
+        "that / the processes).",
     ]
     if any(r.tokens_per_second is not None and len(r.speed_rounds) < 2 for r in rows):
         lines.append(
@@ -533,8 +633,12 @@ def markdown(rows: list[Row], sweep_dir: Path, plots: dict[str, list[Path]], com
             "configurations (no spread over repeated, interleaved rounds; a sweep with "
             "`runner: direct` times in rounds)."
         )
-    if any(r.partial_stats for r in rows):
-        unknown = any(r.partial_stats and r.stats_problems is None for r in rows)
+    if any(not r.padding_separated and r.skip_rate is not None for r in rows):
+        lines.append(NOT_SEPARATED_NOTE)
+    if any(not r.measured for r in rows):
+        lines.append(NOTHING_NOTE)
+    if any(r.partial_stats and r.measured for r in rows):
+        unknown = any(r.partial_stats and r.measured and r.stats_problems is None for r in rows)
         lines.append(
             PARTIAL_NOTE.format(
                 unknown="; `-` there: a record from before the counts, flagged by the runner's "
@@ -613,16 +717,20 @@ def styles(rows: list[Row]) -> dict[str, dict]:
     return out
 
 
-def draw(ax, pts: list[tuple[Row, float, tuple[float, float] | None]], style: dict) -> None:
+def draw(ax, pts: list[tuple[Row, float, tuple[float, float] | None]], style: dict) -> list:
     """Each (row, x, x spread) as a marker with error bars, named in the legend (no text on the
-    plot: labels cannot overlap); the baseline's accuracy as a dashed line; the Pareto front."""
+    plot: labels cannot overlap); the baseline's accuracy as a dashed line; the Pareto front.
+    Returns the markers (plotting.Marker) for `plotting.separate`, once the figure is laid out."""
+    from v2.plotting import Marker
+
+    markers = []
     for r, x, xerr in pts:
         y, err = 100 * r.value, 100 * (r.stderr or 0)
         label = r.config_id + (" (baseline)" if r.is_baseline and r.config_id != "baseline" else "")
         xe = None if xerr is None else [[x - xerr[0]], [xerr[1] - x]]
-        ax.errorbar(
-            x, y, yerr=err, xerr=xe, capsize=2, ls="none", lw=0.8, label=label, **style[r.config_id]
-        )
+        st = style[r.config_id]
+        bars = ax.errorbar(x, y, yerr=err, xerr=xe, capsize=2, ls="none", lw=0.8, label=label, **st)
+        markers.append(Marker(r.config_id, x, y, bars.lines[0], st["ms"], r.is_baseline))
     base = [r for r, _, _ in pts if r.is_baseline]
     if base:
         ax.axhline(
@@ -640,42 +748,31 @@ def draw(ax, pts: list[tuple[Row, float, tuple[float, float] | None]], style: di
         )
     ax.margins(x=0.08, y=0.12)  # autoscaled: every point and error bar is inside the axes
     ax.grid(alpha=0.3)
+    return markers
 
 
-def coinciding(pts: list[tuple[Row, float, object]]) -> list[list[str]]:
-    """Configurations whose markers fall on one spot (within 1 % of the points' spread on both
-    axes), hiding each other: named under the plot so that every point is accounted for."""
-    if len(pts) < 2:
-        return []
-    xs, ys = [x for _, x, _ in pts], [100 * r.value for r, _, _ in pts]
-    sx, sy = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-    spots: dict[tuple[int, int], list[str]] = {}
-    for (r, x, _), y in zip(pts, ys, strict=True):
-        key = (round(100 * (x - min(xs)) / sx), round(100 * (y - min(ys)) / sy))
-        spots.setdefault(key, []).append(r.config_id)
-    return [g for g in spots.values() if len(g) > 1]
-
-
-def figure(
-    panels: list[tuple[str, list]], rows: list[Row], title: str, path: Path, note: str | None = None
-) -> Path:
-    """One plot per panel (x label, points), shared accuracy axis, one legend to the right."""
+def build_figure(
+    panels: list[tuple[str, list]], rows: list[Row], title: str, note: str | None = None
+):
+    """One plot per panel (x label, points), shared accuracy axis, one legend to the right;
+    markers that would hide each other drawn around their common point and named in a note
+    under the axes (v2/plotting.py). Returns (figure, notes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from v2.plotting import separate, spots_text
 
     style = styles(rows)
     fig, axes = plt.subplots(
         1, len(panels), figsize=(4.6 * len(panels) + 2.6, 4.6), sharey=True, squeeze=False
     )
     notes = [note] if note else []
+    markers = []
     for ax, (x_label, pts) in zip(axes[0], panels, strict=True):
-        draw(ax, pts, style)
+        markers.append(draw(ax, pts, style))
         ax.set_xlabel(x_label)
-        if spots := coinciding(pts):
-            where = f"{x_label.split(':')[0]}: " if len(panels) > 1 else ""
-            notes.append(f"{where}drawn on one spot: " + "; ".join(" = ".join(g) for g in spots))
     axes[0][0].set_ylabel("accuracy (%), bars: ± 1 s.e.")
     smoke = " [smoke test: --limit]" if any(r.smoke for r in rows) else ""
     fig.suptitle(title + smoke, fontsize=10)
@@ -694,9 +791,23 @@ def figure(
             frameon=False,
         )
     fig.tight_layout()
+    for ax, ms, (x_label, _) in zip(axes[0], markers, panels, strict=True):
+        if spots := separate(ax, ms):  # the axes' size is final: overlap is measured in points
+            where = f"{x_label.split(':')[0]}: " if len(panels) > 1 else ""
+            notes.append(where + spots_text(spots))
     if notes:  # below the axes; the saved image's bounding box takes it in
         text = "\n".join(textwrap.fill(n, 150, subsequent_indent="    ") for n in notes)
         fig.text(0.01, -0.01, text, fontsize=7.5, color="tab:red", ha="left", va="top")
+    return fig, notes
+
+
+def figure(
+    panels: list[tuple[str, list]], rows: list[Row], title: str, path: Path, note: str | None = None
+) -> Path:
+    """`build_figure`, saved to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig, _ = build_figure(panels, rows, title, note)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -709,10 +820,28 @@ def flops_x(r: Row) -> float | None:
     return None if r.flops_ratio is None else 100 * (1 - r.flops_ratio)
 
 
-def flops_plot(rows: list[Row], task: str, path: Path) -> Path:
+def not_drawn(rows: list[Row], partial: list[str] | None = None) -> str | None:
+    """The note naming the rows a plot leaves out: nothing measured (NOTHING_WHY) and, where
+    given, `partial` (statistics over part of the problems)."""
+    parts = []
+    if empty := [r.config_id for r in rows if not r.measured]:
+        parts.append(f"not drawn: {', '.join(empty)} ({NOTHING} {NOTHING_WHY})")
+    if partial:
+        parts.append(
+            f"not drawn: {', '.join(partial)} ({PARTIAL} statistics over part of the problems)"
+        )
+    return "; ".join(parts) or None
+
+
+def flops_data(rows: list[Row]) -> tuple[str, list, str | None]:
+    """The FLOPs plot's x label, points and note."""
     e2e = any(r.flops_saving is not None for r in rows)
     # statistics over part of the problems: no end-to-end saving, so not on an end-to-end axis
-    left_out = [r.config_id for r in rows if e2e and r.partial_stats and r.baseline is not None]
+    left_out = [
+        r.config_id
+        for r in rows
+        if e2e and r.measured and r.partial_stats and r.baseline is not None
+    ]
     pts = [
         (r, flops_x(r), None)
         for r in rows
@@ -723,17 +852,16 @@ def flops_plot(rows: list[Row], task: str, path: Path) -> Path:
         if e2e
         else "executed FLOPs saved per forward (%)"
     )
-    note = (
-        f"not drawn: {', '.join(left_out)} ({PARTIAL} statistics over part of the problems)"
-        if left_out
-        else None
-    )
+    return label, pts, not_drawn(rows, left_out)
+
+
+def flops_plot(rows: list[Row], task: str, path: Path) -> Path:
+    label, pts, note = flops_data(rows)
     return figure([(label, pts)], rows, f"{task}: accuracy vs compute", path, note)
 
 
-def speed_plot(rows: list[Row], task: str, path: Path) -> Path:
-    """Timed rounds: tokens/s over the same session's baseline per batch size, bars min - max;
-    otherwise the evaluations' single-pass tokens/s, marked not comparable."""
+def speed_data(rows: list[Row]) -> tuple[list, str | None]:
+    """The speed plot's panels and note (`speed_plot`)."""
     batches = timing_batches(rows)
     panels, note = [], None
     for b in batches:
@@ -760,6 +888,15 @@ def speed_plot(rows: list[Row], task: str, path: Path) -> Path:
         note = "tokens/s of one timed pass each: not comparable"
     if any(r.on_cpu for r in rows):
         note = "CPU: tokens/s are not results" + (f"; {note}" if note else "")
+    if missing := not_drawn(rows):
+        note = f"{note}; {missing}" if note else missing
+    return panels, note
+
+
+def speed_plot(rows: list[Row], task: str, path: Path) -> Path:
+    """Timed rounds: tokens/s over the same session's baseline per batch size, bars min - max;
+    otherwise the evaluations' single-pass tokens/s, marked not comparable."""
+    panels, note = speed_data(rows)
     return figure(panels, rows, f"{task}: accuracy vs speed", path, note)
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -439,29 +440,65 @@ def not_better(summary: dict) -> str:
     )
 
 
-def plot(summary: dict, path: Path) -> None:
+def trials_figure(summary: dict):
+    """The trials plot: each trial's objective and dev accuracy (within the accuracy budget or
+    over it; the best ringed in green), the baseline's hollow star and the accuracy floor.
+    Markers on one spot (feasible trials on the baseline's) are drawn around it, joined to it,
+    and named under the axes (v2/plotting.py). Returns (figure, notes)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for ok, color, label in ((True, "tab:blue", "within budget"), (False, "tab:red", "over")):
-        pts = [t for t in summary["trials"] if (t["constraint"] <= 0) == ok]
-        ax.scatter([t["value"] for t in pts], [t["accuracy"] for t in pts], c=color, label=label)
+    from v2.plotting import Marker, separate, spots_text
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    best = summary["best"]
     base, x0 = summary["baseline"], summary["baseline_value"]
-    ax.scatter([x0], [base["accuracy"]], marker="*", s=150, c="k", label="baseline")
-    ax.axhline(summary["accuracy_floor"], ls="--", c="gray", label="accuracy floor")
-    if summary["best"]:
-        b = summary["best"]
-        ax.scatter([b["value"]], [b["accuracy"]], s=200, facecolors="none", edgecolors="g")
+    (star,) = ax.plot(
+        [x0], [base["accuracy"]], "*", ms=15, color="k", mfc="none", mew=1.3, zorder=4
+    )
+    markers = [Marker("baseline", x0, base["accuracy"], star, 15, anchor=True)]
+    star.set_label("baseline")
+    seen = set()
+    for t in summary["trials"]:
+        ok = t["constraint"] <= 0
+        is_best = best is not None and t["number"] == best["number"]
+        label = "best" if is_best else "within budget" if ok else "over the accuracy budget"
+        style = dict(ms=6, color="tab:blue" if ok else "tab:red", zorder=3)
+        if is_best:
+            style.update(ms=8, mec="tab:green", mew=2)
+        (line,) = ax.plot([t["value"]], [t["accuracy"]], "o", **style)
+        line.set_label(label if label not in seen else "_nolegend_")
+        seen.add(label)
+        markers.append(Marker(f"trial {t['number']}", t["value"], t["accuracy"], line, style["ms"]))
+    ax.axhline(summary["accuracy_floor"], ls="--", c="gray", label="accuracy floor", zorder=1)
+    ax.margins(x=0.08, y=0.1)
     flops = summary["objective"] == "flops"
     ax.set_xlabel("executed FLOPs / the baseline run's" if flops else "tokens/s")
     ax.set_ylabel(f"dev accuracy (%), n = {summary['dev_n']}")
-    ax.set_title(f"{summary['policy']}: {len(summary['trials'])} trials", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.set_title(f"{summary['policy']}: {len(summary['trials'])} trials", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=80)
+    notes = []
+    if spots := separate(ax, markers):
+        notes.append(spots_text(spots))
+        # a name is never split ("trial" and its number on one line)
+        text = "\n".join(
+            textwrap.fill(n.replace("trial ", "trial\u00a0"), 110, subsequent_indent="    ")
+            for n in notes
+        )
+        fig.text(0.01, -0.01, text, fontsize=7.5, color="tab:red", ha="left", va="top")
+    return fig, notes
+
+
+def plot(summary: dict, path: Path) -> None:
+    """`trials_figure`, saved to `path`."""
+    import matplotlib.pyplot as plt
+
+    fig, _ = trials_figure(summary)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 
