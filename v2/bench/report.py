@@ -147,8 +147,8 @@ def markdown(data: dict) -> str:
         "## Forced skipping (denoise forward, 32-token window, interleaved rounds)",
         "",
         "| model | batch | prefix | policy | median ms | min-max ms | wall ratio | FLOPs ratio "
-        "| units ratio | layers run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| units computed | padding | layers run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["skip"]:
         extra = ""
@@ -158,7 +158,8 @@ def markdown(data: dict) -> str:
             f"| {r['model']} | {r['batch']} | {r['prefix']} | {r['policy']} | "
             f"{_f(r['median_ms'])} | {_f(r['min_ms'])}-{_f(r['max_ms'])} | "
             f"{_f(r['wall_ratio'], '.3f')}{extra} | {_f(r['flops_ratio'], '.3f')} | "
-            f"{_f(r['units_ratio'], '.3f')} | {r['layers_run']} |"
+            f"{_f(r['units_ratio'], '.3f')} | {_f(r.get('padding_ratio'), '.3f')} | "
+            f"{r['layers_run']} |"
         )
     lines += [
         "",

@@ -17,13 +17,19 @@ from v2.generate import GenerationConfig, generate
 from v2.model import Network
 
 
-def _stats_snapshot(engine: Engine) -> tuple[int, int, list[int]]:
+def _stats_snapshot(engine: Engine) -> tuple[int, int, list[int], list[int]]:
+    """Executed and no-skip FLOPs, executed and padding units per layer (stats.py)."""
     s = engine.stats
-    return s.executed_flops, s.baseline_flops, list(s.executed_units_per_layer)
+    units = (s.executed_units_per_layer, s.padding_units_per_layer)
+    return s.executed_flops, s.baseline_flops, *(list(u) for u in units)
 
 
-def _diff(a, b) -> tuple[int, int, list[int]]:
-    return b[0] - a[0], b[1] - a[1], [y - x for x, y in zip(a[2], b[2], strict=True)]
+def _diff(a, b) -> tuple[int, int, list[int], list[int]]:
+    return (
+        b[0] - a[0],
+        b[1] - a[1],
+        *([y - x for x, y in zip(u, v, strict=True)] for u, v in ((a[2], b[2]), (a[3], b[3]))),
+    )
 
 
 def forwards(bench, name: str, model: Network, ids: TokenIds) -> None:
@@ -135,8 +141,10 @@ def skip(bench, name: str, model: Network, ids: TokenIds) -> None:
             m = median([s[1] for s in chosen])
             ex = sum(s[2][0] for s in chosen)
             bl = sum(s[2][1] for s in chosen)
-            units = [sum(s[2][2][i] for s in chosen) for i in range(L)]
-            ran = [i for i in range(L) if units[i] > 0]
+            executed = [sum(s[2][2][i] for s in chosen) for i in range(L)]
+            padding = [sum(s[2][3][i] for s in chosen) for i in range(L)]
+            units = [e - p for e, p in zip(executed, padding, strict=True)]  # useful units
+            ran = [i for i in range(L) if executed[i] > 0]
             wb, kvb = bytes_read(model, ran, b, B, P + B, S)
             if label == "none":
                 base_ms, base_bytes = m, wb + kvb
@@ -155,6 +163,9 @@ def skip(bench, name: str, model: Network, ids: TokenIds) -> None:
                 "flops_ratio": ex / bl if bl else None,
                 "units_ratio": sum(units) / (len(chosen) * b * B * L),
                 "units_ratio_per_layer": [u / (len(chosen) * b * B) for u in units],
+                # executed units that are not useful (a compacted layout's bucket slots, what a
+                # masked layout ran and discarded), over all units
+                "padding_ratio": sum(padding) / (len(chosen) * b * B * L),
                 "bytes_ratio": (wb + kvb) / base_bytes if base_bytes else None,
                 "layers_run": len(ran),
                 "graph_sets": len(e.graphs.sets),
