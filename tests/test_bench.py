@@ -254,6 +254,24 @@ def test_warm_up_repeats_generate_until_the_engine_sets_nothing_up():
     assert setups[-1] == setups[0]
 
 
+def test_engine_setups_only_grow_when_a_bigger_batch_clears_the_records():
+    """A cache grown for a bigger batch drops the forward records made for the smaller one and
+    records anew: what the warm-up rule watches must grow, never fall back to an earlier value
+    (a pass that cleared and re-recorded as many would look quiet)."""
+    from tests.conftest import IDS, prompt, random_network
+    from v2.generate import GenerationConfig, generate
+
+    model = random_network()
+    config = GenerationConfig(max_new_tokens=40, threshold=0.9, block_size=8, small_block_size=4)
+    engine = Engine(model, None, 8, static_shapes=True)
+    generate(model, [prompt(5)], IDS, config, engine=engine)
+    small = engine.setups
+    engine.allocate(9, 1024)  # more rows and positions: records and graphs are dropped
+    assert small > 0 and engine.setups == small
+    generate(model, [prompt(5), prompt(11, 3), prompt(7, 2)] * 3, IDS, config, engine=engine)
+    assert engine.setups > small
+
+
 def test_compile_setups_count_torch_compile_work():
     """Work without an Engine (the autoregressive baseline under torch.compile) is warmed up by
     the same rule, watching torch.compile's compilations."""

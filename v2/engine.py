@@ -237,6 +237,7 @@ class Engine:
         self._ref_bits = [0] * L
         # Forward signature -> its _Record, or None when it cannot be replayed.
         self._records: dict[tuple, _Record | None] = {}
+        self._cleared_setups = 0  # setups made before the last clear of records and graphs
         self._recording: _Record | None = None
         self.replays = {"denoise": 0, "commit": 0}  # forwards replayed from their record
         self._n_scope = 0  # units in scope of the forward running (its effects' "every unit")
@@ -308,7 +309,12 @@ class Engine:
         """Forward records, graph warm-ups and captures made so far: a call that leaves this
         unchanged only replayed (what a benchmark times). A forward signature first seen takes
         three calls to get there: record, warm-up and capture of its forward graph."""
-        return len(self._records) + len(self.graphs.warm) + len(self.graphs.graphs)
+        return (
+            self._cleared_setups
+            + len(self._records)
+            + len(self.graphs.warm)
+            + len(self.graphs.graphs)
+        )
 
     # ---- cache and per-block state -------------------------------------------------------
 
@@ -323,6 +329,7 @@ class Engine:
                 rows, length = max(rows, c.rows), max(length, c.max_len)
             if self.static:
                 length = -(-length // 256) * 256
+            self._cleared_setups = self.setups  # setups only grow, across a clear too
             self.graphs.clear()
             self._records.clear()
             self._windows.clear()
