@@ -225,6 +225,20 @@ def test_cli_bad_input_is_one_line(capsys, checkpoint, args, message):
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("chat", [["--chat"], []])
+@pytest.mark.parametrize("prompts", [[""], ["   "], ["hi", " \n "]])
+def test_cli_refuses_an_empty_prompt(capsys, checkpoint, chat, prompts):
+    """As the chatbot and the app refuse an empty message (with --chat the template alone was
+    decoded): one line, status 2, nothing decoded."""
+    args = [a for text in prompts for a in ("--prompt", text)]
+    code, out, err = run_cli(capsys, "--model", str(checkpoint), *chat, *args)
+    assert (
+        code == 2 and out == "" and err.startswith("error: empty prompt") and err.count("\n") == 1
+    )
+    if len(prompts) > 1:
+        assert "(--prompt 2 of 2)" in err
+
+
 @pytest.mark.parametrize(
     ("device", "message"),
     [("foo", "unknown device 'foo'"), ("mps", "only cpu and cuda")]

@@ -518,6 +518,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from v2.policies import POLICY_OPTIONS, baseline_note, policy_from_args
 
+    # as the chatbot and the app refuse an empty message (the chat template alone would be
+    # decoded): an empty or blank prompt is refused, with or without --chat
+    blank = [i for i, text in enumerate(args.prompt, 1) if not text.strip()]
+    if blank:
+        which = f" (--prompt {blank[0]} of {len(args.prompt)})" if len(args.prompt) > 1 else ""
+        print(f"error: empty prompt{which}: give --prompt some text", file=sys.stderr)
+        return 2
     try:
         policy = policy_from_args(args)
         options = {k: getattr(args, k) for k in POLICY_OPTIONS}
