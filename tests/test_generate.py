@@ -239,6 +239,23 @@ def test_cli_refuses_an_empty_prompt(capsys, checkpoint, chat, prompts):
         assert "(--prompt 2 of 2)" in err
 
 
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_cli_says_when_the_answer_is_cut_to_fit_the_context(capsys, checkpoint, json_mode):
+    """The test checkpoint has 512 positions: a prompt of ~480 tokens leaves no room for 64."""
+    long = ["--prompt", "x " * 240, "--prompt", "hi", "--max-new-tokens", "64"]
+    long += ["--threshold", "0.5", "--ignore-eos"] + (["--json"] if json_mode else [])
+    code, out, err = run_cli(capsys, "--model", str(checkpoint), *long)
+    assert code == 0
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1, err
+    assert "answer 1 was cut at" in notes[0] and "512 positions" in notes[0]
+    if json_mode:
+        result = json.loads(out)
+        assert result["notes"] == [notes[0].removeprefix("note: ")]
+        assert len(result["outputs"][0]["token_ids"]) < 64
+        assert len(result["outputs"][1]["token_ids"]) == 64
+
+
 @pytest.mark.parametrize(
     ("device", "message"),
     [("foo", "unknown device 'foo'"), ("mps", "only cpu and cuda")]
