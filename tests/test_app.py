@@ -112,17 +112,21 @@ def test_app_decodes_and_shows_each_forward(page, artifacts):
     # through the others: some show masked slots, each commits at least one token.
     final_block = page.locator("#block").inner_html()
     box = page.locator("#replay input[type=number]")
+    # the slider counts the forwards as the step label does: from 1, at the last one (n of n)
+    expect(box).to_have_value(str(n))
+    assert page.locator("#replay input[type=range]").get_attribute("min") == "1"
+    assert page.locator("#replay input[type=range]").get_attribute("max") == str(n)
 
-    def replay(i: int) -> None:
+    def replay(i: int) -> None:  # the slider at i shows forward "i of n"
         box.fill(str(i))
         box.press("Enter")
-        expect(page.locator("#step-label")).to_have_text(f"{i + 1} of {n}")
+        expect(page.locator("#step-label")).to_have_text(f"{i} of {n}")
 
-    replay(0)
+    replay(1)
     assert page.locator("#block span.tok.prompt").count() > 0
     assert page.locator("#block").inner_html() != final_block
     masked = []
-    for i in range(1, n):
+    for i in range(2, n + 1):
         replay(i)
         assert page.locator("#block span.tok.new").count() >= 1
         masked.append(page.locator("#block span.tok.masked").count())
@@ -151,13 +155,16 @@ def test_policy_switch_changes_statistics(page, artifacts):
     box = page.locator("#replay input[type=number]")
     box.fill(str(n // 2))
     box.press("Enter")
-    expect(page.locator("#step-label")).to_have_text(f"{n // 2 + 1} of {n}")
+    expect(page.locator("#step-label")).to_have_text(f"{n // 2} of {n}")
     page.screenshot(path=str(artifacts / "app-token.png"), full_page=True)
 
     # A prompt longer than the model's positions: a message, and the app serves on.
     page.click("#clear")
     ask(page, "Jack " * 1200)
     expect(page.locator("#status")).to_contain_text("positions", timeout=TIMEOUT)
+    # the page's own control, not the chatbot's /reset
+    expect(page.locator("#status")).to_contain_text("press Clear to start over")
+    expect(page.locator("#status")).not_to_contain_text("/reset")
     choose_policy(page, "none")
     ask(page, QUESTION)
     expect(page.locator("#chat")).to_contain_text(ANSWER, timeout=TIMEOUT)

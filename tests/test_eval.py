@@ -257,6 +257,53 @@ def test_bad_input_is_one_clear_line(checkpoint, tmp_path, model_args, extra, me
     assert last.startswith("error: ") and message in last
 
 
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--cpu"]
+ACCELERATE += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"]
+ACCELERATE += ["--dynamo_backend", "no"]  # all given: accelerate warns about none
+
+
+@pytest.mark.parametrize(
+    ("script", "model_args", "message"),
+    [
+        ("token_skip_eval.py", ",bogus=3", "unknown model_args bogus"),
+        # the token policy with its defaults: a note comes first, and it is no error
+        ("token_skip_eval.py", ",threshold=-1", "threshold must be > 0"),
+        ("layer_skip_eval.py", ",top_p=2", "top_p must be in (0, 1]"),
+    ],
+)
+def test_bad_input_under_accelerate_launch_is_one_line(
+    checkpoint, tmp_path, script, model_args, message
+):
+    """Under the documented launcher: the one line, no launcher traceback (accelerate answered a
+    failed process with `RuntimeError: <its whole stderr>` and a CalledProcessError), status
+    143: the launcher stopped by SIGTERM, as v2/eval.py's user_error does."""
+    args = _eval_args(checkpoint, tmp_path)
+    args[args.index("--model_args") + 1] = f"pretrained={checkpoint}{model_args}"
+    r = _run([*ACCELERATE, str(REPO / script), *args], tmp_path)
+    assert r.returncode == 143, r.stderr[-4000:]
+    assert "Traceback" not in r.stderr and "RuntimeError" not in r.stderr, r.stderr[-4000:]
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: ") and message in lines[-1], lines
+    assert all(line.startswith("[fast_dllm_v2] note: ") for line in lines[:-1]), lines
+
+
+@pytest.mark.parametrize(
+    ("model_args", "message"),
+    [
+        (",threshold=-1", "error: threshold must be > 0 (>= 1: one token per forward), got -1.0"),
+        (",temperature=-1", "error: temperature must be >= 0, got -1.0"),
+        (",small_block_size=5", "error: small_block_size 5 must be >= 1 and divide the block"),
+    ],
+)
+def test_bad_generation_settings_are_the_only_line(checkpoint, tmp_path, model_args, message):
+    """Checked before lm_eval starts (and logs): the error is all that is printed."""
+    args = _eval_args(checkpoint, tmp_path)
+    args[args.index("--model_args") + 1] = f"pretrained={checkpoint}{model_args}"
+    r = _run([sys.executable, str(EVAL), *args], tmp_path)
+    assert r.returncode == 2
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith(message), r.stderr
+
+
 def test_missing_checkpoint_is_one_clear_line(tmp_path):
     missing = tmp_path / "no-such-checkpoint"
     r = _run([sys.executable, str(EVAL), *_eval_args(missing, tmp_path)], tmp_path)

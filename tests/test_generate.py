@@ -225,6 +225,37 @@ def test_cli_bad_input_is_one_line(capsys, checkpoint, args, message):
     assert code == 2 and message in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("chat", [["--chat"], []])
+@pytest.mark.parametrize("prompts", [[""], ["   "], ["hi", " \n "]])
+def test_cli_refuses_an_empty_prompt(capsys, checkpoint, chat, prompts):
+    """As the chatbot and the app refuse an empty message (with --chat the template alone was
+    decoded): one line, status 2, nothing decoded."""
+    args = [a for text in prompts for a in ("--prompt", text)]
+    code, out, err = run_cli(capsys, "--model", str(checkpoint), *chat, *args)
+    assert (
+        code == 2 and out == "" and err.startswith("error: empty prompt") and err.count("\n") == 1
+    )
+    if len(prompts) > 1:
+        assert "(--prompt 2 of 2)" in err
+
+
+@pytest.mark.parametrize("json_mode", [False, True])
+def test_cli_says_when_the_answer_is_cut_to_fit_the_context(capsys, checkpoint, json_mode):
+    """The test checkpoint has 512 positions: a prompt of ~480 tokens leaves no room for 64."""
+    long = ["--prompt", "x " * 240, "--prompt", "hi", "--max-new-tokens", "64"]
+    long += ["--threshold", "0.5", "--ignore-eos"] + (["--json"] if json_mode else [])
+    code, out, err = run_cli(capsys, "--model", str(checkpoint), *long)
+    assert code == 0
+    notes = [line for line in err.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 1, err
+    assert "answer 1 was cut at" in notes[0] and "512 positions" in notes[0]
+    if json_mode:
+        result = json.loads(out)
+        assert result["notes"] == [notes[0].removeprefix("note: ")]
+        assert len(result["outputs"][0]["token_ids"]) < 64
+        assert len(result["outputs"][1]["token_ids"]) == 64
+
+
 @pytest.mark.parametrize(
     ("device", "message"),
     [("foo", "unknown device 'foo'"), ("mps", "only cpu and cuda")]

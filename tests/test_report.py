@@ -564,3 +564,44 @@ def test_docs_results_pages_are_the_committed_records_regenerated(tmp_path):
     for d in sweeps:
         md, _, _ = report.build(d, tmp_path, command=command, stem=d.name)
         assert md.read_text() == (pages / f"{d.name}.md").read_text(), d.name
+
+
+def test_the_report_and_the_runners_status_share_one_order(tmp_path, capsys):
+    """Where the sweep is known (the runner's --status and closing report) its file's order,
+    with the runs numbered in it; the report used its own order (baseline, policy, id) there."""
+    import yaml
+
+    from v2 import experiments
+
+    grid = [
+        {"policy": "layer", "cosine_threshold": 0.99},
+        {"policy": "none"},
+        {"policy": "token", "cosine_threshold": 0.95},
+    ]
+    path = tmp_path / "sweep.yaml"
+    data = {"name": "tiny_default", "pretrained": "v2/tiny/checkpoint", "tasks": ["tiny_gsm"]}
+    path.write_text(yaml.safe_dump({**data, "grid": grid}))
+    sweep = experiments.load_sweep(path, tmp_path / "results")
+    ids = [c.id for c in sweep.configs]
+    assert ids == ["layer_ct0.99", "baseline", "token_ct0.95"]
+    root = make_sweep(tmp_path / "results")  # records of these three ids (and a --limit run)
+    assert root == sweep.results
+    for n, c in enumerate(sweep.configs):  # one run each: the numbers show the order
+        found = root / c.id / "tiny" / "summary.json"
+        found.write_text(json.dumps({**json.loads(found.read_text()), "date": f"2026-0{n + 1}"}))
+
+    experiments.finish_report(root, None, ids)
+    page = capsys.readouterr().out
+    body = table_rows(page.split("## Runs")[0])[1:4]  # the task's table
+    assert [line.split(" | ")[0].strip("|* ") for line in body] == ids
+    runs = table_rows(page.split("## Runs")[1])[1:4]
+    assert [line.split(" | ")[:2] for line in runs] == [
+        [f"| {i}", str(n)] for n, i in enumerate(ids, 1)
+    ]
+    states = {c.id: experiments.State("missing") for c in sweep.configs}
+    rows, _ = experiments.status_rows(sweep, list(reversed(sweep.configs)), states, None)
+    assert [r[0] for r in rows] == ids
+    # records found on disk, no sweep known: the documented order, baseline first
+    _, _, rows = report.build(root, out=tmp_path / "disk")
+    assert [r.config_id for r in rows] == ["baseline", "token_ct0.95", "layer_ct0.99"]
+    assert sorted(ids, key=lambda i: report.run_order(i, ids)) == ids

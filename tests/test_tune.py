@@ -245,6 +245,25 @@ def search_with(tmp_path, checkpoint, monkeypatch, baseline: dict, trial: dict) 
     return out
 
 
+def test_a_resumed_search_goes_on_where_one_search_would(tmp_path, checkpoint, monkeypatch):
+    """A search stopped and resumed twice draws the points one uninterrupted search of the same
+    --seed draws (it used to replay its first trials: the sampler restarted from --seed), past
+    TPE's ten random start-up trials too; no point is evaluated twice."""
+    sweep = sweep_file(tmp_path, checkpoint)
+    monkeypatch.setattr(
+        "v2.tune.evaluate",
+        fake_evaluate({"accuracy": 50.0, "flops_ratio": 1.0}, {"accuracy": 50.0}),
+    )
+    assert main(small(sweep, tmp_path / "one", "--trials", "12")) == 0
+    for trials in ("3", "7", "12"):
+        assert main(small(sweep, tmp_path / "resumed", "--trials", trials)) == 0
+    one = [t.params for t in completed(tmp_path / "one" / "study.db")]
+    resumed = [t.params for t in completed(tmp_path / "resumed" / "study.db")]
+    assert len(resumed) == 12
+    assert len({tuple(sorted(p.items())) for p in resumed}) == 12, resumed
+    assert resumed == one
+
+
 def test_a_zero_percent_baseline_is_warned_about(tmp_path, checkpoint, capsys, monkeypatch):
     out = search_with(
         tmp_path,

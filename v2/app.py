@@ -147,6 +147,7 @@ class App:
     def __init__(self, lm: FastDLLM, config: GenerationConfig | None = None):
         self.lm = lm
         self.session = ChatSession(lm, config)
+        self.session.start_over = "press Clear to start over"  # the page's button, no /reset
         self.stop = threading.Event()
 
     def request_stop(self) -> None:
@@ -306,8 +307,8 @@ def build(app: App):
                 heatmap = gr.HTML(elem_id="heatmap")
             with gr.Column(scale=2):
                 stats = gr.HTML(elem_id="stats")
-                replay = gr.Slider(
-                    0, 1, 0, step=1, label="replay: denoise forward of the last answer",
+                replay = gr.Slider(  # 1 = the first forward, as the step label counts
+                    1, 2, 1, step=1, label="replay: denoise forward of the last answer",
                     elem_id="replay", interactive=True,
                 )  # fmt: skip
         steps = gr.State([])
@@ -327,7 +328,7 @@ def build(app: App):
                 skip = gr.skip()
                 slider = skip
                 if recs is not None:
-                    slider = gr.Slider(0, max(len(recs) - 1, 1), len(recs) - 1, step=1)
+                    slider = gr.Slider(1, max(len(recs), 2), len(recs), step=1)
                 yield (
                     hist,
                     skip if stat.startswith("**error") else "",
@@ -345,7 +346,7 @@ def build(app: App):
         message.submit(respond, inputs, outputs, concurrency_limit=1, concurrency_id="model")
         stop.click(app.request_stop, None, None, queue=False)
         clear.click(
-            lambda: ([], "", "", "", "", [], gr.Slider(0, 1, 0)),
+            lambda: ([], "", "", "", "", [], gr.Slider(1, 2, 1)),
             None,
             [chat, status, stats, block, heatmap, steps, replay],
             queue=False,
@@ -359,7 +360,7 @@ def build(app: App):
         def show_step(i, recs):
             if not recs:
                 return gr.skip(), gr.skip(), gr.skip()
-            r = recs[min(int(i), len(recs) - 1)]
+            r = recs[min(max(int(i), 1), len(recs)) - 1]  # the slider counts from 1
             return render_stats(r, len(recs)), render_block(r), render_heatmap(r)
 
         replay.input(show_step, [replay, steps], [stats, block, heatmap], queue=False)

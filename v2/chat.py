@@ -196,6 +196,10 @@ def parse_setting(name: str, value: str):
 class ChatSession:
     """A conversation with one loaded checkpoint: history, settings, a policy, the last turn."""
 
+    # how the user starts over, in the error of a conversation past the model's positions: the
+    # chatbot's command (the app names its own button)
+    start_over = "/reset to start over"
+
     def __init__(
         self,
         lm: FastDLLM,
@@ -278,7 +282,7 @@ class ChatSession:
         if len(ids) >= limit:
             raise ChatError(
                 f"the conversation is {len(ids)} tokens; the model has {limit} positions "
-                "(/reset to start over)"
+                f"({self.start_over})"
             )
         recorder, described = self.policy(), self.describe()
         view = _Viewer(self, len(ids), recorder, on_step, stop)

@@ -8,16 +8,21 @@ All of lm_eval's flags work. Added here: the tasks in v2/tasks are found without
 --include_path, `model_path=` is filed like `pretrained=`, and rank 0 writes `summary.json`
 (config, metrics with n and stderr, decoding statistics, environment) beside lm_eval's
 `results_<timestamp>.json`, plus `request_stats.jsonl` (one line per scored generate request).
+A bad input (model_args, batch size, checkpoint, task) is one line, `error: ...`, before lm_eval
+starts where it can be: exit status 2, or 143 under `accelerate launch` (see user_error).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
+import signal
 import sys
 import textwrap
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -90,8 +95,13 @@ def precheck(argv: list[str], default_policy: str | None) -> None:
     settings = parse_model_args(ns.model_args or {}, ns.batch_size or 1, default_policy)
     path = settings.path
     hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
+    block_size = None
     if Path(path).expanduser().exists() or not hub_id:  # hub ids are fetched by the model
-        read_config(path)
+        block_size = read_config(path).block_size
+    # every generation setting (threshold, top_p, ...) now, not after lm_eval's start-up logs;
+    # a hub id's block size is known only once fetched: a size the sub-block always divides
+    config = settings.gen_config
+    config.validate(config.block_size or block_size or max(2, config.small_block_size))
 
 
 def find_results_file(run_dir: str | Path) -> Path:
@@ -339,6 +349,36 @@ def unknown_tasks(error: ValueError) -> str | None:
     )
 
 
+def accelerate_launcher() -> int | None:
+    """The process id of the `accelerate launch` that started this process, if one did."""
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ:  # set by every accelerate launcher
+        return None
+    try:
+        import psutil  # accelerate's dependency
+
+        args = psutil.Process(os.getppid()).cmdline()
+    except Exception:
+        return None
+    names = [Path(a).name for a in args]
+    launch = "launch" in names and any(n.startswith("accelerate") for n in names)
+    if launch or "accelerate.commands.launch" in names or "accelerate-launch" in names:
+        return os.getppid()
+    return None
+
+
+def user_error(message: str) -> int:
+    """Say a user's error in one line; the exit status, 2. Under `accelerate launch`, which
+    answers any failed process with its own traceback (a RuntimeError repeating the process's
+    whole stderr, then a CalledProcessError or ChildFailedError), the launcher is stopped the
+    way it stops without one, by SIGTERM: the user sees the one line and the launcher exits
+    with status 143 (128 + SIGTERM)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    if (launcher := accelerate_launcher()) is not None:
+        os.kill(launcher, signal.SIGTERM)
+        time.sleep(10)  # stopped by the launcher meanwhile (it terminates its processes)
+    return 2
+
+
 def main(argv: list[str] | None = None, default_policy: str | None = None) -> int:
     """Run lm_eval with our model and tasks, then write summary.json. `default_policy` is the
     policy used when model_args give no policy= (token_skip_eval.py, layer_skip_eval.py)."""
@@ -363,13 +403,11 @@ def main(argv: list[str] | None = None, default_policy: str | None = None) -> in
         write_summary(opts.output_path, opts.limit)
         finished = True
     except (lm_adapter.EvalError, CheckpointError, GenerationError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return user_error(str(e))
     except ValueError as e:
         if (message := unknown_tasks(e)) is None:
             raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        return user_error(message)
     finally:
         sys.argv = saved
         lm_adapter.close_process_group(finished)

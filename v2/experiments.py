@@ -1089,6 +1089,8 @@ def status_rows(
     from v2 import report
 
     found: dict[str, list[report.Row]] = {}
+    ids = [c.id for c in sweep.configs]
+    configs = sorted(configs, key=lambda c: report.run_order(c.id, ids))  # the report's order
     for c in configs:
         run_dir = sweep.run_dir(c.id, limit)
         if st[c.id].state == "done" and (s := report.newest_summary(run_dir)):
@@ -1358,7 +1360,7 @@ def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> in
         return 130
     print()
     print_status(sweep, configs, limit)
-    finish_report(sweep.runs_root(limit), sweep.main_metric)
+    finish_report(sweep.runs_root(limit), sweep.main_metric, [c.id for c in sweep.configs])
     failed = [cid for cid, rc in results if rc != 0]
     if failed:
         again = resume_command(args, [])
@@ -1437,12 +1439,13 @@ def sbatch_args_main(argv: list[str]) -> int:
     return 0
 
 
-def finish_report(root: Path, metric: str | None) -> None:
+def finish_report(root: Path, metric: str | None, order=()) -> None:
+    """The report of the sweep's records, in `order` (its ids: the sweep file's, as --status)."""
     from v2 import report
 
     if not root.is_dir():
         return
-    md, plots, rows = report.build(root, metric=metric)
+    md, plots, rows = report.build(root, metric=metric, order=order)
     if rows:
         print()
         print(md.read_text())

@@ -506,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arguments(p)
     p.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     p.add_argument("--chat", action="store_true", help="apply the chat template to each prompt")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object (notes: answers cut to fit)"
+    )
     add_generation_arguments(p)
     from v2.policies import add_policy_arguments
 
@@ -514,10 +516,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def context_cuts(lm: FastDLLM, texts: list[str], chat: bool, config, result) -> list[str]:
+    """One line per answer cut short by the model's positions (generate stops a row at the
+    context's end, before max_new_tokens: finish_reason "length" either way)."""
+    limit = lm.model.cfg.max_position_embeddings
+    notes = []
+    for i, (ids, o) in enumerate(zip(lm.encode(texts, chat), result.outputs, strict=True), 1):
+        room = limit - len(ids)
+        if o.finish_reason == "length" and room < config.max_new_tokens:
+            which = f"answer {i}" if len(texts) > 1 else "the answer"
+            notes.append(
+                f"{which} was cut at {len(o.token_ids)} tokens, not --max-new-tokens "
+                f"{config.max_new_tokens}, to fit the model's {limit} positions (its prompt "
+                f"is {len(ids)} tokens)"
+            )
+    return notes
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from v2.policies import POLICY_OPTIONS, baseline_note, policy_from_args
 
+    # as the chatbot and the app refuse an empty message (the chat template alone would be
+    # decoded): an empty or blank prompt is refused, with or without --chat
+    blank = [i for i, text in enumerate(args.prompt, 1) if not text.strip()]
+    if blank:
+        which = f" (--prompt {blank[0]} of {len(args.prompt)})" if len(args.prompt) > 1 else ""
+        print(f"error: empty prompt{which}: give --prompt some text", file=sys.stderr)
+        return 2
     try:
         policy = policy_from_args(args)
         options = {k: getattr(args, k) for k in POLICY_OPTIONS}
@@ -530,13 +556,17 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, GenerationError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    cut = context_cuts(lm, args.prompt, args.chat, config, result)
+    for note in cut:
+        print(f"note: {note}", file=sys.stderr)
     if args.json:
         outputs = [
             {"text": o.text, "token_ids": o.token_ids, "finish_reason": o.finish_reason}
             for o in result.outputs
         ]
         settings = {**asdict(config), "policy": policy.config() if policy else {"policy": "none"}}
-        print(json.dumps({"outputs": outputs, "config": settings, "stats": result.stats.to_dict()}))
+        out = {"outputs": outputs, "config": settings, "stats": result.stats.to_dict()}
+        print(json.dumps({**out, "notes": cut} if cut else out))
     else:
         for o in result.outputs:
             print(o.text)

@@ -11,6 +11,11 @@ unless the folder given is a _limit<N> folder itself. Folders starting with "_" 
 replaced runs, reports) are never read. Writes <out>/results.md and, per task,
 <out>/pareto_flops_<task>.png and <out>/pareto_speed_<task>.png (default out: <dir>/_report).
 
+Rows (and the run numbers, counted in table order) follow one order, `run_order`, shared with the
+runner's --status: the sweep file's order where the sweep is known (the runner's closing report);
+records found on disk with no sweep known (this command): the baseline first, then by policy
+(none, token, layer, reuse, others) and id.
+
 Baselines come from the same sweep: for accuracy and FLOPs the policy-none configuration of the
 same task, limit and decoding threshold; for tokens/s only a baseline timed in the same session
 (the direct runner's interleaved rounds, `timing.session`), shown as median [min - max] over the
@@ -329,9 +334,11 @@ def run_dirs(sweep_dir: Path, include_limit: bool = False) -> list[tuple[str, Pa
     return out
 
 
-def collect(sweep_dir: Path, include_limit: bool = False, metric: str | None = None) -> list[Row]:
-    """Every (configuration, task) with a summary, each paired with its baseline, sorted:
-    per task, baseline first, then by policy and id."""
+def collect(
+    sweep_dir: Path, include_limit: bool = False, metric: str | None = None, order=()
+) -> list[Row]:
+    """Every (configuration, task) with a summary, each paired with its baseline, sorted per
+    task by `run_order` (`order`: the sweep's configuration ids, where the sweep is known)."""
     rows: list[Row] = []
     for label, d in run_dirs(Path(sweep_dir), include_limit):
         found = newest_summary(d)
@@ -339,7 +346,7 @@ def collect(sweep_dir: Path, include_limit: bool = False, metric: str | None = N
             rows += rows_from_summary(label, found[0], found[1], metric, _resumed(d))
     for r in rows:
         r.baseline = find_baseline(r, rows)
-    return sorted(rows, key=sort_key)
+    return sorted(rows, key=lambda r: sort_key(r, order))
 
 
 def find_baseline(row: Row, rows: list[Row]) -> Row | None:
@@ -357,9 +364,24 @@ def find_baseline(row: Row, rows: list[Row]) -> Row | None:
     return same[0] if same else None
 
 
-def sort_key(r: Row) -> tuple:
-    order = POLICY_ORDER.index(r.policy_name) if r.policy_name in POLICY_ORDER else 99
-    return (r.task, r.limit or 0, not r.is_baseline, order, r.config_id)
+def run_order(config_id: str, sweep_ids=(), policy: str = "", baseline: bool = False) -> tuple:
+    """The one order of a sweep's configurations, for the report's tables and run numbers and
+    for the runner's --status and its closing report (v2/experiments.py). Where the sweep is
+    known (`sweep_ids`: its configurations' ids in the sweep file's order), that order. The
+    records of configurations not in it, or all records where no sweep is known (`python -m
+    v2.report DIR` reads what it finds on disk), come after, in this order: the baseline first,
+    then by policy (POLICY_ORDER, others last), then by id. A `_limit<N>/` label is its id."""
+    ids = list(sweep_ids)
+    cid = config_id.rsplit("/", 1)[-1]
+    if cid in ids:
+        return (0, ids.index(cid))
+    rank = POLICY_ORDER.index(policy) if policy in POLICY_ORDER else len(POLICY_ORDER)
+    return (1, not baseline, rank, config_id)
+
+
+def sort_key(r: Row, sweep_ids=()) -> tuple:
+    """A row's place: per task and limit, `run_order`."""
+    return (r.task, r.limit or 0, *run_order(r.config_id, sweep_ids, r.policy_name, r.is_baseline))
 
 
 def _pct(x: float | None, digits: int = 1) -> str:
@@ -907,12 +929,14 @@ def build(
     metric: str | None = None,
     command: str | None = None,
     stem: str | None = None,
+    order=(),
 ) -> tuple[Path, list[Path], list[Row]]:
     """Write <out>/results.md (<out>/<stem>.md, plots prefixed <stem>_) and the plots; returns
-    (the page, plots, rows); with no record found, writes nothing and returns (None, [], [])."""
+    (the page, plots, rows); with no record found, writes nothing and returns (None, [], []).
+    `order`: the sweep's configuration ids in its file's order, where known (`run_order`)."""
     sweep_dir = Path(sweep_dir)
     out = Path(out) if out else sweep_dir / "_report"
-    rows = collect(sweep_dir, include_limit, metric)
+    rows = collect(sweep_dir, include_limit, metric, order)
     if not rows:
         return None, [], []
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,10 @@ only finds the cheapest setting.
 The study lives in an SQLite file (`--storage`, default OUT/study.db): a killed search resumes
 where it stopped (a trial that was running when it died is marked failed and does not count;
 `--trials` is the number of completed trials wanted in all; run one search per study at a
-time). The file holds one search: the settings that change what a trial measures (the model,
+time). A resumed search goes on to new points: the sampler is seeded anew before each trial from
+`--seed` and the number of completed trials, so it draws what one uninterrupted search with the
+same `--seed` would have drawn, not a replay of its first trials.
+The file holds one search: the settings that change what a trial measures (the model,
 task, threshold, chat, policy and search space; --max-new-tokens, --dev-n, --batch-size,
 --device, --objective, --max-drop) are kept with the study, and a resume with other settings is
 refused with an error naming them (give another --out or --storage for a new search; --trials,
@@ -327,7 +330,6 @@ def run(args: argparse.Namespace) -> dict:
         storage=storage,
         load_if_exists=True,
         direction="maximize" if objective_name == "tokens_per_second" else "minimize",
-        sampler=optuna.samplers.TPESampler(seed=args.seed),  # reads set_constraint
     )
     study.set_user_attr("settings", settings)  # the same, or the study's first
     lm = FastDLLM.load(model_path, device=device)
@@ -356,11 +358,23 @@ def run(args: argparse.Namespace) -> dict:
         trial.set_constraint("accuracy", floor - m["accuracy"])
         return objective_value(m, baseline, objective_name)
 
-    done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+    def completed() -> int:
+        return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+    def next_sampler(study, trial=None) -> None:  # also an optimize callback, after each trial
+        study.sampler = trial_sampler(args.seed, completed())
+
+    done = completed()
     if done < args.trials:
         for w in cautions:  # now, not only after the search: it may be worth stopping
             print(f"warning: {w}", file=sys.stderr)
-        study.optimize(objective, n_trials=args.trials - done, show_progress_bar=True)
+        next_sampler(study)
+        study.optimize(
+            objective,
+            n_trials=args.trials - done,
+            show_progress_bar=True,
+            callbacks=[next_sampler],
+        )
     summary = write_outputs(study, setup, args, baseline, floor, objective_name, cautions)
     if args.confirm and summary["best"] is not None:
         full = test_split(setup["task"])
@@ -374,6 +388,20 @@ def run(args: argparse.Namespace) -> dict:
         }
         (args.out / "trials.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
+
+
+def trial_sampler(seed: int, completed: int):
+    """The sampler for the next trial: TPE (it reads set_constraint) seeded by the search's
+    --seed and the number of trials completed so far. TPE keeps no state but its random
+    generator (it reads the history from the study), so a sampler per trial, seeded this way,
+    makes a resumed search draw the points one uninterrupted search of the same --seed would
+    have drawn (a trial killed mid-way is redrawn from the same seed), where one sampler seeded
+    with --seed at every start replayed the first trials."""
+    import numpy as np
+    import optuna
+
+    state = np.random.SeedSequence([seed, completed]).generate_state(1)[0]
+    return optuna.samplers.TPESampler(seed=int(state))
 
 
 def objective_value(m: dict, baseline: dict, objective_name: str) -> float:
@@ -516,7 +544,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--device", type=device_arg, default=None, help="default: cuda when available, else cpu"
     )
     p.add_argument("--storage", type=Path, default=None, help="SQLite file (default OUT/study.db)")
-    p.add_argument("--seed", type=int, default=0, help="sampler seed")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="sampler seed (with the number of completed trials: a resume goes on)",
+    )
     p.add_argument(
         "--confirm", action="store_true", help="then decode the full test split: baseline, best"
     )
