@@ -17,28 +17,49 @@ counted in the executed FLOPs. exit_threshold >= 1 disables the policy exactly.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from v2 import flops
+from v2.options import Options, above, at_least, option
 from v2.policy import COMPUTE, PASS, ForwardContext, Policy
+
+
+@dataclass(frozen=True)
+class EarlyExitOptions(Options):
+    exit_threshold: float = option(
+        1.0,
+        "a masked position whose logit-lens probability is above this stops computing "
+        "(>= 1: the policy is off)",
+        id="et",
+        range=above(0),
+    )
+    check_every: int = option(
+        1, "check the lens every N layers from min_layer", id="ce", range=at_least(1)
+    )
+    min_layer: int = option(
+        1,
+        "first layer whose logit lens is checked (the lens needs a layer run)",
+        id="ml",
+        range=at_least(1),
+    )
 
 
 class EarlyExitPolicy(Policy):
     name = "exit"
     passes_units = True
+    Options = EarlyExitOptions
 
-    def __init__(self, exit_threshold: float = 1.0, check_every: int = 1, min_layer: int = 1):
-        if not exit_threshold > 0:
-            raise ValueError(f"exit_threshold must be > 0, got {exit_threshold}")
-        if check_every < 1:
-            raise ValueError(f"check_every must be >= 1, got {check_every}")
-        if min_layer < 1:
-            raise ValueError(
-                f"min_layer must be >= 1 (the lens needs a layer run), got {min_layer}"
-            )
-        self.exit_threshold = float(exit_threshold)
-        self.check_every, self.min_layer = check_every, min_layer
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        o = self.options  # frozen: read into attributes once
+        self.exit_threshold, self.check_every, self.min_layer = (
+            o.exit_threshold,
+            o.check_every,
+            o.min_layer,
+        )
         self.model = None
         self._lens_rows = 0
 
@@ -101,11 +122,3 @@ class EarlyExitPolicy(Policy):
         if not bool(passing.any()):
             return None
         return torch.where(passing, PASS, COMPUTE).to(torch.int8)
-
-    def config(self) -> dict:
-        return {
-            "policy": self.name,
-            "exit_threshold": self.exit_threshold,
-            "check_every": self.check_every,
-            "min_layer": self.min_layer,
-        }

@@ -11,9 +11,12 @@ called at all for those units.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
+from v2.options import LAYER_SUBSETS, LayerSubset, Options, at_least, option
 from v2.policy import COMPUTE, PASS, REUSE, ForwardContext, Policy
 
 
@@ -25,6 +28,22 @@ def row_cosine(x: torch.Tensor, ref: torch.Tensor, units: torch.Tensor | None) -
     return (cos * scope).sum(1) / scope.sum(1).clamp(min=1)
 
 
+@dataclass(frozen=True)
+class LayerSkipOptions(Options):
+    cosine_threshold: float = option(
+        1.0,
+        "pass a layer for a row whose input barely changed across the last layer run: mean "
+        "cosine above this (>= 1: the policy is off)",
+        id="ct",
+        range=at_least(0),
+    )
+    max_consecutive_skips: int = option(
+        1, "most layers passed in a row", id="mcs", range=at_least(1)
+    )
+    protect_first: int = option(1, "first N layers always run", id="pf", range=at_least(1))
+    protect_last: int = option(1, "last N layers always run", id="pl", range=at_least(1))
+
+
 class LayerSkipPolicy(Policy):
     """PASS layer l for row b when the mean over positions of cos(x_l, x_l') is above the
     threshold, l' being the last layer executed for b (a high score means that layer barely
@@ -32,23 +51,14 @@ class LayerSkipPolicy(Policy):
     last `protect_last` layers always run (the engine enforces it). >= 1 disables exactly."""
 
     name = "layer"
+    Options = LayerSkipOptions
 
-    def __init__(
-        self,
-        cosine_threshold: float = 1.0,
-        max_consecutive_skips: int = 1,
-        protect_first: int = 1,
-        protect_last: int = 1,
-    ):
-        if not cosine_threshold >= -1:  # as the token policy: a cosine is never below -1
-            raise ValueError(f"cosine_threshold must be >= -1, got {cosine_threshold}")
-        if max_consecutive_skips < 1:
-            raise ValueError(f"max_consecutive_skips must be >= 1, got {max_consecutive_skips}")
-        if protect_first < 1 or protect_last < 1:
-            raise ValueError("protect_first and protect_last must be >= 1")
-        self.cosine_threshold = float(cosine_threshold)
-        self.max_consecutive_skips = max_consecutive_skips
-        self.protect_first, self.protect_last = protect_first, protect_last
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        o = self.options  # frozen: read into attributes once
+        self.cosine_threshold = o.cosine_threshold
+        self.max_consecutive_skips = o.max_consecutive_skips
+        self.protect_first, self.protect_last = o.protect_first, o.protect_last
 
     @property
     def enabled(self) -> bool:
@@ -88,40 +98,47 @@ class LayerSkipPolicy(Policy):
             return PASS  # every row: the engine skips the layer outright
         return (skip[:, None] * PASS).expand(-1, x.shape[1]).to(torch.int8)
 
-    def config(self) -> dict:
-        return {
-            "policy": self.name,
-            "cosine_threshold": self.cosine_threshold,
-            "max_consecutive_skips": self.max_consecutive_skips,
-            "protect_first": self.protect_first,
-            "protect_last": self.protect_last,
-        }
 
-
-SUBSETS = ("first", "middle", "last")
+SUBSETS = LAYER_SUBSETS
 
 
 def subset_layers(subset: str | list[int], num_layers: int, size: int | None = None) -> list[int]:
     """`first` / `middle` / `last` n layers (n = 12 of 28 scaled with depth unless given), or an
-    explicit list (a Python list, or indices separated by ';', '+' or spaces in a string)."""
+    explicit list (a Python list, or indices separated by ';', '+', ',' or spaces in a string)."""
     if isinstance(subset, str) and subset in SUBSETS:
         n = size if size is not None else max(1, round(12 * num_layers / 28))
         if not 1 <= n <= num_layers:
             raise ValueError(f"subset_size must be in [1, {num_layers}], got {n}")
         start = {"first": 0, "middle": (num_layers - n) // 2, "last": num_layers - n}[subset]
         return list(range(start, start + n))
-    if isinstance(subset, str):
-        try:
-            subset = [int(t) for t in subset.replace(";", " ").replace("+", " ").split()]
-        except ValueError:
-            raise ValueError(
-                f"layer_subset must be first, middle, last or layer indices like '3;5;7', "
-                f"got {subset!r}"
-            ) from None
+    if isinstance(subset, str):  # checked by LayerReuseOptions: digits and separators
+        subset = [
+            int(t) for t in subset.replace(";", " ").replace("+", " ").replace(",", " ").split()
+        ]
     bad = [i for i in subset if not 0 <= i < num_layers]
     if not subset or bad:
         raise ValueError(f"layer_subset indices must be in [0, {num_layers}), got {subset}")
     return sorted(set(subset))
+
+
+@dataclass(frozen=True)
+class LayerReuseOptions(Options):
+    reuse_k: int = option(
+        1,
+        "on denoise steps s with s % k != 0, the subset's layers reuse their last update "
+        "(1: the baseline)",
+        id="k",
+        range=at_least(1),
+    )
+    layer_subset: LayerSubset = option(
+        "middle", "the layers that reuse: first, middle, last n layers, or layer indices"
+    )
+    subset_size: int | None = option(
+        None,
+        "n, the layers in first / middle / last (none: 12 of 28, scaled with depth)",
+        id="n",
+        range=at_least(1),
+    )
 
 
 class LayerReusePolicy(Policy):
@@ -131,18 +148,12 @@ class LayerReusePolicy(Policy):
     name = "reuse"
     reuses = True
     passes = False
+    Options = LayerReuseOptions
 
-    def __init__(
-        self,
-        reuse_k: int = 1,
-        layer_subset: str | list[int] = "middle",
-        subset_size: int | None = None,
-    ):
-        if reuse_k < 1:
-            raise ValueError(f"reuse_k must be >= 1, got {reuse_k}")
-        self.reuse_k, self.layer_subset, self.subset_size = reuse_k, layer_subset, subset_size
-        if not (isinstance(layer_subset, str) and layer_subset in SUBSETS):
-            subset_layers(layer_subset, 10**6)  # syntax now; bounds once the depth is known
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        o = self.options  # frozen: read into attributes once
+        self.reuse_k, self.layer_subset, self.subset_size = o.reuse_k, o.layer_subset, o.subset_size
 
     @property
     def enabled(self) -> bool:
@@ -162,11 +173,3 @@ class LayerReusePolicy(Policy):
     def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> int | None:
         action = self._action(layer, ctx)
         return None if action == COMPUTE else action
-
-    def config(self) -> dict:
-        return {
-            "policy": self.name,
-            "reuse_k": self.reuse_k,
-            "layer_subset": self.layer_subset,
-            "subset_size": self.subset_size,
-        }

@@ -11,10 +11,13 @@ attention queries or MLP; that is the engine's job, this module only decides.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from v2.compiled import compiled
+from v2.options import OptionError, Options, Range, at_least, option
 from v2.policy import COMPUTE, REUSE, ForwardContext, Policy
 
 
@@ -56,6 +59,51 @@ def remember(x, previous, seen, scope):
     _cosine_and_remember(x, previous, seen, scope)
 
 
+@dataclass(frozen=True)
+class TokenSkipOptions(Options):
+    """The token policy's options (`cosine_threshold` or `reuse_ratio`, not both)."""
+
+    cosine_threshold: float | None = option(
+        None,
+        "reuse a position whose layer input's cosine with the previous denoise forward's is "
+        "above this (>= 1: the policy is off; none: 1 unless reuse_ratio is given)",
+        id="ct",
+        range=at_least(0),
+    )
+    min_layer: int = option(
+        1,
+        "first layer token skipping applies to (layer 0 always computes)",
+        id="ml",
+        range=at_least(1),
+    )
+    max_layer: int | None = option(
+        None, "last layer token skipping applies to (none: the last)", id="xl", range=at_least(1)
+    )
+    reuse_ratio: float | None = option(
+        None,
+        "reuse this fraction of each row's positions per layer (the most similar) instead of a "
+        "threshold",
+        id="rr",
+        range=Range(0, 1, high_open=True),
+    )
+    refresh_every: int | None = option(
+        None,
+        "every N-th denoise forward of a block computes everything (none: never)",
+        id="re",
+        range=at_least(1),
+    )
+
+    def check(self) -> None:
+        if self.cosine_threshold is not None and self.reuse_ratio is not None:
+            raise OptionError("give cosine_threshold or reuse_ratio, not both")
+        if self.max_layer is not None and self.max_layer < self.min_layer:
+            raise OptionError(
+                f"max_layer ({self.max_layer}) must be >= min_layer ({self.min_layer})"
+            )
+        if self.reuse_ratio is None and self.cosine_threshold is None:
+            object.__setattr__(self, "cosine_threshold", 1.0)  # resolved: off
+
+
 class TokenSkipPolicy(Policy):
     """REUSE a unit when cos(input now, input at the previous denoise forward) > threshold, or,
     with `reuse_ratio`, the most similar fraction of each row's positions (regular shapes).
@@ -74,31 +122,14 @@ class TokenSkipPolicy(Policy):
     name = "token"
     reuses = True
     passes = False
+    Options = TokenSkipOptions
 
-    def __init__(
-        self,
-        cosine_threshold: float | None = None,
-        min_layer: int = 1,
-        reuse_ratio: float | None = None,
-        refresh_every: int | None = None,
-        max_layer: int | None = None,
-    ):
-        if cosine_threshold is not None and reuse_ratio is not None:
-            raise ValueError("token policy: give cosine_threshold or reuse_ratio, not both")
-        if cosine_threshold is not None and not cosine_threshold >= -1:
-            raise ValueError(f"cosine_threshold must be >= -1, got {cosine_threshold}")
-        if reuse_ratio is not None and not 0 <= reuse_ratio < 1:
-            raise ValueError(f"reuse_ratio must be in [0, 1), got {reuse_ratio}")
-        if min_layer < 1:
-            raise ValueError(f"min_layer must be >= 1 (layer 0 always computes), got {min_layer}")
-        if max_layer is not None and max_layer < min_layer:
-            raise ValueError(f"max_layer ({max_layer}) must be >= min_layer ({min_layer})")
-        if refresh_every is not None and refresh_every < 1:
-            raise ValueError(f"refresh_every must be >= 1, got {refresh_every}")
-        self.cosine_threshold = 1.0 if cosine_threshold is None else float(cosine_threshold)
-        self.reuse_ratio = reuse_ratio
-        self.min_layer, self.max_layer = min_layer, max_layer
-        self.refresh_every = refresh_every
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        o = self.options  # frozen: read into attributes once
+        self.cosine_threshold = 1.0 if o.cosine_threshold is None else o.cosine_threshold
+        self.reuse_ratio, self.refresh_every = o.reuse_ratio, o.refresh_every
+        self.min_layer, self.max_layer = o.min_layer, o.max_layer
         self.previous: torch.Tensor | None = None  # [layers, batch, B, hidden], inputs last seen
         self.seen: torch.Tensor | None = None  # [layers, batch, B] bool
         self._shape: tuple[int, int, int] | None = None  # (layers, batch, B) of the next block
@@ -164,13 +195,3 @@ class TokenSkipPolicy(Policy):
         if self.reuse_ratio is not None:
             return ratio_plan, (*state, scope, int(self.reuse_ratio * x.shape[1]))
         return threshold_plan, (*state, scope, self.cosine_threshold)
-
-    def config(self) -> dict:
-        return {
-            "policy": self.name,
-            "cosine_threshold": None if self.reuse_ratio is not None else self.cosine_threshold,
-            "reuse_ratio": self.reuse_ratio,
-            "min_layer": self.min_layer,
-            "max_layer": self.max_layer,
-            "refresh_every": self.refresh_every,
-        }

@@ -48,12 +48,18 @@ def test_chatbot_in_a_terminal():
         for line, message in [
             ("/policy token foo=1", "not foo"),
             ("/policy warp", "unknown policy"),
-            ("/set threshold abc", "threshold must be float"),
+            ("/set threshold abc", "threshold must be a number, got 'abc'"),
+            ("/policy token cosine_threshold=-1", "cosine_threshold must be >= 0"),
             ("/nope", "unknown command"),
         ]:
             child.sendline(line)
             child.expect(f"error: [^\r\n]*{re.escape(message)}")
             child.expect("you> ")
+        # A policy that can skip nothing is accepted with the note every entry point prints.
+        child.sendline("/policy layer cosine_threshold=2")
+        child.expect("policy layer cosine_threshold=2.0")
+        child.expect("note: policy 'layer' with {'cosine_threshold': 2.0} can skip nothing")
+        child.expect("you> ")
 
         # Turn 2 of the same conversation, under a policy: the statistics show the skipping.
         child.sendline("/policy token cosine_threshold=0.9")

@@ -922,13 +922,13 @@ def test_every_policy_option_has_a_short_id():
     """Config ids are derived from the registry: an option added without a short name there would
     fail here, not in someone's sweep."""
     from v2.experiments import config_id
-    from v2.policies import OPTION_IDS, POLICIES
+    from v2.policies import POLICIES, options_of
 
-    for name, (_, _, options) in POLICIES.items():
-        for option in options:
-            assert option == "layer_subset" or option in OPTION_IDS, option
-            value = "middle" if option == "layer_subset" else 2
-            assert config_id(name, {option: value}, 0.9, False).startswith(name + "_")
+    for name in POLICIES:
+        for d in options_of(name):
+            assert d.name == "layer_subset" or d.id, d.name
+            value = "middle" if d.name == "layer_subset" else 2
+            assert config_id(name, {d.name: value}, 0.9, False).startswith(name + "_")
 
 
 @pytest.mark.parametrize("limit", ["0", "-3", "x"])

@@ -215,9 +215,13 @@ def test_cli_json(capsys, checkpoint):
         (["--prompt", "hi", "--threshold", "0"], "threshold"),
         (["--prompt", "hi", "--small-block-size", "5"], "divide"),
         (["--prompt", "hi", "--mask-token", "<nope>"], "mask_token"),
-        (["--prompt", "hi", "--policy", "token", "--cosine-threshold", "-2"], "must be >= -1"),
-        (["--prompt", "hi", "--policy", "layer", "--cosine-threshold", "nan"], "must be >= -1"),
+        # -1 was accepted (issue 25): a cosine threshold is >= 0
+        (["--prompt", "hi", "--policy", "token", "--cosine-threshold", "-1"], "must be >= 0"),
+        (["--prompt", "hi", "--policy", "layer", "--cosine-threshold", "nan"], "must be >= 0"),
         (["--prompt", "hi", "--cosine-threshold", "0.9"], "need a policy"),
+        # a bad name or value: one line, not argparse's usage
+        (["--prompt", "hi", "--policy", "tokn"], "unknown policy 'tokn'; choose one of none"),
+        (["--prompt", "hi", "--policy", "reuse", "--reuse-k", "two"], "(an integer), got 'two'"),
     ],
 )
 def test_cli_bad_input_is_one_line(capsys, checkpoint, args, message):

@@ -15,6 +15,15 @@ from v2.engine import Engine, PolicyError
 from v2.generate import GenerationConfig, generate
 from v2.policy import COMPUTE, PASS, REUSE, Policy
 
+
+def always_skipping(cls, **options):
+    """A token or layer policy that skips whenever the engine allows it: threshold -1, below any
+    cosine (a test device: users may not set a negative threshold, issue 25)."""
+    policy = cls(cosine_threshold=0.0, **options)
+    policy.cosine_threshold = -1.0
+    return policy
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -249,7 +258,7 @@ def test_disabled_policies_give_the_baseline_token_for_token(block_cache):
 
 def test_layer_skip_protections_and_consecutive_cap(model):
     for cap in (1, 2):
-        policy = LayerSkipPolicy(cosine_threshold=-1.0, max_consecutive_skips=cap)  # always skip
+        policy = always_skipping(LayerSkipPolicy, max_consecutive_skips=cap)
         engine, _ = run_denoise(model, policy, [[block()]], steps=1)
         ran = [n > 0 for n in engine.stats.executed_units_per_layer]
         assert ran[0] and ran[-1]
@@ -413,7 +422,7 @@ def test_passed_row_reaches_no_module_and_no_attention(model, monkeypatch):
 
 
 def test_layer_skip_policy_passed_layer_is_never_called(model, monkeypatch):
-    policy = LayerSkipPolicy(cosine_threshold=-1.0)  # skips whenever allowed: layer 1 here
+    policy = always_skipping(LayerSkipPolicy)  # layer 1 here
     rec = Recorder(model, monkeypatch)
     try:
         engine, _ = run_denoise(model, policy, [[block(0), block(5)]], steps=1)
@@ -437,8 +446,8 @@ def test_layer_skip_policy_passed_layer_is_never_called(model, monkeypatch):
 )
 def test_layer_skip_protections_and_cap_on_a_deeper_model(protect, cap, ran):
     model = random_network(num_hidden_layers=8)
-    policy = LayerSkipPolicy(
-        cosine_threshold=-1.0,
+    policy = always_skipping(
+        LayerSkipPolicy,
         max_consecutive_skips=cap,
         protect_first=protect[0],
         protect_last=protect[1],
@@ -459,8 +468,8 @@ def test_engine_enforces_protection_on_a_policy_that_ignores_it(model):
 
 
 SKIP_EVERYTHING = {
-    "token": lambda: TokenSkipPolicy(cosine_threshold=-1.0),
-    "layer": lambda: LayerSkipPolicy(cosine_threshold=-1.0),
+    "token": lambda: always_skipping(TokenSkipPolicy),
+    "layer": lambda: always_skipping(LayerSkipPolicy),
     "reuse": lambda: LayerReusePolicy(reuse_k=2, layer_subset="0;1;2;3"),
     "pass_all": lambda: Scripted(
         {(s, i): pass_row(slice(None)) for s in range(3) for i in range(4)}, reuses=False
@@ -498,7 +507,7 @@ def test_prefill_and_commit_write_the_exact_prefix_under_skipping(model, name):
 @pytest.mark.parametrize(
     ("name", "make", "reused_layers"),
     [
-        ("token", lambda: TokenSkipPolicy(cosine_threshold=-1.0), (1, 2, 3)),
+        ("token", lambda: always_skipping(TokenSkipPolicy), (1, 2, 3)),
         ("reuse", lambda: LayerReusePolicy(reuse_k=2, layer_subset="1;2"), (1, 2)),
     ],
 )

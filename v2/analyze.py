@@ -346,7 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from v2.checkpoint import CheckpointError
     from v2.generate import GenerationError, config_from_args, load_from_args
-    from v2.policies import policy_from_args
+    from v2.policies import baseline_note, given_options, policy_from_args
 
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -357,6 +357,8 @@ def main(argv: list[str] | None = None) -> int:
         policy = policy_from_args(args)
         texts = args.prompt or task_prompts(args.task, 16 if args.n is None else args.n)
         lm = load_from_args(args)
+        if note := baseline_note(policy, given_options(args), lm.model.cfg.num_hidden_layers):
+            print(f"note: {note}", file=sys.stderr)
         config = config_from_args(args)
         out, _, result = analyze(lm, texts, config, policy, chat=args.chat)
     except (CheckpointError, GenerationError, ValueError) as e:

@@ -32,7 +32,7 @@ from v2.generate import (  # noqa: E402
     add_model_arguments,
     load_from_args,
 )
-from v2.policies import POLICIES, POLICY_NAMES  # noqa: E402
+from v2.policies import options_of, policy_names  # noqa: E402
 from v2.policy import COMPUTE, PASS, REUSE  # noqa: E402
 
 STATE_STYLE = {
@@ -214,6 +214,8 @@ class App:
             shown.append({"role": "assistant", "content": turn.text})
             last = turn.steps[-1] if turn.steps else None
             status = render_final(turn.stats.to_dict(), turn.finish_reason)
+            if self.session.note:  # the policy can skip nothing: say so, as every entry point
+                status = f"**note:** {self.session.note}\n\n{status}"
             yield (
                 shown,
                 status,
@@ -288,16 +290,16 @@ def build(app: App):
                     }  # fmt: skip
                 with gr.Accordion("Compute skipping", open=True):
                     policy = gr.Dropdown(
-                        list(POLICY_NAMES), value="none", label="policy", elem_id="policy"
+                        list(policy_names()), value="none", label="policy", elem_id="policy"
                     )
                     groups, options = {}, {}
-                    for name, (_, _, opts) in POLICIES.items():
+                    for name in policy_names()[1:]:
                         with gr.Group(visible=False) as groups[name]:
-                            for opt, typ in opts.items():
-                                options[name, opt] = gr.Textbox(
-                                    label=f"{opt} ({typ.__name__})",
+                            for d in options_of(name):
+                                options[name, d.name] = gr.Textbox(
+                                    label=f"{d.name} ({d.type_name})",
                                     placeholder="default",
-                                    elem_id=f"opt-{name}-{opt}",
+                                    elem_id=f"opt-{name}-{d.name}",
                                     max_lines=1,
                                 )
         gr.Markdown("#### The decoding, forward by forward")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from v2 import policies
 from v2.generate import (
     SETTING_TYPES,
     DenoiseStep,
@@ -30,7 +31,8 @@ from v2.generate import (
     generate,
     settings,
 )
-from v2.policies import POLICIES, make_policy
+from v2.options import OptionError, parse_value
+from v2.policies import baseline_note, make_policy
 from v2.policy import COMPUTE, PASS, REUSE, ForwardContext, Policy
 from v2.stats import Stats
 
@@ -150,47 +152,32 @@ class Turn:
 
 
 def parse_options(name: str, pairs: list[str] | dict) -> dict:
-    """`key=value` strings (or a dict of strings) -> typed options of policy `name`."""
-    if name not in ("none", *POLICIES):
-        raise ChatError(f"unknown policy {name!r}; choose one of none, {', '.join(POLICIES)}")
-    items = pairs.items() if isinstance(pairs, dict) else []
+    """`key=value` strings (or a dict of strings) -> typed options of policy `name`
+    (v2.policies.parse_options: the vocabulary and messages of every entry point)."""
+    items = pairs
     if not isinstance(pairs, dict):
-        items = []
+        items = {}
         for p in pairs:
             key, eq, value = p.partition("=")
-            if not eq or not key:
+            if not eq or not key.strip():
                 raise ChatError(f"policy options are key=value, got {p!r}")
-            items.append((key.strip(), value.strip()))
-    allowed = POLICIES[name][2] if name != "none" else {}
-    options = {}
-    for key, value in items:
-        if value in ("", None):
-            continue
-        if key not in allowed:
-            takes = ", ".join(allowed) or "no options"
-            raise ChatError(f"policy {name!r} takes {takes}; not {key}")
-        try:
-            options[key] = allowed[key](value)
-        except ValueError:
-            raise ChatError(f"{key} must be {allowed[key].__name__}, got {value!r}") from None
-    return options
+            items[key.strip()] = value
+    try:
+        return policies.parse_options(name, items)
+    except OptionError as e:
+        raise ChatError(str(e)) from None
 
 
 def parse_setting(name: str, value: str):
-    """A GenerationConfig field from its text (`/set threshold 0.9`)."""
+    """A GenerationConfig field from its text (`/set threshold 0.9`), read as every entry point
+    reads a setting (v2.options.parse_value)."""
     if name not in SETTINGS:
         raise ChatError(f"unknown setting {name!r}; settings: {', '.join(SETTINGS)}")
-    typ = SETTINGS[name]
-    if value.lower() in ("none", "default") and name in ("block_size", "seed"):
-        return None
-    if typ is bool:
-        if value.lower() not in ("true", "false", "on", "off", "1", "0", "yes", "no"):
-            raise ChatError(f"{name} is on or off, got {value!r}")
-        return value.lower() in ("true", "on", "1", "yes")
+    optional = GenerationConfig.__dataclass_fields__[name].default is None
     try:
-        return typ(value)
-    except ValueError:
-        raise ChatError(f"{name} must be {typ.__name__}, got {value!r}") from None
+        return parse_value(value, SETTINGS[name], name, optional=optional)
+    except OptionError as e:
+        raise ChatError(str(e)) from None
 
 
 class ChatSession:
@@ -210,6 +197,7 @@ class ChatSession:
         self.config = config or GenerationConfig()
         self.history: list[dict[str, str]] = []
         self.policy_name, self.policy_options = "none", {}
+        self.note: str | None = None  # the policy can skip nothing: the baseline (set_policy)
         self.last: Turn | None = None
         self._policy_key = None
         self._recorder: PlanRecorder | None = None
@@ -217,14 +205,17 @@ class ChatSession:
 
     # ---- settings ------------------------------------------------------------------------------
 
-    def set_policy(self, name: str, options: dict | list[str] | None = None) -> None:
-        """Choose a registered policy; bad names or options raise ChatError (nothing changes)."""
+    def set_policy(self, name: str, options: dict | list[str] | None = None) -> str | None:
+        """Choose a registered policy; bad names or options raise ChatError (nothing changes).
+        Returns (and keeps in `note`) the note when the policy can skip nothing on this model."""
         opts = parse_options(name, options or [])
         try:
-            make_policy(name, **opts)
+            policy = make_policy(name, **opts)
         except (ValueError, TypeError) as e:
             raise ChatError(str(e)) from None
         self.policy_name, self.policy_options = name, opts
+        self.note = baseline_note(policy, opts, self.lm.model.cfg.num_hidden_layers)
+        return self.note
 
     def set(self, name: str, value) -> None:
         """One generation setting (validated against the model's block size)."""

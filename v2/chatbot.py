@@ -24,7 +24,7 @@ from v2.generate import (
     config_from_args,
     load_from_args,
 )
-from v2.policies import POLICY_NAMES, POLICY_OPTIONS, add_policy_arguments
+from v2.policies import add_policy_arguments, given_options, policy_names
 
 HELP = __doc__.split("\n\n", 2)[2].strip()
 
@@ -80,10 +80,12 @@ def command(session: ChatSession, line: str, out) -> bool:
         print(format_stats(session), file=out)
     elif name == "policy":
         if not args:
-            print(f"{session.describe()}; policies: {', '.join(POLICY_NAMES)}", file=out)
+            print(f"{session.describe()}; policies: {', '.join(policy_names())}", file=out)
         else:
-            session.set_policy(args[0], args[1:])
+            note = session.set_policy(args[0], args[1:])
             print(session.describe(), file=out)
+            if note:
+                print(f"note: {note}", file=out)
     elif name == "set":
         if len(args) != 2:
             raise ChatError(f"usage: /set NAME VALUE; settings: {', '.join(SETTINGS)}")
@@ -144,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         session = ChatSession(lm, config)
         session.validate(config)
-        options = {k: getattr(args, k) for k in POLICY_OPTIONS if getattr(args, k) is not None}
-        session.set_policy(args.policy, {k: str(v) for k, v in options.items()})
+        if note := session.set_policy(args.policy, given_options(args)):
+            print(f"note: {note}", file=sys.stderr)
     except (CheckpointError, ChatError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -294,15 +294,12 @@ def write_summary(output_path: str | None, limit) -> Path | None:
 def model_help(prog: str, default_policy: str | None) -> str:
     """What `--help` says before lm_eval's own help: our model, its default policy, options."""
     from v2.lm_adapter import MODEL_ARGS, MODEL_NAME
-    from v2.policies import POLICIES
+    from v2.policies import options_of, policy_names
 
     def options(name: str) -> str:
-        return ", ".join(f"{k} ({t.__name__})" for k, t in POLICIES[name][2].items())
+        return ", ".join(f"{d.name} ({d.type_name})" for d in options_of(name))
 
     generation = {k: v for k, v in MODEL_ARGS.items() if k not in ("policy", "model_path")}
-    generation = {
-        k: v for k, v in generation.items() if not any(k in p[2] for p in POLICIES.values())
-    }
     lines = [
         f"{prog}: lm_eval with --model {MODEL_NAME} (Fast-dLLM v2, this repository's engine); the",
         "tasks in v2/tasks (tiny_gsm, gsm8k_boxed, ...) are found without --include_path, and",
@@ -312,7 +309,7 @@ def model_help(prog: str, default_policy: str | None) -> str:
     ]
     if default_policy == "layer":
         lines.append("  (reuse when reuse_k, layer_subset or subset_size is given)")
-    for name in POLICIES:
+    for name in policy_names()[1:]:
         lines += textwrap.wrap(
             f"policy={name}: {options(name)}", 98, initial_indent="  ", subsequent_indent="      "
         )

@@ -66,7 +66,7 @@ from pathlib import Path
 
 import yaml
 
-from v2.policies import OPTION_IDS
+from v2.policies import baseline_note, option_id, options_of, policy_names
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_ENV = REPO / "sbatch" / "cluster.env"
@@ -93,8 +93,6 @@ SLURM_FINAL = SLURM_FAILED | {"COMPLETED", "REVOKED"}
 HEARTBEAT_S = 30  # a running task touches its RUNNING marker this often
 STALE_S = 300  # ... and a marker untouched for longer, on a host we cannot check, is dead
 HOST = socket.gethostname()
-
-# Short names of policy options in configuration ids; layer_subset shows its value.
 
 
 class SweepError(ValueError):
@@ -204,15 +202,15 @@ def config_id(policy: str, options: dict, threshold, show_threshold: bool) -> st
     else:
         parts.append(policy)
         for k, v in options.items():
-            label = _subset_label(v) if k == "layer_subset" else OPTION_IDS[k] + _fmt(v)
+            short = option_id(policy, k)  # declared with the option; None: the value is its id
+            label = _subset_label(v) if short is None else short + _fmt(v)
             parts.append(label)
     return "_".join(parts)
 
 
-def _policy_options() -> dict[str, dict[str, type]]:
-    from v2.policies import POLICIES
-
-    return {"none": {}, **{name: opts for name, (_, _, opts) in POLICIES.items()}}
+def _policy_options() -> dict[str, list[str]]:
+    """policy -> its option names (the sweep keys of a grid entry), in declaration order."""
+    return {name: [d.name for d in options_of(name)] for name in policy_names()}
 
 
 def expand_grid(grid: list, threshold, tasks: list[str], split_tasks: bool, where: str):
@@ -270,7 +268,9 @@ def expand_grid(grid: list, threshold, tasks: list[str], split_tasks: bool, wher
 
 def check_config(cfg: Config, where: str) -> None:
     """What would fail at run time, configuration after configuration, fails here: a decoding
-    threshold that is not > 0 (GenerationConfig) and policy options the policy rejects."""
+    threshold that is not > 0 (GenerationConfig) and policy options the policy rejects. A policy
+    that can skip nothing (the baseline under another name) gets the note every entry point
+    prints."""
     from v2.policies import make_policy
 
     thr = cfg.threshold
@@ -279,9 +279,11 @@ def check_config(cfg: Config, where: str) -> None:
     if thr is not None and not thr > 0:
         raise SweepError(f"{where}: threshold must be > 0 (>= 1: one token per forward), got {thr}")
     try:
-        make_policy(cfg.policy, **cfg.options)
+        policy = make_policy(cfg.policy, **cfg.options)
     except (ValueError, TypeError) as e:
         raise SweepError(f"{where}: {e}") from None
+    if note := baseline_note(policy, cfg.options):
+        print(f"note: {where}: {note}", file=sys.stderr)
 
 
 def is_hub_id(pretrained: str) -> bool:

@@ -535,7 +535,7 @@ def context_cuts(lm: FastDLLM, texts: list[str], chat: bool, config, result) -> 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from v2.policies import POLICY_OPTIONS, baseline_note, policy_from_args
+    from v2.policies import baseline_note, given_options, policy_from_args
 
     # as the chatbot and the app refuse an empty message (the chat template alone would be
     # decoded): an empty or blank prompt is refused, with or without --chat
@@ -546,10 +546,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         policy = policy_from_args(args)
-        options = {k: getattr(args, k) for k in POLICY_OPTIONS}
         lm = load_from_args(args)
         layers = lm.model.cfg.num_hidden_layers
-        if note := baseline_note(policy, args.policy, options, layers):
+        if note := baseline_note(policy, given_options(args), layers):
             print(f"note: {note}", file=sys.stderr)
         config = config_from_args(args)
         result = lm.generate(args.prompt, config, policy, chat=args.chat)

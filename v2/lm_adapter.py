@@ -44,7 +44,8 @@ from v2.generate import (
     settings,
 )
 from v2.model import Network, block_causal_mask
-from v2.policies import POLICIES, POLICY_OPTIONS, baseline_note, make_policy
+from v2.options import OptionError, parse_value
+from v2.policies import all_options, baseline_note, make_policy, options_of
 from v2.stats import FORWARD_KINDS, PER_LAYER, SPECULATIVE_COUNTS, Stats
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,8 @@ GENERATION_ARGS: dict[str, object] = {
     for f in settings()
     if f.name != "ignore_eos"
 }
-# Every model_arg and its default.
+# Every model_arg and its default but the policy options (added from their declarations when
+# asked for: model_arg_defaults()).
 MODEL_ARGS: dict[str, object] = {
     "pretrained": None,
     "model_path": None,  # alias of pretrained (eval.py rewrites it so results get a named folder)
@@ -84,10 +86,15 @@ MODEL_ARGS: dict[str, object] = {
     "mask_token": None,
     "release_recipe": False,
     "policy": None,
-    **dict.fromkeys(POLICY_OPTIONS),
 }
 # Passed by lm_eval itself (trust_remote_code is accepted and ignored: we never run remote code).
 LM_EVAL_ARGS = ("batch_size", "max_batch_size", "device", "trust_remote_code")
+
+
+def model_arg_defaults() -> dict[str, object]:
+    """Every model_arg and its default: MODEL_ARGS and each registered policy's options (None:
+    the policy's own default)."""
+    return {**MODEL_ARGS, **dict.fromkeys(all_options())}
 
 
 class EvalError(ValueError):
@@ -145,14 +152,12 @@ def close_process_group(finished: bool = False) -> None:
 # Argument parsing
 
 
-def _as_bool(name: str, v) -> bool:
-    if isinstance(v, bool):
-        return v
-    if isinstance(v, int) and v in (0, 1):
-        return bool(v)
-    if isinstance(v, str) and v.lower() in ("true", "false", "1", "0", "yes", "no"):
-        return v.lower() in ("true", "1", "yes")
-    raise EvalError(f"model_arg {name}={v!r} must be true or false")
+def _value(v, kind: type, name: str, optional: bool = False):
+    """A model_arg's value, read as every entry point reads a setting (v2.options.parse_value)."""
+    try:
+        return parse_value(v, kind, name, optional=optional)
+    except OptionError as e:
+        raise EvalError(str(e)) from None
 
 
 def generation_args(a: dict) -> dict:
@@ -161,30 +166,9 @@ def generation_args(a: dict) -> dict:
     for f in settings():
         if f.name not in GENERATION_ARGS or f.name == "max_new_tokens":
             continue
-        v, kind = a[f.name], SETTING_TYPES[str(f.type)]
-        if v is None and f.default is None:
-            out[f.name] = None
-        elif kind is bool:
-            out[f.name] = _as_bool(f.name, v)
-        elif kind is str:
-            out[f.name] = str(v)
-        else:
-            out[f.name] = _as_number(f.name, v, kind)
+        optional = f.default is None
+        out[f.name] = _value(a[f.name], SETTING_TYPES[str(f.type)], f.name, optional)
     return out
-
-
-def _as_number(name: str, v, kind: type):
-    if v is None or isinstance(v, bool):
-        raise EvalError(f"model_arg {name}={v!r} must be a number")
-    try:
-        x = kind(float(v)) if kind is int else kind(v)
-    except (TypeError, ValueError):
-        raise EvalError(
-            f"model_arg {name}={v!r} must be {'an integer' if kind is int else 'a number'}"
-        ) from None
-    if kind is int and float(v) != x:
-        raise EvalError(f"model_arg {name}={v!r} must be an integer")
-    return x
 
 
 def parse_batch_size(value) -> int:
@@ -205,21 +189,20 @@ def select_policy(args: dict, default_policy: str | None):
     """The policy from `policy=` and its options. With no `policy=`, a script's default policy
     (token_skip_eval / layer_skip_eval) applies; reuse_k / layer_subset / subset_size turn the
     default 'layer' into 'reuse'. `policy=none` always means no skipping."""
-    options = {k: args[k] for k in POLICY_OPTIONS if args[k] is not None}
+    options = {k: args[k] for k in all_options() if args.get(k) is not None}
     if isinstance(options.get("layer_subset"), list | tuple):
         options["layer_subset"] = ",".join(str(x) for x in options["layer_subset"])
     name = args["policy"]
     if name is None and default_policy is not None:
         name = default_policy
-        if default_policy == "layer" and set(options) & set(POLICIES["reuse"][2]):
+        reuse = {d.name for d in options_of("reuse")}
+        if default_policy == "layer" and set(options) & reuse:
             name = "reuse"
     try:
         policy = make_policy(name, **options)
-    except ImportError as e:
-        raise EvalError(f"policy {name!r} is not available: {e}") from None
     except (ValueError, TypeError) as e:
         raise EvalError(str(e)) from None
-    if note := baseline_note(policy, name, options):
+    if note := baseline_note(policy, options):
         print(f"[fast_dllm_v2] note: {note}", file=sys.stderr)
     return policy
 
@@ -418,12 +401,13 @@ class Settings:
 
 def parse_model_args(model_args: dict, batch_size=1, default_policy: str | None = None) -> Settings:
     """Check every model_arg (unknown names, types, the policy) before anything is loaded."""
-    unknown = sorted(set(model_args) - set(MODEL_ARGS) - set(LM_EVAL_ARGS))
+    known = model_arg_defaults()
+    unknown = sorted(set(model_args) - set(known) - set(LM_EVAL_ARGS))
     if unknown:
         raise EvalError(
-            f"unknown model_args {', '.join(unknown)}; valid model_args: {', '.join(MODEL_ARGS)}"
+            f"unknown model_args {', '.join(unknown)}; valid model_args: {', '.join(known)}"
         )
-    a = {**MODEL_ARGS, **{k: v for k, v in model_args.items() if k in MODEL_ARGS}}
+    a = {**known, **{k: v for k, v in model_args.items() if k in known}}
     if a["pretrained"] is not None and a["model_path"] is not None:
         raise EvalError("give pretrained= or model_path=, not both")
     path = a["pretrained"] if a["pretrained"] is not None else a["model_path"]
@@ -432,9 +416,8 @@ def parse_model_args(model_args: dict, batch_size=1, default_policy: str | None 
     dtype_name = str(a["dtype"]).lower()
     if dtype_name not in DTYPES:
         raise EvalError(f"dtype={a['dtype']!r}: choose one of {', '.join(DTYPES)}")
-    release = _as_bool("release_recipe", a["release_recipe"])
-    max_new = a["max_new_tokens"]
-    max_new = None if max_new is None else _as_number("max_new_tokens", max_new, int)
+    release = _value(a["release_recipe"], bool, "release_recipe")
+    max_new = _value(a["max_new_tokens"], int, "max_new_tokens", optional=True)
     if max_new is None and release:
         max_new = RELEASE_MAX_NEW_TOKENS
     config = GenerationConfig(max_new_tokens=max_new or 1, **generation_args(a))
@@ -453,7 +436,7 @@ def parse_model_args(model_args: dict, batch_size=1, default_policy: str | None 
         dtype_name=dtype_name,
         mask_token=a["mask_token"],
         release_recipe=release,
-        show_speed=_as_bool("show_speed", a["show_speed"]),
+        show_speed=_value(a["show_speed"], bool, "show_speed"),
         max_new_tokens=max_new,
         gen_config=config,
         policy=policy,
@@ -461,7 +444,7 @@ def parse_model_args(model_args: dict, batch_size=1, default_policy: str | None 
 
 
 class FastDLLMEvalLM(LM):
-    """lm_eval model `fast_dllm_v2`; model_args are listed in MODEL_ARGS."""
+    """lm_eval model `fast_dllm_v2`; model_args are listed by model_arg_defaults()."""
 
     def __init__(self, batch_size=1, max_batch_size=None, device=None, **model_args):
         super().__init__()
@@ -487,8 +470,8 @@ class FastDLLMEvalLM(LM):
         RUN.num_layers = self.model.cfg.num_hidden_layers
         p = self.policy
         if p is not None and p.enabled and not p.acts_on(RUN.num_layers):  # else said already
-            options = {k: v for k, v in p.config().items() if k != "policy"}
-            note = baseline_note(p, p.name, options, RUN.num_layers)
+            given = {k: v for k, v in model_args.items() if k in all_options() and v is not None}
+            note = baseline_note(p, given, RUN.num_layers)
             print(f"[fast_dllm_v2] note: {note}", file=sys.stderr)
         RUN.config = {  # the record's config: every generation setting as run, and the policy
             "policy": self.policy.config() if self.policy is not None else {"policy": "none"},

@@ -1,145 +1,131 @@
-"""The policy registry: one place that turns a name and options (command-line flags or lm_eval
-model_args) into a policy object. The policies themselves live in the top-level modules
-`token_skip_generation_functions`, `layer_skip_generation_functions` and
-`early_exit_generation_functions`."""
+"""The policy registry: one place that turns a name and options (command-line flags, lm_eval
+model_args, chat commands, sweep entries) into a policy object. The policies live in the
+top-level modules `token_skip_generation_functions`, `layer_skip_generation_functions` and
+`early_exit_generation_functions`; each declares its options once, as the fields of a dataclass
+(v2/options.py). Everything below is derived from those fields at the time it is asked for, so a
+policy registered later (`register`) and an option added to a dataclass appear everywhere."""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 
+from early_exit_generation_functions import EarlyExitPolicy
+from layer_skip_generation_functions import LayerReusePolicy, LayerSkipPolicy
+from token_skip_generation_functions import TokenSkipPolicy
+from v2.options import DEFAULT_WORDS, Declared, OptionError, declared
 from v2.policy import Policy
 
-# name -> (module, class, {option: type})
-POLICIES: dict[str, tuple[str, str, dict[str, type]]] = {
-    "token": (
-        "token_skip_generation_functions",
-        "TokenSkipPolicy",
-        {
-            "cosine_threshold": float,
-            "min_layer": int,
-            "max_layer": int,
-            "reuse_ratio": float,
-            "refresh_every": int,
-        },
-    ),
-    "layer": (
-        "layer_skip_generation_functions",
-        "LayerSkipPolicy",
-        {
-            "cosine_threshold": float,
-            "max_consecutive_skips": int,
-            "protect_first": int,
-            "protect_last": int,
-        },
-    ),
-    "reuse": (
-        "layer_skip_generation_functions",
-        "LayerReusePolicy",
-        {"reuse_k": int, "layer_subset": str, "subset_size": int},
-    ),
-    "exit": (
-        "early_exit_generation_functions",
-        "EarlyExitPolicy",
-        {"exit_threshold": float, "check_every": int, "min_layer": int},
-    ),
+# name -> policy class (its options: `cls.Options`)
+POLICIES: dict[str, type[Policy]] = {
+    cls.name: cls for cls in (TokenSkipPolicy, LayerSkipPolicy, LayerReusePolicy, EarlyExitPolicy)
 }
-# option -> its short name in sweep config ids (v2/experiments.py), e.g. token_ct0.99;
-# layer_subset is written as its value.
-OPTION_IDS: dict[str, str] = {
-    "cosine_threshold": "ct",
-    "reuse_ratio": "rr",
-    "min_layer": "ml",
-    "max_layer": "xl",
-    "refresh_every": "re",
-    "max_consecutive_skips": "mcs",
-    "protect_first": "pf",
-    "protect_last": "pl",
-    "reuse_k": "k",
-    "subset_size": "n",
-    "exit_threshold": "et",
-    "check_every": "ce",
-}
-# option -> what it does, for --help (the policies that take it are added from POLICIES)
-OPTION_HELP: dict[str, str] = {
-    "cosine_threshold": "token: reuse a position whose layer input's cosine with the previous "
-    "denoise forward's is above this; layer: pass a layer whose input barely changed across the "
-    "last layer run (>= 1: the policy is off)",
-    "min_layer": "token: first layer token skipping applies to (default 1); exit: first layer "
-    "whose logit lens is checked (default 1)",
-    "max_layer": "last layer token skipping applies to (default: the last)",
-    "reuse_ratio": "reuse this fraction of each row's positions per layer (the most similar) "
-    "instead of a threshold; in [0, 1)",
-    "refresh_every": "every N-th denoise forward of a block computes everything (default: never)",
-    "max_consecutive_skips": "most layers passed in a row (default 1)",
-    "protect_first": "first N layers always run (default 1)",
-    "protect_last": "last N layers always run (default 1)",
-    "reuse_k": "on denoise steps s with s %% k != 0, the subset's layers reuse their last "
-    "update (1: the baseline)",
-    "layer_subset": "first, middle, last, or layer indices like '3;5;7' (default middle)",
-    "subset_size": "layers in first / middle / last (default 12 of 28, scaled with depth)",
-    "exit_threshold": "a masked position whose logit-lens probability is above this stops "
-    "computing (>= 1: off)",
-    "check_every": "check the lens every N layers from min_layer (default 1)",
-}
-POLICY_NAMES = ("none", *POLICIES)
-POLICY_OPTIONS: dict[str, type] = {
-    k: t for _, _, opts in POLICIES.values() for k, t in opts.items()
-}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    """Add a policy (a Policy subclass with `name` and `Options`) to the registry."""
+    POLICIES[cls.name] = cls
+    return cls
+
+
+def policy_names() -> tuple[str, ...]:
+    return ("none", *POLICIES)
+
+
+def options_of(name: str) -> tuple[Declared, ...]:
+    """The declared options of policy `name` (none for "none"), in field order."""
+    return () if name == "none" else declared(POLICIES[name].Options)
+
+
+def all_options() -> dict[str, dict[str, Declared]]:
+    """option name -> {policy: its declaration}: the flags and model_args (an option name that
+    several policies take is one flag; they must agree on its type and id)."""
+    out: dict[str, dict[str, Declared]] = {}
+    for name in POLICIES:
+        for d in options_of(name):
+            others = out.setdefault(d.name, {})
+            first = next(iter(others.values()), d)
+            if (first.kind, first.id) != (d.kind, d.id):
+                raise TypeError(f"option {d.name}: policies {name} and others disagree on it")
+            others[name] = d
+    return out
+
+
+def option_id(policy: str, option: str) -> str | None:
+    """The option's short name in configuration ids (None: the value is its own id)."""
+    return next(d.id for d in options_of(policy) if d.name == option)
+
+
+def _check_name(name: str) -> None:
+    if name not in policy_names():
+        raise OptionError(f"unknown policy {name!r}; choose one of {', '.join(policy_names())}")
+
+
+def parse_options(name: str | None, options: dict) -> dict:
+    """Options of policy `name` from text or values (v2.options.parse_value), the ones not given
+    (None, "", "default") left out; an unknown policy or another policy's option is OptionError."""
+    name = name or "none"
+    _check_name(name)
+    decl = {d.name: d for d in options_of(name)}
+    given = {k: v for k, v in options.items() if not _not_given(v)}
+    foreign = sorted(set(given) - set(decl))
+    if foreign and name == "none":
+        raise OptionError(
+            f"options {', '.join(foreign)} need a policy (policy={'|'.join(POLICIES)})"
+        )
+    if foreign:
+        raise OptionError(f"policy {name!r} takes {', '.join(decl)}; not {', '.join(foreign)}")
+    typed = {k: decl[k].parse(v, name) for k, v in given.items()}
+    return {k: v for k, v in typed.items() if v is not None}
+
+
+def _not_given(value) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in DEFAULT_WORDS)
 
 
 def make_policy(name: str | None, **options) -> Policy | None:
-    """A policy from its name and options; options that another policy owns are an error."""
+    """A policy from its name and options (text or values); options that another policy owns, and
+    bad values, are an OptionError (a ValueError) of one line."""
     name = name or "none"
-    if name not in POLICY_NAMES:
-        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICY_NAMES)}")
-    given = {k: v for k, v in options.items() if v is not None}
-    if name == "none":
-        if given:
-            raise ValueError(
-                f"options {', '.join(sorted(given))} need a policy (policy={'|'.join(POLICIES)})"
-            )
-        return None
-    module, cls, allowed = POLICIES[name]
-    foreign = sorted(set(given) - set(allowed))
-    if foreign:
-        raise ValueError(f"policy {name!r} takes {', '.join(allowed)}; not {', '.join(foreign)}")
-    return getattr(importlib.import_module(module), cls)(
-        **{k: allowed[k](v) for k, v in given.items()}
-    )
+    given = parse_options(name, options)
+    return None if name == "none" else POLICIES[name](**given)
 
 
-def baseline_note(
-    policy: Policy | None, name: str | None, options: dict, num_layers: int | None = None
-) -> str | None:
-    """The warning every entry point prints when a policy was asked for but can skip nothing
-    (e.g. `--policy token` with no threshold, or layer options past a model of `num_layers`
-    layers when that is known): the run is the baseline."""
+def baseline_note(policy: Policy | None, given=(), num_layers: int | None = None) -> str | None:
+    """The note every entry point prints when a policy was asked for but can skip nothing
+    (`--policy token` with no threshold, `cosine_threshold 2`, or layer options past a model of
+    `num_layers` layers when that is known): the run is the baseline. `given`: the names of the
+    options the user set (shown with their values)."""
     if policy is None:
         return None
     if policy.acts_on(num_layers) if num_layers is not None else policy.enabled:
         return None
-    given = {k: v for k, v in options.items() if v is not None}
+    config = policy.config()
+    shown = {k: config[k] for k in given if k in config}
     depth = num_layers is not None and policy.enabled  # enabled, but not on this model
     where = f" on a model of {num_layers} layers" if depth else ""
     return (
-        f"policy {name!r} with {given or 'its defaults'} can skip nothing{where}: "
+        f"policy {policy.name!r} with {shown or 'its defaults'} can skip nothing{where}: "
         "this run is the baseline"
     )
 
 
 def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """--policy and one flag per option. The flags keep their text: make_policy reads it (one
+    parser, one message for a bad value or name, the same as every other entry point's)."""
     g = parser.add_argument_group("compute skipping")
-    g.add_argument("--policy", choices=POLICY_NAMES, default="none", help="(default none)")
-    for option, typ in POLICY_OPTIONS.items():
-        owners = ", ".join(n for n, (_, _, opts) in POLICIES.items() if option in opts)
-        g.add_argument(
-            "--" + option.replace("_", "-"),
-            type=typ,
-            default=None,
-            help=f"[{owners}] {OPTION_HELP[option]}",
-        )
+    names = ", ".join(policy_names())
+    g.add_argument("--policy", default="none", metavar="NAME", help=f"{names} (default none)")
+    for option, owners in all_options().items():
+        helps = "; ".join(f"[{name}] {d.described()}" for name, d in owners.items())
+        metavar = next(iter(owners.values())).type_name.upper()
+        flag = "--" + option.replace("_", "-")
+        g.add_argument(flag, default=None, metavar=metavar, help=helps.replace("%", "%%"))
 
 
 def policy_from_args(args: argparse.Namespace) -> Policy | None:
-    return make_policy(args.policy, **{k: getattr(args, k) for k in POLICY_OPTIONS})
+    return make_policy(args.policy, **given_options(args))
+
+
+def given_options(args: argparse.Namespace) -> dict:
+    """The policy options set on the command line (as text)."""
+    return {k: getattr(args, k) for k in all_options() if getattr(args, k, None) is not None}

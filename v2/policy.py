@@ -27,9 +27,11 @@ those that have a reference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
+
+from v2.options import OptionError, Options
 
 COMPUTE, REUSE, PASS = 0, 1, 2
 
@@ -53,9 +55,14 @@ class ForwardContext:
 
 
 class Policy:
-    """Base class: computes everything. Subclasses override `plan` (and the hooks they need)."""
+    """Base class: computes everything. Subclasses override `plan` (and the hooks they need).
+
+    A registered policy declares its options as a dataclass (`Options`, v2/options.py) and is
+    built from an instance of it, or from its fields as arguments: `TokenSkipPolicy(
+    cosine_threshold=0.9)` is `TokenSkipPolicy(TokenSkipOptions(cosine_threshold=0.9))`."""
 
     name = "none"
+    Options: type[Options] | None = None  # the dataclass of the policy's options
     # True when the policy may answer REUSE: the engine then keeps every unit's last update.
     reuses = False
     # False when the policy never answers PASS (the engine then knows every unit in scope has a
@@ -65,6 +72,20 @@ class Policy:
     # passes at a layer was computed at that layer earlier in this block: the unit's K/V there
     # are then the ones from that computation (other positions still attend to it).
     passes_units = False
+
+    def __init__(self, *args, **kwargs):
+        options = args[0] if len(args) == 1 and not kwargs else None
+        if self.Options is None:
+            if args or kwargs:
+                raise TypeError(f"policy {self.name!r} takes no options")
+            self.options = None
+        elif isinstance(options, self.Options):
+            self.options = options
+        else:
+            try:
+                self.options = self.Options(*args, **kwargs)
+            except OptionError as e:
+                raise OptionError(f"policy {self.name!r}: {e}") from None
 
     @property
     def enabled(self) -> bool:
@@ -132,5 +153,6 @@ class Policy:
         return set()
 
     def config(self) -> dict:
-        """The policy's options, for reports."""
-        return {"policy": self.name}
+        """The policy's name and every option with its value (defaults included), for reports."""
+        options = getattr(self, "options", None)  # wrappers (PlanRecorder) set none
+        return {"policy": self.name, **(asdict(options) if options else {})}

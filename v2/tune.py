@@ -51,7 +51,8 @@ import yaml
 
 from v2.bench.timing import settle
 from v2.checkpoint import device_arg, parse_device
-from v2.policies import POLICIES, make_policy
+from v2.options import OptionError
+from v2.policies import make_policy, options_of, policy_names
 from v2.record import accuracy
 from v2.tasks.gsm_answers import hits
 
@@ -93,10 +94,10 @@ def read_space(path: Path) -> dict:
         raise TuneError(f"{path}: no grid entry with a policy to tune")
     entry = dict(entries[0])
     policy = entry.pop("policy")
-    if policy not in POLICIES:
+    if policy not in policy_names():
         raise TuneError(f"{path}: unknown policy {policy!r}")
-    types = POLICIES[policy][2]
-    unknown = sorted(set(entry) - set(types))
+    declared = {d.name: d for d in options_of(policy)}
+    unknown = sorted(set(entry) - set(declared))
     if unknown:
         raise TuneError(f"{path}: policy {policy!r} has no option {', '.join(unknown)}")
     space = {}
@@ -104,6 +105,13 @@ def read_space(path: Path) -> dict:
         bad_range = isinstance(v, dict) and not ({"low", "high"} <= set(v) and v["low"] < v["high"])
         if bad_range:
             raise TuneError(f"{path}: range of {k} needs low < high, got {v}")
+        # every value the search may try is one the option accepts (its declared type and range)
+        values = [v["low"], v["high"]] if isinstance(v, dict) else v if isinstance(v, list) else [v]
+        try:
+            for x in values:
+                declared[k].parse(x, policy)
+        except OptionError as e:
+            raise TuneError(f"{path}: {e}") from None
         space[k] = v
     tasks = data["tasks"] if isinstance(data["tasks"], list) else [data["tasks"]]
     return {
@@ -316,7 +324,7 @@ def run(args: argparse.Namespace) -> dict:
     gpu = device.startswith("cuda")
     objective_name = args.objective or ("tokens_per_second" if gpu else "flops")
     warm = objective_name == "tokens_per_second"  # time no compile or capture
-    types = POLICIES[setup["policy"]][2]
+    types = {d.name: d.kind for d in options_of(setup["policy"])}
     problems = dev_split(setup["task"], args.dev_n)  # a task without one: refused here
     settings = study_settings(setup, args, model_path, device, objective_name)
 
