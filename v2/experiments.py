@@ -228,13 +228,26 @@ def check_tasks(sweep: Sweep) -> None:
         )
 
 
+def yaml_error(e: yaml.YAMLError) -> str:
+    """A YAML parse error as one line with its position (PyYAML's is several lines naming the
+    text "<unicode string>")."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = ": ".join(
+        str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x
+    )
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"not valid YAML: {where}{what or type(e).__name__}"
+
+
 def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
     """Read and check a sweep file. Relative paths in it are relative to the repository root."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except OSError as e:
         raise SweepError(f"cannot read sweep {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path}: {yaml_error(e)}") from None
     if not isinstance(data, dict):
         raise SweepError(f"{path}: a sweep file is a mapping")
     unknown = sorted(set(data) - SWEEP_KEYS)
@@ -1121,15 +1134,18 @@ def slurm_available() -> bool:
     return False
 
 
-def use_slurm(local: bool) -> bool:
+def use_slurm(local: bool, runs: bool = True) -> bool:
+    """Whether runs go to SLURM. `runs`: this command runs configurations (not --status or
+    --dry-run, which run nothing and must not say that something runs here)."""
     if local:
         return False
     if slurm_available():
         return True
     if shutil.which("sbatch"):
+        what = "running here" if runs else "runs would go here, not to SLURM"
         print(
             "note: sbatch is on PATH but finds no SLURM cluster (no SLURM_CONF or slurm.conf, "
-            "sinfo fails): running here",
+            f"sinfo fails): {what}",
             file=sys.stderr,
         )
     return False
@@ -1179,7 +1195,7 @@ def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> in
             forced = {c.id for c in select(sweep, args.force)}
             if not forced <= {c.id for c in configs}:
                 raise SweepError(f"--force {' '.join(sorted(forced))}: not all are in --only")
-        slurm = use_slurm(args.local)
+        slurm = use_slurm(args.local, runs=not (args.status or args.dry_run))
         if slurm and sweep.runner == "direct" and not args.status:
             raise SweepError(
                 f"{sweep.file}: runner direct times every configuration in one process, here: "
@@ -1198,7 +1214,8 @@ def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> in
         label = f", limit {limit} per task: smoke test" if limit else ""
         if limit and not args.limit and not sweep.limit:
             label += f" (limit_cpu of {sweep.file.name}: no GPU here)"
-        print(f"sweep {sweep.name}: {len(todo)} of {len(configs)} to run {where}{label}")
+        verb = "would run" if args.dry_run else "to run"
+        print(f"sweep {sweep.name}: {len(todo)} of {len(configs)} {verb} {where}{label}")
         for c in configs:
             mark = "run " if c in todo else "skip"
             print(f"  {mark} {c.id:<28} {st[c.id].state:<8} {st[c.id].note}")
@@ -1258,7 +1275,7 @@ def list_sweeps(results: Path | None, local: bool, folder: Path = SWEEPS_DIR) ->
     if not files:
         print(f"no sweep files under {folder}")
         return 0
-    slurm = use_slurm(local)
+    slurm = use_slurm(local, runs=False)
     gpus = 0 if slurm else num_gpus()
     rows = []
     for f in files:
