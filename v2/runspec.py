@@ -102,7 +102,8 @@ def typed_setting(name: str, value):
             return value
         raise SpecError(f"{name} must be a string, got {value!r}")
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SpecError(f"{name} must be {'an integer' if kind == 'int' else 'a number'}")
+        kind_text = "an integer" if kind == "int" else "a number"
+        raise SpecError(f"{name} must be {kind_text}, got {value!r}")
     if kind == "int":
         if float(value) != int(value):
             raise SpecError(f"{name} must be an integer, got {value!r}")
