@@ -42,10 +42,14 @@ SUMMARY_KEYS = {
     "command",
     "date",
 }
+# the record's one dialect (v2.runspec.record_config), the direct runner's too: every
+# GenerationConfig field (ignore_eos and cuda_graphs included, which lm_eval's records lacked)
 CONFIG_KEYS = {
     "policy",
     "seed",
     "decode",
+    "ignore_eos",
+    "cuda_graphs",
     "threshold",
     "block_size",
     "small_block_size",

@@ -937,3 +937,36 @@ def test_a_limit_below_one_is_refused(limit, capsys):
     with pytest.raises(SystemExit) as e:
         ex.main(["configs/sweeps/tiny_default.yaml", "--limit", limit, "--dry-run"])
     assert e.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err
+
+
+def test_status_and_dry_run_do_not_say_running_here(tmp_path, monkeypatch, capsys):
+    """sbatch on PATH and no cluster: a run goes here and says so; --status and --dry-run run
+    nothing and said "running here" all the same (issue 25)."""
+    (tmp_path / "bin").mkdir()
+    for name, rc in (("sbatch", 0), ("sinfo", 1)):
+        (tmp_path / "bin" / name).write_text(f"#!/bin/sh\nexit {rc}\n")
+        (tmp_path / "bin" / name).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    monkeypatch.setattr(ex, "SLURM_CONF_PATHS", (str(tmp_path / "slurm.conf"),))
+    monkeypatch.setenv(ex.NUM_GPUS_ENV, "0")
+    path = write_sweep(tmp_path, 2)
+    results = tmp_path / "results"
+    for flags in (["--status"], ["--dry-run"]):
+        assert ex.main([str(path), "--results", str(results), *flags]) == 0
+        out, err = capsys.readouterr()
+        assert "running here" not in out + err and "not to SLURM" in err, err
+    assert "2 of 2 would run here" in out
+    assert ex.list_sweeps(results, local=False, folder=path.parent) == 0
+    assert "running here" not in "".join(capsys.readouterr())
+    assert not results.exists()
+
+
+def test_a_malformed_sweep_is_one_line_with_its_position(tmp_path, capsys):
+    """PyYAML's error was 8 lines naming "<unicode string>"."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\ngrid:\n  - policy: none\n    threshold: [0.9\n")
+    assert ex.main([str(path), "--dry-run", "--local"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "<unicode string>" not in err, err
+    assert err.startswith(f"error: {path}: not valid YAML: line 5, column 1"), err

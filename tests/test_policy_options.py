@@ -161,9 +161,17 @@ def check_everywhere(name: str) -> None:
         # config(): every option with its resolved value, defaults included
         assert d.name in defaults
         # sweep keys and ids
-        cfgs = experiments.expand_grid([{"policy": name, d.name: value}], 0.9, ["t"], False, "w")
+        cfgs = grid_specs([{"policy": name, d.name: value}])
         short = d.id if d.id is not None else ""
         assert cfgs[0].id.startswith(f"{name}_{short}") and cfgs[0].options == {d.name: value}
+
+
+def grid_specs(grid: list) -> list:
+    """The configurations (RunSpecs) of a sweep with this grid, as the runner builds them."""
+    from v2.runspec import build_specs
+
+    data = {"pretrained": "ckpt", "tasks": ["t"], "threshold": 0.9, "grid": grid}
+    return build_specs(data, runner="lm_eval", batch_size=1)
 
 
 @pytest.mark.parametrize("name", list(policies.POLICIES))
@@ -335,7 +343,7 @@ def test_committed_sweep_ids_are_unchanged():
     ):
         assert cid in ids, cid
     grid = [{"policy": "reuse", "reuse_k": 3, "layer_subset": "3;5;7", "subset_size": 2}]
-    assert experiments.expand_grid(grid, 0.9, ["t"], False, "w")[0].id == "reuse_k3_L3-5-7_n2"
+    assert grid_specs(grid)[0].id == "reuse_k3_L3-5-7_n2"
 
 
 @pytest.mark.parametrize(

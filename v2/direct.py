@@ -70,29 +70,19 @@ def problems(task: str, limit: int | None) -> tuple[list[str], list[str]]:
 
 
 def generation_config(sweep: Sweep, cfg: Config):
-    """The GenerationConfig of a configuration: the evaluation defaults (EVAL_DEFAULTS, as the
-    lm_eval runner's), the sweep's max_new_tokens, threshold and model_args' settings."""
-    from v2.generate import EVAL_DEFAULTS, GenerationConfig
-
-    fields = GenerationConfig.__dataclass_fields__
-    given = {**sweep.model_args, **cfg.model_args}
-    settings = {**EVAL_DEFAULTS, **{k: v for k, v in given.items() if k in fields}}
-    settings["max_new_tokens"] = sweep.direct["max_new_tokens"]
-    if cfg.threshold is not None:
-        settings["threshold"] = cfg.threshold
-    return GenerationConfig(**settings)
+    """The GenerationConfig of a configuration: its RunSpec's generation settings."""
+    return cfg.generation_config()
 
 
 def decode(lm, sweep: Sweep, cfg: Config, texts, references, batch: int, desc=None, engine=None):
     """Decode and score `texts` with a configuration; `desc` shows a progress bar. `engine`: the
     configuration's own (`timing_engine`), with its policy; None: the model's, a new policy."""
-    from v2.policies import make_policy
     from v2.tiny.train import score
 
     def policy():
         if engine is not None:
             return engine.given_policy
-        return make_policy(cfg.policy, **cfg.options)
+        return cfg.make_policy()
 
     gen = generation_config(sweep, cfg)
     return score(lm, texts, references, gen, batch, policy, desc, engine)
@@ -102,9 +92,7 @@ def timing_engine(lm, sweep: Sweep, cfg: Config):
     """A configuration's own engine, with its own policy object, for every timed pass of it (its
     graphs stay valid while the other configurations decode); None where it decodes without one
     (decode: autoregressive)."""
-    from v2.policies import make_policy
-
-    return lm.engine(generation_config(sweep, cfg), make_policy(cfg.policy, **cfg.options))
+    return lm.engine(generation_config(sweep, cfg), cfg.make_policy())
 
 
 def run_local(
@@ -116,9 +104,8 @@ def run_local(
     """Run `to_run` in this process; returns (id, exit status) per configuration: all failed
     (FAILED markers with the reason) if any step raised. Ctrl-C raises Interrupted naming them
     all (records are written only once timing is done)."""
-    from dataclasses import asdict
-
     from v2.generate import FastDLLM
+    from v2.runspec import as_run, record_config
 
     pretrained = Path(sweep.pretrained).expanduser()
     pretrained = pretrained if pretrained.is_absolute() else REPO / pretrained
@@ -191,13 +178,13 @@ def run_local(
         rec = Record(
             model=pretrained.resolve().name,
             pretrained=sweep.pretrained,
-            config={
-                "policy": {"policy": cfg.policy, **cfg.options},
-                **asdict(gen),
-                "batch_size": d["batch_size"],
-                "dtype": str(lm.model.embed_tokens.weight.dtype).removeprefix("torch."),
-                "num_processes": 1,
-            },
+            config=record_config(  # the lm_eval backend's dialect (v2/lm_adapter.py)
+                as_run(gen, lm.model.cfg.block_size, gen.max_new_tokens),
+                cfg.make_policy(),
+                batch_size=cfg.batch_size,
+                dtype=str(lm.model.embed_tokens.weight.dtype).removeprefix("torch."),
+                num_processes=1,
+            ),
             tasks={
                 m["task"]: TaskResult(
                     n=m["n"],

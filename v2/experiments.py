@@ -66,7 +66,9 @@ from pathlib import Path
 
 import yaml
 
-from v2.policies import baseline_note, option_id, options_of, policy_names
+from v2.policies import baseline_note
+from v2.runspec import RunSpec, SpecError, build_specs
+from v2.runspec import config_id as config_id  # re-exported: ids are the runner's word
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_ENV = REPO / "sbatch" / "cluster.env"
@@ -102,16 +104,8 @@ class SweepError(ValueError):
 # --------------------------------------------------------------------------- sweep definitions
 
 
-@dataclass(frozen=True)
-class Config:
-    """One configuration: a policy with its options, a decoding threshold, its tasks."""
-
-    id: str
-    policy: str
-    options: dict
-    threshold: float | None
-    tasks: tuple[str, ...]
-    model_args: dict = field(default_factory=dict)
+# One configuration: its resolved settings (v2/runspec.py), read by both backends and the record.
+Config = RunSpec
 
 
 @dataclass
@@ -121,7 +115,6 @@ class Sweep:
     pretrained: str
     tasks: list[str]
     configs: list[Config]
-    model_args: dict
     lm_eval: dict
     limit: int | None
     limit_cpu: int | None
@@ -182,110 +175,6 @@ def _alternatives(v) -> list:
     return list(v) if isinstance(v, list) else [v]
 
 
-def _fmt(v) -> str:
-    return repr(float(v)) if isinstance(v, float) else str(v)
-
-
-def _subset_label(v) -> str:
-    s = str(v)
-    if s in ("first", "middle", "last"):
-        return s
-    return "L" + "-".join(s.replace(";", " ").replace("+", " ").split())
-
-
-def config_id(policy: str, options: dict, threshold, show_threshold: bool) -> str:
-    """`baseline`, `token_ct0.95`, `layer_ct0.99_pf2_pl2`, `reuse_k2_middle`; `thr0.9_...` first
-    when the sweep varies the decoding threshold."""
-    parts = [f"thr{_fmt(threshold)}"] if show_threshold else []
-    if policy == "none":
-        parts.append("baseline")
-    else:
-        parts.append(policy)
-        for k, v in options.items():
-            short = option_id(policy, k)  # declared with the option; None: the value is its id
-            label = _subset_label(v) if short is None else short + _fmt(v)
-            parts.append(label)
-    return "_".join(parts)
-
-
-def _policy_options() -> dict[str, list[str]]:
-    """policy -> its option names (the sweep keys of a grid entry), in declaration order."""
-    return {name: [d.name for d in options_of(name)] for name in policy_names()}
-
-
-def expand_grid(grid: list, threshold, tasks: list[str], split_tasks: bool, where: str):
-    """Configurations of a grid: every list-valued key of an entry is a set of alternatives."""
-    known = _policy_options()
-    raw = []
-    for n, entry in enumerate(grid):
-        if not isinstance(entry, dict):
-            raise SweepError(f"{where}: grid entry {n} must be a mapping, got {entry!r}")
-        entry = dict(entry)
-        policy = entry.pop("policy", "none")
-        if policy not in known:
-            raise SweepError(f"{where}: unknown policy {policy!r}; choose {', '.join(known)}")
-        explicit = entry.pop("id", None)
-        model_args = entry.pop("model_args", {}) or {}
-        thr = entry.pop("threshold", threshold)
-        foreign = sorted(set(entry) - set(known[policy]))
-        if foreign:
-            raise SweepError(
-                f"{where}: policy {policy!r} takes {', '.join(known[policy]) or 'no options'}; "
-                f"not {', '.join(foreign)}"
-            )
-        order = [k for k in known[policy] if k in entry]
-        combos = list(
-            itertools.product(_alternatives(thr), *(_alternatives(entry[k]) for k in order))
-        )
-        if explicit and len(combos) > 1:
-            raise SweepError(f"{where}: entry {n} has an id but expands to {len(combos)} configs")
-        raw += [
-            (policy, dict(zip(order, c[1:], strict=True)), c[0], explicit, model_args)
-            for c in combos
-        ]
-    show_thr = len({r[2] for r in raw}) > 1
-    configs = []
-    for policy, options, thr, explicit, model_args in raw:
-        cid = explicit or config_id(policy, options, thr, show_thr)
-        for t in tasks if split_tasks else [None]:
-            configs.append(
-                Config(
-                    id=f"{cid}@{t}" if t else cid,
-                    policy=policy,
-                    options=options,
-                    threshold=thr,
-                    tasks=(t,) if t else tuple(tasks),
-                    model_args=dict(model_args),
-                )
-            )
-    seen = set()
-    for c in configs:
-        if c.id in seen:
-            raise SweepError(f"{where}: two configurations have the id {c.id!r}")
-        seen.add(c.id)
-    return configs
-
-
-def check_config(cfg: Config, where: str) -> None:
-    """What would fail at run time, configuration after configuration, fails here: a decoding
-    threshold that is not > 0 (GenerationConfig) and policy options the policy rejects. A policy
-    that can skip nothing (the baseline under another name) gets the note every entry point
-    prints."""
-    from v2.policies import make_policy
-
-    thr = cfg.threshold
-    if thr is not None and (isinstance(thr, bool) or not isinstance(thr, int | float)):
-        raise SweepError(f"{where}: threshold must be a number > 0, got {thr!r}")
-    if thr is not None and not thr > 0:
-        raise SweepError(f"{where}: threshold must be > 0 (>= 1: one token per forward), got {thr}")
-    try:
-        policy = make_policy(cfg.policy, **cfg.options)
-    except (ValueError, TypeError) as e:
-        raise SweepError(f"{where}: {e}") from None
-    if note := baseline_note(policy, cfg.options):
-        print(f"note: {where}: {note}", file=sys.stderr)
-
-
 def is_hub_id(pretrained: str) -> bool:
     """`org/name` (fetched from the hub by the model) rather than a local folder."""
     return pretrained.count("/") == 1 and not pretrained.startswith((".", "/", "~"))
@@ -340,13 +229,26 @@ def check_tasks(sweep: Sweep) -> None:
         )
 
 
+def yaml_error(e: yaml.YAMLError) -> str:
+    """A YAML parse error as one line with its position (PyYAML's is several lines naming the
+    text "<unicode string>")."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    what = ": ".join(
+        str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x
+    )
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    return f"not valid YAML: {where}{what or type(e).__name__}"
+
+
 def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
     """Read and check a sweep file. Relative paths in it are relative to the repository root."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except OSError as e:
         raise SweepError(f"cannot read sweep {path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise SweepError(f"{path}: {yaml_error(e)}") from None
     if not isinstance(data, dict):
         raise SweepError(f"{path}: a sweep file is a mapping")
     unknown = sorted(set(data) - SWEEP_KEYS)
@@ -361,17 +263,23 @@ def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
     if unknown:
         raise SweepError(f"{path}: unknown lm_eval keys {', '.join(unknown)}")
     limit = data.get("limit", lm_eval.pop("limit", None))
-    configs = expand_grid(
-        data["grid"], data.get("threshold"), tasks, bool(data.get("split_tasks")), str(path)
-    )
-    model_args = dict(data.get("model_args") or {})
-    for c in configs:
-        for k, v in {**model_args, **c.model_args, **c.options}.items():
-            if any(ch in str(v) for ch in ",="):
-                raise SweepError(f"{path}: {c.id}: model_args value {k}={v!r} has ',' or '='")
-        check_config(c, f"{path}: {c.id}")
+    runner, direct = check_runner(data, str(path))
+    try:
+        configs = build_specs(
+            data,
+            runner=runner,
+            batch_size=direct["batch_size"] if runner == "direct" else lm_eval["batch_size"],
+            max_new_tokens=direct["max_new_tokens"] if runner == "direct" else None,
+            direct_max_new_tokens=(data.get("direct") or {}).get("max_new_tokens"),
+        )
+    except SpecError as e:
+        raise SweepError(f"{path}: {e}") from None
+    for c in configs:  # a policy that can skip nothing: the note every entry point prints
+        if c.policy != "none" and (note := baseline_note(c.make_policy(), c.options)):
+            print(f"note: {path}: {c.id}: {note}", file=sys.stderr)
     check_pretrained(str(data["pretrained"]), str(path))
-    runner, direct = check_runner(data, configs, str(path))
+    if runner == "direct":
+        check_direct_tasks(configs, str(path))
     name = str(data.get("name") or path.stem)
     root = Path(results) if results else REPO / str(data.get("results") or "results")
     return Sweep(
@@ -380,7 +288,6 @@ def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
         pretrained=str(data["pretrained"]),
         tasks=tasks,
         configs=configs,
-        model_args=model_args,
         lm_eval=lm_eval,
         limit=int(limit) if limit else None,
         limit_cpu=int(data["limit_cpu"]) if data.get("limit_cpu") else None,
@@ -391,10 +298,10 @@ def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
     )
 
 
-def check_runner(data: dict, configs: list[Config], where: str) -> tuple[str, dict]:
+def check_runner(data: dict, where: str) -> tuple[str, dict]:
     """(runner, direct settings): `runner: lm_eval` (default) or `direct` (v2/direct.py), whose
     settings are `direct: {batch_size, speed: {batch: problems}, speed_rounds, max_new_tokens}`."""
-    from v2.direct import DEFAULTS, TASKS
+    from v2.direct import DEFAULTS
 
     runner = data.get("runner", "lm_eval")
     if runner not in ("lm_eval", "direct"):
@@ -406,21 +313,6 @@ def check_runner(data: dict, configs: list[Config], where: str) -> tuple[str, di
         raise SweepError(f"{where}: direct takes {', '.join(DEFAULTS)}; got {given!r}")
     direct = {**DEFAULTS, **given}
     if runner == "direct":
-        from v2.generate import GenerationConfig
-
-        known = set(GenerationConfig.__dataclass_fields__)
-        for c in configs:
-            foreign = sorted((set(data.get("model_args") or {}) | set(c.model_args)) - known)
-            if foreign:
-                raise SweepError(
-                    f"{where}: {c.id}: runner direct takes generation settings as model_args "
-                    f"({', '.join(sorted(known))}); not {', '.join(foreign)}"
-                )
-            if len(c.tasks) != 1 or c.tasks[0] not in TASKS:
-                raise SweepError(
-                    f"{where}: {c.id}: runner direct scores one task of {', '.join(TASKS)}, "
-                    f"not {', '.join(c.tasks)}"
-                )
         speed = direct["speed"]
         ok = isinstance(speed, dict) and all(
             isinstance(b, int) and isinstance(n, int) and b > 0 and n > 0 for b, n in speed.items()
@@ -433,15 +325,24 @@ def check_runner(data: dict, configs: list[Config], where: str) -> tuple[str, di
     return runner, direct
 
 
+def check_direct_tasks(configs: list[Config], where: str) -> None:
+    from v2.direct import TASKS
+
+    for c in configs:
+        if len(c.tasks) != 1 or c.tasks[0] not in TASKS:
+            raise SweepError(
+                f"{where}: {c.id}: runner direct scores one task of {', '.join(TASKS)}, "
+                f"not {', '.join(c.tasks)}"
+            )
+
+
 # --------------------------------------------------------------------------- one configuration
 
 
 def model_args_text(sweep: Sweep, cfg: Config) -> str:
-    args = {"pretrained": sweep.pretrained}
-    if cfg.threshold is not None:
-        args["threshold"] = cfg.threshold
-    args |= {"policy": cfg.policy, **cfg.options, **sweep.model_args, **cfg.model_args}
-    return ",".join(f"{k}={v}" for k, v in args.items())
+    """lm_eval's --model_args of a configuration: its RunSpec rendered (RunSpec.lm_eval_model_args),
+    so the model decodes exactly the spec."""
+    return ",".join(f"{k}={v}" for k, v in cfg.lm_eval_model_args().items())
 
 
 def lm_eval_args(sweep: Sweep, cfg: Config, run_dir: Path, limit: int | None) -> list[str]:
@@ -1239,15 +1140,18 @@ def slurm_available() -> bool:
     return False
 
 
-def use_slurm(local: bool) -> bool:
+def use_slurm(local: bool, runs: bool = True) -> bool:
+    """Whether runs go to SLURM. `runs`: this command runs configurations (not --status or
+    --dry-run, which run nothing and must not say that something runs here)."""
     if local:
         return False
     if slurm_available():
         return True
     if shutil.which("sbatch"):
+        what = "running here" if runs else "runs would go here, not to SLURM"
         print(
             "note: sbatch is on PATH but finds no SLURM cluster (no SLURM_CONF or slurm.conf, "
-            "sinfo fails): running here",
+            f"sinfo fails): {what}",
             file=sys.stderr,
         )
     return False
@@ -1297,7 +1201,7 @@ def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> in
             forced = {c.id for c in select(sweep, args.force)}
             if not forced <= {c.id for c in configs}:
                 raise SweepError(f"--force {' '.join(sorted(forced))}: not all are in --only")
-        slurm = use_slurm(args.local)
+        slurm = use_slurm(args.local, runs=not (args.status or args.dry_run))
         if slurm and sweep.runner == "direct" and not args.status:
             raise SweepError(
                 f"{sweep.file}: runner direct times every configuration in one process, here: "
@@ -1316,7 +1220,8 @@ def main(argv: list[str] | None = None, eval_cmd: list[str] | None = None) -> in
         label = f", limit {limit} per task: smoke test" if limit else ""
         if limit and not args.limit and not sweep.limit:
             label += f" (limit_cpu of {sweep.file.name}: no GPU here)"
-        print(f"sweep {sweep.name}: {len(todo)} of {len(configs)} to run {where}{label}")
+        verb = "would run" if args.dry_run else "to run"
+        print(f"sweep {sweep.name}: {len(todo)} of {len(configs)} {verb} {where}{label}")
         for c in configs:
             mark = "run " if c in todo else "skip"
             print(f"  {mark} {c.id:<28} {st[c.id].state:<8} {st[c.id].note}")
@@ -1376,7 +1281,7 @@ def list_sweeps(results: Path | None, local: bool, folder: Path = SWEEPS_DIR) ->
     if not files:
         print(f"no sweep files under {folder}")
         return 0
-    slurm = use_slurm(local)
+    slurm = use_slurm(local, runs=False)
     gpus = 0 if slurm else num_gpus()
     rows = []
     for f in files:

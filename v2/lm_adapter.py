@@ -46,6 +46,7 @@ from v2.generate import (
 from v2.model import Network, block_causal_mask
 from v2.options import OptionError, parse_value
 from v2.policies import all_options, baseline_note, make_policy, options_of
+from v2.runspec import as_run, record_config
 from v2.stats import FORWARD_KINDS, PER_LAYER, SPECULATIVE_COUNTS, Stats
 
 log = logging.getLogger(__name__)
@@ -473,16 +474,14 @@ class FastDLLMEvalLM(LM):
             given = {k: v for k, v in model_args.items() if k in all_options() and v is not None}
             note = baseline_note(p, given, RUN.num_layers)
             print(f"[fast_dllm_v2] note: {note}", file=sys.stderr)
-        RUN.config = {  # the record's config: every generation setting as run, and the policy
-            "policy": self.policy.config() if self.policy is not None else {"policy": "none"},
-            **{k: getattr(self.gen_config, k) for k in GENERATION_ARGS},
-            "block_size": self.block_size,
-            "max_new_tokens": self.max_new_tokens,
-            "batch_size": self.batch_size,
-            "release_recipe": self.release_recipe,
-            "dtype": str(self.model.embed_tokens.weight.dtype).removeprefix("torch."),
-            "num_processes": self._world_size,
-        }
+        RUN.config = record_config(  # every generation setting as run, and the policy
+            as_run(self.gen_config, self.block_size, self.max_new_tokens),
+            self.policy,
+            batch_size=self.batch_size,
+            dtype=str(self.model.embed_tokens.weight.dtype).removeprefix("torch."),
+            num_processes=self._world_size,
+            release_recipe=self.release_recipe,
+        )
 
     # -- lm_eval hooks -------------------------------------------------------------------------
 
