@@ -111,6 +111,17 @@ def test_a_killed_search_resumes(tmp_path, checkpoint):
     assert (out / "trials.png").stat().st_size > 0
 
 
+def test_a_malformed_sweep_is_the_runners_one_line_with_its_position(tmp_path, capsys):
+    """The tuner reads a sweep file with the runner's reader: PyYAML's error was one line
+    without a position here (and 8 lines in the runner)."""
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: bad\ngrid:\n  - policy: token\n    cosine_threshold: [0.9\n")
+    assert main([str(path), "--out", str(tmp_path / "out"), "--max-drop", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "<unicode string>" not in err, err
+    assert f"{path}: not valid YAML: line 5, column 1" in err, err
+
+
 def test_bad_sweeps_are_one_line_errors(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"pretrained": "x", "tasks": ["tiny_gsm"], "grid": [{}]}))

@@ -64,10 +64,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from v2.policies import baseline_note
-from v2.runspec import RunSpec, SpecError, build_specs
+from v2.runspec import RunSpec, SpecError, build_specs, read_sweep_file
 from v2.runspec import config_id as config_id  # re-exported: ids are the runner's word
 
 REPO = Path(__file__).resolve().parents[1]
@@ -229,28 +227,13 @@ def check_tasks(sweep: Sweep) -> None:
         )
 
 
-def yaml_error(e: yaml.YAMLError) -> str:
-    """A YAML parse error as one line with its position (PyYAML's is several lines naming the
-    text "<unicode string>")."""
-    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-    what = ": ".join(
-        str(x) for x in (getattr(e, "context", None), getattr(e, "problem", None)) if x
-    )
-    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-    return f"not valid YAML: {where}{what or type(e).__name__}"
-
-
 def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
     """Read and check a sweep file. Relative paths in it are relative to the repository root."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise SweepError(f"cannot read sweep {path}: {e}") from None
-    except yaml.YAMLError as e:
-        raise SweepError(f"{path}: {yaml_error(e)}") from None
-    if not isinstance(data, dict):
-        raise SweepError(f"{path}: a sweep file is a mapping")
+        data = read_sweep_file(path)
+    except SpecError as e:
+        raise SweepError(str(e)) from None
     unknown = sorted(set(data) - SWEEP_KEYS)
     if unknown:
         raise SweepError(f"{path}: unknown keys {', '.join(unknown)}; known: {sorted(SWEEP_KEYS)}")

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+import yaml
 
 from v2.generate import EVAL_DEFAULTS, SETTING_TYPES, GenerationConfig, settings
 from v2.options import OptionError, parse_value
@@ -128,6 +131,28 @@ def as_run(gen: GenerationConfig, block_size: int, max_new_tokens: int | None) -
     """`gen` with the block size resolved (the checkpoint's where None) and max_new_tokens as
     the record shows it (None: each request's max_gen_toks)."""
     return replace(gen, block_size=gen.block_size or block_size, max_new_tokens=max_new_tokens)
+
+
+# --------------------------------------------------------------------------- reading the file
+
+
+def read_sweep_file(path: Path) -> dict:
+    """A sweep file's mapping (the runner's and the tuner's one reader); SpecError with one line
+    naming the file: unreadable, not valid YAML (with its line and column: PyYAML's own message
+    is several lines naming "<unicode string>"), or not a mapping."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except OSError as e:
+        raise SpecError(f"cannot read sweep {path}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+        parts = (getattr(e, "context", None), getattr(e, "problem", None))
+        what = ": ".join(str(x) for x in parts if x) or type(e).__name__
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise SpecError(f"{path}: not valid YAML: {where}{what}") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: a sweep file is a mapping")
+    return data
 
 
 # --------------------------------------------------------------------------- building specs

@@ -54,6 +54,7 @@ from v2.checkpoint import device_arg, parse_device
 from v2.options import OptionError
 from v2.policies import make_policy, options_of, policy_names
 from v2.record import accuracy
+from v2.runspec import SpecError, read_sweep_file
 from v2.tasks.gsm_answers import hits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,11 +80,9 @@ class TuneError(ValueError):
 def read_space(path: Path) -> dict:
     """The tuning setup of a sweep file: model, task, decoding threshold, chat, policy, space."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise TuneError(f"cannot read {path}: {e}".splitlines()[0]) from None
-    if not isinstance(data, dict):
-        raise TuneError(f"{path}: not a sweep file (a YAML mapping)")
+        data = read_sweep_file(path)  # the runner's reader: one line, with the YAML position
+    except SpecError as e:
+        raise TuneError(str(e)) from None
     for key in ("pretrained", "tasks", "grid"):
         if key not in data:
             raise TuneError(f"{path}: missing {key!r}")
