@@ -42,7 +42,7 @@ SUMMARY_KEYS = {
     "command",
     "date",
 }
-# the record's one dialect (v2.runspec.record_config), the direct runner's too: every
+# the record's one dialect (v2.runs.spec.record_config), the direct runner's too: every
 # GenerationConfig field (ignore_eos and cuda_graphs included, which lm_eval's records lacked)
 CONFIG_KEYS = {
     "policy",

@@ -168,7 +168,7 @@ def check_everywhere(name: str) -> None:
 
 def grid_specs(grid: list) -> list:
     """The configurations (RunSpecs) of a sweep with this grid, as the runner builds them."""
-    from v2.runspec import build_specs
+    from v2.runs.spec import build_specs
 
     data = {"pretrained": "ckpt", "tasks": ["t"], "threshold": 0.9, "grid": grid}
     return build_specs(data, runner="lm_eval", batch_size=1)

@@ -1,4 +1,4 @@
-"""One RunSpec per configuration (v2/runspec.py): built once from the sweep file by one rule (a
+"""One RunSpec per configuration (v2/runs/spec.py): built once from the sweep file by one rule (a
 setting named in two places must have one value), read by both backends, which write the same
 id and the same record `config` for it (issue 25)."""
 
@@ -13,7 +13,7 @@ import yaml
 
 from v2 import experiments as ex
 from v2.policies import make_policy
-from v2.runspec import RunSpec
+from v2.runs.spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -33,23 +33,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from v2.bench.timing import settle
-from v2.experiments import (
+from v2.record import Record, TaskResult, Timing, accuracy, environment, write
+from v2.runs.spec import REPO, RunSpec, Sweep, as_run, record_config
+from v2.runs.state import (
     FAILED,
     HOST,
-    REPO,
     RUNNING,
-    Config,
     Interrupted,
-    Sweep,
-    _log,
-    _write_done,
-    _write_failed,
     archive,
     expected,
+    log_line,
     remove_markers,
+    write_done,
+    write_failed,
     write_marker,
 )
-from v2.record import Record, TaskResult, Timing, accuracy, environment, write
 
 TASKS = {
     "tiny_gsm": REPO / "v2" / "tiny" / "data" / "test.jsonl",
@@ -69,12 +67,12 @@ def problems(task: str, limit: int | None) -> tuple[list[str], list[str]]:
     return [user_message(q["question"]) for q in rows], [q["answer"] for q in rows]
 
 
-def generation_config(sweep: Sweep, cfg: Config):
+def generation_config(sweep: Sweep, cfg: RunSpec):
     """The GenerationConfig of a configuration: its RunSpec's generation settings."""
     return cfg.generation_config()
 
 
-def decode(lm, sweep: Sweep, cfg: Config, texts, references, batch: int, desc=None, engine=None):
+def decode(lm, sweep: Sweep, cfg: RunSpec, texts, references, batch: int, desc=None, engine=None):
     """Decode and score `texts` with a configuration; `desc` shows a progress bar. `engine`: the
     configuration's own (`timing_engine`), with its policy; None: the model's, a new policy."""
     from v2.tiny.train import score
@@ -88,7 +86,7 @@ def decode(lm, sweep: Sweep, cfg: Config, texts, references, batch: int, desc=No
     return score(lm, texts, references, gen, batch, policy, desc, engine)
 
 
-def timing_engine(lm, sweep: Sweep, cfg: Config):
+def timing_engine(lm, sweep: Sweep, cfg: RunSpec):
     """A configuration's own engine, with its own policy object, for every timed pass of it (its
     graphs stay valid while the other configurations decode); None where it decodes without one
     (decode: autoregressive)."""
@@ -97,7 +95,7 @@ def timing_engine(lm, sweep: Sweep, cfg: Config):
 
 def run_local(
     sweep: Sweep,
-    to_run: list[Config],
+    to_run: list[RunSpec],
     limit: int | None,
     replace_ids: set[str] | frozenset = frozenset(),
 ) -> list[tuple[str, int]]:
@@ -105,14 +103,13 @@ def run_local(
     (FAILED markers with the reason) if any step raised. Ctrl-C raises Interrupted naming them
     all (records are written only once timing is done)."""
     from v2.generate import FastDLLM
-    from v2.runspec import as_run, record_config
 
     pretrained = Path(sweep.pretrained).expanduser()
     pretrained = pretrained if pretrained.is_absolute() else REPO / pretrained
     marker = {"host": HOST, "pid": os.getpid(), "runner": "direct"}
     for cfg in to_run:
         if cfg.id in replace_ids and (dest := archive(sweep, cfg, limit)):
-            _log(f"{cfg.id}: moved the old results to {dest}")
+            log_line(f"{cfg.id}: moved the old results to {dest}")
         run_dir = sweep.run_dir(cfg.id, limit)
         remove_markers(run_dir, FAILED)
         write_marker(run_dir, RUNNING, marker)
@@ -130,7 +127,7 @@ def run_local(
             s = stats.to_dict()
             metrics = {STRICT: accuracy(strict), FLEXIBLE: accuracy(flexible)}
             measured[cfg.id] = {"task": task, "n": len(texts), "metrics": metrics, "stats": s}
-            _log(
+            log_line(
                 f"[{n}/{len(to_run)}] {cfg.id}: flexible {metrics[FLEXIBLE]['value']:.3f}, "
                 f"FLOPs/fwd {s['flops_ratio']:.3f}, tokens/fwd {s['tokens_per_forward']:.2f}"
             )
@@ -138,7 +135,7 @@ def run_local(
         rounds: dict[str, dict[str, list[float]]] = {c.id: {b: [] for b in timed} for c in to_run}
         engines = {c.id: timing_engine(lm, sweep, c) for c in to_run}
 
-        def time_all(order: list[Config], keep: bool) -> None:
+        def time_all(order: list[RunSpec], keep: bool) -> None:
             for cfg in order:
                 texts, refs = problems(cfg.tasks[0], limit)
                 for b, n in timed.items():
@@ -154,20 +151,20 @@ def run_local(
             + ("the last one setting nothing up" if warm.settled else "the last still setting up")
             + " (v2.bench.timing.settle)"
         )
-        _log(f"warm-up: {warmup}")
+        log_line(f"warm-up: {warmup}")
         for r in range(d["speed_rounds"]):
             time_all(to_run if r % 2 == 0 else to_run[::-1], keep=True)
-            _log(f"speed round {r + 1} of {d['speed_rounds']} done")
+            log_line(f"speed round {r + 1} of {d['speed_rounds']} done")
     except KeyboardInterrupt:
         for cfg in to_run:
             reason = "interrupted (SIGINT); a rerun runs it again"
-            _write_failed(sweep.run_dir(cfg.id, limit), {"rc": 130, "reason": reason, **marker})
+            write_failed(sweep.run_dir(cfg.id, limit), {"rc": 130, "reason": reason, **marker})
         raise Interrupted([c.id for c in to_run]) from None
     except Exception as e:  # a bad checkpoint, setting or decode: every configuration failed
         reason = f"{type(e).__name__}: {e}"
-        _log(f"direct run failed: {reason}")
+        log_line(f"direct run failed: {reason}")
         for cfg in to_run:
-            _write_failed(sweep.run_dir(cfg.id, limit), {"rc": 1, "reason": reason, **marker})
+            write_failed(sweep.run_dir(cfg.id, limit), {"rc": 1, "reason": reason, **marker})
         return [(cfg.id, 1) for cfg in to_run]
     session = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
     command = shlex.join(["python", "-m", "v2.experiments", *sys.argv[1:]])
@@ -215,6 +212,6 @@ def run_local(
         run_dir = sweep.run_dir(cfg.id, limit)
         path = write(run_dir / rec.model / "summary.json", rec)
         task = {"config_id": cfg.id, "expect": expected(cfg, limit)}
-        _write_done(run_dir, task, path, started)
+        write_done(run_dir, task, path, started)
         results.append((cfg.id, 0))
     return results

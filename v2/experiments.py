@@ -61,21 +61,44 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from v2.policies import baseline_note
-from v2.runspec import RunSpec, SpecError, build_specs, read_sweep_file
-from v2.runspec import config_id as config_id  # re-exported: ids are the runner's word
+from v2.runs.spec import (
+    REPO,
+    RunSpec,
+    SpecError,
+    Sweep,
+    SweepError,
+    build_specs,
+    read_sweep_file,
+)
+from v2.runs.spec import config_id as config_id  # re-exported: ids are the runner's word
+from v2.runs.state import (
+    DONE,
+    FAILED,
+    HOST,
+    RUNNING,
+    SUBMITTED,
+    Interrupted,
+    archive,
+    expected,
+    log_line,
+    read_marker,
+    remove_markers,
+    slurm_job_here,
+    write_done,
+    write_failed,
+    write_marker,
+)
 
-REPO = Path(__file__).resolve().parents[1]
 CLUSTER_ENV = REPO / "sbatch" / "cluster.env"
 SWEEPS_DIR = REPO / "configs" / "sweeps"
 ARRAY_JOB = REPO / "sbatch" / "array_job.sh"
 EVAL_CMD_ENV = "FAST_DLLM_EVAL_CMD"
 NUM_GPUS_ENV = "FAST_DLLM_NUM_GPUS"
 
-DONE, RUNNING, FAILED, SUBMITTED = "DONE", "RUNNING", "FAILED", "SUBMITTED"
 STATES = ("done", "pending", "running", "failed", "missing")
 # squeue states of a job that waits to start (again); other live states count as running
 SLURM_WAITING = {"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "SUSPENDED", "STOPPED"}
@@ -92,49 +115,13 @@ SLURM_FAILED = {
 SLURM_FINAL = SLURM_FAILED | {"COMPLETED", "REVOKED"}
 HEARTBEAT_S = 30  # a running task touches its RUNNING marker this often
 STALE_S = 300  # ... and a marker untouched for longer, on a host we cannot check, is dead
-HOST = socket.gethostname()
-
-
-class SweepError(ValueError):
-    """A bad sweep file or request; the message is meant for the user."""
 
 
 # --------------------------------------------------------------------------- sweep definitions
 
 
-# One configuration: its resolved settings (v2/runspec.py), read by both backends and the record.
+# One configuration: its resolved settings (v2/runs/spec.py), read by both backends and the record.
 Config = RunSpec
-
-
-@dataclass
-class Sweep:
-    name: str
-    file: Path
-    pretrained: str
-    tasks: list[str]
-    configs: list[Config]
-    lm_eval: dict
-    limit: int | None
-    limit_cpu: int | None
-    main_metric: str | None
-    results: Path
-    runner: str = "lm_eval"
-    direct: dict = field(default_factory=dict)
-
-    def config(self, config_id: str) -> Config:
-        for c in self.configs:
-            if c.id == config_id:
-                return c
-        raise SweepError(f"{self.file}: no configuration {config_id!r}; it has {self.ids()}")
-
-    def ids(self) -> str:
-        return ", ".join(c.id for c in self.configs)
-
-    def run_dir(self, config_id: str, limit: int | None) -> Path:
-        return self.results / (f"_limit{limit}" if limit else "") / config_id
-
-    def runs_root(self, limit: int | None) -> Path:
-        return self.results / f"_limit{limit}" if limit else self.results
 
 
 LM_EVAL_DEFAULTS = {
@@ -433,40 +420,12 @@ def find_summary(run_dir: Path, expect: dict) -> tuple[Path | None, list[str]]:
 # --------------------------------------------------------------------------- markers and state
 
 
-def write_marker(run_dir: Path, name: str, data: dict) -> None:
-    """Atomically: readers see the old marker or the new one, never half of one."""
-    from v2.record import write_json
-
-    write_json(run_dir / name, {"time": time.time(), **data})
-
-
-def read_marker(run_dir: Path, name: str) -> dict | None:
-    try:
-        m = json.loads((run_dir / name).read_text())
-    except (OSError, ValueError):
-        return None
-    return m if isinstance(m, dict) else None
-
-
-def remove_markers(run_dir: Path, *names: str) -> None:
-    for n in names:
-        with contextlib.suppress(FileNotFoundError):
-            (run_dir / n).unlink()
-
-
 def pid_alive(pid) -> bool:
     try:
         os.kill(int(pid), 0)
     except (OSError, ValueError, TypeError):
         return False
     return True
-
-
-def slurm_job_here() -> str | None:
-    """This process's SLURM job as squeue -r names it: <array job>_<task> or <job>."""
-    if os.environ.get("SLURM_ARRAY_JOB_ID"):
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
 
 
 class SlurmView:
@@ -570,11 +529,6 @@ def config_state(run_dir: Path, slurm: SlurmView) -> State:
     return State("missing")
 
 
-def expected(cfg: Config, limit: int | None) -> dict:
-    """What a configuration's summary.json must show (check_summary)."""
-    return {"tasks": list(cfg.tasks), "limit": limit, "policy": cfg.policy}
-
-
 def states(sweep: Sweep, configs: list[Config], limit: int | None) -> dict[str, State]:
     """Each configuration's state. One that is not running but has a checked summary.json (its
     evaluation finished after its runner was killed) is adopted here: DONE is written for it,
@@ -588,17 +542,13 @@ def states(sweep: Sweep, configs: list[Config], limit: int | None) -> dict[str, 
             summary, _ = find_summary(run_dir, expected(c, limit))
             if summary:
                 task = {"config_id": c.id, "expect": expected(c, limit)}
-                _write_done(run_dir, task, summary, started=time.time(), adopted=True)
+                write_done(run_dir, task, summary, started=time.time(), adopted=True)
                 st = State("done", "adopted a summary.json written after its runner ended")
         out[c.id] = st
     return out
 
 
 # --------------------------------------------------------------------------- running a task
-
-
-def _log(msg: str) -> None:
-    print(f"[experiments {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def run_task(
@@ -612,12 +562,12 @@ def run_task(
     run_dir = Path(task["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / DONE).exists():
-        _log(f"{task['config_id']}: already done ({run_dir / DONE})")
+        log_line(f"{task['config_id']}: already done ({run_dir / DONE})")
         return 0
     summary, _ = find_summary(run_dir, task["expect"])
     if summary:  # an earlier attempt finished but was stopped before it could write DONE
-        _write_done(run_dir, task, summary, started=time.time(), adopted=True)
-        _log(f"{task['config_id']}: adopted the summary an earlier attempt wrote: {summary}")
+        write_done(run_dir, task, summary, started=time.time(), adopted=True)
+        log_line(f"{task['config_id']}: adopted the summary an earlier attempt wrote: {summary}")
         return 0
     cache = run_dir / "lm_cache"
     resumed = cache.is_dir() and any(p.stat().st_size > 0 for p in cache.iterdir())
@@ -642,7 +592,7 @@ def run_task(
             out.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv)}\n")
             out.flush()
         else:
-            _log(f"{task['config_id']}: {shlex.join(argv)}")
+            log_line(f"{task['config_id']}: {shlex.join(argv)}")
         proc = None
         try:
             with _sigterm_raises():
@@ -655,7 +605,7 @@ def run_task(
                         stderr=subprocess.STDOUT if out else None,
                     )
                 except OSError as e:
-                    _write_failed(run_dir, {"rc": None, "reason": f"cannot start: {e}"})
+                    write_failed(run_dir, {"rc": None, "reason": f"cannot start: {e}"})
                     return 127
                 write_marker(run_dir, RUNNING, {**marker, "child_pid": proc.pid})
                 while True:
@@ -672,8 +622,8 @@ def run_task(
                 _stop(proc)
             name = signal.Signals(e.signum).name
             reason = f"stopped by {name} (scancel, time limit, preemption or requeue)"
-            _write_failed(run_dir, {"rc": 128 + e.signum, "reason": reason, **marker})
-            _log(f"{task['config_id']}: {reason}")
+            write_failed(run_dir, {"rc": 128 + e.signum, "reason": reason, **marker})
+            log_line(f"{task['config_id']}: {reason}")
             signal.raise_signal(e.signum)  # then end as SIGTERM would have: no next configuration
             return 128 + e.signum
         except KeyboardInterrupt:
@@ -682,24 +632,24 @@ def run_task(
             if proc is not None:
                 _stop(proc)
             reason = "interrupted (SIGINT); a rerun resumes it from its request cache"
-            _write_failed(run_dir, {"rc": 130, "reason": reason, **marker})
+            write_failed(run_dir, {"rc": 130, "reason": reason, **marker})
             raise
     # The evaluation has ended: from here on RUNNING would be a lie (its pid is this process,
     # alive while a local runner goes on with the next configuration), so FAILED replaces it.
     if rc != 0:
         reason = f"exit {rc}" + (f", log {log_path}" if log_path else "")
-        _write_failed(run_dir, {"rc": rc, "reason": reason, **marker})
+        write_failed(run_dir, {"rc": rc, "reason": reason, **marker})
         return rc
     summary, problems = find_summary(run_dir, task["expect"])
     if summary is None:
         reason = "no valid summary: " + " | ".join(problems)
-        _write_failed(run_dir, {"rc": 0, "reason": reason, **marker})
-        _log(f"{task['config_id']}: {reason}")
+        write_failed(run_dir, {"rc": 0, "reason": reason, **marker})
+        log_line(f"{task['config_id']}: {reason}")
         return 1
-    _write_done(run_dir, task, summary, started, resumed_from_cache=resumed)
+    write_done(run_dir, task, summary, started, resumed_from_cache=resumed)
     partial = partial_stats(summary)
     if partial:
-        _log(
+        log_line(
             f"{task['config_id']}: stats partial: {', '.join(partial)} (the rest answered from "
             f"lm_eval's request cache); --force {task['config_id']} redoes it from scratch"
         )
@@ -754,31 +704,6 @@ def _stop(proc: subprocess.Popen, grace_s: float = 20) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-
-
-def _write_failed(run_dir: Path, data: dict) -> None:
-    write_marker(run_dir, FAILED, data)
-    remove_markers(run_dir, RUNNING)
-
-
-def _write_done(run_dir: Path, task: dict, summary: Path, started: float, **extra) -> None:
-    s = json.loads(summary.read_text())
-    write_marker(
-        run_dir,
-        DONE,
-        {
-            "config_id": task["config_id"],
-            "summary": str(summary.relative_to(run_dir)),
-            "results_file": s.get("results_file"),
-            "limit": task["expect"]["limit"],
-            "host": HOST,
-            "slurm_job": slurm_job_here(),
-            "seconds": round(time.time() - started, 1),
-            "resumed_from_cache": False,
-            **extra,
-        },
-    )
-    remove_markers(run_dir, RUNNING, SUBMITTED, FAILED)
 
 
 # --------------------------------------------------------------------------- SLURM
@@ -919,21 +844,13 @@ def run_local(
     try:
         for n, cfg in enumerate(to_run, 1):
             if cfg.id in replace_ids and (dest := archive(sweep, cfg, limit)):
-                _log(f"[{n}/{len(to_run)}] {cfg.id}: moved the old results to {dest}")
+                log_line(f"[{n}/{len(to_run)}] {cfg.id}: moved the old results to {dest}")
             where = f"[{n}/{len(to_run)}]"
             results.append((cfg.id, _run_one(sweep, cfg, limit, gpus, eval_cmd, where, stamp)))
     except KeyboardInterrupt:
         finished = {cid for cid, rc in results if rc == 0}
         raise Interrupted([c.id for c in to_run if c.id not in finished]) from None
     return results
-
-
-class Interrupted(Exception):
-    """Ctrl-C during a local run; `left` are the configurations it did not finish."""
-
-    def __init__(self, left: list[str]) -> None:
-        super().__init__(left)
-        self.left = left
 
 
 def _run_one(
@@ -947,14 +864,14 @@ def _run_one(
 ) -> int:
     task = make_task(sweep, cfg, limit, max(gpus, 1))
     log = Path(task["run_dir"]) / f"local-{stamp}.log"
-    _log(f"{where} {cfg.id}: running (log {log})")
+    log_line(f"{where} {cfg.id}: running (log {log})")
     t0 = time.time()
     rc = run_task(task, log_path=log, eval_cmd=eval_cmd)
     took = f"{time.time() - t0:.1f} s"
     if rc == 0:
-        _log(f"{where} {cfg.id}: done in {took}")
+        log_line(f"{where} {cfg.id}: done in {took}")
     else:
-        _log(f"{where} {cfg.id}: FAILED (exit {rc}) after {took}; end of {log}:")
+        log_line(f"{where} {cfg.id}: FAILED (exit {rc}) after {took}; end of {log}:")
         with contextlib.suppress(OSError):
             print("".join(log.read_text().splitlines(keepends=True)[-15:]), flush=True)
     return rc
@@ -1035,19 +952,6 @@ def print_status(sweep: Sweep, configs: list[Config], limit: int | None) -> dict
         counts[s.state] += 1
     print(", ".join(f"{v} {k}" for k, v in counts.items()) + f" of {len(configs)}")
     return counts
-
-
-def archive(sweep: Sweep, cfg: Config, limit: int | None) -> Path | None:
-    """Move a configuration's folder aside (results/<sweep>/_replaced/) before a forced rerun:
-    nothing is deleted, and its request cache cannot answer the new run."""
-    run_dir = sweep.run_dir(cfg.id, limit)
-    if not run_dir.exists():
-        return None
-    label = f"_limit{limit}-" if limit else ""
-    dest = sweep.results / "_replaced" / f"{label}{cfg.id}-{time.strftime('%Y%m%d-%H%M%S')}"
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(run_dir), dest)
-    return dest
 
 
 def select(sweep: Sweep, only: list[str] | None) -> list[Config]:
@@ -1379,7 +1283,7 @@ def task_main(argv: list[str], eval_cmd: list[str] | None = None) -> int:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     restart = os.environ.get("SLURM_RESTART_COUNT", 0)
-    _log(f"{task['config_id']} on {HOST}, job {job}, restart {restart}, code {REPO}")
+    log_line(f"{task['config_id']} on {HOST}, job {job}, restart {restart}, code {REPO}")
     return run_task(task, eval_cmd=eval_cmd, port=main_process_port())
 
 

@@ -46,7 +46,7 @@ from v2.generate import (
 from v2.model import Network, block_causal_mask
 from v2.options import OptionError, parse_value
 from v2.policies import all_options, baseline_note, make_policy, options_of
-from v2.runspec import as_run, record_config
+from v2.runs.spec import as_run, record_config
 from v2.stats import FORWARD_KINDS, PER_LAYER, SPECULATIVE_COUNTS, Stats
 
 log = logging.getLogger(__name__)

@@ -54,7 +54,7 @@ from v2.checkpoint import device_arg, parse_device
 from v2.options import OptionError
 from v2.policies import make_policy, options_of, policy_names
 from v2.record import accuracy
-from v2.runspec import SpecError, read_sweep_file
+from v2.runs.spec import SpecError, read_sweep_file
 from v2.tasks.gsm_answers import hits
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ setting named nowhere takes its default: the policy's (its `config()`), the gene
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import yaml
@@ -30,8 +30,16 @@ LM_EVAL_ONLY = ("dtype", "mask_token", "release_recipe", "show_speed")
 LM_EVAL_NO = ("ignore_eos", "cuda_graphs")
 
 
+# the repository: a sweep's relative paths (pretrained, results, lm_eval.include) start here
+REPO = Path(__file__).resolve().parents[2]
+
+
 class SpecError(ValueError):
     """A setting that cannot be resolved; one line meant for the user."""
+
+
+class SweepError(ValueError):
+    """A bad sweep file or request; the message is meant for the user."""
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,40 @@ def as_run(gen: GenerationConfig, block_size: int, max_new_tokens: int | None) -
     """`gen` with the block size resolved (the checkpoint's where None) and max_new_tokens as
     the record shows it (None: each request's max_gen_toks)."""
     return replace(gen, block_size=gen.block_size or block_size, max_new_tokens=max_new_tokens)
+
+
+@dataclass
+class Sweep:
+    """A sweep file, read (v2.experiments.load_sweep): its configurations and where their
+    results go."""
+
+    name: str
+    file: Path
+    pretrained: str
+    tasks: list[str]
+    configs: list[RunSpec]
+    lm_eval: dict
+    limit: int | None
+    limit_cpu: int | None
+    main_metric: str | None
+    results: Path
+    runner: str = "lm_eval"
+    direct: dict = field(default_factory=dict)
+
+    def config(self, config_id: str) -> RunSpec:
+        for c in self.configs:
+            if c.id == config_id:
+                return c
+        raise SweepError(f"{self.file}: no configuration {config_id!r}; it has {self.ids()}")
+
+    def ids(self) -> str:
+        return ", ".join(c.id for c in self.configs)
+
+    def run_dir(self, config_id: str, limit: int | None) -> Path:
+        return self.results / (f"_limit{limit}" if limit else "") / config_id
+
+    def runs_root(self, limit: int | None) -> Path:
+        return self.results / f"_limit{limit}" if limit else self.results
 
 
 # --------------------------------------------------------------------------- reading the file
