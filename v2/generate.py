@@ -128,7 +128,8 @@ class DenoiseStep:
 StepObserver = Callable[[DenoiseStep], None]
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a clock read after it counts it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -174,7 +175,7 @@ def _decided(before_block, block, prompt_len, generated, mask: int) -> int:
 
 def _step(engine, before, t0, decided, where, block, committed, pending, generated) -> DenoiseStep:
     """The DenoiseStep of the forward just run (reads the engine's statistics: a sync)."""
-    _sync(block.device)
+    sync(block.device)
     total = copy.deepcopy(engine.stats)
     total.wall_seconds = time.perf_counter() - t0
     total.generated_tokens = decided
@@ -273,7 +274,7 @@ def generate(
     final_len = [0] * n
     finish = [""] * n
 
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     active = torch.arange(n, device=device)
     start = (min(lengths) // B) * B
@@ -372,7 +373,7 @@ def generate(
         hidden = engine.commit(block)
         start += B
         _write_first_slot(seq, active, start, prompt_len, engine.logits(hidden).argmax(-1))
-    _sync(device)
+    sync(device)
 
     stats = engine.stats
     stats.wall_seconds = time.perf_counter() - t0

@@ -50,9 +50,9 @@ from v2.generate import (
     GenerationError,
     GenerationResult,
     Output,
-    _sync,
     check_prompts,
     engine_for,
+    sync,
 )
 from v2.kv_cache import KVCache
 from v2.model import Network, sdpa
@@ -195,7 +195,7 @@ def decode(
     stats = Stats(model.cfg.num_hidden_layers)
     verifier = Verifier(model, n, rows.total, stats)
 
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     # The verifier's prefill: K/V of every prompt token but the last (the first verify window
     # starts with it).
@@ -213,7 +213,7 @@ def decode(
         while not bool(rows.done.all()):
             work = (~rows.done).nonzero().squeeze(1)
             _verify(verifier, rows, work, torch.zeros_like(work))
-    _sync(device)
+    sync(device)
 
     if speculative:
         stats.add(engine.stats)
