@@ -21,7 +21,7 @@ from v2.options import OptionError, Options, Range, at_least, option
 from v2.policy import COMPUTE, REUSE, ForwardContext, Policy
 
 
-def _cosine_and_remember(x, previous, seen, scope):
+def cosine_and_remember(x, previous, seen, scope):
     """cos(x, the input last seen) per unit (-2 where there is none yet); then remember x for the
     units in scope (the others keep theirs). An unchanged input has cosine exactly 1 (not 1 give
     or take the rounding of whichever kernel computed it), so ties are ties everywhere."""
@@ -35,7 +35,7 @@ def _cosine_and_remember(x, previous, seen, scope):
 
 
 def threshold_plan(x, previous, seen, scope, threshold: float):
-    cos = _cosine_and_remember(x, previous, seen, scope)
+    cos = cosine_and_remember(x, previous, seen, scope)
     return torch.where(cos > threshold, REUSE, COMPUTE).to(torch.int8)
 
 
@@ -43,7 +43,7 @@ def ratio_plan(x, previous, seen, scope, k: int):
     """Reuse each row's k most similar positions. Ties (unchanged inputs all have cosine 1) go to
     the lower position, so the choice is the same whatever computes it: a position's rank is the
     number of positions of its row ahead of it (a [w, w] comparison per row, one fused kernel)."""
-    cos = _cosine_and_remember(x, previous, seen, scope)
+    cos = cosine_and_remember(x, previous, seen, scope)
     w = cos.shape[1]
     j = torch.arange(w, device=cos.device)
     # ahead[r, i, j]: position j of row r comes before position i
@@ -56,7 +56,7 @@ def ratio_plan(x, previous, seen, scope, k: int):
 
 
 def remember(x, previous, seen, scope):
-    _cosine_and_remember(x, previous, seen, scope)
+    cosine_and_remember(x, previous, seen, scope)
 
 
 @dataclass(frozen=True)

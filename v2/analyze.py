@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from layer_skip_generation_functions import row_cosine
-from token_skip_generation_functions import _cosine_and_remember
+from token_skip_generation_functions import cosine_and_remember
 from v2.policy import ForwardContext, Policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +142,7 @@ class Recorder(Policy):
             ]
         w = slice(ctx.window_start, ctx.window_start + x.shape[1])
         prev, seen = self.previous[layer][:, w], self.seen[layer][:, w]  # views: updated in place
-        cos = _cosine_and_remember(x, prev, seen, ctx.units)
+        cos = cosine_and_remember(x, prev, seen, ctx.units)
         cos = torch.where(cos < -1.5, float("nan"), cos)  # no reference yet
         return cos[ctx.units].cpu()
 
