@@ -263,7 +263,9 @@ def test_bad_input_is_one_clear_line(checkpoint, tmp_path, model_args, extra, me
 
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.accelerate_cli", "launch", "--cpu"]
 ACCELERATE += ["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no"]
-ACCELERATE += ["--dynamo_backend", "no"]  # all given: accelerate warns about none
+# all given (the threads too: without OMP_NUM_THREADS accelerate sets and announces them), so
+# that accelerate warns about none
+ACCELERATE += ["--dynamo_backend", "no", "--num_cpu_threads_per_process", "1"]
 
 
 @pytest.mark.parametrize(
