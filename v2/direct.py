@@ -67,14 +67,27 @@ def problems(task: str, limit: int | None) -> tuple[list[str], list[str]]:
     return [user_message(q["question"]) for q in rows], [q["answer"] for q in rows]
 
 
-def generation_config(sweep: Sweep, cfg: RunSpec):
-    """The GenerationConfig of a configuration: its RunSpec's generation settings."""
+def generation_config(sweep: Sweep | None, cfg: RunSpec):
+    """The GenerationConfig of a configuration: its RunSpec's generation settings (the RunSpec
+    holds them all: `sweep` is not read, and may be None, as the tuner gives it)."""
     return cfg.generation_config()
 
 
-def decode(lm, sweep: Sweep, cfg: RunSpec, texts, references, batch: int, desc=None, engine=None):
+def decode(
+    lm,
+    sweep: Sweep | None,
+    cfg: RunSpec,
+    texts,
+    references,
+    batch: int,
+    desc=None,
+    engine=None,
+    chat: bool = True,
+):
     """Decode and score `texts` with a configuration; `desc` shows a progress bar. `engine`: the
-    configuration's own (`timing_engine`), with its policy; None: the model's, a new policy."""
+    configuration's own (`timing_engine`), with its policy; None: the model's, a new policy.
+    The runner's decode and the tuner's trial (v2/tune.py, `sweep` None): one path. `chat`: the
+    chat template (the runner's always; the tuner's the sweep's lm_eval.apply_chat_template)."""
     from v2.tiny.train import score
 
     def policy():
@@ -83,10 +96,10 @@ def decode(lm, sweep: Sweep, cfg: RunSpec, texts, references, batch: int, desc=N
         return cfg.make_policy()
 
     gen = generation_config(sweep, cfg)
-    return score(lm, texts, references, gen, batch, policy, desc, engine)
+    return score(lm, texts, references, gen, batch, policy, desc, engine, chat)
 
 
-def timing_engine(lm, sweep: Sweep, cfg: RunSpec):
+def timing_engine(lm, sweep: Sweep | None, cfg: RunSpec):
     """A configuration's own engine, with its own policy object, for every timed pass of it (its
     graphs stay valid while the other configurations decode); None where it decodes without one
     (decode: autoregressive)."""

@@ -1027,22 +1027,23 @@ def score(
     make_policy=None,
     desc: str | None = None,
     engine=None,
+    chat: bool = True,
 ):
-    """Decode `texts` (chat template) in batches and score them against `references` (a
-    problem's `answer`, "... #### N") with the one scorer (v2/tasks/gsm_answers.py, the lm_eval
-    task's): per problem, whether the strict (first `#### N`) and the flexible (last number)
-    answer are right, and the batches' summed statistics. `make_policy` builds the policy (None:
-    no policy), once: policies reset their state at every block, and the model's engine keeps its
-    CUDA graphs only for the policy object it was built with (a fresh policy per batch
-    re-captured every batch: on the GPU, token skipping measured at 0.43x the baseline's tokens/s
-    that way). `engine`: decode on this one (its policy; FastDLLM.engine) rather than the
-    model's. `desc` shows a progress bar."""
+    """Decode `texts` (chat template; `chat` False: none) in batches and score them against
+    `references` (a problem's `answer`, "... #### N") with the one scorer
+    (v2/tasks/gsm_answers.py, the lm_eval task's): per problem, whether the strict (first
+    `#### N`) and the flexible (last number) answer are right, and the batches' summed
+    statistics. `make_policy` builds the policy (None: no policy), once: policies reset their
+    state at every block, and the model's engine keeps its CUDA graphs only for the policy object
+    it was built with (a fresh policy per batch re-captured every batch: on the GPU, token
+    skipping measured at 0.43x the baseline's tokens/s that way). `engine`: decode on this one
+    (its policy; FastDLLM.engine) rather than the model's. `desc` shows a progress bar."""
     strict, flexible, stats = [], [], None
     starts = range(0, len(texts), batch_size)
     policy = make_policy() if make_policy else None
     for start in tqdm(starts, desc=desc) if desc else starts:
         batch = texts[start : start + batch_size]
-        result = lm.generate(batch, config, policy, chat=True, engine=engine)
+        result = lm.generate(batch, config, policy, chat=chat, engine=engine)
         for out, ref in zip(result.outputs, references[start : start + batch_size], strict=True):
             ok = hits(out.text, ref)
             strict.append(ok["strict-match"])
