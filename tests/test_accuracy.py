@@ -52,8 +52,14 @@ def test_the_training_evaluation_uses_it():
 def test_the_tuner_uses_it():
     from types import SimpleNamespace
 
+    from v2.runs.spec import build_specs
     from v2.stats import Stats
     from v2.tune import evaluate
+
+    def baseline(batch_size: int):
+        data = {"pretrained": "x", "tasks": ["tiny_gsm"], "grid": [{"policy": "none"}]}
+        (spec,) = build_specs(data, runner="direct", batch_size=batch_size, max_new_tokens=8)
+        return spec
 
     class LM:
         def generate(self, texts, config, policy, chat, engine=None):
@@ -61,8 +67,8 @@ def test_the_tuner_uses_it():
             return SimpleNamespace(outputs=outputs, stats=Stats(1))
 
     problems = [{"question": f"q{i}", "answer": "#### 1"} for i in range(4)]
-    one = evaluate(LM(), problems[1:2], None, None, False, 2)
+    one = evaluate(LM(), problems[1:2], baseline(2), False)
     assert one["accuracy"] == 100.0 and one["accuracy_stderr"] is None
-    four = evaluate(LM(), problems, None, None, False, 3)
+    four = evaluate(LM(), problems, baseline(3), False)
     m = accuracy([False, True, False, False])
     assert four["accuracy"] == 100 * m["value"] and four["accuracy_stderr"] == 100 * m["stderr"]

@@ -212,12 +212,18 @@ def test_the_tuner_scores_the_table_as_the_task_does(tasks):
     """The tuner took the LAST `#### N` and no decimals: a setting could be chosen on a
     different scorer than the one that reports it. Per problem, its accuracy is the task's
     strict-match."""
+    from v2.runs.spec import build_specs
     from v2.tune import evaluate
+
+    def baseline(batch_size: int):
+        data = {"pretrained": "x", "tasks": ["tiny_gsm"], "grid": [{"policy": "none"}]}
+        (spec,) = build_specs(data, runner="direct", batch_size=batch_size, max_new_tokens=8)
+        return spec
 
     lm = fake_lm()
     task = [s for s, _ in lm_eval_scores(tasks["tiny_gsm"])]
-    tuner = [evaluate(lm, [p], None, None, True, 1)["accuracy"] == 100.0 for p in problems()]
+    tuner = [evaluate(lm, [p], baseline(1), True)["accuracy"] == 100.0 for p in problems()]
     assert tuner == task == [s for s, _ in EXPECTED]
-    assert evaluate(lm, problems(), None, None, True, 4)["accuracy"] == pytest.approx(
+    assert evaluate(lm, problems(), baseline(4), True)["accuracy"] == pytest.approx(
         100 * sum(task) / len(task)
     )

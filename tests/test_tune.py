@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -241,8 +242,8 @@ def test_bad_numbers_are_refused_before_any_work(tmp_path, checkpoint, capsys, e
 def fake_evaluate(baseline: dict, trial: dict):
     """v2.tune.evaluate with set results: `baseline` without a policy, `trial` with one."""
 
-    def evaluate(lm, problems, config, policy, chat, batch_size, warm=False):
-        m = baseline if policy is None else trial
+    def evaluate(lm, problems, spec, chat, warm=False):
+        m = baseline if spec.policy == "none" else trial
         return {"executed_flops": 1, "tokens_per_second": 1.0, **m}
 
     return evaluate
@@ -325,6 +326,7 @@ def test_a_warm_evaluation_measures_the_pass_that_set_nothing_up():
     pass paid for whatever the rest set up.)"""
     from types import SimpleNamespace
 
+    from v2.runs.spec import build_specs
     from v2.stats import Stats
     from v2.tune import evaluate
 
@@ -333,10 +335,13 @@ def test_a_warm_evaluation_measures_the_pass_that_set_nothing_up():
     class Engine:
         setups = 0
 
+        def __init__(self, policy):
+            self.given_policy = policy
+
     class LM:
         def engine(self, config, policy):
             made.append(policy)
-            return Engine()
+            return Engine(policy)
 
         def generate(self, texts, config, policy, chat, engine=None):
             calls.append((len(texts), policy, engine))
@@ -349,14 +354,17 @@ def test_a_warm_evaluation_measures_the_pass_that_set_nothing_up():
             return SimpleNamespace(outputs=outputs, stats=st)
 
     problems = [{"question": f"q{i}", "answer": "#### 3"} for i in range(5)]
-    policy = object()
-    cold = evaluate(LM(), problems, None, policy, False, 2)
+    data = {"pretrained": "x", "tasks": ["tiny_gsm"], "grid": [{"policy": "token"}]}
+    (spec,) = build_specs(data, runner="direct", batch_size=2, max_new_tokens=8)
+    cold = evaluate(LM(), problems, spec, False)
     assert [n for n, _, _ in calls] == [2, 2, 1] and cold["tokens_per_second"] < 1
     assert made == [] and "warm_up_passes" not in cold
     calls.clear()
-    hot = evaluate(LM(), problems, None, policy, False, 2, warm=True)
+    hot = evaluate(LM(), problems, spec, False, warm=True)
     assert [n for n, _, _ in calls] == [2, 2, 1] * 3  # pass 2 still set one thing up
-    assert made == [policy] and {(p, id(e)) for _, p, e in calls} == {(policy, id(calls[0][2]))}
+    (policy,) = made  # the trial's own engine, built with the spec's policy, decodes every pass
+    assert type(policy).__name__ == type(spec.make_policy()).__name__
+    assert {(p, id(e)) for _, p, e in calls} == {(policy, id(calls[0][2]))}
     assert hot["tokens_per_second"] == 50 / 3 and hot["accuracy"] == 100.0
     assert hot["warm_up_passes"] == 2 and hot["settled"] is True
 
@@ -403,3 +411,61 @@ def test_the_trials_plot_hides_no_trial_behind_the_baseline():
         ]
     finally:
         plt.close(fig)
+
+
+def test_a_trial_decodes_and_scores_as_a_direct_sweep_run(tmp_path, monkeypatch):
+    """A tuner trial is the RunSpec a direct sweep run of the same setting is, decoded and scored
+    by the same path (v2.direct.decode): on the committed tiny model, the same answers, the same
+    accuracy and the same executed FLOPs, for the baseline and for a policy's setting."""
+    from v2 import direct
+    from v2.generate import FastDLLM
+    from v2.tune import evaluate, test_split, trial_spec
+
+    setting = {"cosine_threshold": 0.9, "min_layer": 1}
+    raw = {
+        "name": "same",
+        "pretrained": "v2/tiny/checkpoint",
+        "tasks": ["tiny_gsm"],
+        "threshold": 0.9,
+        "runner": "direct",
+        "direct": {"batch_size": 3, "speed": {3: 3}, "speed_rounds": 1, "max_new_tokens": 24},
+        "grid": [{"policy": "none"}, {"policy": "token", **setting}],
+    }
+    path = tmp_path / "same.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    answers: list[list[str]] = []
+    real = FastDLLM.generate
+
+    def spy(self, *a, **k):
+        result = real(self, *a, **k)
+        answers.append([o.text for o in result.outputs])
+        return result
+
+    monkeypatch.setattr(FastDLLM, "generate", spy)
+    results = tmp_path / "results"
+    argv = [str(path), "--local", "--results", str(results), "--limit", "3"]
+    assert experiments.main(argv) == 0
+    swept = answers[:2]  # the accuracy pass: baseline, then the token setting (one batch each)
+    runs = {}
+    for cid in ("baseline", "token_ct0.9_ml1"):
+        (summary,) = (results / "same" / "_limit3" / cid).glob("*/summary.json")
+        runs[cid] = json.loads(summary.read_text())
+
+    answers.clear()
+    setup = read_space(path)
+    assert setup["chat"] is True  # the direct runner's: always the chat template
+    args = SimpleNamespace(sweep=path, batch_size=3, max_new_tokens=24)
+    lm = FastDLLM.load(REPO / "v2/tiny/checkpoint")
+    problems = test_split("tiny_gsm")[:3]
+    tuned = {}
+    for cid, options in (("baseline", None), ("token_ct0.9_ml1", setting)):
+        spec = trial_spec(setup, options, args)
+        assert spec == experiments.load_sweep(path, results).config(cid)  # one rule, one spec
+        tuned[cid] = evaluate(lm, problems, spec, setup["chat"])
+    assert answers == swept and len(swept[0]) == 3
+    for cid, run in runs.items():
+        metric = run["tasks"]["tiny_gsm"]["metrics"][direct.STRICT]["value"]
+        assert tuned[cid]["accuracy"] == 100.0 * metric, cid
+        assert tuned[cid]["executed_flops"] == run["stats"]["executed_flops"], cid
+    # the setting skips work, so the comparison is not of two baselines
+    assert tuned["token_ct0.9_ml1"]["executed_flops"] < tuned["baseline"]["executed_flops"]

@@ -3,12 +3,17 @@
     python -m v2.tune configs/sweeps/tiny_exit.yaml --max-drop 1.0 --trials 30 --out tune/tiny_exit
 
 The sweep file is the runner's (v2/experiments.py): `pretrained`, `tasks` (the first is tuned),
-`threshold`, `lm_eval.apply_chat_template`, and a `grid` whose first entry with a policy is the
+`threshold` (where none is named, the runner's default), `model_args`, the chat template as its
+runner decodes (`runner: direct`: always; else `lm_eval.apply_chat_template`), and a `grid`
+whose first entry with a policy is the
 search space: a list of values is a categorical choice, `{low: a, high: b}` a range (float or
 int by the option's type, `log: true` for a log scale), a single value is fixed.
 
-Each trial decodes a dev split (problems generated like the task's, none of them in its test
-split; `--dev-n` of them) with the trial's policy and measures accuracy (strict-match, the first
+Each trial is a RunSpec built by the runner's rule (v2.runs.spec.build_specs on the file with the
+trial's options as its one grid entry, runner direct, --max-new-tokens and --batch-size as the
+direct backend's) and decodes a dev split (problems generated like the task's, none of them in its
+test split; `--dev-n` of them) through the direct backend's decode and score (v2.direct.decode),
+as a direct sweep run of the same setting does; it measures accuracy (strict-match, the first
 `#### N` answer, by the task's own scorer, v2/tasks/gsm_answers.py) and the objective: executed
 FLOPs relative to the baseline's on the same problems, end to end (`flops`, the default on a
 CPU), or tokens/s (`tokens_per_second`, the default on a GPU: CPU timings are not results; each
@@ -52,10 +57,9 @@ import yaml
 from v2.bench.timing import settle
 from v2.checkpoint import device_arg, parse_device
 from v2.options import OptionError
-from v2.policies import make_policy, options_of, policy_names
+from v2.policies import options_of, policy_names
 from v2.record import accuracy
-from v2.runs.spec import SpecError, read_sweep_file
-from v2.tasks.gsm_answers import hits
+from v2.runs.spec import RunSpec, SpecError, build_specs, read_sweep_file
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("flops", "tokens_per_second")
@@ -117,8 +121,11 @@ def read_space(path: Path) -> dict:
         "name": data.get("name", Path(path).stem),
         "pretrained": data["pretrained"],
         "task": tasks[0],
-        "threshold": data.get("threshold", 0.9),
-        "chat": bool((data.get("lm_eval") or {}).get("apply_chat_template", False)),
+        "threshold": data.get("threshold"),  # as written; run() takes the RunSpec's
+        # as the file's own runner decodes: direct always with the chat template (score), lm_eval
+        # as its apply_chat_template says
+        "chat": data.get("runner") == "direct"
+        or bool((data.get("lm_eval") or {}).get("apply_chat_template", False)),
         "policy": policy,
         "space": space,
         "raw": data,
@@ -161,41 +168,67 @@ def dev_split(task: str, n: int) -> list[dict]:
     return make_split(n, seed=1000, exclude={p["question"] for p in test})
 
 
-def evaluate(
-    lm, problems: list[dict], config, policy, chat: bool, batch_size: int, warm: bool = False
-) -> dict:
+def trial_spec(setup: dict, options: dict | None, args, pretrained=None) -> RunSpec:
+    """The RunSpec of a trial (`options`: its policy options) or of the baseline (None), built by
+    the runner's rule (v2.runs.spec.build_specs, runner direct) from the sweep file's mapping with
+    that setting as its one grid entry: the tuned task, the model (`pretrained`: --model where
+    given), --batch-size, and --max-new-tokens as the direct backend's max_new_tokens (the
+    tuner's counterpart of `direct.max_new_tokens`). A trial decodes as a direct sweep run of the
+    same setting does."""
+    data = {k: v for k, v in setup["raw"].items() if k != "split_tasks"}
+    data["tasks"] = [setup["task"]]
+    if pretrained is not None:
+        data["pretrained"] = str(pretrained)
+    data["grid"] = [
+        {"policy": "none"} if options is None else {"policy": setup["policy"], **options}
+    ]
+    try:
+        specs = build_specs(
+            data, runner="direct", batch_size=args.batch_size, max_new_tokens=args.max_new_tokens
+        )
+    except SpecError as e:
+        raise TuneError(f"{args.sweep}: {e}") from None
+    if len(specs) != 1:
+        raise TuneError(f"{args.sweep}: the tuned setting is {len(specs)} configurations; give one")
+    (spec,) = specs
+    if spec.generation["max_new_tokens"] != args.max_new_tokens:
+        raise TuneError(
+            f"{args.sweep}: the sweep names max_new_tokens "
+            f"{spec.generation['max_new_tokens']}; the tuner's is --max-new-tokens"
+        )
+    return spec
+
+
+def evaluate(lm, problems: list[dict], spec: RunSpec, chat: bool, warm: bool = False) -> dict:
     """Accuracy (%, strict-match by the task's scorer, with its standard error) and the
-    generation's statistics over the problems. `warm` (what a tokens/s objective needs): decode
-    on an engine of the trial's own and repeat the whole pass until one sets nothing up (the
-    warm-up rule, v2.bench.timing.settle); the accuracy and the statistics are that pass's,
-    which paid for no compilation, forward record or graph capture."""
+    generation's statistics over the problems, decoded and scored by the direct backend
+    (v2.direct.decode: v2/tiny/train.py's `score`, `spec.batch_size` problems at a time) as a
+    sweep run of the same RunSpec is. `warm` (what a tokens/s objective needs): decode on an
+    engine of the trial's own (v2.direct.timing_engine) and repeat the whole pass until one sets
+    nothing up (the warm-up rule, v2.bench.timing.settle); the accuracy and the statistics are
+    that pass's, which paid for no compilation, forward record or graph capture."""
+    from v2 import direct
     from v2.tiny.train import user_message
 
     texts = [user_message(p["question"]) for p in problems]
-    engine = lm.engine(config, policy) if warm else None
+    references = [p["answer"] for p in problems]
+    engine = direct.timing_engine(lm, None, spec) if warm else None
 
-    def one_pass() -> list:
-        return [
-            lm.generate(texts[i : i + batch_size], config, policy, chat=chat, engine=engine)
-            for i in range(0, len(texts), batch_size)
-        ]
+    def one_pass():
+        return direct.decode(
+            lm, None, spec, texts, references, spec.batch_size, engine=engine, chat=chat
+        )
 
     passes = settle(one_pass, [engine]) if warm else None
-    results = passes.result if passes else one_pass()
-    correct, flops, base, tokens, seconds = [], 0, 0, 0, 0.0
-    for i, result in zip(range(0, len(problems), batch_size), results, strict=True):
-        for p, o in zip(problems[i : i + batch_size], result.outputs, strict=True):
-            correct.append(hits(o.text, p["answer"], ("strict-match",))["strict-match"])
-        s = result.stats
-        flops, base = flops + s.executed_flops, base + s.baseline_flops
-        tokens, seconds = tokens + s.generated_tokens, seconds + s.wall_seconds
+    correct, _, stats = passes.result if passes else one_pass()
     acc = accuracy(correct)
     m = {
         "accuracy": 100.0 * acc["value"],
         "accuracy_stderr": None if acc["stderr"] is None else 100.0 * acc["stderr"],
-        "flops_ratio": flops / max(base, 1),  # per forward: executed / the same forwards unskipped
-        "executed_flops": flops,
-        "tokens_per_second": tokens / seconds if seconds else 0.0,
+        # per forward: executed / the same forwards unskipped
+        "flops_ratio": stats.executed_flops / max(stats.baseline_flops, 1),
+        "executed_flops": stats.executed_flops,
+        "tokens_per_second": stats.tokens_per_second,
     }
     if passes:  # unmeasured passes before the measured one; settled: it set nothing up
         m.update(warm_up_passes=passes.calls - 1, settled=passes.settled)
@@ -224,7 +257,7 @@ SETTING_NAMES = {
     "pretrained": "model (--model or the sweep's pretrained)",
     "task": "task (the sweep's first)",
     "threshold": "threshold (the sweep's)",
-    "chat": "chat template (the sweep's lm_eval.apply_chat_template)",
+    "chat": "chat template (the sweep's lm_eval.apply_chat_template; runner direct: always)",
     "max_new_tokens": "--max-new-tokens",
     "dev_n": "--dev-n",
     "batch_size": "--batch-size",
@@ -234,7 +267,21 @@ SETTING_NAMES = {
     "max_drop": "--max-drop",
     "policy": "policy (the sweep's)",
     "space": "search space (the sweep's)",
+    "generation": "generation settings (the sweep's model_args)",
 }
+
+
+def named_generation(spec: RunSpec) -> dict:
+    """The generation settings a sweep's model_args change from their defaults (the threshold
+    and max_new_tokens are settings of their own)."""
+    from v2.runs.spec import generation_defaults
+
+    base = generation_defaults(spec.generation["max_new_tokens"])
+    return {
+        k: v
+        for k, v in spec.generation.items()
+        if k not in ("threshold", "max_new_tokens") and v != base[k]
+    }
 
 
 def study_settings(setup: dict, args, model_path: Path, device: str, objective: str) -> dict:
@@ -256,6 +303,8 @@ def study_settings(setup: dict, args, model_path: Path, device: str, objective: 
         "policy": setup["policy"],
         "space": setup["space"],
     }
+    if setup.get("generation"):  # only where the sweep changes one (older studies have none)
+        settings["generation"] = setup["generation"]
     return json.loads(json.dumps(settings))  # as the study's user attrs give them back
 
 
@@ -310,7 +359,7 @@ def run(args: argparse.Namespace) -> dict:
 
     import optuna
 
-    from v2.generate import FastDLLM, GenerationConfig
+    from v2.generate import FastDLLM
 
     # constrained TPE is marked experimental
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -325,6 +374,11 @@ def run(args: argparse.Namespace) -> dict:
     warm = objective_name == "tokens_per_second"  # time no compile or capture
     types = {d.name: d.kind for d in options_of(setup["policy"])}
     problems = dev_split(setup["task"], args.dev_n)  # a task without one: refused here
+    # the baseline's RunSpec, by the runner's rule (a file it refuses is refused here); the
+    # threshold decoded is the spec's (the runner's default where the file names none)
+    base_spec = trial_spec(setup, None, args, model_path)
+    setup["threshold"] = base_spec.threshold
+    setup["generation"] = named_generation(base_spec)
     settings = study_settings(setup, args, model_path, device, objective_name)
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -340,24 +394,24 @@ def run(args: argparse.Namespace) -> dict:
     )
     study.set_user_attr("settings", settings)  # the same, or the study's first
     lm = FastDLLM.load(model_path, device=device)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, threshold=setup["threshold"])
+
+    def spec(options: dict | None) -> RunSpec:
+        return trial_spec(setup, options, args, model_path)
+
     # One search per study at a time: a trial still RUNNING here died with its process.
     from optuna.trial import TrialState
 
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
     if "baseline" not in study.user_attrs:
-        study.set_user_attr(
-            "baseline", evaluate(lm, problems, config, None, setup["chat"], args.batch_size, warm)
-        )
+        study.set_user_attr("baseline", evaluate(lm, problems, base_spec, setup["chat"], warm))
     baseline = study.user_attrs["baseline"]
     floor = baseline["accuracy"] - args.max_drop
     cautions = baseline_warnings(baseline, args)
 
     def objective(trial) -> float:
         options = suggest(trial, setup["space"], types)
-        policy = make_policy(setup["policy"], **options)
-        m = evaluate(lm, problems, config, policy, setup["chat"], args.batch_size, warm)
+        m = evaluate(lm, problems, spec(options), setup["chat"], warm)
         for k, v in m.items():
             trial.set_user_attr(k, v)
         trial.set_user_attr("options", options)
@@ -386,12 +440,12 @@ def run(args: argparse.Namespace) -> dict:
     if args.confirm and summary["best"] is not None:
         full = test_split(setup["task"])
         test = full[: args.confirm_n]
-        best = make_policy(setup["policy"], **summary["best"]["options"])
+        best = spec(summary["best"]["options"])
         summary["confirm"] = {
             "split": f"{setup['task']} test ({len(test)} problems"
             + (", a prefix: not the full split)" if len(test) < len(full) else ")"),
-            "baseline": evaluate(lm, test, config, None, setup["chat"], args.batch_size, warm),
-            "best": evaluate(lm, test, config, best, setup["chat"], args.batch_size, warm),
+            "baseline": evaluate(lm, test, base_spec, setup["chat"], warm),
+            "best": evaluate(lm, test, best, setup["chat"], warm),
         }
         (args.out / "trials.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary
