@@ -28,10 +28,10 @@ def test_direct_runner_writes_the_record_and_times_in_rounds(tmp_path, monkeypat
     calls, bars = [], []
     real = direct.decode
 
-    def spy(lm, sweep, cfg, texts, refs, batch, desc=None, engine=None):
+    def spy(lm, cfg, texts, refs, batch, desc=None, engine=None):
         calls.append((cfg.id, batch, len(texts)))
         bars.append(desc)
-        return real(lm, sweep, cfg, texts, refs, batch, desc, engine)
+        return real(lm, cfg, texts, refs, batch, desc, engine)
 
     monkeypatch.setattr(direct, "decode", spy)
     path = tmp_path / "direct_try.yaml"
@@ -103,9 +103,9 @@ def test_direct_warm_up_repeats_until_no_engine_sets_anything_up(tmp_path, monke
     monkeypatch.setattr(FastDLLM, "engine", static_engine)
     calls, real = [], direct.decode
 
-    def spy(lm, sweep, cfg, texts, refs, batch, desc=None, engine=None):
+    def spy(lm, cfg, texts, refs, batch, desc=None, engine=None):
         before = engine.setups if engine is not None else None
-        out = real(lm, sweep, cfg, texts, refs, batch, desc, engine)
+        out = real(lm, cfg, texts, refs, batch, desc, engine)
         calls.append((cfg.id, engine, before, engine.setups if engine is not None else None))
         return out
 

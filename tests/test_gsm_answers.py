@@ -191,7 +191,7 @@ def test_the_direct_backend_scores_the_table(tmp_path):
     sweep = experiments.load_sweep(path, tmp_path / "results")
     (cfg,) = sweep.configs
     texts = [f"Question: {p['question']}\nAnswer:" for p in problems()]
-    strict, flexible, _ = direct.decode(fake_lm(), sweep, cfg, texts, REFS, 4)
+    strict, flexible, _ = direct.decode(fake_lm(), cfg, texts, REFS, 4)
     assert list(zip(strict, flexible, strict=True)) == EXPECTED
 
 

@@ -67,27 +67,11 @@ def problems(task: str, limit: int | None) -> tuple[list[str], list[str]]:
     return [user_message(q["question"]) for q in rows], [q["answer"] for q in rows]
 
 
-def generation_config(sweep: Sweep | None, cfg: RunSpec):
-    """The GenerationConfig of a configuration: its RunSpec's generation settings (the RunSpec
-    holds them all: `sweep` is not read, and may be None, as the tuner gives it)."""
-    return cfg.generation_config()
-
-
-def decode(
-    lm,
-    sweep: Sweep | None,
-    cfg: RunSpec,
-    texts,
-    references,
-    batch: int,
-    desc=None,
-    engine=None,
-    chat: bool = True,
-):
+def decode(lm, cfg: RunSpec, texts, references, batch: int, desc=None, engine=None, chat=True):
     """Decode and score `texts` with a configuration; `desc` shows a progress bar. `engine`: the
     configuration's own (`timing_engine`), with its policy; None: the model's, a new policy.
-    The runner's decode and the tuner's trial (v2/tune.py, `sweep` None): one path. `chat`: the
-    chat template (the runner's always; the tuner's the sweep's lm_eval.apply_chat_template)."""
+    The runner's decode and the tuner's trial (v2/tune.py): one path. `chat`: the chat template
+    (the runner's always; the tuner's the sweep's lm_eval.apply_chat_template)."""
     from v2.tiny.train import score
 
     def policy():
@@ -95,15 +79,15 @@ def decode(
             return engine.given_policy
         return cfg.make_policy()
 
-    gen = generation_config(sweep, cfg)
+    gen = cfg.generation_config()
     return score(lm, texts, references, gen, batch, policy, desc, engine, chat)
 
 
-def timing_engine(lm, sweep: Sweep | None, cfg: RunSpec):
+def timing_engine(lm, cfg: RunSpec):
     """A configuration's own engine, with its own policy object, for every timed pass of it (its
     graphs stay valid while the other configurations decode); None where it decodes without one
     (decode: autoregressive)."""
-    return lm.engine(generation_config(sweep, cfg), cfg.make_policy())
+    return lm.engine(cfg.generation_config(), cfg.make_policy())
 
 
 def run_local(
@@ -136,7 +120,7 @@ def run_local(
             (task,) = cfg.tasks
             texts, refs = problems(task, limit)
             desc = f"[{n}/{len(to_run)}] {cfg.id}"
-            strict, flexible, stats = decode(lm, sweep, cfg, texts, refs, d["batch_size"], desc)
+            strict, flexible, stats = decode(lm, cfg, texts, refs, d["batch_size"], desc)
             s = stats.to_dict()
             metrics = {STRICT: accuracy(strict), FLEXIBLE: accuracy(flexible)}
             measured[cfg.id] = {"task": task, "n": len(texts), "metrics": metrics, "stats": s}
@@ -146,14 +130,14 @@ def run_local(
             )
         timed = {str(b): min(p, len(texts)) for b, p in d["speed"].items()}
         rounds: dict[str, dict[str, list[float]]] = {c.id: {b: [] for b in timed} for c in to_run}
-        engines = {c.id: timing_engine(lm, sweep, c) for c in to_run}
+        engines = {c.id: timing_engine(lm, c) for c in to_run}
 
         def time_all(order: list[RunSpec], keep: bool) -> None:
             for cfg in order:
                 texts, refs = problems(cfg.tasks[0], limit)
                 for b, n in timed.items():
                     e = engines[cfg.id]
-                    _, _, stats = decode(lm, sweep, cfg, texts[:n], refs[:n], int(b), None, e)
+                    _, _, stats = decode(lm, cfg, texts[:n], refs[:n], int(b), None, e)
                     if keep:
                         rounds[cfg.id][b].append(stats.tokens_per_second)
 
@@ -184,7 +168,7 @@ def run_local(
     results = []
     for cfg in to_run:
         m = measured[cfg.id]
-        gen = generation_config(sweep, cfg)
+        gen = cfg.generation_config()
         rec = Record(
             model=pretrained.resolve().name,
             pretrained=sweep.pretrained,

@@ -212,12 +212,10 @@ def evaluate(lm, problems: list[dict], spec: RunSpec, chat: bool, warm: bool = F
 
     texts = [user_message(p["question"]) for p in problems]
     references = [p["answer"] for p in problems]
-    engine = direct.timing_engine(lm, None, spec) if warm else None
+    engine = direct.timing_engine(lm, spec) if warm else None
 
     def one_pass():
-        return direct.decode(
-            lm, None, spec, texts, references, spec.batch_size, engine=engine, chat=chat
-        )
+        return direct.decode(lm, spec, texts, references, spec.batch_size, engine=engine, chat=chat)
 
     passes = settle(one_pass, [engine]) if warm else None
     correct, _, stats = passes.result if passes else one_pass()
