@@ -71,6 +71,7 @@ from v2.runs.spec import (
     SpecError,
     Sweep,
     SweepError,
+    alternatives,
     build_specs,
     read_sweep_file,
 )
@@ -156,10 +157,6 @@ SWEEP_KEYS = {
 }
 
 
-def _alternatives(v) -> list:
-    return list(v) if isinstance(v, list) else [v]
-
-
 def is_hub_id(pretrained: str) -> bool:
     """`org/name` (fetched from the hub by the model) rather than a local folder."""
     return pretrained.count("/") == 1 and not pretrained.startswith((".", "/", "~"))
@@ -227,7 +224,7 @@ def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
     for key in ("pretrained", "tasks", "grid"):
         if not data.get(key):
             raise SweepError(f"{path}: `{key}` is required")
-    tasks = _alternatives(data["tasks"])
+    tasks = alternatives(data["tasks"])
     lm_eval = {**LM_EVAL_DEFAULTS, **(data.get("lm_eval") or {})}
     unknown = sorted(set(lm_eval) - set(LM_EVAL_DEFAULTS) - {"limit"})
     if unknown:

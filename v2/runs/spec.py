@@ -230,7 +230,8 @@ def config_id(policy: str, options: dict, threshold, show_threshold: bool) -> st
     return "_".join(parts)
 
 
-def _alternatives(v) -> list:
+def alternatives(v) -> list:
+    """A sweep value as its alternatives: a list is several, anything else one."""
     return list(v) if isinstance(v, list) else [v]
 
 
@@ -266,7 +267,7 @@ def build_specs(
     margs_ok = {*gen_names, *every_option, "policy", "pretrained", "model_path"}
     if runner == "lm_eval":
         margs_ok |= set(LM_EVAL_ONLY)
-    tasks = [str(t) for t in _alternatives(data["tasks"])]
+    tasks = [str(t) for t in alternatives(data["tasks"])]
     split = bool(data.get("split_tasks"))
 
     def model_args(given, place: str) -> list[tuple[str, str, object]]:
@@ -322,7 +323,7 @@ def build_specs(
         order = [k for k in known[policy] if k in values]
         thr = values.get("threshold")
         combos = list(
-            itertools.product(_alternatives(thr), *(_alternatives(values[k]) for k in order))
+            itertools.product(alternatives(thr), *(alternatives(values[k]) for k in order))
         )
         if explicit and len(combos) > 1:
             raise SpecError(f"entry {n} has an id but expands to {len(combos)} configs")
