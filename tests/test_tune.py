@@ -3,9 +3,11 @@ sweep file the runner reads."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -53,6 +55,18 @@ def completed(db: Path) -> list:
     return study.get_trials(states=(TrialState.COMPLETE,))
 
 
+def completed_read_only(db: Path) -> int:
+    """Completed trials, read while the search writes: a read-only sqlite connection (optuna's
+    own storage would create its tables and version row if absent, racing the search's, and one
+    of the two then fails on a UNIQUE constraint); 0 while the study is being created."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)) as c:
+            (n,) = c.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone()
+    except sqlite3.Error:  # no file, no table yet, or locked
+        return 0
+    return n
+
+
 def test_a_killed_search_resumes(tmp_path, checkpoint):
     sweep, out = sweep_file(tmp_path, checkpoint), tmp_path / "out"
     args = [str(sweep), "--max-drop", "1", "--dev-n", "2", "--max-new-tokens", "32"]
@@ -69,12 +83,8 @@ def test_a_killed_search_resumes(tmp_path, checkpoint):
     deadline = time.time() + 240
     try:
         while time.time() < deadline:
-            if db.exists():
-                try:
-                    if len(completed(db)) >= 2:
-                        break
-                except (KeyError, ValueError, optuna.exceptions.StorageInternalError):
-                    pass  # the study is being created
+            if completed_read_only(db) >= 2:
+                break
             assert proc.poll() is None, "the search ended before it was killed"
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
