@@ -7,7 +7,13 @@ import statistics
 
 import pytest
 
-from v2 import direct, experiments, record, report
+from v2 import record, report
+from v2.runs import cli as runs_cli
+from v2.runs import direct as runs_direct
+from v2.runs import slurm as runs_slurm
+from v2.runs import spec as runs_spec
+from v2.runs import state as runs_state
+from v2.runs import sweep as runs_sweep
 
 SWEEP = """
 name: direct_try
@@ -26,34 +32,34 @@ grid:
 
 def test_direct_runner_writes_the_record_and_times_in_rounds(tmp_path, monkeypatch, capsys):
     calls, bars = [], []
-    real = direct.decode
+    real = runs_direct.decode
 
     def spy(lm, cfg, texts, refs, batch, desc=None, engine=None):
         calls.append((cfg.id, batch, len(texts)))
         bars.append(desc)
         return real(lm, cfg, texts, refs, batch, desc, engine)
 
-    monkeypatch.setattr(direct, "decode", spy)
+    monkeypatch.setattr(runs_direct, "decode", spy)
     path = tmp_path / "direct_try.yaml"
     path.write_text(SWEEP)
     results = tmp_path / "results"
     argv = [str(path), "--local", "--results", str(results), "--limit", "3"]
-    assert experiments.main(argv) == 0
+    assert runs_cli.main(argv) == 0
     root = results / "direct_try" / "_limit3"
     recs = {}
     for cid in ("baseline", "reuse_k1_middle"):
         (summary,) = (root / cid).glob("*/summary.json")
         d = json.loads(summary.read_text())
         # the checker of the runner and the report read the one schema
-        cfg = experiments.load_sweep(path, results).config(cid)
-        assert experiments.check_summary(summary, experiments.expected(cfg, 3)) == []
+        cfg = runs_sweep.load_sweep(path, results).config(cid)
+        assert runs_state.check_summary(summary, runs_state.expected(cfg, 3)) == []
         assert (root / cid / "DONE").exists()
         recs[cid] = rec = record.read(summary)
         assert rec.runner == "direct" and rec.limit == 3 and rec.smoke_test
         assert rec.config["threshold"] == 0.9 and rec.config["max_new_tokens"] == 64
         assert rec.tasks["tiny_gsm"].n == 3 and set(rec.tasks["tiny_gsm"].metrics) == {
-            direct.STRICT,
-            direct.FLEXIBLE,
+            runs_direct.STRICT,
+            runs_direct.FLEXIBLE,
         }
         assert {b: len(v["tokens_per_second_rounds"]) for b, v in rec.timing.batches.items()} == {
             "2": 2,
@@ -82,7 +88,7 @@ def test_direct_runner_writes_the_record_and_times_in_rounds(tmp_path, monkeypat
     assert "| reuse_k1_middle | 1 |" in md and "batch 2: tokens/s" in md
     # a rerun finds both done
     capsys.readouterr()
-    assert experiments.main(argv) == 0
+    assert runs_cli.main(argv) == 0
     assert "nothing to run" in capsys.readouterr().out
 
 
@@ -101,7 +107,7 @@ def test_direct_warm_up_repeats_until_no_engine_sets_anything_up(tmp_path, monke
         return Engine(self.model, policy, B, cfg.use_block_cache, static_shapes=True)
 
     monkeypatch.setattr(FastDLLM, "engine", static_engine)
-    calls, real = [], direct.decode
+    calls, real = [], runs_direct.decode
 
     def spy(lm, cfg, texts, refs, batch, desc=None, engine=None):
         before = engine.setups if engine is not None else None
@@ -109,11 +115,11 @@ def test_direct_warm_up_repeats_until_no_engine_sets_anything_up(tmp_path, monke
         calls.append((cfg.id, engine, before, engine.setups if engine is not None else None))
         return out
 
-    monkeypatch.setattr(direct, "decode", spy)
+    monkeypatch.setattr(runs_direct, "decode", spy)
     path = tmp_path / "direct_try.yaml"
     path.write_text(SWEEP)
     results = tmp_path / "results"
-    assert experiments.main([str(path), "--local", "--results", str(results), "--limit", "1"]) == 0
+    assert runs_cli.main([str(path), "--local", "--results", str(results), "--limit", "1"]) == 0
     accuracy_pass, timed = calls[:2], calls[2:]
     assert all(engine is None for _, engine, _, _ in accuracy_pass)  # the model's own engine
     engines = {cid: engine for cid, engine, _, _ in timed}
@@ -130,7 +136,9 @@ def test_direct_warm_up_repeats_until_no_engine_sets_anything_up(tmp_path, monke
         )
         assert {m["stderr"] for m in rec.tasks["tiny_gsm"].metrics.values()} == {None}
         assert (
-            json.loads(summary.read_text())["tasks"]["tiny_gsm"]["metrics"][direct.STRICT]["stderr"]
+            json.loads(summary.read_text())["tasks"]["tiny_gsm"]["metrics"][runs_direct.STRICT][
+                "stderr"
+            ]
             is None
         )
 
@@ -150,7 +158,7 @@ def test_bad_direct_sweeps_are_rejected_before_anything_runs(tmp_path, capsys, c
     lines = [x for x in SWEEP.splitlines() if not x.startswith(key + ":")]
     path = tmp_path / "bad.yaml"
     path.write_text("\n".join([*lines, change]) + "\n")
-    assert experiments.main([str(path), "--local", "--results", str(tmp_path / "r")]) == 2
+    assert runs_cli.main([str(path), "--local", "--results", str(tmp_path / "r")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
 
@@ -158,8 +166,8 @@ def test_bad_direct_sweeps_are_rejected_before_anything_runs(tmp_path, capsys, c
 def test_lm_eval_sweep_with_direct_settings_is_rejected(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text(SWEEP.replace("runner: direct", "runner: lm_eval"))
-    with pytest.raises(experiments.SweepError, match="`direct` settings need `runner: direct`"):
-        experiments.load_sweep(path)
+    with pytest.raises(runs_spec.SweepError, match="`direct` settings need `runner: direct`"):
+        runs_sweep.load_sweep(path)
 
 
 def test_a_failing_direct_run_marks_every_configuration_failed(tmp_path, capsys):
@@ -167,7 +175,7 @@ def test_a_failing_direct_run_marks_every_configuration_failed(tmp_path, capsys)
     path.write_text(SWEEP + "model_args: {small_block_size: 5}\n")  # 5 does not divide 32
     results = tmp_path / "results"
     argv = [str(path), "--local", "--results", str(results), "--limit", "2"]
-    assert experiments.main(argv) == 1
+    assert runs_cli.main(argv) == 1
     out = capsys.readouterr().out
     assert "failed: baseline, reuse_k1_middle" in out
     for cid in ("baseline", "reuse_k1_middle"):
@@ -176,10 +184,10 @@ def test_a_failing_direct_run_marks_every_configuration_failed(tmp_path, capsys)
 
 
 def test_direct_sweep_is_not_submitted_to_slurm(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(experiments, "slurm_available", lambda: True)
+    monkeypatch.setattr(runs_slurm, "slurm_available", lambda: True)
     path = tmp_path / "direct_try.yaml"
     path.write_text(SWEEP)
-    assert experiments.main([str(path), "--results", str(tmp_path / "r")]) == 2
+    assert runs_cli.main([str(path), "--results", str(tmp_path / "r")]) == 2
     assert "run it with --local" in capsys.readouterr().err
 
 
@@ -187,7 +195,7 @@ def test_the_hard_split_is_a_direct_task():
     """The deeper tiny model's split (issue 16) can be swept by the direct runner."""
     import json
 
-    from v2.direct import TASKS, problems
+    from v2.runs.direct import TASKS, problems
 
     texts, references = problems("tiny_gsm_hard", 3)
     rows = [json.loads(line) for line in TASKS["tiny_gsm_hard"].read_text().splitlines()[:3]]

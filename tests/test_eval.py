@@ -100,7 +100,7 @@ def _run(cmd: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
 
 def _outputs(out: Path) -> tuple[dict, dict, list[dict]]:
     """(results, summary, request lines) of the one model folder under `out`."""
-    (run_dir,) = [d for d in out.iterdir() if d.is_dir()]
+    (run_dir,) = [d for d in out.iterdir() if (d / "summary.json").is_file()]
     results_file = find_results_file(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["results_file"] == results_file.name
@@ -166,6 +166,54 @@ def test_single_process_results_and_summary(single_run, checkpoint):
     assert speed["processes"] == 1 and speed["timed_passes"] == 1
     assert speed["wall_seconds"] == pytest.approx(summary["stats"]["wall_seconds"], rel=1e-6)
     assert speed["tokens_per_second"] == speed["tokens_per_second_per_gpu"] > 0
+
+
+def test_the_runner_job_through_the_api_equals_the_command_line(single_run, checkpoint, tmp_path):
+    """The sweep runner's lm_eval job (v2/runs/harness.py: simple_evaluate, results as objects)
+    and lm_eval's command line (v2/eval.py) on the same settings: the same results, metrics,
+    statistics and config; the job's record names the command that reruns it."""
+    import yaml
+
+    from v2.runs.harness import make_task
+    from v2.runs.sweep import load_sweep
+
+    sweep_file = tmp_path / "same.yaml"
+    sweep_file.write_text(
+        yaml.safe_dump(
+            {
+                "pretrained": str(checkpoint),
+                "tasks": ["tiny_gsm"],
+                "threshold": 1.0,
+                "model_args": {"max_new_tokens": 32},
+                "lm_eval": {"batch_size": 1},  # lm_eval's command line default
+                "grid": [{"policy": "none"}],
+            }
+        )
+    )
+    sweep = load_sweep(sweep_file, tmp_path / "results")
+    task = make_task(sweep, sweep.configs[0], 5, 1)
+    job = Path(task["run_dir"]) / "job.json"
+    job.parent.mkdir(parents=True)
+    job.write_text(json.dumps(task))
+    r = _run([sys.executable, "-m", "v2.runs.harness", str(job)], cwd=REPO)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "exact_match" in r.stdout  # lm_eval's table, as its command line prints it
+    results, summary, requests = _outputs(Path(task["run_dir"]))
+    ref_results, ref_summary, ref_requests = _outputs(single_run)
+    assert results["results"] == ref_results["results"]
+    assert results["n-samples"] == ref_results["n-samples"]
+    assert summary["config"] == ref_summary["config"]
+    assert summary["tasks"]["tiny_gsm"]["metrics"] == ref_summary["tasks"]["tiny_gsm"]["metrics"]
+    for key in ("generated_tokens", "forwards", "executed_flops", "executed_units"):
+        assert summary["stats"][key] == ref_summary["stats"][key], key
+    assert [x["stats"]["generated_tokens"] for x in requests] == [
+        x["stats"]["generated_tokens"] for x in ref_requests
+    ]
+    assert summary["command"] == f"python -m v2.experiments {sweep_file} --only baseline --limit 5"
+    assert (
+        ref_summary["command"].startswith("python ")
+        and "--model fast_dllm_v2" in (ref_summary["command"])
+    )
 
 
 def test_data_parallel_matches_single_process(single_run, checkpoint, tmp_path):

@@ -24,8 +24,13 @@ import pytest
 import yaml
 from test_report import summary_dict, write_summary
 
-from v2 import experiments as ex
 from v2 import report
+from v2.runs import cli as runs_cli
+from v2.runs import harness as runs_harness
+from v2.runs import slurm as runs_slurm
+from v2.runs import spec as runs_spec
+from v2.runs import state as runs_state
+from v2.runs import sweep as runs_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -33,25 +38,23 @@ TEXT = {"capture_output": True, "text": True}
 IDS5 = ["baseline", "token_ct0.95", "layer_ct0.99", "reuse_k2_middle", "reuse_k3_middle"]
 
 FAKE_EVAL = """
-import argparse, json, os, signal, sys, time
+import json, os, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from test_report import summary_dict
 
-p = argparse.ArgumentParser()
-for a in ("--model", "--model_args", "--tasks", "--batch_size", "--output_path", "--use_cache"):
-    p.add_argument(a)
-p.add_argument("--limit", type=int)
-args, _ = p.parse_known_args()
-out = Path(args.output_path)
-model_args = dict(kv.split("=", 1) for kv in args.model_args.split(","))
+task = json.loads(Path(sys.argv[1]).read_text())  # the job's task file (v2/runs/harness.py)
+args = task["evaluate"]
+out = Path(task["run_dir"])
+model_args = args["model_args"]
 log = Path(os.environ["FAKE_EVAL_LOG"])
 with log.open("a") as f:
     seen = {{k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_CACHE")}}
-    f.write(json.dumps({{"config": out.name, "argv": sys.argv[1:], "env": seen}}) + "\\n")
+    f.write(json.dumps({{"config": out.name, "argv": sys.argv[1:], "evaluate": args,
+                        "env": seen}}) + "\\n")
 cached = 0
-if args.use_cache:
-    db = Path(args.use_cache + "_rank0.db")
+if args["use_cache"]:
+    db = Path(args["use_cache"] + "_rank0.db")
     # like lm_eval: an earlier attempt's answers come from the cache, not the model
     cached = 30 if db.exists() else 0
     db.parent.mkdir(parents=True, exist_ok=True)
@@ -73,8 +76,8 @@ if os.environ.get("FAKE_EVAL_SLEEP_ON", out.name) == out.name:
 policy = model_args["policy"]
 numbers = {{"none": (0.99, 1000, 50.0), "token": (0.97, 800, 60.0)}}.get(policy, (0.95, 900, 55.0))
 s = summary_dict({{"policy": policy}}, accuracy=numbers[0], executed_flops=numbers[1],
-                 tokens_per_second=numbers[2], limit=args.limit, task=args.tasks.split(",")[0],
-                 n=args.limit or 100)
+                 tokens_per_second=numbers[2], limit=args["limit"], task=args["tasks"][0],
+                 n=args["limit"] or 100)
 for t in s["tasks"].values():
     c = min(cached, t["n"] // 2)
     t["stats_problems"], t["cached_problems"] = t["n"] - c, c
@@ -131,9 +134,9 @@ def fake_eval(tmp_path, monkeypatch) -> Path:
     script = tmp_path / "fake_eval.py"
     script.write_text(FAKE_EVAL.format(tests=str(TESTS)))
     log = tmp_path / "fake_eval.jsonl"
-    monkeypatch.setenv(ex.EVAL_CMD_ENV, f"{sys.executable} {script}")
+    monkeypatch.setenv(runs_harness.EVAL_CMD_ENV, f"{sys.executable} {script}")
     monkeypatch.setenv("FAKE_EVAL_LOG", str(log))
-    monkeypatch.setenv(ex.NUM_GPUS_ENV, "0")
+    monkeypatch.setenv(runs_slurm.NUM_GPUS_ENV, "0")
     for k in (
         "FAKE_EVAL_CRASH_ON",
         "FAKE_EVAL_CRASH_MODE",
@@ -179,21 +182,21 @@ def flag(args: list[str], name: str) -> str:
     return next(a.split("=", 1)[1] for a in args if a.startswith(name + "="))
 
 
-def state_map(sweep: ex.Sweep, limit: int | None = None) -> dict[str, str]:
-    return {k: v.state for k, v in ex.states(sweep, sweep.configs, limit).items()}
+def state_map(sweep: runs_spec.Sweep, limit: int | None = None) -> dict[str, str]:
+    return {k: v.state for k, v in runs_state.states(sweep, sweep.configs, limit).items()}
 
 
-def mark_done(sweep: ex.Sweep, cid: str, policy: str = "none") -> None:
+def mark_done(sweep: runs_spec.Sweep, cid: str, policy: str = "none") -> None:
     run_dir = sweep.run_dir(cid, None)
     write_summary(run_dir, summary_dict({"policy": policy}), model="fake_model")
-    ex.write_marker(run_dir, ex.DONE, {"config_id": cid})
+    runs_state.write_marker(run_dir, runs_state.DONE, {"config_id": cid})
 
 
 # --------------------------------------------------------------------------- definitions
 
 
 def test_tiny_default_ids_and_shipped_sweeps():
-    s = ex.load_sweep(REPO / "configs/sweeps/tiny_default.yaml")
+    s = runs_sweep.load_sweep(REPO / "configs/sweeps/tiny_default.yaml")
     assert [c.id for c in s.configs] == [
         "baseline",
         "token_ct0.99",
@@ -209,24 +212,27 @@ def test_tiny_default_ids_and_shipped_sweeps():
     assert s.run_dir("token_ct0.95", 4) == REPO / "results/tiny_default/_limit4/token_ct0.95"
     sizes = {"tiny_token": 11, "tiny_layer": 22, "fast_dllm_v2_7b_gsm8k": 7}
     for f in sorted((REPO / "configs/sweeps").glob("*.yaml")):
-        sw = ex.load_sweep(f)
+        sw = runs_sweep.load_sweep(f)
         assert sw.name == f.stem and sw.configs[0].id.startswith("baseline")
         assert len(sw.configs) == sizes.get(sw.name, len(sw.configs))
-    big = ex.load_sweep(REPO / "configs/sweeps/fast_dllm_v2_7b_gsm8k.yaml")
+    big = runs_sweep.load_sweep(REPO / "configs/sweeps/fast_dllm_v2_7b_gsm8k.yaml")
     assert big.pretrained == "Efficient-Large-Model/Fast_dLLM_v2_7B"
     assert big.tasks == ["gsm8k_boxed"] and big.lm_eval["batch_size"] == 32
-    layer = ex.load_sweep(REPO / "configs/sweeps/tiny_layer.yaml")
+    layer = runs_sweep.load_sweep(REPO / "configs/sweeps/tiny_layer.yaml")
     assert "layer_ct0.99_pf2_pl2" in [c.id for c in layer.configs]
 
 
 def test_grid_ids_threshold_split_and_errors(tmp_path):
     path = write_sweep(tmp_path, 1, threshold=[0.9, 1.0])
-    assert [c.id for c in ex.load_sweep(path).configs] == ["thr0.9_baseline", "thr1.0_baseline"]
+    assert [c.id for c in runs_sweep.load_sweep(path).configs] == [
+        "thr0.9_baseline",
+        "thr1.0_baseline",
+    ]
     path = write_sweep(tmp_path, 1, tasks=["a", "b"], split_tasks=True)
-    cfgs = ex.load_sweep(path).configs
+    cfgs = runs_sweep.load_sweep(path).configs
     assert [(c.id, c.tasks) for c in cfgs] == [("baseline@a", ("a",)), ("baseline@b", ("b",))]
     grid = [{"policy": "reuse", "reuse_k": 2, "layer_subset": ["3;4;5", "last"], "subset_size": 2}]
-    cfgs = ex.load_sweep(write_sweep(tmp_path, grid=grid)).configs
+    cfgs = runs_sweep.load_sweep(write_sweep(tmp_path, grid=grid)).configs
     assert [c.id for c in cfgs] == ["reuse_k2_L3-4-5_n2", "reuse_k2_last_n2"]
     bad = [
         ({"grid": [{"policy": "token", "reuse_k": 2}]}, "takes"),
@@ -236,29 +242,49 @@ def test_grid_ids_threshold_split_and_errors(tmp_path):
         ({"grid": [{"policy": "reuse", "layer_subset": "1,2"}]}, "','"),
     ]
     for extra, message in bad:
-        with pytest.raises(ex.SweepError, match=message):
-            ex.load_sweep(write_sweep(tmp_path, **extra))
+        with pytest.raises(runs_spec.SweepError, match=message):
+            runs_sweep.load_sweep(write_sweep(tmp_path, **extra))
 
 
 def test_command_of_one_configuration(tmp_path):
-    sweep = ex.load_sweep(write_sweep(tmp_path, 2), results=tmp_path / "r")
+    sweep = runs_sweep.load_sweep(write_sweep(tmp_path, 2), results=tmp_path / "r")
     token = sweep.config("token_ct0.95")
-    args = ex.lm_eval_args(sweep, token, sweep.run_dir(token.id, 4), 4)
-    joined = " ".join(args)
-    assert (
-        "--model fast_dllm_v2 --model_args pretrained=v2/tiny/checkpoint,threshold=0.9," in joined
-    )
-    assert "policy=token,cosine_threshold=0.95 --tasks tiny_gsm --batch_size 32" in joined
     run_dir = tmp_path / "r/fake/_limit4/token_ct0.95"
-    assert f"--output_path {run_dir}" in joined and "--apply_chat_template" in args
-    assert f"--use_cache {run_dir}/lm_cache/requests" in joined  # one cache per configuration
-    assert args[args.index("--limit") + 1] == "4"
-    task = ex.make_task(sweep, token, None, 2)
-    argv = ex.eval_argv(task, port=29511)
-    assert argv[:8] == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-                        "--num_processes", "2", "--main_process_port", "29511"]  # fmt: skip
-    assert argv[8] == "v2/eval.py" and "--limit" not in argv
-    assert ex.eval_argv({**task, "num_processes": 1})[:2] == [sys.executable, "v2/eval.py"]
+    task = runs_harness.make_task(sweep, token, 4, 1)
+    assert task["run_dir"] == str(run_dir) and task["expect"]["limit"] == 4
+    # simple_evaluate's arguments: the spec's model_args as values, one cache per configuration
+    assert task["evaluate"] == {
+        "model_args": {
+            "pretrained": "v2/tiny/checkpoint",
+            "threshold": 0.9,
+            "policy": "token",
+            "cosine_threshold": 0.95,
+        },
+        "tasks": ["tiny_gsm"],
+        "batch_size": 32,
+        "apply_chat_template": True,
+        "fewshot_as_multiturn": True,  # as lm_eval's command line sets it with the chat template
+        "num_fewshot": None,
+        "gen_kwargs": None,
+        "log_samples": False,
+        "limit": 4,
+        "use_cache": f"{run_dir}/lm_cache/requests",
+    }
+    assert task["include_path"] == [str(REPO / "v2/tasks")]
+    assert task["command"] == f"python -m v2.experiments {sweep.file} --only token_ct0.95 --limit 4"
+    json.dumps(task)  # a manifest line
+    task = runs_harness.make_task(sweep, token, None, 2)
+    argv = runs_harness.job_argv(task, port=29511)
+    job = str(tmp_path / "r/fake/token_ct0.95/job.json")
+    assert argv == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+                    "--num_processes", "2", "--main_process_port", "29511",
+                    "-m", "v2.runs.harness", job]  # fmt: skip
+    assert runs_harness.job_argv({**task, "num_processes": 1}) == [
+        sys.executable,
+        "-m",
+        "v2.runs.harness",
+        job,
+    ]
 
 
 def test_ports_distinct_per_array_task(monkeypatch):
@@ -267,16 +293,16 @@ def test_ports_distinct_per_array_task(monkeypatch):
     ports = set()
     for i in range(40):
         monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(i))
-        ports.add(ex.main_process_port())
+        ports.add(runs_slurm.main_process_port())
     assert len(ports) == 40 and all(29500 <= p < 30500 for p in ports)
     monkeypatch.setenv("MAIN_PROCESS_PORT", "31000")
-    assert ex.main_process_port() == 31000
+    assert runs_slurm.main_process_port() == 31000
 
 
 def test_array_spec():
-    assert ex.array_spec([0, 2, 3, 4, 7]) == "0,2-4,7"
-    assert ex.array_spec([5]) == "5"
-    assert ex.array_spec([1, 0]) == "0-1"
+    assert runs_slurm.array_spec([0, 2, 3, 4, 7]) == "0,2-4,7"
+    assert runs_slurm.array_spec([5]) == "5"
+    assert runs_slurm.array_spec([1, 0]) == "0-1"
 
 
 # --------------------------------------------------------------------------- state
@@ -284,24 +310,26 @@ def test_array_spec():
 
 def test_state_from_markers(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no squeue / sacct here
-    slurm = ex.SlurmView()
+    slurm = runs_state.SlurmView()
     run_dir = tmp_path / "cfg"
-    assert ex.config_state(run_dir, slurm).state == "missing"
-    ex.write_marker(run_dir, ex.RUNNING, {"host": ex.HOST, "pid": os.getpid()})
-    assert ex.config_state(run_dir, slurm).state == "running"
+    assert runs_state.config_state(run_dir, slurm).state == "missing"
+    runs_state.write_marker(
+        run_dir, runs_state.RUNNING, {"host": runs_state.HOST, "pid": os.getpid()}
+    )
+    assert runs_state.config_state(run_dir, slurm).state == "running"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    ex.write_marker(run_dir, ex.RUNNING, {"host": ex.HOST, "pid": dead.pid})
-    assert ex.config_state(run_dir, slurm).state == "missing"
-    ex.write_marker(run_dir, ex.RUNNING, {"host": "elsewhere", "pid": 1})
-    assert ex.config_state(run_dir, slurm).state == "running"  # fresh heartbeat
-    old = time.time() - ex.STALE_S - 10
-    os.utime(run_dir / ex.RUNNING, (old, old))
-    assert ex.config_state(run_dir, slurm).state == "missing"
-    ex.write_marker(run_dir, ex.FAILED, {"rc": 3, "reason": "exit 3"})
-    assert ex.config_state(run_dir, slurm) == ex.State("failed", "exit 3")
-    ex.write_marker(run_dir, ex.DONE, {})
-    assert ex.config_state(run_dir, slurm).state == "done"
+    runs_state.write_marker(run_dir, runs_state.RUNNING, {"host": runs_state.HOST, "pid": dead.pid})
+    assert runs_state.config_state(run_dir, slurm).state == "missing"
+    runs_state.write_marker(run_dir, runs_state.RUNNING, {"host": "elsewhere", "pid": 1})
+    assert runs_state.config_state(run_dir, slurm).state == "running"  # fresh heartbeat
+    old = time.time() - runs_state.STALE_S - 10
+    os.utime(run_dir / runs_state.RUNNING, (old, old))
+    assert runs_state.config_state(run_dir, slurm).state == "missing"
+    runs_state.write_marker(run_dir, runs_state.FAILED, {"rc": 3, "reason": "exit 3"})
+    assert runs_state.config_state(run_dir, slurm) == runs_state.State("failed", "exit 3")
+    runs_state.write_marker(run_dir, runs_state.DONE, {})
+    assert runs_state.config_state(run_dir, slurm).state == "done"
     assert not list(run_dir.glob(".*.tmp"))  # markers are written through a temp file
 
 
@@ -311,17 +339,25 @@ def test_state_of_a_local_run_inside_an_allocation(tmp_path, slurm):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     (slurm / "squeue.out").write_text("4242|RUNNING\n")
-    marker = {"host": ex.HOST, "pid": dead.pid, "slurm_job": "4242"}
-    ex.write_marker(run_dir, ex.RUNNING, marker)
-    assert ex.config_state(run_dir, ex.SlurmView()).state == "missing"
-    ex.write_marker(run_dir, ex.RUNNING, {**marker, "pid": os.getpid()})
-    assert ex.config_state(run_dir, ex.SlurmView()).state == "running"
-    ex.write_marker(run_dir, ex.RUNNING, {**marker, "host": "node-7", "pid": dead.pid})
-    assert ex.config_state(run_dir, ex.SlurmView()) == ex.State("running", "slurm 4242 RUNNING")
+    marker = {"host": runs_state.HOST, "pid": dead.pid, "slurm_job": "4242"}
+    runs_state.write_marker(run_dir, runs_state.RUNNING, marker)
+    assert runs_state.config_state(run_dir, runs_state.SlurmView()).state == "missing"
+    runs_state.write_marker(run_dir, runs_state.RUNNING, {**marker, "pid": os.getpid()})
+    assert runs_state.config_state(run_dir, runs_state.SlurmView()).state == "running"
+    runs_state.write_marker(
+        run_dir, runs_state.RUNNING, {**marker, "host": "node-7", "pid": dead.pid}
+    )
+    assert runs_state.config_state(run_dir, runs_state.SlurmView()) == runs_state.State(
+        "running", "slurm 4242 RUNNING"
+    )
     (slurm / "squeue.out").write_text("")
-    assert ex.config_state(run_dir, ex.SlurmView()).state == "missing"  # squeue: it has ended
+    assert (
+        runs_state.config_state(run_dir, runs_state.SlurmView()).state == "missing"
+    )  # squeue: it has ended
     (slurm / "squeue.out").write_text("4242|TIMEOUT|None\n")  # -t all: ended, for MinJobAge
-    assert ex.config_state(run_dir, ex.SlurmView()) == ex.State("failed", "slurm 4242 TIMEOUT")
+    assert runs_state.config_state(run_dir, runs_state.SlurmView()) == runs_state.State(
+        "failed", "slurm 4242 TIMEOUT"
+    )
 
 
 def test_sbatch_without_a_cluster_runs_here(tmp_path, monkeypatch):
@@ -332,31 +368,33 @@ def test_sbatch_without_a_cluster_runs_here(tmp_path, monkeypatch):
         (tmp_path / name).chmod(0o755)
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("SLURM_CONF", raising=False)
-    monkeypatch.setattr(ex, "SLURM_CONF_PATHS", (str(tmp_path / "slurm.conf"),))
-    assert not ex.slurm_available() and not ex.use_slurm(local=False)
+    monkeypatch.setattr(runs_slurm, "SLURM_CONF_PATHS", (str(tmp_path / "slurm.conf"),))
+    assert not runs_slurm.slurm_available() and not runs_slurm.use_slurm(local=False)
     (tmp_path / "sinfo").write_text("#!/bin/sh\nexit 0\n")
-    assert ex.slurm_available()
+    assert runs_slurm.slurm_available()
     (tmp_path / "sinfo").unlink()
     (tmp_path / "slurm.conf").write_text("")
-    assert ex.use_slurm(local=False) and not ex.use_slurm(local=True)
+    assert runs_slurm.use_slurm(local=False) and not runs_slurm.use_slurm(local=True)
 
 
 def test_limit_results_never_count(tmp_path, fake_eval, slurm):
     path = write_sweep(tmp_path, 5)
     results = tmp_path / "results"
-    assert ex.main([str(path), "--local", "--limit", "4", "--results", str(results)]) == 0
-    sweep = ex.load_sweep(path, results)
+    assert runs_cli.main([str(path), "--local", "--limit", "4", "--results", str(results)]) == 0
+    sweep = runs_sweep.load_sweep(path, results)
     assert set(state_map(sweep, 4).values()) == {"done"}
     assert set(state_map(sweep).values()) == {"missing"}
-    assert all("--limit" in json.loads(x)["argv"] for x in fake_eval.read_text().splitlines())
-    assert ex.main([str(path), "--results", str(results)]) == 0
+    assert all(json.loads(x)["evaluate"]["limit"] == 4 for x in fake_eval.read_text().splitlines())
+    assert runs_cli.main([str(path), "--results", str(results)]) == 0
     assert flag(calls(slurm, "sbatch")[0], "--array") == "0-4%4"
     # a smoke-test summary in a full-run folder is not a result either
     limited = sweep.run_dir("baseline", 4) / "fake_model" / "summary.json"
     expect = {"tasks": ["tiny_gsm"], "limit": None, "policy": "none"}
-    assert ex.check_summary(limited, expect) == ["limit 4, expected None"]
-    assert ex.check_summary(limited, {**expect, "limit": 4}) == []
-    assert "no metrics for task gsm8k" in ex.check_summary(limited, {**expect, "tasks": ["gsm8k"]})
+    assert runs_state.check_summary(limited, expect) == ["limit 4, expected None"]
+    assert runs_state.check_summary(limited, {**expect, "limit": 4}) == []
+    assert "no metrics for task gsm8k" in runs_state.check_summary(
+        limited, {**expect, "tasks": ["gsm8k"]}
+    )
 
 
 # --------------------------------------------------------------------------- SLURM
@@ -365,17 +403,21 @@ def test_limit_results_never_count(tmp_path, fake_eval, slurm):
 def test_array_covers_exactly_what_is_not_done(tmp_path, slurm, capsys):
     path = write_sweep(tmp_path, 5)
     results = tmp_path / "results"
-    sweep = ex.load_sweep(path, results)
+    sweep = runs_sweep.load_sweep(path, results)
     mark_done(sweep, "baseline")
-    ex.write_marker(sweep.run_dir("token_ct0.95", None), ex.SUBMITTED, {"slurm_job": "500_1"})
-    ex.write_marker(sweep.run_dir("layer_ct0.99", None), ex.SUBMITTED, {"slurm_job": "500_2"})
+    runs_state.write_marker(
+        sweep.run_dir("token_ct0.95", None), runs_state.SUBMITTED, {"slurm_job": "500_1"}
+    )
+    runs_state.write_marker(
+        sweep.run_dir("layer_ct0.99", None), runs_state.SUBMITTED, {"slurm_job": "500_2"}
+    )
     (slurm / "squeue.out").write_text("500_1|RUNNING\n")
     (slurm / "sacct.out").write_text("500_1|RUNNING\n500_2|CANCELLED by 4242\n")
     assert state_map(sweep) == dict(
         zip(IDS5, ["done", "running", "failed", "missing", "missing"], strict=True)
     )
 
-    assert ex.main([str(path), "--results", str(results)]) == 0
+    assert runs_cli.main([str(path), "--results", str(results)]) == 0
     (args,) = calls(slurm, "sbatch")
     assert flag(args, "--array") == "2-4%4"  # failed + missing; not done, not running
     assert "--parsable" in args and f"--chdir={REPO}" in args
@@ -387,44 +429,46 @@ def test_array_covers_exactly_what_is_not_done(tmp_path, slurm, capsys):
     assert [t["index"] for t in manifest["tasks"]] == list(range(5))
     assert flag(args, "--output").endswith("fake/_manifests/slurm-%A_%a.log")
     for i in (2, 3, 4):
-        m = ex.read_marker(sweep.run_dir(IDS5[i], None), ex.SUBMITTED)
+        m = runs_state.read_marker(sweep.run_dir(IDS5[i], None), runs_state.SUBMITTED)
         assert m["slurm_job"] == f"777_{i}" and m["manifest"] == args[-1]
-    assert not (sweep.run_dir("layer_ct0.99", None) / ex.FAILED).exists()
+    assert not (sweep.run_dir("layer_ct0.99", None) / runs_state.FAILED).exists()
 
     (slurm / "squeue.out").write_text(
         "500_1|RUNNING|None\n777_2|PENDING|Priority\n777_3|RUNNING|None\n777_4|PENDING|Priority\n"
     )
     capsys.readouterr()
-    assert ex.main([str(path), "--status", "--results", str(results)]) == 0
+    assert runs_cli.main([str(path), "--status", "--results", str(results)]) == 0
     out = capsys.readouterr().out
     assert "1 done, 2 pending, 2 running, 0 failed, 0 missing of 5" in out
     assert "slurm 777_3 RUNNING" in out and "slurm 777_2 PENDING (Priority)" in out
-    assert ex.main([str(path), "--results", str(results)]) == 0  # nothing left to submit
+    assert runs_cli.main([str(path), "--results", str(results)]) == 0  # nothing left to submit
     assert len(calls(slurm, "sbatch")) == 1
 
 
 def test_force_resubmits_what_it_should(tmp_path, slurm, monkeypatch):
     path = write_sweep(tmp_path, 5)
     results = tmp_path / "results"
-    sweep = ex.load_sweep(path, results)
+    sweep = runs_sweep.load_sweep(path, results)
     for cid in IDS5:
         mark_done(sweep, cid)
-    monkeypatch.setattr(ex.time, "strftime", lambda fmt, *t: "20260101-000000")  # one second
-    assert ex.main([str(path), "--results", str(results)]) == 0
+    monkeypatch.setattr(
+        runs_state.time, "strftime", lambda fmt, *t: "20260101-000000"
+    )  # one second
+    assert runs_cli.main([str(path), "--results", str(results)]) == 0
     assert calls(slurm, "sbatch") == []
 
-    assert ex.main([str(path), "--results", str(results), "--force", "token_ct0.95"]) == 0
+    assert runs_cli.main([str(path), "--results", str(results), "--force", "token_ct0.95"]) == 0
     assert flag(calls(slurm, "sbatch")[-1], "--array") == "1%4"
     replaced = list((results / "fake/_replaced").iterdir())
     assert [p.name.rsplit("-", 2)[0] for p in replaced] == ["token_ct0.95"]
-    assert (replaced[0] / ex.DONE).exists()  # moved aside, not deleted
+    assert (replaced[0] / runs_state.DONE).exists()  # moved aside, not deleted
     assert state_map(sweep)["baseline"] == "done"
 
     (slurm / "squeue.out").write_text("777_1|PENDING\n")
     monkeypatch.setenv("FDLLM_ARRAY_CAP", "2")  # cluster.env values yield to the environment
-    assert ex.main([str(path), "--results", str(results), "--force"]) == 0
+    assert runs_cli.main([str(path), "--results", str(results), "--force"]) == 0
     assert flag(calls(slurm, "sbatch")[-1], "--array") == "0,2-4%2"  # the running one is spared
-    assert ex.main([str(path), "--results", str(results), "--force", "nope"]) == 2
+    assert runs_cli.main([str(path), "--results", str(results), "--force", "nope"]) == 2
     # each submission froze its own manifest, though both came within the same second
     manifests = [c[-1] for c in calls(slurm, "sbatch")]
     assert len(set(manifests)) == 2 and all(Path(m).exists() for m in manifests)
@@ -434,18 +478,21 @@ def test_dry_run_changes_nothing(tmp_path, slurm, fake_eval, capsys, monkeypatch
     path = write_sweep(tmp_path, 3)
     results = tmp_path / "results"
     monkeypatch.setenv("FDLLM_ACCOUNT", "gts-<pi>")  # a placeholder is fine for a dry run
-    assert ex.main([str(path), "--dry-run", "--results", str(results)]) == 0
+    assert runs_cli.main([str(path), "--dry-run", "--results", str(results)]) == 0
     assert "would submit: sbatch --parsable --array=0-2%4" in capsys.readouterr().out
-    assert ex.main([str(path), "--results", str(results)]) == 2  # ... but not for a submission
-    assert ex.main([str(path), "--dry-run", "--local", "--results", str(results)]) == 0
-    assert "--output_path" in capsys.readouterr().out
+    assert (
+        runs_cli.main([str(path), "--results", str(results)]) == 2
+    )  # ... but not for a submission
+    assert runs_cli.main([str(path), "--dry-run", "--local", "--results", str(results)]) == 0
+    out = capsys.readouterr().out  # the job that would run here, and what it asks lm_eval
+    assert "token_ct0.95/job.json" in out and "lm_eval: tasks tiny_gsm; model_args" in out
     assert calls(slurm, "sbatch") == [] and not results.exists() and invoked(fake_eval) == []
 
 
 def test_array_job_script_runs_its_task_offline_and_requeue_safe(tmp_path, slurm, fake_eval):
     path = write_sweep(tmp_path, 3)
     results = tmp_path / "results"
-    assert ex.main([str(path), "--results", str(results)]) == 0
+    assert runs_cli.main([str(path), "--results", str(results)]) == 0
     manifest = calls(slurm, "sbatch")[0][-1]
     seed = tmp_path / "seed"
     (seed / "gsm8k").mkdir(parents=True)
@@ -465,7 +512,7 @@ def test_array_job_script_runs_its_task_offline_and_requeue_safe(tmp_path, slurm
         assert r.returncode == 0
     assert invoked(fake_eval) == ["layer_ct0.99"]
     run_dir = results / "fake/layer_ct0.99"
-    assert (run_dir / ex.DONE).exists() and not (run_dir / ex.SUBMITTED).exists()
+    assert (run_dir / runs_state.DONE).exists() and not (run_dir / runs_state.SUBMITTED).exists()
     log = (run_dir / "slurm-777_2.log").read_text()
     assert "layer_ct0.99 on" in log and "already done" in log
     seen = json.loads(fake_eval.read_text())["env"]
@@ -498,7 +545,7 @@ def test_run_single_submits_itself_then_runs_in_the_job(tmp_path, slurm, fake_ev
     )
     assert r.returncode == 0
     run_dir = tmp_path / "results/fake/token_ct0.95"
-    assert (run_dir / ex.DONE).exists() and (run_dir / "slurm-900.log").exists()
+    assert (run_dir / runs_state.DONE).exists() and (run_dir / "slurm-900.log").exists()
 
 
 FAKE_PYTHON = """#!/bin/bash
@@ -548,23 +595,26 @@ def test_local_crash_then_rerun_repeats_only_the_unfinished(
 ):
     path = write_sweep(tmp_path, 3)
     results = tmp_path / "results"
-    sweep = ex.load_sweep(path, results)
+    sweep = runs_sweep.load_sweep(path, results)
     monkeypatch.setenv("FAKE_EVAL_CRASH_ON", "token_ct0.95")  # the 2nd configuration, once
-    assert ex.main([str(path), "--local", "--results", str(results)]) == 1
+    assert runs_cli.main([str(path), "--local", "--results", str(results)]) == 1
     assert invoked(fake_eval) == ["baseline", "token_ct0.95", "layer_ct0.99"]
     assert state_map(sweep) == {
         "baseline": "done",
         "token_ct0.95": "failed",
         "layer_ct0.99": "done",
     }
-    kept = {c: (sweep.run_dir(c, None) / ex.DONE).read_text() for c in ("baseline", "layer_ct0.99")}
+    kept = {
+        c: (sweep.run_dir(c, None) / runs_state.DONE).read_text()
+        for c in ("baseline", "layer_ct0.99")
+    }
 
-    assert ex.main([str(path), "--local", "--results", str(results)]) == 0
+    assert runs_cli.main([str(path), "--local", "--results", str(results)]) == 0
     assert invoked(fake_eval)[3:] == ["token_ct0.95"]
     assert set(state_map(sweep).values()) == {"done"}
     for c, text in kept.items():
-        assert (sweep.run_dir(c, None) / ex.DONE).read_text() == text
-    done = ex.read_marker(sweep.run_dir("token_ct0.95", None), ex.DONE)
+        assert (sweep.run_dir(c, None) / runs_state.DONE).read_text() == text
+    done = runs_state.read_marker(sweep.run_dir("token_ct0.95", None), runs_state.DONE)
     assert done["resumed_from_cache"] is True  # its lm_cache survived the crash
     assert done["summary"] == "fake_model/summary.json"
     rows = report.collect(results / "fake")
@@ -578,7 +628,7 @@ def test_local_crash_then_rerun_repeats_only_the_unfinished(
     md = (results / "fake/_report/results.md").read_text()
     assert "| token_ct0.95 † |" in md and "70 of 100 (30 cached)" in md and "--force ID" in md
     capsys.readouterr()
-    assert ex.main([str(path), "--status", "--local", "--results", str(results)]) == 0
+    assert runs_cli.main([str(path), "--status", "--local", "--results", str(results)]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("base", "tok"))}
     assert "stats partial: 70 of 100 (30 cached) †" in lines["token_ct0.95"]
@@ -586,7 +636,8 @@ def test_local_crash_then_rerun_repeats_only_the_unfinished(
 
     # --force ID: the old folder (cache included) moved aside, every problem decoded again
     assert (
-        ex.main([str(path), "--local", "--results", str(results), "--force", "token_ct0.95"]) == 0
+        runs_cli.main([str(path), "--local", "--results", str(results), "--force", "token_ct0.95"])
+        == 0
     )
     assert invoked(fake_eval)[4:] == ["token_ct0.95"]
     assert list((results / "fake" / "_replaced").iterdir())
@@ -600,7 +651,7 @@ def test_local_runner_killed_while_its_evaluation_goes_on(tmp_path, fake_eval, m
     that configuration twice, and once the orphan has finished, its result is kept, not redone."""
     path = write_sweep(tmp_path, 3)
     results = tmp_path / "results"
-    sweep = ex.load_sweep(path, results)
+    sweep = runs_sweep.load_sweep(path, results)
     monkeypatch.setenv("FAKE_EVAL_CRASH_ON", "token_ct0.95")
     monkeypatch.setenv("FAKE_EVAL_CRASH_MODE", "kill-runner")
     release = tmp_path / "release"
@@ -608,29 +659,34 @@ def test_local_runner_killed_while_its_evaluation_goes_on(tmp_path, fake_eval, m
     cmd = [sys.executable, "-m", "v2.experiments", str(path), "--local", "--results", str(results)]
     r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
     assert r.returncode == -9, r.stdout + r.stderr
-    orphan = ex.read_marker(sweep.run_dir("token_ct0.95", None), ex.RUNNING)["child_pid"]
-    assert ex.pid_alive(orphan)
+    orphan = runs_state.read_marker(sweep.run_dir("token_ct0.95", None), runs_state.RUNNING)[
+        "child_pid"
+    ]
+    assert runs_state.pid_alive(orphan)
     assert state_map(sweep) == {
         "baseline": "done",
         "token_ct0.95": "running",
         "layer_ct0.99": "missing",
     }
-    first = (sweep.run_dir("baseline", None) / ex.DONE).read_text()
+    first = (sweep.run_dir("baseline", None) / runs_state.DONE).read_text()
 
-    assert ex.main([str(path), "--local", "--results", str(results)]) == 0
+    assert runs_cli.main([str(path), "--local", "--results", str(results)]) == 0
     assert invoked(fake_eval) == ["baseline", "token_ct0.95", "layer_ct0.99"]  # not twice
 
     release.write_text("go")
     deadline = time.time() + 60
-    while ex.pid_alive(orphan):
+    while runs_state.pid_alive(orphan):
         assert time.time() < deadline, "the orphaned evaluation did not finish"
         time.sleep(0.1)
     # a checked summary without DONE: reading the state adopts it (not "missing")
     assert state_map(sweep)["token_ct0.95"] == "done"
-    assert ex.read_marker(sweep.run_dir("token_ct0.95", None), ex.DONE)["adopted"] is True
-    assert ex.main([str(path), "--local", "--results", str(results)]) == 0
+    assert (
+        runs_state.read_marker(sweep.run_dir("token_ct0.95", None), runs_state.DONE)["adopted"]
+        is True
+    )
+    assert runs_cli.main([str(path), "--local", "--results", str(results)]) == 0
     assert invoked(fake_eval) == ["baseline", "token_ct0.95", "layer_ct0.99"]  # adopted, not rerun
-    assert (sweep.run_dir("baseline", None) / ex.DONE).read_text() == first
+    assert (sweep.run_dir("baseline", None) / runs_state.DONE).read_text() == first
     assert set(state_map(sweep).values()) == {"done"}
 
 
@@ -639,20 +695,20 @@ def test_sigterm_stops_the_evaluation_and_leaves_a_failed_marker(tmp_path, fake_
     evaluation is stopped, FAILED says why, and the runner ends there, not with the next one."""
     path = write_sweep(tmp_path, 2)
     results = tmp_path / "results"
-    sweep = ex.load_sweep(path, results)
+    sweep = runs_sweep.load_sweep(path, results)
     monkeypatch.setenv("FAKE_EVAL_SLEEP", "60")
     cmd = [sys.executable, "-m", "v2.experiments", str(path), "--local", "--results", str(results)]
     runner = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
     first = sweep.run_dir("baseline", None)
     deadline = time.time() + 60
-    while "child_pid" not in (ex.read_marker(first, ex.RUNNING) or {}):
+    while "child_pid" not in (runs_state.read_marker(first, runs_state.RUNNING) or {}):
         assert runner.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    child = ex.read_marker(first, ex.RUNNING)["child_pid"]
+    child = runs_state.read_marker(first, runs_state.RUNNING)["child_pid"]
     runner.send_signal(signal.SIGTERM)
     assert runner.wait(timeout=60) == -signal.SIGTERM
-    assert not ex.pid_alive(child)
-    failed = ex.read_marker(first, ex.FAILED)
+    assert not runs_state.pid_alive(child)
+    failed = runs_state.read_marker(first, runs_state.FAILED)
     assert failed["rc"] == 143 and failed["reason"].startswith("stopped by SIGTERM")
     assert state_map(sweep) == {"baseline": "failed", "token_ct0.95": "missing"}
     assert not sweep.run_dir("token_ct0.95", None).exists()  # never started
@@ -664,10 +720,10 @@ def _start_runner(argv: list[str], config_dir: Path) -> tuple[subprocess.Popen, 
     cmd = [sys.executable, "-m", "v2.experiments", *argv]
     runner = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 60
-    while "child_pid" not in (ex.read_marker(config_dir, ex.RUNNING) or {}):
+    while "child_pid" not in (runs_state.read_marker(config_dir, runs_state.RUNNING) or {}):
         assert runner.poll() is None and time.time() < deadline, runner.stderr.read()
         time.sleep(0.05)
-    return runner, ex.read_marker(config_dir, ex.RUNNING)["child_pid"]
+    return runner, runs_state.read_marker(config_dir, runs_state.RUNNING)["child_pid"]
 
 
 def test_sigint_stops_the_evaluation_and_one_rerun_finishes(tmp_path, fake_eval, monkeypatch):
@@ -675,7 +731,7 @@ def test_sigint_stops_the_evaluation_and_one_rerun_finishes(tmp_path, fake_eval,
     says so, and one plain rerun finishes the sweep with nothing missing or repeated."""
     path = write_sweep(tmp_path, 3)
     results = tmp_path / "results"
-    sweep = ex.load_sweep(path, results)
+    sweep = runs_sweep.load_sweep(path, results)
     monkeypatch.setenv("FAKE_EVAL_SLEEP", "60")
     monkeypatch.setenv("FAKE_EVAL_SLEEP_ON", "token_ct0.95")
     argv = [str(path), "--local", "--results", str(results)]
@@ -683,21 +739,21 @@ def test_sigint_stops_the_evaluation_and_one_rerun_finishes(tmp_path, fake_eval,
     runner.send_signal(signal.SIGINT)
     assert runner.wait(timeout=60) == 130
     assert "Traceback" not in runner.stderr.read().decode()
-    assert not ex.pid_alive(child)
-    failed = ex.read_marker(sweep.run_dir("token_ct0.95", None), ex.FAILED)
+    assert not runs_state.pid_alive(child)
+    failed = runs_state.read_marker(sweep.run_dir("token_ct0.95", None), runs_state.FAILED)
     assert failed["rc"] == 130 and failed["reason"].startswith("interrupted (SIGINT)")
     assert state_map(sweep) == {
         "baseline": "done",
         "token_ct0.95": "failed",
         "layer_ct0.99": "missing",
     }
-    first = (sweep.run_dir("baseline", None) / ex.DONE).read_text()
+    first = (sweep.run_dir("baseline", None) / runs_state.DONE).read_text()
 
     monkeypatch.setenv("FAKE_EVAL_SLEEP", "0")
-    assert ex.main(argv) == 0
+    assert runs_cli.main(argv) == 0
     assert invoked(fake_eval) == ["baseline", "token_ct0.95", "token_ct0.95", "layer_ct0.99"]
     assert set(state_map(sweep).values()) == {"done"}
-    assert (sweep.run_dir("baseline", None) / ex.DONE).read_text() == first
+    assert (sweep.run_dir("baseline", None) / runs_state.DONE).read_text() == first
 
 
 def test_interrupted_force_moves_aside_only_what_it_reran(tmp_path, fake_eval, monkeypatch):
@@ -705,10 +761,10 @@ def test_interrupted_force_moves_aside_only_what_it_reran(tmp_path, fake_eval, m
     Ctrl-C the printed command finishes the forced run without repeating what it finished."""
     path = write_sweep(tmp_path, 3)
     results = tmp_path / "results"
-    sweep = ex.load_sweep(path, results)
+    sweep = runs_sweep.load_sweep(path, results)
     argv = [str(path), "--local", "--results", str(results)]
-    assert ex.main(argv) == 0
-    old_last = (sweep.run_dir("layer_ct0.99", None) / ex.DONE).read_text()
+    assert runs_cli.main(argv) == 0
+    old_last = (sweep.run_dir("layer_ct0.99", None) / runs_state.DONE).read_text()
     monkeypatch.setenv("FAKE_EVAL_SLEEP", "60")
     monkeypatch.setenv("FAKE_EVAL_SLEEP_ON", "token_ct0.95")
     runner, _ = _start_runner([*argv, "--force"], sweep.run_dir("token_ct0.95", None))
@@ -717,16 +773,16 @@ def test_interrupted_force_moves_aside_only_what_it_reran(tmp_path, fake_eval, m
     err = runner.stderr.read().decode()
     replaced = sorted(p.name.rsplit("-", 2)[0] for p in (results / "fake/_replaced").iterdir())
     assert replaced == ["baseline", "token_ct0.95"]  # not layer_ct0.99: never reached
-    assert (sweep.run_dir("layer_ct0.99", None) / ex.DONE).read_text() == old_last
+    assert (sweep.run_dir("layer_ct0.99", None) / runs_state.DONE).read_text() == old_last
     again = next(line for line in err.splitlines() if "v2.experiments" in line).split()
     assert again[again.index("--force") + 1 :] == ["layer_ct0.99"]
 
     monkeypatch.setenv("FAKE_EVAL_SLEEP", "0")
-    assert ex.main(again[3:]) == 0
+    assert runs_cli.main(again[3:]) == 0
     ran = invoked(fake_eval)[3:]  # after the first full run
     assert ran == ["baseline", "token_ct0.95", "token_ct0.95", "layer_ct0.99"]
     assert set(state_map(sweep).values()) == {"done"}
-    assert (sweep.run_dir("layer_ct0.99", None) / ex.DONE).read_text() != old_last
+    assert (sweep.run_dir("layer_ct0.99", None) / runs_state.DONE).read_text() != old_last
 
 
 @pytest.mark.parametrize(
@@ -742,7 +798,7 @@ def test_bad_sweeps_stop_before_anything_runs(tmp_path, fake_eval, capsys, chang
     path = write_sweep(tmp_path, 2, **change)
     results = tmp_path / "results"
     for extra in (["--dry-run"], []):
-        assert ex.main([str(path), "--local", "--results", str(results), *extra]) == 2
+        assert runs_cli.main([str(path), "--local", "--results", str(results), *extra]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert invoked(fake_eval) == [] and not results.exists()
@@ -755,13 +811,13 @@ def test_status_without_a_sweep_lists_the_sweeps(tmp_path, fake_eval, capsys):
     (folder / "b.yaml").write_text("pretrained: v2/tiny/checkpoint\ntasks: [tiny_gsm]\n")
     results = tmp_path / "results"
     assert (
-        ex.main(
+        runs_cli.main(
             [str(folder / "a.yaml"), "--local", "--results", str(results), "--only", "baseline"]
         )
         == 0
     )
     capsys.readouterr()
-    assert ex.list_sweeps(results, local=True, folder=folder) == 0
+    assert runs_cli.list_sweeps(results, local=True, folder=folder) == 0
     out = capsys.readouterr().out
     assert re.search(r"a\.yaml\s+2\s+1 done, 1 missing", out), out
     assert re.search(r"b\.yaml .*error: .*`grid` is required", out), out
@@ -806,12 +862,12 @@ def test_dry_run_into_a_closed_pipe_ends_quietly():
 def test_cpu_limit_and_status_table(tmp_path, fake_eval, capsys):
     path = write_sweep(tmp_path, 3, limit_cpu=2)
     results = tmp_path / "results"
-    assert ex.main([str(path), "--local", "--results", str(results)]) == 0
+    assert runs_cli.main([str(path), "--local", "--results", str(results)]) == 0
     out = capsys.readouterr().out
     assert "limit 2 per task: smoke test (limit_cpu" in out and "plot: " in out
     assert all(json.loads(x)["argv"][-2:] != [] for x in fake_eval.read_text().splitlines())
     assert (results / "fake/_limit2/baseline/DONE").exists()
-    assert ex.main([str(path), "--status", "--local", "--results", str(results)]) == 0
+    assert runs_cli.main([str(path), "--status", "--local", "--results", str(results)]) == 0
     out = capsys.readouterr().out
     lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("base", "tok"))}
     # the numbers are those of the summary.json the (fake) evaluation wrote
@@ -824,22 +880,26 @@ def test_cpu_limit_and_status_table(tmp_path, fake_eval, capsys):
     assert "60.0 ‡" in lines["token_ct0.95"] and "‡ tokens/s of one timed pass" in out
     assert "tokens/s measured on a CPU are not results" in out  # the fake's env says cpu
     # without --local and no sbatch a plain command runs here, so --status shows the same runs
-    assert ex.main([str(path), "--status", "--results", str(results), "--only", "baseline"]) == 0
+    assert (
+        runs_cli.main([str(path), "--status", "--results", str(results), "--only", "baseline"]) == 0
+    )
     assert "1 done, 0 pending, 0 running, 0 failed, 0 missing of 1" in capsys.readouterr().out
 
 
 def test_cpu_smoke_results_do_not_count_on_the_cluster(tmp_path, fake_eval, slurm, capsys):
     path = write_sweep(tmp_path, 3, limit_cpu=2)
     results = tmp_path / "results"
-    assert ex.main([str(path), "--local", "--results", str(results)]) == 0
+    assert runs_cli.main([str(path), "--local", "--results", str(results)]) == 0
     assert (results / "fake/_limit2/baseline/DONE").exists()
     capsys.readouterr()
-    assert ex.main([str(path), "--status", "--results", str(results)]) == 0  # sbatch: full runs
+    assert (
+        runs_cli.main([str(path), "--status", "--results", str(results)]) == 0
+    )  # sbatch: full runs
     assert "0 done, 0 pending, 0 running, 0 failed, 3 missing of 3" in capsys.readouterr().out
-    assert ex.main([str(path), "--results", str(results)]) == 0
+    assert runs_cli.main([str(path), "--results", str(results)]) == 0
     assert flag(calls(slurm, "sbatch")[0], "--array") == "0-2%4"
     manifest = json.loads(Path(calls(slurm, "sbatch")[0][-1]).read_text())
-    assert all("--limit" not in t["lm_eval_args"] for t in manifest["tasks"])
+    assert all(t["evaluate"]["limit"] is None for t in manifest["tasks"])
 
 
 def test_tiny_model_sweep_killed_midway_then_rerun(tmp_path, monkeypatch, capsys):
@@ -848,8 +908,8 @@ def test_tiny_model_sweep_killed_midway_then_rerun(tmp_path, monkeypatch, capsys
     process group, as when a terminal or a job goes away) during the second configuration; the
     same command again runs only the second and third, keeps the first, and ends with the
     table and the plots."""
-    monkeypatch.delenv(ex.EVAL_CMD_ENV, raising=False)
-    monkeypatch.setenv(ex.NUM_GPUS_ENV, "0")
+    monkeypatch.delenv(runs_harness.EVAL_CMD_ENV, raising=False)
+    monkeypatch.setenv(runs_slurm.NUM_GPUS_ENV, "0")
     grid = [
         {"policy": "none"},
         {"policy": "token", "cosine_threshold": 0.95},
@@ -858,7 +918,7 @@ def test_tiny_model_sweep_killed_midway_then_rerun(tmp_path, monkeypatch, capsys
     path = write_sweep(tmp_path, grid=grid, model_args={"max_new_tokens": 16})
     results = tmp_path / "results"
     argv = [str(path), "--local", "--limit", "4", "--results", str(results)]
-    sweep = ex.load_sweep(path, results)
+    sweep = runs_sweep.load_sweep(path, results)
     ids = [c.id for c in sweep.configs]
     assert ids == ["baseline", "token_ct0.95", "reuse_k2_middle"]
 
@@ -871,23 +931,23 @@ def test_tiny_model_sweep_killed_midway_then_rerun(tmp_path, monkeypatch, capsys
     )
     second = sweep.run_dir("token_ct0.95", 4)
     deadline = time.time() + 300
-    while "child_pid" not in (ex.read_marker(second, ex.RUNNING) or {}):
+    while "child_pid" not in (runs_state.read_marker(second, runs_state.RUNNING) or {}):
         assert runner.poll() is None and time.time() < deadline, "never reached the 2nd config"
         time.sleep(0.1)
-    evaluation = ex.read_marker(second, ex.RUNNING)["child_pid"]
+    evaluation = runs_state.read_marker(second, runs_state.RUNNING)["child_pid"]
     os.killpg(runner.pid, signal.SIGKILL)
     assert runner.wait() == -signal.SIGKILL
-    while ex.pid_alive(evaluation):
+    while runs_state.pid_alive(evaluation):
         assert time.time() < deadline
         time.sleep(0.1)
     assert state_map(sweep, 4) == dict(zip(ids, ["done", "missing", "missing"], strict=True))
-    first = (sweep.run_dir("baseline", 4) / ex.DONE).read_text()
+    first = (sweep.run_dir("baseline", 4) / runs_state.DONE).read_text()
 
     capsys.readouterr()
-    assert ex.main(argv) == 0
+    assert runs_cli.main(argv) == 0
     out = capsys.readouterr().out
     assert set(state_map(sweep, 4).values()) == {"done"}
-    assert (sweep.run_dir("baseline", 4) / ex.DONE).read_text() == first  # kept as it was
+    assert (sweep.run_dir("baseline", 4) / runs_state.DONE).read_text() == first  # kept as it was
     starts = {
         c: sum(
             len(re.findall(r"^=== ", log.read_text(), re.M))
@@ -911,7 +971,7 @@ def test_tiny_model_sweep_killed_midway_then_rerun(tmp_path, monkeypatch, capsys
     assert rows[2].flops_ratio < 1.0  # reuse skips work on every other denoise step
 
     # --status reads the summary files the adapter wrote
-    assert ex.main([*argv, "--status"]) == 0
+    assert runs_cli.main([*argv, "--status"]) == 0
     out = capsys.readouterr().out
     line = next(x for x in out.splitlines() if x.startswith("reuse_k2_middle "))
     assert "done" in line and report.accuracy_text(rows[2]) in line
@@ -921,8 +981,8 @@ def test_tiny_model_sweep_killed_midway_then_rerun(tmp_path, monkeypatch, capsys
 def test_every_policy_option_has_a_short_id():
     """Config ids are derived from the registry: an option added without a short name there would
     fail here, not in someone's sweep."""
-    from v2.experiments import config_id
     from v2.policies import POLICIES, options_of
+    from v2.runs.spec import config_id
 
     for name in POLICIES:
         for d in options_of(name):
@@ -935,7 +995,7 @@ def test_every_policy_option_has_a_short_id():
 def test_a_limit_below_one_is_refused(limit, capsys):
     """--limit 0 read as "no limit" (the whole split) and -3 made a _limit-3 folder."""
     with pytest.raises(SystemExit) as e:
-        ex.main(["configs/sweeps/tiny_default.yaml", "--limit", limit, "--dry-run"])
+        runs_cli.main(["configs/sweeps/tiny_default.yaml", "--limit", limit, "--dry-run"])
     assert e.value.code == 2 and "must be an integer >= 1" in capsys.readouterr().err
 
 
@@ -948,16 +1008,16 @@ def test_status_and_dry_run_do_not_say_running_here(tmp_path, monkeypatch, capsy
         (tmp_path / "bin" / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("SLURM_CONF", raising=False)
-    monkeypatch.setattr(ex, "SLURM_CONF_PATHS", (str(tmp_path / "slurm.conf"),))
-    monkeypatch.setenv(ex.NUM_GPUS_ENV, "0")
+    monkeypatch.setattr(runs_slurm, "SLURM_CONF_PATHS", (str(tmp_path / "slurm.conf"),))
+    monkeypatch.setenv(runs_slurm.NUM_GPUS_ENV, "0")
     path = write_sweep(tmp_path, 2)
     results = tmp_path / "results"
     for flags in (["--status"], ["--dry-run"]):
-        assert ex.main([str(path), "--results", str(results), *flags]) == 0
+        assert runs_cli.main([str(path), "--results", str(results), *flags]) == 0
         out, err = capsys.readouterr()
         assert "running here" not in out + err and "not to SLURM" in err, err
     assert "2 of 2 would run here" in out
-    assert ex.list_sweeps(results, local=False, folder=path.parent) == 0
+    assert runs_cli.list_sweeps(results, local=False, folder=path.parent) == 0
     assert "running here" not in "".join(capsys.readouterr())
     assert not results.exists()
 
@@ -966,7 +1026,7 @@ def test_a_malformed_sweep_is_one_line_with_its_position(tmp_path, capsys):
     """PyYAML's error was 8 lines naming "<unicode string>"."""
     path = tmp_path / "bad.yaml"
     path.write_text("name: bad\ngrid:\n  - policy: none\n    threshold: [0.9\n")
-    assert ex.main([str(path), "--dry-run", "--local"]) == 2
+    assert runs_cli.main([str(path), "--dry-run", "--local"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "<unicode string>" not in err, err
     assert err.startswith(f"error: {path}: not valid YAML: line 5, column 1"), err

@@ -17,6 +17,8 @@ from lm_eval.api.metrics import exact_match_hf_evaluate
 from lm_eval.filters.extraction import RegexFilter
 from lm_eval.tasks import TaskManager
 
+from v2.runs import direct as runs_direct
+from v2.runs import sweep as runs_sweep
 from v2.stats import Stats
 from v2.tasks import gsm_answers as ga
 
@@ -181,17 +183,16 @@ def test_the_lm_eval_tasks_score_the_table(tasks, name):
 
 
 def test_the_direct_backend_scores_the_table(tmp_path):
-    from v2 import direct, experiments
 
     path = tmp_path / "s.yaml"
     path.write_text(
         "name: s\npretrained: v2/tiny/checkpoint\ntasks: [tiny_gsm]\nrunner: direct\n"
         "grid:\n  - policy: none\n"
     )
-    sweep = experiments.load_sweep(path, tmp_path / "results")
+    sweep = runs_sweep.load_sweep(path, tmp_path / "results")
     (cfg,) = sweep.configs
     texts = [f"Question: {p['question']}\nAnswer:" for p in problems()]
-    strict, flexible, _ = direct.decode(fake_lm(), cfg, texts, REFS, 4)
+    strict, flexible, _ = runs_direct.decode(fake_lm(), cfg, texts, REFS, 4)
     assert list(zip(strict, flexible, strict=True)) == EXPECTED
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from v2 import chat, experiments, lm_adapter, policies, tune
+from v2 import chat, lm_adapter, policies, tune
 from v2.eval import model_help
 from v2.generate import build_parser
 from v2.options import (
@@ -25,6 +25,7 @@ from v2.options import (
     parse_value,
 )
 from v2.policy import Policy
+from v2.runs import sweep as runs_sweep
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = REPO / "v2" / "tiny" / "checkpoint"
@@ -235,7 +236,7 @@ def test_a_negative_cosine_threshold_is_refused_everywhere(tmp_path):
         lambda: build_and_parse(["--policy", "token", "--cosine-threshold", "-1"]),
         lambda: lm_adapter.parse_model_args(model_args, 1, "token"),
         lambda: chat.parse_options("token", ["cosine_threshold=-1"]),
-        lambda: experiments.load_sweep(write_sweep(tmp_path, sweep)),
+        lambda: runs_sweep.load_sweep(write_sweep(tmp_path, sweep)),
         lambda: tune.read_space(write_sweep(tmp_path, space)),
     ]
     for call in calls:
@@ -300,7 +301,7 @@ def test_the_skip_nothing_note_at_sweep_load(tmp_path, capsys):
         {"policy": "layer", "cosine_threshold": [2, 0.9]},
         {"policy": "reuse", "reuse_k": 1},
     ]
-    experiments.load_sweep(write_sweep(tmp_path, grid))
+    runs_sweep.load_sweep(write_sweep(tmp_path, grid))
     notes = capsys.readouterr().err.strip().splitlines()
     assert notes == [
         f"note: {tmp_path / 'sweep.yaml'}: layer_ct2: policy 'layer' with "
@@ -325,7 +326,7 @@ def test_the_skip_nothing_note_in_lm_eval_runs(capsys):
 def test_committed_sweep_ids_are_unchanged():
     ids = set()
     for name in ("tiny_token", "tiny_layer", "tiny_direct", "tiny_exit", "fast_dllm_v2_7b_gsm8k"):
-        ids |= {c.id for c in experiments.load_sweep(REPO / f"configs/sweeps/{name}.yaml").configs}
+        ids |= {c.id for c in runs_sweep.load_sweep(REPO / f"configs/sweeps/{name}.yaml").configs}
     # the folders of committed records under docs/results/data carry these ids
     for cid in (
         "token_ct0.95",

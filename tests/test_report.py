@@ -465,7 +465,8 @@ def test_a_folder_of_sweeps_gives_one_page_each(tmp_path, capsys):
 
 def test_records_read_by_runner_checker_and_report_alike(tmp_path):
     """One schema: what the runner's check rejects, the report does not read either."""
-    from v2 import experiments, record
+    from v2 import record
+    from v2.runs import state as runs_state
 
     good = summary_dict()
     rec = record.Record.from_dict(good)
@@ -473,11 +474,11 @@ def test_records_read_by_runner_checker_and_report_alike(tmp_path):
     expect = {"tasks": ["tiny_gsm"], "limit": None, "policy": "none"}
     for broken in ({**good, "schema": 2}, {**good, "stats": {}}, {**good, "runner": "x"}):
         path = write_summary(tmp_path / "b", broken)
-        assert experiments.check_summary(path, expect) == record.problems(broken) != []
+        assert runs_state.check_summary(path, expect) == record.problems(broken) != []
         assert report.newest_summary(tmp_path / "b") is None
         assert record.read(path) is None
     path = write_summary(tmp_path / "g", good)
-    assert experiments.check_summary(path, expect) == []
+    assert runs_state.check_summary(path, expect) == []
     assert report.newest_summary(tmp_path / "g")[1] == rec
 
 
@@ -571,7 +572,9 @@ def test_the_report_and_the_runners_status_share_one_order(tmp_path, capsys):
     with the runs numbered in it; the report used its own order (baseline, policy, id) there."""
     import yaml
 
-    from v2 import experiments
+    from v2.runs import cli as runs_cli
+    from v2.runs import state as runs_state
+    from v2.runs import sweep as runs_sweep
 
     grid = [
         {"policy": "layer", "cosine_threshold": 0.99},
@@ -581,7 +584,7 @@ def test_the_report_and_the_runners_status_share_one_order(tmp_path, capsys):
     path = tmp_path / "sweep.yaml"
     data = {"name": "tiny_default", "pretrained": "v2/tiny/checkpoint", "tasks": ["tiny_gsm"]}
     path.write_text(yaml.safe_dump({**data, "grid": grid}))
-    sweep = experiments.load_sweep(path, tmp_path / "results")
+    sweep = runs_sweep.load_sweep(path, tmp_path / "results")
     ids = [c.id for c in sweep.configs]
     assert ids == ["layer_ct0.99", "baseline", "token_ct0.95"]
     root = make_sweep(tmp_path / "results")  # records of these three ids (and a --limit run)
@@ -590,7 +593,7 @@ def test_the_report_and_the_runners_status_share_one_order(tmp_path, capsys):
         found = root / c.id / "tiny" / "summary.json"
         found.write_text(json.dumps({**json.loads(found.read_text()), "date": f"2026-0{n + 1}"}))
 
-    experiments.finish_report(root, None, ids)
+    runs_cli.finish_report(root, None, ids)
     page = capsys.readouterr().out
     body = table_rows(page.split("## Runs")[0])[1:4]  # the task's table
     assert [line.split(" | ")[0].strip("|* ") for line in body] == ids
@@ -598,8 +601,8 @@ def test_the_report_and_the_runners_status_share_one_order(tmp_path, capsys):
     assert [line.split(" | ")[:2] for line in runs] == [
         [f"| {i}", str(n)] for n, i in enumerate(ids, 1)
     ]
-    states = {c.id: experiments.State("missing") for c in sweep.configs}
-    rows, _ = experiments.status_rows(sweep, list(reversed(sweep.configs)), states, None)
+    states = {c.id: runs_state.State("missing") for c in sweep.configs}
+    rows, _ = runs_cli.status_rows(sweep, list(reversed(sweep.configs)), states, None)
     assert [r[0] for r in rows] == ids
     # records found on disk, no sweep known: the documented order, baseline first
     _, _, rows = report.build(root, out=tmp_path / "disk")

@@ -11,8 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from v2 import experiments as ex
 from v2.policies import make_policy
+from v2.runs import cli as runs_cli
+from v2.runs import harness as runs_harness
+from v2.runs import slurm as runs_slurm
+from v2.runs import spec as runs_spec
+from v2.runs import sweep as runs_sweep
 from v2.runs.spec import RunSpec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +36,7 @@ def sweep_file(tmp_path: Path, name: str = "spec", **extra) -> Path:
 
 
 def only(path: Path) -> RunSpec:
-    (spec,) = ex.load_sweep(path).configs
+    (spec,) = runs_sweep.load_sweep(path).configs
     return spec
 
 
@@ -48,7 +52,7 @@ def test_a_threshold_given_twice_with_two_values_is_refused(tmp_path, capsys, ru
         tmp_path, threshold=0.9, model_args={"threshold": 0.5}, runner=runner, grid=[{}]
     )
     results = tmp_path / "results"
-    assert ex.main([str(path), "--local", "--results", str(results), "--dry-run"]) == 2
+    assert runs_cli.main([str(path), "--local", "--results", str(results), "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
     assert "threshold is set twice" in err and "0.9" in err and "0.5" in err, err
@@ -61,8 +65,8 @@ def test_both_backends_decode_one_spec_and_record_one_config(tmp_path, monkeypat
     """A sweep naming the threshold once, run for real on the committed tiny model by both
     backends (lm_eval through v2/eval.py, direct in this process): the same id, the same
     threshold, and byte-identical `config` in both records."""
-    monkeypatch.delenv(ex.EVAL_CMD_ENV, raising=False)
-    monkeypatch.setenv(ex.NUM_GPUS_ENV, "0")
+    monkeypatch.delenv(runs_harness.EVAL_CMD_ENV, raising=False)
+    monkeypatch.setenv(runs_slurm.NUM_GPUS_ENV, "0")
     common = {"threshold": 0.9, "model_args": {"max_new_tokens": 16}}
     lm = sweep_file(tmp_path, "via_lm_eval", lm_eval={"batch_size": 2}, **common)
     direct = sweep_file(
@@ -74,13 +78,17 @@ def test_both_backends_decode_one_spec_and_record_one_config(tmp_path, monkeypat
     )
     specs = {p.stem: only(p) for p in (lm, direct)}
     assert {s.id for s in specs.values()} == {"token_rr0.5"}
-    assert ex.model_args_text(ex.load_sweep(lm), specs["via_lm_eval"]) == (
-        "pretrained=v2/tiny/checkpoint,threshold=0.9,policy=token,reuse_ratio=0.5,max_new_tokens=16"
-    )
+    assert specs["via_lm_eval"].lm_eval_model_args() == {
+        "pretrained": "v2/tiny/checkpoint",
+        "threshold": 0.9,
+        "policy": "token",
+        "reuse_ratio": 0.5,
+        "max_new_tokens": 16,
+    }
     results = tmp_path / "results"
     configs = {}
     for path in (lm, direct):
-        assert ex.main([str(path), "--local", "--limit", "2", "--results", str(results)]) == 0
+        assert runs_cli.main([str(path), "--local", "--limit", "2", "--results", str(results)]) == 0
         (summary,) = (results / path.stem / "_limit2" / "token_rr0.5").glob("*/summary.json")
         record = json.loads(summary.read_text())
         assert record["runner"] == path.stem.removeprefix("via_")
@@ -197,8 +205,8 @@ def test_a_setting_named_twice_with_two_values_is_refused(tmp_path, extra, setti
     extra = {**extra}
     grid = extra.pop("grid", [{}])
     grid = [{"policy": "token", **g} for g in grid]
-    with pytest.raises(ex.SweepError) as e:
-        ex.load_sweep(sweep_file(tmp_path, grid=grid, **extra))
+    with pytest.raises(runs_spec.SweepError) as e:
+        runs_sweep.load_sweep(sweep_file(tmp_path, grid=grid, **extra))
     message = str(e.value)
     assert f"{setting} is set twice" in message and "\n" not in message, message
     assert all(v in message for v in values), message
@@ -211,7 +219,7 @@ def test_policy_options_resolved_and_named(tmp_path):
         {"policy": "token", "cosine_threshold": 0.95, "model_args": {"cosine_threshold": 0.95}},
         {"policy": "reuse", "reuse_k": 2},
     ]
-    token, reuse = ex.load_sweep(sweep_file(tmp_path, grid=grid)).configs
+    token, reuse = runs_sweep.load_sweep(sweep_file(tmp_path, grid=grid)).configs
     assert token.id == "token_ct0.95" and reuse.id == "reuse_k2"
     assert token.policy_options == {
         k: v
@@ -221,21 +229,25 @@ def test_policy_options_resolved_and_named(tmp_path):
     assert reuse.policy_options["layer_subset"] == "middle"  # the default, recorded
     assert reuse.make_policy().config() == make_policy("reuse", reuse_k=2).config()
     # an option in model_args belongs to the policy, as a grid key does
-    (spec,) = ex.load_sweep(
+    (spec,) = runs_sweep.load_sweep(
         sweep_file(tmp_path, grid=[{"policy": "token", "model_args": {"cosine_threshold": 0.9}}])
     ).configs
     assert spec.id == "token_ct0.9" and spec.policy_options["cosine_threshold"] == 0.9
-    with pytest.raises(ex.SweepError, match="policy 'none' takes no options; not cosine_threshold"):
-        ex.load_sweep(sweep_file(tmp_path, model_args={"cosine_threshold": 0.9}, grid=[{}]))
+    with pytest.raises(
+        runs_spec.SweepError, match="policy 'none' takes no options; not cosine_threshold"
+    ):
+        runs_sweep.load_sweep(sweep_file(tmp_path, model_args={"cosine_threshold": 0.9}, grid=[{}]))
 
 
 def test_unknown_model_args_are_refused_when_read(tmp_path):
-    with pytest.raises(ex.SweepError, match="not warp"):
-        ex.load_sweep(sweep_file(tmp_path, model_args={"warp": 1}))
-    with pytest.raises(ex.SweepError, match="not ignore_eos"):  # lm_eval's stop strings decide
-        ex.load_sweep(sweep_file(tmp_path, model_args={"ignore_eos": True}))
-    with pytest.raises(ex.SweepError, match="max_new_tokens must be an integer"):
-        ex.load_sweep(sweep_file(tmp_path, model_args={"max_new_tokens": 1.5}))
+    with pytest.raises(runs_spec.SweepError, match="not warp"):
+        runs_sweep.load_sweep(sweep_file(tmp_path, model_args={"warp": 1}))
+    with pytest.raises(
+        runs_spec.SweepError, match="not ignore_eos"
+    ):  # lm_eval's stop strings decide
+        runs_sweep.load_sweep(sweep_file(tmp_path, model_args={"ignore_eos": True}))
+    with pytest.raises(runs_spec.SweepError, match="max_new_tokens must be an integer"):
+        runs_sweep.load_sweep(sweep_file(tmp_path, model_args={"max_new_tokens": 1.5}))
 
 
 # --------------------------------------------------------------------------- committed sweeps
@@ -255,7 +267,7 @@ RECORDS = {
 
 def test_committed_sweeps_load_with_their_ids():
     ids = {
-        f.stem: [c.id for c in ex.load_sweep(f).configs]
+        f.stem: [c.id for c in runs_sweep.load_sweep(f).configs]
         for f in sorted((REPO / "configs/sweeps").glob("*.yaml"))
     }
     # tiny_default's ids: tests/test_experiments.py::test_tiny_default_ids_and_shipped_sweeps
@@ -273,16 +285,15 @@ def test_committed_sweeps_load_with_their_ids():
 def test_lm_eval_decodes_exactly_the_spec():
     """For every configuration of every committed lm_eval sweep, the model_args the runner
     writes give the lm_eval model (v2/lm_adapter.py) the spec's generation settings and policy."""
-    from lm_eval.utils import simple_parse_args_string
-
     from v2.lm_adapter import parse_model_args
 
     for f in sorted((REPO / "configs/sweeps").glob("*.yaml")):
-        sweep = ex.load_sweep(f)
+        sweep = runs_sweep.load_sweep(f)
         if sweep.runner != "lm_eval":
             continue
         for spec in sweep.configs:
-            st = parse_model_args(simple_parse_args_string(ex.model_args_text(sweep, spec)))
+            task = runs_harness.make_task(sweep, spec, None, 1)
+            st = parse_model_args(json.loads(json.dumps(task["evaluate"]["model_args"])))
             gen = {**vars(st.gen_config), "max_new_tokens": st.max_new_tokens}
             assert gen == spec.generation, (f.name, spec.id)
             policy = st.policy.config() if st.policy else {"policy": "none"}

@@ -3,10 +3,11 @@ munge, no accounting) on the committed tiny model with --limit 2, and the deep m
 job (sbatch/train_deep_tiny.sh) requeued while it trains.
 
 Jobs run sbatch/array_job.sh (or run_single.sh) for real: job_env.sh, the submitting Python,
-v2/eval.py on the tiny checkpoint. Pending is observed through held jobs (--hold, released by
-the test), requeue through `scontrol requeue` and `scontrol update StartTime=now` (a requeued
-job otherwise waits about two minutes). Where SLURM cannot be installed (not root, no apt-get)
-these tests are skipped with the reason; tests/run.sh installs it on a fresh Debian machine.
+the lm_eval job (v2/runs/harness.py) on the tiny checkpoint. Pending is observed through held
+jobs (--hold, released by the test), requeue through `scontrol requeue` and `scontrol update
+StartTime=now` (a requeued job otherwise waits about two minutes). Where SLURM cannot be
+installed (not root, no apt-get) these tests are skipped with the reason; tests/run.sh installs it
+on a fresh Debian machine.
 """
 
 from __future__ import annotations
@@ -25,8 +26,13 @@ import slurm_cluster
 import yaml
 from test_report import summary_dict, write_summary
 
-from v2 import experiments as ex
 from v2 import report
+from v2.runs import cli as runs_cli
+from v2.runs import harness as runs_harness
+from v2.runs import slurm as runs_slurm
+from v2.runs import spec as runs_spec
+from v2.runs import state as runs_state
+from v2.runs import sweep as runs_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = ["baseline", "token_ct0.95", "reuse_k2_middle"]
@@ -56,7 +62,7 @@ def slurm(cluster, tmp_path, monkeypatch):
     monkeypatch.setenv("FDLLM_DATASETS_SEED", str(tmp_path / "no-seed"))
     monkeypatch.setenv("TMPDIR", str(tmp_path / "node"))
     (tmp_path / "node").mkdir()
-    monkeypatch.delenv(ex.EVAL_CMD_ENV, raising=False)
+    monkeypatch.delenv(runs_harness.EVAL_CMD_ENV, raising=False)
     yield cluster
     cluster.cancel_all()
 
@@ -87,11 +93,13 @@ def submitted(out: str, spec: str) -> str:
     return m[1]
 
 
-def state_map(sweep: ex.Sweep) -> dict[str, ex.State]:
-    return ex.states(sweep, sweep.configs, LIMIT)
+def state_map(sweep: runs_spec.Sweep) -> dict[str, runs_state.State]:
+    return runs_state.states(sweep, sweep.configs, LIMIT)
 
 
-def wait(cond, what: str, cluster: slurm_cluster.Cluster, sweep: ex.Sweep, timeout: float = 300):
+def wait(
+    cond, what: str, cluster: slurm_cluster.Cluster, sweep: runs_spec.Sweep, timeout: float = 300
+):
     """Poll cond() until it returns something true; on timeout fail with what SLURM and the jobs
     said."""
     deadline = time.time() + timeout
@@ -112,39 +120,39 @@ def wait(cond, what: str, cluster: slurm_cluster.Cluster, sweep: ex.Sweep, timeo
 
 def evaluations(run_dir: Path, cid: str) -> int:
     """How many times a configuration's evaluation was started, from its job logs."""
-    pattern = rf"\] {re.escape(cid)}: \S+ v2/eval\.py --model "
+    pattern = rf"\] {re.escape(cid)}: \S+ -m v2\.runs\.harness "
     return sum(len(re.findall(pattern, p.read_text())) for p in run_dir.glob("slurm-*.log"))
 
 
-def mark_done(sweep: ex.Sweep, cid: str) -> None:
+def mark_done(sweep: runs_spec.Sweep, cid: str) -> None:
     """A finished smoke-test run of baseline (what the state machine reads: DONE + summary)."""
     run_dir = sweep.run_dir(cid, LIMIT)
     write_summary(run_dir, summary_dict({"policy": "none"}, limit=LIMIT, n=LIMIT))
-    ex.write_marker(run_dir, ex.DONE, {"config_id": cid})
+    runs_state.write_marker(run_dir, runs_state.DONE, {"config_id": cid})
 
 
 def test_array_of_the_missing_configurations_pending_running_done(
     slurm, tmp_path, capsys, monkeypatch
 ):
     path = write_sweep(tmp_path)
-    sweep = ex.load_sweep(path)
+    sweep = runs_sweep.load_sweep(path)
     argv = [str(path), "--limit", str(LIMIT)]
     mark_done(sweep, "baseline")
     failed = {"rc": 1, "reason": "exit 1"}
-    ex.write_marker(sweep.run_dir("token_ct0.95", LIMIT), ex.FAILED, failed)
+    runs_state.write_marker(sweep.run_dir("token_ct0.95", LIMIT), runs_state.FAILED, failed)
     monkeypatch.setenv("FDLLM_EXTRA_SBATCH", "--hold")  # pending until the test releases it
 
-    assert ex.main(argv) == 0
+    assert runs_cli.main(argv) == 0
     job = submitted(capsys.readouterr().out, "1-2")
     assert sorted(slurm.jobs()) == [f"{job}_1", f"{job}_2"]  # exactly failed + missing
     st = state_map(sweep)
     assert st["baseline"].state == "done"
     for i, cid in ((1, "token_ct0.95"), (2, "reuse_k2_middle")):
-        assert st[cid] == ex.State("pending", f"slurm {job}_{i} PENDING (JobHeldUser)")
-    assert ex.main([*argv, "--status"]) == 0
+        assert st[cid] == runs_state.State("pending", f"slurm {job}_{i} PENDING (JobHeldUser)")
+    assert runs_cli.main([*argv, "--status"]) == 0
     out = capsys.readouterr().out
     assert "1 done, 2 pending, 0 running, 0 failed, 0 missing of 3" in out
-    assert ex.main(argv) == 0  # again while pending: nothing twice
+    assert runs_cli.main(argv) == 0  # again while pending: nothing twice
     assert "nothing to run" in capsys.readouterr().out
     assert sorted(slurm.jobs()) == [f"{job}_1", f"{job}_2"]
 
@@ -175,18 +183,18 @@ def test_array_of_the_missing_configurations_pending_running_done(
     for i, cid in ((1, "token_ct0.95"), (2, "reuse_k2_middle")):
         run_dir = sweep.run_dir(cid, LIMIT)
         assert sorted(p.name for p in run_dir.iterdir() if p.name.isupper()) == ["DONE"]
-        assert ex.read_marker(run_dir, ex.DONE)["slurm_job"] == f"{job}_{i}"
+        assert runs_state.read_marker(run_dir, runs_state.DONE)["slurm_job"] == f"{job}_{i}"
         log = (run_dir / f"slurm-{job}_{i}.log").read_text()
         # the worktree's code ran, under the interpreter that submitted, on the tiny model
-        assert f"{cid} on {ex.HOST}, job {job}_{i}, restart 0, code {REPO}" in log
-        assert evaluations(run_dir, cid) == 1 and f"{sys.executable} v2/eval.py" in log
+        assert f"{cid} on {runs_state.HOST}, job {job}_{i}, restart 0, code {REPO}" in log
+        assert evaluations(run_dir, cid) == 1 and f"{sys.executable} -m v2.runs.harness" in log
         setup = (sweep.results / "_manifests" / f"slurm-{job}_{i}.log").read_text()
         assert f"python {sys.executable} HF_HUB_OFFLINE=1" in setup
         assert f"HF_DATASETS_CACHE={tmp_path}/node/fdllm-hf-datasets-" in setup
-        summary = json.loads((run_dir / ex.DONE).read_text())["summary"]
+        summary = json.loads((run_dir / runs_state.DONE).read_text())["summary"]
         assert json.loads((run_dir / summary).read_text())["limit"] == LIMIT
 
-    assert ex.main([*argv, "--status"]) == 0
+    assert runs_cli.main([*argv, "--status"]) == 0
     out = capsys.readouterr().out
     assert "3 done, 0 pending, 0 running, 0 failed, 0 missing of 3" in out
     rows = {r.config_id: r for r in report.collect(sweep.runs_root(LIMIT))}
@@ -198,17 +206,18 @@ def test_cancelled_and_requeued_tasks_resubmitted_once(slurm, tmp_path, capsys):
     """scancel one running task, requeue another: the next runner call submits only the
     cancelled one (the requeued one is pending again); each configuration ends DONE once."""
     path = write_sweep(tmp_path)
-    sweep = ex.load_sweep(path)
+    sweep = runs_sweep.load_sweep(path)
     argv = [str(path), "--limit", str(LIMIT)]
     index = {cid: i for i, cid in enumerate(IDS)}
-    assert ex.main(argv) == 0
+    assert runs_cli.main(argv) == 0
     job = submitted(capsys.readouterr().out, "0-2")
 
     def two_evaluating() -> list[str] | None:
         ids = [
             cid
             for cid in IDS
-            if "child_pid" in (ex.read_marker(sweep.run_dir(cid, LIMIT), ex.RUNNING) or {})
+            if "child_pid"
+            in (runs_state.read_marker(sweep.run_dir(cid, LIMIT), runs_state.RUNNING) or {})
         ]
         return ids if len(ids) == 2 else None
 
@@ -219,7 +228,7 @@ def test_cancelled_and_requeued_tasks_resubmitted_once(slurm, tmp_path, capsys):
     slurm.run(["scontrol", "requeue", f"{job}_{index[requeued]}"])
     requeued_at = time.time()
 
-    def settled() -> dict[str, ex.State] | None:
+    def settled() -> dict[str, runs_state.State] | None:
         st = state_map(sweep)
         return st if (st[cancelled].state, st[requeued].state) == ("failed", "pending") else None
 
@@ -227,7 +236,7 @@ def test_cancelled_and_requeued_tasks_resubmitted_once(slurm, tmp_path, capsys):
     assert st[cancelled].note.startswith("stopped by SIGTERM")
     assert st[requeued].note == f"slurm {job}_{index[requeued]} PENDING (BeginTime)"
 
-    assert ex.main(argv) == 0
+    assert runs_cli.main(argv) == 0
     out = capsys.readouterr().out
     again = submitted(out, str(index[cancelled]))
     assert f"{again}_{index[cancelled]}" in slurm.jobs()
@@ -245,7 +254,7 @@ def test_cancelled_and_requeued_tasks_resubmitted_once(slurm, tmp_path, capsys):
         slurm,
         sweep,
     )
-    assert ex.main(argv) == 0
+    assert runs_cli.main(argv) == 0
     assert "nothing to run" in capsys.readouterr().out
     # nothing new was submitted: the queue lists at most tasks of the two arrays, still exiting
     assert {j.split("_")[0] for j in slurm.jobs()} <= {job, again}
@@ -257,7 +266,7 @@ def test_cancelled_and_requeued_tasks_resubmitted_once(slurm, tmp_path, capsys):
     for cid in IDS:
         run_dir = sweep.run_dir(cid, LIMIT)
         assert sorted(p.name for p in run_dir.iterdir() if p.name.isupper()) == ["DONE"]
-        assert ex.read_marker(run_dir, ex.DONE)["slurm_job"] == expected_job[cid]
+        assert runs_state.read_marker(run_dir, runs_state.DONE)["slurm_job"] == expected_job[cid]
         starts[cid] = evaluations(run_dir, cid)
     assert starts == {cancelled: 2, requeued: 2, rest: 1}
     log = (sweep.run_dir(requeued, LIMIT) / f"slurm-{job}_{index[requeued]}.log").read_text()
@@ -269,11 +278,11 @@ def test_every_sbatch_script_passes_sbatch_test_only(slurm, tmp_path, capsys):
     """The runner's sbatch line (cluster.env's defaults: 1 H100, 8 CPUs, 64G, 8 h, QoS inferno),
     and every script under sbatch/ with those flags; run_single.sh also submits itself and runs."""
     path = write_sweep(tmp_path)
-    sweep = ex.load_sweep(path)
-    assert ex.main([str(path), "--dry-run"]) == 0
+    sweep = runs_sweep.load_sweep(path)
+    assert runs_cli.main([str(path), "--dry-run"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("would submit: "))
     argv = shlex.split(line.removeprefix("would submit: "))
-    flags = ex.sbatch_resource_args(ex.cluster_settings())
+    flags = runs_slurm.sbatch_resource_args(runs_slurm.cluster_settings())
     assert {"--gres=gpu:H100:1", "--cpus-per-task=8", "--mem=64G", "--qos=inferno"} <= set(flags)
     assert argv[0] == "sbatch" and set(flags) <= set(argv[1:])
 
@@ -322,7 +331,7 @@ def test_every_sbatch_script_passes_sbatch_test_only(slurm, tmp_path, capsys):
     single_job = r.stdout.split()[-1]
     assert r.stdout.strip() == f"Submitted batch job {single_job}"
     run_dir = sweep.run_dir("token_ct0.95", LIMIT)
-    wait(lambda: (run_dir / ex.DONE).exists(), "run_single.sh's result", slurm, sweep)
+    wait(lambda: (run_dir / runs_state.DONE).exists(), "run_single.sh's result", slurm, sweep)
     log = (run_dir / f"slurm-{single_job}.log").read_text()
     assert (
         f"job {single_job}, restart 0, code {REPO}" in log
@@ -337,31 +346,31 @@ def test_force_and_resubmission_while_pending(slurm, tmp_path, capsys, monkeypat
     --force skips pending configurations (scancel first) and redoes done ones; pending array
     tasks cancelled with scancel leave no trace in the queue and are submitted again."""
     path = write_sweep(tmp_path)
-    sweep = ex.load_sweep(path)
+    sweep = runs_sweep.load_sweep(path)
     argv = [str(path), "--limit", str(LIMIT)]
     mark_done(sweep, "baseline")
     monkeypatch.setenv("FDLLM_EXTRA_SBATCH", "--hold")
 
-    assert ex.main([*argv, "--only", "token_ct0.95"]) == 0
+    assert runs_cli.main([*argv, "--only", "token_ct0.95"]) == 0
     first = submitted(capsys.readouterr().out, "1")
-    assert ex.main(argv) == 0
+    assert runs_cli.main(argv) == 0
     second = submitted(capsys.readouterr().out, "2")
     assert set(slurm.jobs()) == {f"{first}_1", f"{second}_2"}
-    assert ex.main(argv) == 0
+    assert runs_cli.main(argv) == 0
     assert "nothing to run" in capsys.readouterr().out
 
-    assert ex.main([*argv, "--force", "token_ct0.95"]) == 0
+    assert runs_cli.main([*argv, "--force", "token_ct0.95"]) == 0
     out = capsys.readouterr().out
     assert (
         f"note: token_ct0.95 is pending (slurm {first}_1 PENDING (JobHeldUser)); not forced" in out
     )
     assert "nothing to run" in out
-    assert ex.main([*argv, "--force"]) == 0
+    assert runs_cli.main([*argv, "--force"]) == 0
     out = capsys.readouterr().out
     third = submitted(out, "0")  # only the done one: moved aside, then submitted
     assert "note: reuse_k2_middle is pending" in out and "moved the old baseline to" in out
     replaced = list((sweep.results / "_replaced").iterdir())
-    assert len(replaced) == 1 and (replaced[0] / ex.DONE).exists()
+    assert len(replaced) == 1 and (replaced[0] / runs_state.DONE).exists()
     assert set(slurm.jobs()) == {f"{third}_0", f"{first}_1", f"{second}_2"}
     st = state_map(sweep)
     assert {s.state for s in st.values()} == {"pending"}
@@ -369,9 +378,11 @@ def test_force_and_resubmission_while_pending(slurm, tmp_path, capsys, monkeypat
     slurm.run(["scancel", f"{first}_1", f"{third}_0"])
     wait(lambda: len(slurm.jobs()) == 1, "the cancelled tasks gone", slurm, sweep)
     st = state_map(sweep)
-    assert st["token_ct0.95"] == ex.State("missing", "an earlier attempt ended without a result")
+    assert st["token_ct0.95"] == runs_state.State(
+        "missing", "an earlier attempt ended without a result"
+    )
     assert st["reuse_k2_middle"].state == "pending"
-    assert ex.main(argv) == 0
+    assert runs_cli.main(argv) == 0
     fourth = submitted(capsys.readouterr().out, "0-1")
     assert set(slurm.jobs()) == {f"{fourth}_0", f"{fourth}_1", f"{second}_2"}
 

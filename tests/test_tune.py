@@ -20,7 +20,9 @@ import yaml
 optuna = pytest.importorskip("optuna")
 from optuna.trial import TrialState  # noqa: E402
 
-from v2 import experiments  # noqa: E402
+from v2.runs import cli as runs_cli  # noqa: E402
+from v2.runs import direct as runs_direct  # noqa: E402
+from v2.runs import sweep as runs_sweep  # noqa: E402
 from v2.tune import main, read_space  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,7 +118,7 @@ def test_a_killed_search_resumes(tmp_path, checkpoint):
     assert set(summary["confirm"]) == {"split", "baseline", "best"}
     assert all(0.5 <= t["options"]["cosine_threshold"] <= 1.0 for t in summary["trials"])
     # best.yaml is a sweep the runner reads: the baseline and the best setting
-    best = experiments.load_sweep(out / "best.yaml")
+    best = runs_sweep.load_sweep(out / "best.yaml")
     assert [c.policy for c in best.configs] == ["none", "token"]
     assert best.configs[1].options == summary["best"]["options"]
     assert (out / "trials.png").stat().st_size > 0
@@ -322,7 +324,7 @@ def test_a_best_no_better_than_the_baseline_says_so(tmp_path, checkpoint, capsys
     assert summary["best_beats_baseline"] is False and summary["warnings"] == []
     assert "# NOT BETTER than the baseline" in (out / "best.yaml").read_text()
     # the file is still a sweep the runner reads (the existing contract)
-    assert [c.policy for c in experiments.load_sweep(out / "best.yaml").configs] == [
+    assert [c.policy for c in runs_sweep.load_sweep(out / "best.yaml").configs] == [
         "none",
         "token",
     ]
@@ -427,7 +429,6 @@ def test_a_trial_decodes_and_scores_as_a_direct_sweep_run(tmp_path, monkeypatch)
     """A tuner trial is the RunSpec a direct sweep run of the same setting is, decoded and scored
     by the same path (v2.direct.decode): on the committed tiny model, the same answers, the same
     accuracy and the same executed FLOPs, for the baseline and for a policy's setting."""
-    from v2 import direct
     from v2.generate import FastDLLM
     from v2.tune import evaluate, test_split, trial_spec
 
@@ -454,7 +455,7 @@ def test_a_trial_decodes_and_scores_as_a_direct_sweep_run(tmp_path, monkeypatch)
     monkeypatch.setattr(FastDLLM, "generate", spy)
     results = tmp_path / "results"
     argv = [str(path), "--local", "--results", str(results), "--limit", "3"]
-    assert experiments.main(argv) == 0
+    assert runs_cli.main(argv) == 0
     swept = answers[:2]  # the accuracy pass: baseline, then the token setting (one batch each)
     runs = {}
     for cid in ("baseline", "token_ct0.9_ml1"):
@@ -470,11 +471,11 @@ def test_a_trial_decodes_and_scores_as_a_direct_sweep_run(tmp_path, monkeypatch)
     tuned = {}
     for cid, options in (("baseline", None), ("token_ct0.9_ml1", setting)):
         spec = trial_spec(setup, options, args)
-        assert spec == experiments.load_sweep(path, results).config(cid)  # one rule, one spec
+        assert spec == runs_sweep.load_sweep(path, results).config(cid)  # one rule, one spec
         tuned[cid] = evaluate(lm, problems, spec, setup["chat"])
     assert answers == swept and len(swept[0]) == 3
     for cid, run in runs.items():
-        metric = run["tasks"]["tiny_gsm"]["metrics"][direct.STRICT]["value"]
+        metric = run["tasks"]["tiny_gsm"]["metrics"][runs_direct.STRICT]["value"]
         assert tuned[cid]["accuracy"] == 100.0 * metric, cid
         assert tuned[cid]["executed_flops"] == run["stats"]["executed_flops"], cid
     # the setting skips work, so the comparison is not of two baselines

@@ -77,22 +77,36 @@ def _preparse(argv: list[str]) -> argparse.Namespace:
     return p.parse_known_args(argv)[0]
 
 
+def model_args_given(values: list[str] | None) -> dict:
+    """--model_args as lm_eval reads them: each value `key=value,key=value` or a JSON object,
+    merged in order (lm_eval.utils.simple_parse_args_string types the values)."""
+    from lm_eval.utils import simple_parse_args_string
+
+    merged: dict = {}
+    for value in values or []:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        merged.update(parsed if isinstance(parsed, dict) else simple_parse_args_string(value))
+    return merged
+
+
 def precheck(argv: list[str], default_policy: str | None) -> None:
     """Fail in a second on bad model_args, batch size or checkpoint path, before lm_eval spends
     its start-up indexing tasks (the model checks the same things again when lm_eval builds it)."""
-    from lm_eval._cli.utils import MergeDictAction
-
     from v2.checkpoint import read_config
     from v2.lm_adapter import MODEL_NAME, parse_model_args
 
     p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     p.add_argument("--model", "-M", default=None)
-    p.add_argument("--model_args", "-a", nargs="+", action=MergeDictAction, default=None)
+    p.add_argument("--model_args", "-a", nargs="+", action="extend", default=None)
     p.add_argument("--batch_size", "-b", default=None)
     ns = p.parse_known_args(argv)[0]
     if ns.model != MODEL_NAME:
         return
-    settings = parse_model_args(ns.model_args or {}, ns.batch_size or 1, default_policy)
+    given = model_args_given(ns.model_args)
+    settings = parse_model_args(given, ns.batch_size or 1, default_policy)
     path = settings.path
     hub_id = path.count("/") == 1 and not path.startswith((".", "/", "~"))
     block_size = None
@@ -198,10 +212,12 @@ def build_summary(
     run,
     records: dict,
     limit,
+    command: str,
     rank_seconds: list[float] | None = None,
 ) -> dict:
     """summary.json (the record of v2/record.py) from lm_eval's results and the per-request
-    statistics; `rank_seconds`: each process's decoding wall time (default: this process's)."""
+    statistics; `command`: what ran it; `rank_seconds`: each process's decoding wall time
+    (default: this process's)."""
     from v2.lm_adapter import sum_stats
     from v2.record import Record, TaskResult, environment
 
@@ -240,7 +256,7 @@ def build_summary(
         ),
         env=environment(),
         results_file=results_file.name,
-        command=shlex.join(["python", *sys.argv]),
+        command=command,
         date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     ).to_dict()
 
@@ -265,9 +281,10 @@ def _gathered_records(run) -> tuple[dict, list[float]] | None:
     return merged, [seconds for _, seconds in parts]
 
 
-def write_summary(output_path: str | None, limit) -> Path | None:
-    """After lm_eval: gather the statistics and, on rank 0, write summary.json and
-    request_stats.jsonl beside the results file. Returns summary.json's path (rank 0)."""
+def write_summary(results: dict | None, results_file: Path | None, limit, command: str):
+    """After lm_eval, on every process: gather the statistics; on rank 0, which holds lm_eval's
+    `results` and the `results_file` it saved, write summary.json and request_stats.jsonl beside
+    that file. Returns summary.json's path (rank 0)."""
     from v2 import lm_adapter
     from v2.record import write_json
 
@@ -275,12 +292,10 @@ def write_summary(output_path: str | None, limit) -> Path | None:
     if not run.config:  # no fast_dllm_v2 model was built (another model or subcommand)
         return None
     gathered = _gathered_records(run)
-    if gathered is None or output_path is None:
+    if gathered is None or results is None or results_file is None:
         return None
     records, rank_seconds = gathered
-    results_file = _results_file(output_path, run.pretrained)
-    results = json.loads(results_file.read_text())
-    summary = build_summary(results, results_file, run, records, limit, rank_seconds)
+    summary = build_summary(results, results_file, run, records, limit, command, rank_seconds)
     path = write_json(results_file.parent / "summary.json", summary)
     with (results_file.parent / "request_stats.jsonl").open("w") as f:
         for (task, doc_id, idx), stats in sorted(records.items(), key=lambda kv: str(kv[0])):
@@ -289,6 +304,18 @@ def write_summary(output_path: str | None, limit) -> Path | None:
                 f.write(json.dumps(line) + "\n")
     print(f"[fast_dllm_v2] wrote {path}", file=sys.stderr)
     return path
+
+
+def written_results(output_path: str | None) -> tuple[dict | None, Path | None]:
+    """(results, file) that lm_eval's command line saved under --output_path, on rank 0 (the
+    command line returns nothing: its output file is what it gives)."""
+    from v2 import lm_adapter
+
+    run = lm_adapter.RUN
+    if not run.config or run.rank != 0 or output_path is None:
+        return None, None
+    results_file = _results_file(output_path, run.pretrained)
+    return json.loads(results_file.read_text()), results_file
 
 
 def model_help(prog: str, default_policy: str | None) -> str:
@@ -376,28 +403,17 @@ def user_error(message: str) -> int:
     return 2
 
 
-def main(argv: list[str] | None = None, default_policy: str | None = None) -> int:
-    """Run lm_eval with our model and tasks, then write summary.json. `default_policy` is the
-    policy used when model_args give no policy= (token_skip_eval.py, layer_skip_eval.py)."""
+def guarded(body, default_policy: str | None = None) -> int:
+    """Run an evaluation, `body()`, with our model's run state fresh: a user's error is one line
+    (user_error), the process group is closed either way. Exit status 0, or user_error's."""
     from v2 import lm_adapter
     from v2.checkpoint import CheckpointError
     from v2.generate import GenerationError
 
-    argv = prepare_argv(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "v2/eval.py"
-        print(model_help("v2/eval.py" if prog == "eval.py" else prog, default_policy), flush=True)
-    opts = _preparse(argv)
     lm_adapter.reset_run(default_policy)
-    saved = sys.argv
-    sys.argv = [saved[0] if saved else "v2/eval.py", *argv]
     finished = False
     try:
-        precheck(argv, default_policy)
-        from lm_eval.__main__ import cli_evaluate
-
-        cli_evaluate()
-        write_summary(opts.output_path, opts.limit)
+        body()
         finished = True
     except (lm_adapter.EvalError, CheckpointError, GenerationError, FileNotFoundError) as e:
         return user_error(str(e))
@@ -406,9 +422,33 @@ def main(argv: list[str] | None = None, default_policy: str | None = None) -> in
             raise
         return user_error(message)
     finally:
-        sys.argv = saved
         lm_adapter.close_process_group(finished)
     return 0
+
+
+def main(argv: list[str] | None = None, default_policy: str | None = None) -> int:
+    """lm_eval's command line with our model and tasks, then summary.json. `default_policy` is
+    the policy used when model_args give no policy= (token_skip_eval.py, layer_skip_eval.py)."""
+    argv = prepare_argv(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "v2/eval.py"
+        print(model_help("v2/eval.py" if prog == "eval.py" else prog, default_policy), flush=True)
+    opts = _preparse(argv)
+    saved = sys.argv
+    command = shlex.join(["python", *saved[:1], *argv])
+
+    def evaluate() -> None:
+        precheck(argv, default_policy)
+        from lm_eval.__main__ import cli_evaluate
+
+        sys.argv = [saved[0] if saved else "v2/eval.py", *argv]
+        cli_evaluate()
+        write_summary(*written_results(opts.output_path), opts.limit, command)
+
+    try:
+        return guarded(evaluate, default_policy)
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

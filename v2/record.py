@@ -3,9 +3,9 @@ and the report reads, whichever backend produced it.
 
     results/<sweep>/<config_id>/<model>/summary.json
 
-Backends (`runner:` in a sweep file, v2/experiments.py): `lm_eval` (v2/eval.py, one process per
-configuration) and `direct` (v2/direct.py: the engine called directly, every configuration of the
-sweep in one process, timed in interleaved rounds). Both fill the same fields:
+Backends (`runner:` in a sweep file, v2/runs/backend.py): `lm_eval` (v2/runs/harness.py, one
+job per configuration) and `direct` (v2/runs/direct.py: the engine called directly, every
+configuration of the sweep in one process, timed in interleaved rounds). Both fill the same fields:
 
 - `config`: every generation setting and the policy with its options, as run (the decoding
   threshold included, whatever its default was where the run started);

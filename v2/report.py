@@ -366,7 +366,7 @@ def find_baseline(row: Row, rows: list[Row]) -> Row | None:
 
 def run_order(config_id: str, sweep_ids=(), policy: str = "", baseline: bool = False) -> tuple:
     """The one order of a sweep's configurations, for the report's tables and run numbers and
-    for the runner's --status and its closing report (v2/experiments.py). Where the sweep is
+    for the runner's --status and its closing report (v2/runs/cli.py). Where the sweep is
     known (`sweep_ids`: its configurations' ids in the sweep file's order), that order. The
     records of configurations not in it, or all records where no sweep is known (`python -m
     v2.report DIR` reads what it finds on disk), come after, in this order: the baseline first,

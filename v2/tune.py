@@ -2,7 +2,7 @@
 
     python -m v2.tune configs/sweeps/tiny_exit.yaml --max-drop 1.0 --trials 30 --out tune/tiny_exit
 
-The sweep file is the runner's (v2/experiments.py): `pretrained`, `tasks` (the first is tuned),
+The sweep file is the runner's (v2/runs/sweep.py): `pretrained`, `tasks` (the first is tuned),
 `threshold` (where none is named, the runner's default), `model_args`, the chat template as its
 runner decodes (`runner: direct`: always; else `lm_eval.apply_chat_template`), and a `grid`
 whose first entry with a policy is the
@@ -12,9 +12,10 @@ int by the option's type, `log: true` for a log scale), a single value is fixed.
 Each trial is a RunSpec built by the runner's rule (v2.runs.spec.build_specs on the file with the
 trial's options as its one grid entry, runner direct, --max-new-tokens and --batch-size as the
 direct backend's) and decodes a dev split (problems generated like the task's, none of them in its
-test split; `--dev-n` of them) through the direct backend's decode and score (v2.direct.decode),
-as a direct sweep run of the same setting does; it measures accuracy (strict-match, the first
-`#### N` answer, by the task's own scorer, v2/tasks/gsm_answers.py) and the objective: executed
+test split; `--dev-n` of them) through the direct backend's decode and score
+(v2.runs.direct.decode), as a direct sweep run of the same setting does; it measures accuracy
+(strict-match, the first `#### N` answer, by the task's own scorer, v2/tasks/gsm_answers.py) and
+the objective: executed
 FLOPs relative to the baseline's on the same problems, end to end (`flops`, the default on a
 CPU), or tokens/s (`tokens_per_second`, the default on a GPU: CPU timings are not results; each
 decode is a pass over the dev problems on an engine of its own, repeated until a pass sets
@@ -202,12 +203,12 @@ def trial_spec(setup: dict, options: dict | None, args, pretrained=None) -> RunS
 def evaluate(lm, problems: list[dict], spec: RunSpec, chat: bool, warm: bool = False) -> dict:
     """Accuracy (%, strict-match by the task's scorer, with its standard error) and the
     generation's statistics over the problems, decoded and scored by the direct backend
-    (v2.direct.decode: v2/tiny/train.py's `score`, `spec.batch_size` problems at a time) as a
+    (v2.runs.direct.decode: v2/tiny/train.py's `score`, `spec.batch_size` problems at a time) as a
     sweep run of the same RunSpec is. `warm` (what a tokens/s objective needs): decode on an
-    engine of the trial's own (v2.direct.timing_engine) and repeat the whole pass until one sets
-    nothing up (the warm-up rule, v2.bench.timing.settle); the accuracy and the statistics are
+    engine of the trial's own (v2.runs.direct.timing_engine) and repeat the whole pass until one
+    sets nothing up (the warm-up rule, v2.bench.timing.settle); the accuracy and the statistics are
     that pass's, which paid for no compilation, forward record or graph capture."""
-    from v2 import direct
+    from v2.runs import direct
     from v2.tiny.train import user_message
 
     texts = [user_message(p["question"]) for p in problems]

@@ -8,7 +8,7 @@ for a setup. "Sets up" is read from counters that grow with each setup (`setups`
 a GPU), and for work without an Engine torch.compile's (`CompileSetups`). With no counter the
 rule is `at_least` calls. Its users: the bench (forwards, forced skipping, end to end, the
 autoregressive baseline, the roofline probes), the direct backend's interleaved rounds
-(v2/direct.py), the tuner's tokens/s objective (v2/tune.py) and lm_eval's first batch on a GPU
+(v2/runs/direct.py), the tuner's tokens/s objective (v2/tune.py) and lm_eval's first batch on a GPU
 (v2/lm_adapter.py).
 """
 

@@ -1,25 +1,22 @@
-"""The experiment wing as a package (issue 25, "What to build" item 3): sweeps of evaluation
-runs, one configuration at a time or as a SLURM array, behind `python -m v2.experiments`.
+"""The experiment wing: sweeps of evaluation runs, one configuration at a time or as a SLURM
+array, behind `python -m v2.experiments` (the command: v2/runs/cli.py). Its modules, each
+importing only those above it (no circle; tests/test_imports.py):
 
-Its modules now:
-- v2.runs.spec: the sweep and its configurations resolved: `RunSpec` (every generation and
-  policy setting of one configuration, defaults included, built once by one rule from the sweep
-  file), `Sweep` (a read sweep file: its configurations and results folder), the sweep file's
-  one reader (`read_sweep_file`), configuration ids, the record's `config` (`record_config`),
-  `SpecError` / `SweepError` and `REPO`, where a sweep's relative paths start;
-- v2.runs.state: a configuration's run folder as both backends write it: the markers (DONE,
-  RUNNING, FAILED, SUBMITTED) and their writers (`write_done`, `write_failed`), the runner's log
-  line, what a summary.json must show (`expected`), moving a folder aside for --force
-  (`archive`) and `Interrupted` (Ctrl-C during a local run).
-
-Still outside, to move here later (each a module of this package; v2.experiments stays the
-command `python -m v2.experiments` that sbatch/ runs):
-- in v2/experiments.py: reading and checking a sweep file (`load_sweep`, `check_*`), reading
-  the markers into states (`SlurmView`, `config_state`, `states`), the local launcher
-  (`run_local`, `run_task`) and the SLURM one (`submit_array`, `cluster_settings`, the
-  manifest and `task_main`), the lm_eval backend's command line (`make_task`, `eval_argv`),
-  `--status` and the CLI;
-- v2/direct.py: the direct backend (the engine in this process), to sit with the lm_eval
-  backend behind one small interface; the lm_eval backend is then to call lm_eval's public
-  Python API inside the job instead of `python v2/eval.py`.
+- spec: one configuration's resolved settings (`RunSpec`, every generation and policy setting,
+  defaults included, built once by one rule from the sweep file), `Sweep`, the sweep file's one
+  reader (`read_sweep_file`), configuration ids, the record's `config` (`record_config`);
+- state: a configuration's run folder: the markers (DONE, RUNNING, FAILED, SUBMITTED) and their
+  writers, what a summary.json must show, and reading them into a state (done, pending,
+  running, failed, missing; SLURM asked through `SlurmView`);
+- sweep: reading and checking a sweep file (`load_sweep`), its tasks before a run;
+- harness: the lm_eval backend: a configuration's job as data (`make_task`) and the job itself
+  (`python -m v2.runs.harness job.json`: lm_eval's simple_evaluate, results as objects, the
+  record written from them);
+- direct: the direct backend: the engine called directly, every configuration in one process,
+  timed in interleaved rounds;
+- local: the local launcher: a job as a watched child process (`run_task`), one configuration
+  after another (`run_local`);
+- slurm: the SLURM launcher: the array over a manifest, cluster settings, the task inside a job;
+- backend: the two backends behind one interface (`Backend`: check, dry_run, run_local, submit);
+- cli: the command: --status, --dry-run, --force, --only, --limit, --local, the closing report.
 """

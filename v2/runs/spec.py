@@ -1,5 +1,5 @@
 """One configuration of a sweep, resolved: `RunSpec`, built once from the sweep file by one rule,
-and read by both backends (v2/experiments.py, v2/direct.py) and by the record (v2/record.py).
+and read by both backends (v2/runs/harness.py, v2/runs/direct.py) and by the record (v2/record.py).
 
 The rule (docs/experiments/README.md, "Where a setting is given"): a sweep file may name a
 setting in several places - the sweep's `threshold:` and `model_args:`, `direct.max_new_tokens`,
@@ -143,7 +143,7 @@ def as_run(gen: GenerationConfig, block_size: int, max_new_tokens: int | None) -
 
 @dataclass
 class Sweep:
-    """A sweep file, read (v2.experiments.load_sweep): its configurations and where their
+    """A sweep file, read (v2.runs.sweep.load_sweep): its configurations and where their
     results go."""
 
     name: str

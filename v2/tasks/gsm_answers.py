@@ -5,7 +5,7 @@ on the scorer that reports it:
 
 - the lm_eval tasks (tiny_gsm, tiny_gsm_hard, tiny_gsm_boxed, gsm8k_boxed YAMLs): their filters
   are `strict_filter`, `flexible_filter` and `boxed_filter`, their metric is `exact_match`;
-- the direct backend (v2/direct.py) and the training script's evaluation (v2/tiny/train.py
+- the direct backend (v2/runs/direct.py) and the training script's evaluation (v2/tiny/train.py
   `score`), through `hits`;
 - the tuner (v2/tune.py), through `hits` (its accuracy is the strict one).
 
