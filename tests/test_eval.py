@@ -168,10 +168,9 @@ def test_single_process_results_and_summary(single_run, checkpoint):
     assert speed["tokens_per_second"] == speed["tokens_per_second_per_gpu"] > 0
 
 
-def test_the_runner_job_through_the_api_equals_the_command_line(single_run, checkpoint, tmp_path):
-    """The sweep runner's lm_eval job (v2/runs/harness.py: simple_evaluate, results as objects)
-    and lm_eval's command line (v2/eval.py) on the same settings: the same results, metrics,
-    statistics and config; the job's record names the command that reruns it."""
+def _runner_job(checkpoint: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """The sweep runner's lm_eval job of the command line's setting (_eval_args, batch 1): its
+    task file and run folder (v2/runs/harness.py make_task)."""
     import yaml
 
     from v2.runs.harness import make_task
@@ -195,25 +194,59 @@ def test_the_runner_job_through_the_api_equals_the_command_line(single_run, chec
     job = Path(task["run_dir"]) / "job.json"
     job.parent.mkdir(parents=True)
     job.write_text(json.dumps(task))
+    return job, Path(task["run_dir"])
+
+
+def _same_evaluation(out: Path, ref: Path) -> tuple[dict, dict]:
+    """The records under `out` and `ref` evaluated the same: results, metrics, statistics and
+    config (num_processes aside), request by request; returns (summary, ref summary)."""
+    results, summary, requests = _outputs(out)
+    ref_results, ref_summary, ref_requests = _outputs(ref)
+    assert results["results"] == ref_results["results"]
+    assert results["n-samples"] == ref_results["n-samples"]
+    config = {k: v for k, v in summary["config"].items() if k != "num_processes"}
+    assert config == {k: v for k, v in ref_summary["config"].items() if k != "num_processes"}
+    assert summary["tasks"]["tiny_gsm"]["metrics"] == ref_summary["tasks"]["tiny_gsm"]["metrics"]
+    assert summary["tasks"]["tiny_gsm"]["n"] == summary["tasks"]["tiny_gsm"]["stats_problems"]
+    for key in ("generated_tokens", "forwards", "executed_flops", "executed_units"):
+        assert summary["stats"][key] == ref_summary["stats"][key], key  # none counted twice
+
+    def per_doc(reqs):
+        return {r["doc_id"]: r["stats"]["generated_tokens"] for r in reqs}
+
+    assert len(requests) == len(ref_requests) and per_doc(requests) == per_doc(ref_requests)
+    return summary, ref_summary
+
+
+def test_the_runner_job_through_the_api_equals_the_command_line(single_run, checkpoint, tmp_path):
+    """The sweep runner's lm_eval job (v2/runs/harness.py: simple_evaluate, results as objects)
+    and lm_eval's command line (v2/eval.py) on the same settings: the same results, metrics,
+    statistics and config; the job's record names the command that reruns it."""
+    job, run_dir = _runner_job(checkpoint, tmp_path)
     r = _run([sys.executable, "-m", "v2.runs.harness", str(job)], cwd=REPO)
     assert r.returncode == 0, r.stderr[-4000:]
     assert "exact_match" in r.stdout  # lm_eval's table, as its command line prints it
-    results, summary, requests = _outputs(Path(task["run_dir"]))
-    ref_results, ref_summary, ref_requests = _outputs(single_run)
-    assert results["results"] == ref_results["results"]
-    assert results["n-samples"] == ref_results["n-samples"]
+    summary, ref_summary = _same_evaluation(run_dir, single_run)
     assert summary["config"] == ref_summary["config"]
-    assert summary["tasks"]["tiny_gsm"]["metrics"] == ref_summary["tasks"]["tiny_gsm"]["metrics"]
-    for key in ("generated_tokens", "forwards", "executed_flops", "executed_units"):
-        assert summary["stats"][key] == ref_summary["stats"][key], key
-    assert [x["stats"]["generated_tokens"] for x in requests] == [
-        x["stats"]["generated_tokens"] for x in ref_requests
-    ]
+    sweep_file = tmp_path / "same.yaml"
     assert summary["command"] == f"python -m v2.experiments {sweep_file} --only baseline --limit 5"
     assert (
         ref_summary["command"].startswith("python ")
         and "--model fast_dllm_v2" in (ref_summary["command"])
     )
+
+
+def test_the_runner_job_data_parallel_counts_once(single_run, checkpoint, tmp_path):
+    """The runner's job on two processes (gloo; `-m v2.runs.harness` as accelerate launches it
+    with several GPUs): rank 0 writes one record with both ranks' statistics, none twice."""
+    job, run_dir = _runner_job(checkpoint, tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    r = _run([*cmd, "-m", "v2.runs.harness", str(job)], REPO, ACCELERATE_USE_CPU="1")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert len(list(run_dir.rglob("results_*.json"))) == 1
+    summary, _ = _same_evaluation(run_dir, single_run)
+    assert summary["config"]["num_processes"] == 2
+    assert summary["speed"]["processes"] == 2 and len(summary["speed"]["rank_decode_seconds"]) == 2
 
 
 def test_data_parallel_matches_single_process(single_run, checkpoint, tmp_path):
