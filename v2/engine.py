@@ -91,6 +91,15 @@ def logits(hidden, norm_weight, head_weight, eps: float) -> torch.Tensor:
     return F.linear(rms_norm(hidden, norm_weight, eps), head_weight).float()
 
 
+def settings(policy: Policy | None):
+    """What makes two policies plan alike, so that one engine serves both: for a policy built
+    from declared options (a registered one), its class and `config()` (its name and options,
+    and what a subclass adds there); a policy that declares none is only itself."""
+    if getattr(policy, "options", None) is None:
+        return policy
+    return type(policy), policy.config()
+
+
 class PolicyError(RuntimeError):
     """A policy answered with a plan the engine must not execute."""
 
@@ -225,13 +234,14 @@ class Engine:
         self.attention = attention or choose(self.device, self.dtype, model.eager_attention)
         cuda = self.device.type == "cuda"
         on = self.attention.capturable
-        self.cuda_graphs_setting = cuda_graphs  # as given (for_model compares it)
         self.graphs = GraphRunner(
             self.device, (cuda if cuda_graphs is None else cuda_graphs) and on
         )
         self.static = self.graphs.enabled if static_shapes is None else static_shapes
         self.compiled = (cuda if compile is None else compile) and on
         self.compaction = compaction
+        # the settings `for_model` finds this engine by (cuda_graphs as given)
+        self.key = (settings(policy), self.B, block_cache, cuda_graphs, self.attention.name)
         self.forward_graphs = forward_graphs
         self.weights = [LayerWeights.of(layer) for layer in model.layers]
         self.embed = w.detach()
@@ -274,12 +284,12 @@ class Engine:
         cuda_graphs: bool | None,
     ) -> Engine:
         """The model's engine for these settings, kept on the model so that the next generate
-        call with the same policy object reuses its buffers and CUDA graphs."""
+        call with the same settings reuses its buffers, CUDA graphs and policy object."""
+        w = model.embed_tokens.weight
+        attention = choose(w.device, w.dtype, model.eager_attention).name
+        key = (settings(policy), block_size, block_cache, cuda_graphs, attention)
         e = getattr(model, "_v2_engine", None)
-        same = e is not None and e.given_policy is policy and block_size == e.B
-        same = same and e.block_cache == block_cache and e.cuda_graphs_setting == cuda_graphs
-        same = same and e.attention.name == choose(e.device, e.dtype, model.eager_attention).name
-        if not same:
+        if e is None or e.key != key:
             e = cls(model, policy, block_size, block_cache, cuda_graphs)
             model._v2_engine = e
         return e
