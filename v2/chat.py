@@ -1,14 +1,15 @@
 """A chat session over a loaded checkpoint, watched step by step: what the web app (v2/app.py)
 and the terminal chatbot (v2/chatbot.py) share, so that neither reimplements the decoding loop.
 
-A turn renders the conversation with the chat template, decodes it with `generate` and its step
+A turn renders the conversation with the chat template, decodes it with `generate` watched by an
 observer, and keeps one StepRecord per denoise forward: the block's tokens (masked, newly
 committed, already committed), the forward's per-layer plan (layer x block position: computed,
 reused, passed) and the statistics so far.
 
-The per-position plan is the engine's own: what each layer executed for each unit, read back by
-the observer (v2/observer.py) with the policy left as it is. Watching makes the engine plan
-eagerly (no CUDA-graph capture of plans): a viewer pays that cost, an evaluation does not.
+The per-position plan is the engine's own: what each layer executed for each unit, read back for
+the observer (v2/observer.py), the policy left as it is: every registered policy works. Watching
+makes the engine plan eagerly (no CUDA-graph capture of plans): a viewer pays that cost, an
+evaluation does not.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ class ChatError(ValueError):
 
 
 class Stopped(Exception):
-    """Raised by the step observer when the user asked to stop."""
+    """Raised by a turn's observer when the user asked to stop."""
 
 
 @dataclass

@@ -172,10 +172,11 @@ def engine_for(
     own: bool = False,
 ) -> Engine | None:
     """The engine a decode with these settings runs on: the model's (Engine.for_model: kept on
-    the model between calls with the same policy object; what `generate` uses when given none),
-    or with `own` a new one that nothing else uses (a caller that interleaves configurations keeps
-    one per configuration, so that each keeps its graphs). None for decode="autoregressive",
-    which uses none. What a warm-up watches (Engine.setups, v2.bench.timing.settle)."""
+    the model between calls with the same settings, the policy's included; what `generate` uses
+    when given none), or with `own` a new one that nothing else uses (a caller that interleaves
+    configurations keeps one per configuration, so that each keeps its graphs). None for
+    decode="autoregressive", which uses none. What a warm-up watches (Engine.setups,
+    v2.bench.timing.settle)."""
     cfg = config or GenerationConfig()
     if cfg.decode == "autoregressive":
         return None
