@@ -1,5 +1,5 @@
-"""v2.analyze: what the Recorder sees equals a direct computation with the full-sequence network,
-recording changes nothing, and the thresholds skip what they say."""
+"""v2.analyze: what the Recorder (an observer) sees equals a direct computation with the
+full-sequence network, recording changes nothing, and the thresholds skip what they say."""
 
 from __future__ import annotations
 
@@ -46,11 +46,11 @@ def test_recorded_numbers_equal_a_direct_computation():
     for r, row in enumerate(step1):
         row[8 + r : 14] = prompt(14 - 8 - r, 5)  # a few positions decoded, per row differently
     rec = Recorder(model, m)
-    engine = Engine(model, rec)
+    engine = Engine(model)
     engine.allocate(2, 64)
     engine.begin_block()
     for ids in (step0, step1):
-        engine.denoise(torch.tensor(ids), 0, torch.arange(32))
+        engine.denoise(torch.tensor(ids), 0, torch.arange(32), observer=rec)
     assert [r.step for r in rec.forwards] == [0, 1]
 
     direct = [layer_inputs(model, torch.tensor(ids)) for ids in (step0, step1)]
@@ -106,7 +106,7 @@ def test_skip_scores_count_every_unit_of_every_forward():
     model = random_network(seed=4)
     rec = Recorder(model, IDS.mask)
     cfg = GenerationConfig(max_new_tokens=40, threshold=0.9)
-    generate(model, [prompt(5), prompt(33, 2)], IDS, cfg, rec)
+    generate(model, [prompt(5), prompt(33, 2)], IDS, cfg, observer=rec)
     units = sum(int(r.scope.sum()) * model.cfg.num_hidden_layers for r in rec.forwards)
     for name, s in skip_scores(rec.forwards, model.cfg.num_hidden_layers).items():
         assert s.shape == (units,), name
@@ -120,8 +120,8 @@ def test_recording_changes_no_token(block_cache):
     exit_ = EarlyExitPolicy(exit_threshold=0.05)  # flat predictions here: it still checks
     for inner in (None, LayerSkipPolicy(cosine_threshold=0.5), exit_):
         alone = generate(model, prompts, IDS, cfg, inner)
-        rec = Recorder(model, IDS.mask, inner)
-        watched = generate(model, prompts, IDS, cfg, rec)
+        rec = Recorder(model, IDS.mask)
+        watched = generate(model, prompts, IDS, cfg, inner, observer=rec)
         assert [o.token_ids for o in watched.outputs] == [o.token_ids for o in alone.outputs]
         assert watched.stats.executed_flops == alone.stats.executed_flops
         assert rec.forwards and len(rec.forwards) == sum(

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from tests.conftest import IDS, prompt, random_network
-from v2.chat import NOT_RUN, ChatError, ChatSession, parse_options, parse_setting
+from v2.chat import ChatError, ChatSession, parse_options, parse_setting
 from v2.generate import FastDLLM, GenerationConfig, generate
-from v2.policies import make_policy
+from v2.observer import NOT_RUN, Observer
+from v2.policies import make_policy, policy_names
 from v2.policy import COMPUTE, PASS, REUSE
 
 TINY = Path(__file__).resolve().parent.parent / "v2" / "tiny" / "checkpoint"
@@ -26,6 +27,13 @@ ANSWER = "#### 56"
 @pytest.fixture(scope="module")
 def tiny() -> FastDLLM:
     return FastDLLM.load(TINY)
+
+
+class Steps(list, Observer):
+    """The DenoiseSteps of a generation, in order."""
+
+    def on_forward(self, step) -> None:
+        self.append(step)
 
 
 POLICIES = [
@@ -46,8 +54,8 @@ def test_observer_changes_nothing_and_accounts_for_every_forward(name, options, 
     prompts = [prompt(5), prompt(37, 3)]
     cfg = GenerationConfig(max_new_tokens=40, threshold=0.3, use_block_cache=block_cache)
     ref = generate(model, prompts, IDS, cfg, make_policy(name, **options))
-    steps = []
-    got = generate(model, prompts, IDS, cfg, make_policy(name, **options), observer=steps.append)
+    steps = Steps()
+    got = generate(model, prompts, IDS, cfg, make_policy(name, **options), observer=steps)
     assert [o.token_ids for o in got.outputs] == [o.token_ids for o in ref.outputs]
     assert got.stats.to_dict() | {"wall_seconds": 0, "tokens_per_second": 0} == (
         ref.stats.to_dict() | {"wall_seconds": 0, "tokens_per_second": 0}
@@ -55,6 +63,17 @@ def test_observer_changes_nothing_and_accounts_for_every_forward(name, options, 
     assert steps and got.stats.forwards["denoise_full"] + got.stats.forwards["denoise_sub"] == len(
         steps
     )
+
+    # Each layer's plan is what the engine ran (on the CPU, exactly the units it computed) over
+    # the units it had in scope.
+    for s in steps:
+        assert s.plan.shape == (model.cfg.num_hidden_layers, len(s.rows), model.cfg.block_size)
+        computed = (s.plan == COMPUTE).sum((1, 2)).tolist()
+        assert computed == s.forward.executed_units_per_layer
+        assert (s.plan != NOT_RUN).sum((1, 2)).tolist() == s.forward.baseline_units_per_layer
+        outside = torch.ones(s.plan.shape[-1], dtype=torch.bool)
+        outside[s.window_start : s.window_start + s.window_size] = False
+        assert (s.plan[:, :, outside] == NOT_RUN).all()
 
     # Every decoded slot is committed by exactly one forward, with the token it ends with.
     B = model.cfg.block_size
@@ -101,10 +120,11 @@ def test_observer_exception_stops_generation():
     class Stop(Exception):
         pass
 
-    def observer(step):
-        seen.append(step)
-        if len(seen) == 2:
-            raise Stop
+    class Stopping(Observer):
+        def on_forward(self, step):
+            seen.append(step)
+            if len(seen) == 2:
+                raise Stop
 
     with pytest.raises(Stop):
         generate(
@@ -112,7 +132,7 @@ def test_observer_exception_stops_generation():
             [prompt(5)],
             IDS,
             GenerationConfig(max_new_tokens=64, threshold=1.0, ignore_eos=True),
-            observer=observer,
+            observer=Stopping(),
         )
     assert len(seen) == 2
     # The engine serves the next call as usual.
@@ -135,8 +155,9 @@ def test_observer_exception_stops_generation():
     ],
 )
 def test_recorded_plans_agree_with_the_engine(tiny, name, options, block_cache):
-    """The heatmap's plan (PlanRecorder) counts, per layer, the units the engine executed and
-    had in scope; reused units match the engine's count where it keeps one (per-unit plans)."""
+    """The heatmap's plan (the engine's, through the observer) counts, per layer, the units the
+    engine executed and had in scope; reused units match the engine's count where it keeps one
+    (per-unit plans)."""
     session = ChatSession(tiny)
     session.set("use_block_cache", block_cache)
     session.set_policy(name, options)
@@ -158,6 +179,87 @@ def test_recorded_plans_agree_with_the_engine(tiny, name, options, block_cache):
     assert skipped in kinds and COMPUTE in kinds
     # Skipping shows in the run's FLOPs.
     assert turn.stats.executed_flops < turn.stats.baseline_flops
+
+
+# Every registered policy, with options under which it skips on the tiny model, and the plan
+# code its skipping shows as (a policy registered later needs an entry: the test says so).
+ACTING = {
+    "none": ({}, None),
+    "token": ({"cosine_threshold": "0.9"}, REUSE),
+    "layer": ({"cosine_threshold": "0.5"}, PASS),
+    "reuse": ({"reuse_k": "2"}, REUSE),
+    "exit": ({"exit_threshold": "0.5"}, PASS),
+}
+
+
+def test_every_registered_policy_has_acting_options():
+    assert set(ACTING) == set(policy_names())
+
+
+def check_watched_turn(steps, name, layers):
+    """Steps of a turn under policy `name`: each with a plan per layer and block position that
+    counts what the engine ran, and the policy's skipping in some of them."""
+    assert steps
+    codes = set()
+    for r in steps:
+        plan = torch.tensor(r.plan)
+        assert plan.shape == (layers, len(r.tokens))
+        assert (plan == COMPUTE).sum(1).tolist() == r.forward["executed_units_per_layer"]
+        assert (plan != NOT_RUN).sum(1).tolist() == r.forward["baseline_units_per_layer"]
+        codes |= set(plan.unique().tolist())
+    skipped = ACTING[name][1]
+    assert codes <= {NOT_RUN, COMPUTE, REUSE, PASS}
+    assert (skipped in codes) if skipped is not None else codes <= {NOT_RUN, COMPUTE}
+
+
+@pytest.mark.parametrize("block_cache", [False, True])
+@pytest.mark.parametrize("name", list(ACTING))
+def test_every_policy_in_a_chat_session(tiny, name, block_cache):
+    """Each registered policy, `exit` included (it needs the model attached, and passes single
+    units), answers in a chat session and shows its plan."""
+    session = ChatSession(tiny)
+    session.set("use_block_cache", block_cache)
+    assert session.set_policy(name, ACTING[name][0]) is None  # it acts: not the baseline
+    turn = session.reply(QUESTION)
+    assert turn.text.strip() and turn.finish_reason in ("eos", "length")
+    check_watched_turn(turn.steps, name, tiny.model.cfg.num_hidden_layers)
+    if name != "none":
+        assert turn.stats.executed_units < turn.stats.baseline_units
+
+
+@pytest.mark.parametrize("name", list(ACTING))
+def test_every_policy_in_the_chatbot(name, monkeypatch, capsys):
+    """`python -m v2.chatbot --policy NAME ...` answers and reports the policy's statistics."""
+    import io
+
+    from v2 import chatbot
+
+    flags = [f for k, v in ACTING[name][0].items() for f in ("--" + k.replace("_", "-"), v)]
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{QUESTION}\n/stats\n"))
+    assert chatbot.main(["--model", str(TINY), "--policy", name, *flags]) == 0
+    out = capsys.readouterr()
+    assert "error" not in out.err and "error" not in out.out
+    answer = out.out.split("bot> ", 1)[1].split("\n", 1)[0]
+    assert answer.strip()
+    assert f"policy {name}" in out.out.split("you> ")[-2]  # the /stats of that answer
+
+
+@pytest.mark.parametrize("name", list(ACTING))
+def test_every_policy_in_the_app(tiny, name):
+    """The app's decode function (App.respond, what the page's Send calls) with each policy:
+    the answer, the statistics and a heatmap per forward that shows the policy's skipping."""
+    from v2.app import PLAN_STYLE, App, render_heatmap
+
+    app = App(tiny)
+    options, skipped = ACTING[name]
+    *_, last = app.respond(QUESTION, [], {}, name, options)
+    history, status, stats, block, heatmap, steps = last
+    assert "error" not in status and stats and block and heatmap
+    assert history[-1]["role"] == "assistant" and history[-1]["content"].strip()
+    check_watched_turn(steps, name, tiny.model.cfg.num_hidden_layers)
+    shown = "".join(render_heatmap(r) for r in steps)
+    if skipped is not None:
+        assert f': {PLAN_STYLE[skipped][1]}"' in shown
 
 
 def test_session_turns_and_records(tiny):
@@ -251,7 +353,7 @@ def test_observer_with_a_causal_decode_is_a_clear_error(decode):
 
     cfg = GenerationConfig(max_new_tokens=8, threshold=1.0, decode=decode)
     with pytest.raises(GenerationError, match="observer"):
-        generate(random_network(), [prompt(5)], IDS, cfg, observer=lambda step: None)
+        generate(random_network(), [prompt(5)], IDS, cfg, observer=Observer())
 
 
 def test_decode_is_not_a_chat_setting():

@@ -11,46 +11,22 @@ from torch.utils.flop_counter import FlopCounterMode
 from early_exit_generation_functions import EarlyExitPolicy
 from v2.engine import Engine
 from v2.generate import GenerationConfig, generate
+from v2.observer import Observer
 from v2.policies import make_policy
-from v2.policy import Policy
+from v2.policy import COMPUTE, PASS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Watch(Policy):
-    """Wraps a policy; keeps every layer's input and the forward's output."""
+class Watch(Observer):
+    """Keeps every layer's input and the output of each forward it watches."""
 
-    name = "watch"
+    def __init__(self):
+        self.inputs = []
 
-    def __init__(self, inner):
-        self.inner = inner
-        self.passes_units = inner.passes_units
-        self.inputs, self.plans = [], []
-
-    def attach(self, model, ids):
-        self.inner.attach(model, ids)
-
-    def extra_flops(self):
-        return self.inner.extra_flops()
-
-    def protected_layers(self, n):
-        return self.inner.protected_layers(n)
-
-    def begin_block(self, *a):
-        self.inner.begin_block(*a)
-
-    def begin_forward(self, ctx):
-        self.inputs.append([])
-        self.plans.append([])
-        self.inner.begin_forward(ctx)
-
-    def plan(self, layer, x, ctx):
-        self.inputs[-1].append(x.clone())
-        p = self.inner.plan(layer, x, ctx)
-        self.plans[-1].append(p)
-        return p
-
-    def end_forward(self, x, ctx):
+    def on_hidden(self, depth, x, ctx):
+        if depth == 0:
+            self.inputs.append([])
         self.inputs[-1].append(x.clone())
 
 
@@ -64,9 +40,10 @@ def block_steps():
     return step0, step1
 
 
-def two_steps(model, policy, eager=False):
+def two_steps(model, policy, eager=False, observer=None):
     """Two denoise forwards over one block of two rows; returns the engine, outputs and the
-    FLOPs FlopCounterMode saw in each (with the logits of every position)."""
+    FLOPs FlopCounterMode saw in each (with the logits of every position); an observer's plans
+    are in `engine.plans`."""
     step0, step1 = block_steps()
     model.eager_attention = eager  # the engine picks its attention when built
     try:
@@ -74,12 +51,13 @@ def two_steps(model, policy, eager=False):
         policy.attach(model, IDS)
         engine.allocate(2, 64)
         engine.begin_block()
-        outs, counted, seen = [], [], []
+        outs, counted, seen, engine.plans = [], [], [], []
         for ids in (step0, step1):
             before = engine.stats.executed_flops
             with FlopCounterMode(display=False) as counter:
-                hidden = engine.denoise(torch.tensor(ids), 0, torch.arange(32))
+                hidden = engine.denoise(torch.tensor(ids), 0, torch.arange(32), observer=observer)
                 model.logits(hidden)
+            engine.plans.append(engine.last_plan)
             outs.append(hidden.clone())
             counted.append(counter.get_total_flops())
             seen.append(engine.stats.executed_flops - before)
@@ -91,20 +69,21 @@ def two_steps(model, policy, eager=False):
 def test_exited_units_are_frozen_and_predicted_by_their_lens():
     model = random_network(seed=5, std=0.5)
     L = model.cfg.num_hidden_layers
-    watch = Watch(EarlyExitPolicy(exit_threshold=0.4, min_layer=1))
-    engine, outs, _, _ = two_steps(model, watch)
+    watch = Watch()
+    engine, outs, _, _ = two_steps(
+        model, EarlyExitPolicy(exit_threshold=0.4, min_layer=1), False, watch
+    )
     st = engine.stats
     # the first forward has no earlier computation: nothing passes
-    assert all(p is None for p in watch.plans[0])
-    passed = [p for p in watch.plans[1] if p is not None]
-    assert passed, "the test needs exits at the second forward"
-    n_passed = sum(int((p == 2).sum()) for p in passed)
+    assert not (engine.plans[0] == PASS).any()
+    n_passed = int((engine.plans[1] == PASS).sum())
+    assert n_passed, "the test needs exits at the second forward"
     assert sum(st.executed_units_per_layer) == sum(st.baseline_units_per_layer) - n_passed
     xs = watch.inputs[1]  # inputs of layers 0..L-1, then the output
-    for i, p in enumerate(watch.plans[1]):
-        if p is None:
+    for i, p in enumerate(engine.plans[1]):
+        frozen = p == PASS
+        if not frozen.any():
             continue
-        frozen = p == 2
         # a unit passing layer i passes every later layer, and its state never changes again
         for later in range(i, L + 1):
             torch.testing.assert_close(xs[later][frozen], xs[i][frozen], atol=0, rtol=0)
@@ -117,21 +96,19 @@ def test_exited_units_keep_the_k_v_of_their_last_computation():
     """The other positions attend to an exited unit through the K/V it had when it last ran
     that layer (here: the block's first forward); the units that run write new ones."""
     model = random_network(seed=5, std=0.5)
-    watch = Watch(EarlyExitPolicy(exit_threshold=0.4, min_layer=1))
-    engine = Engine(model, watch)
-    watch.attach(model, IDS)
+    policy = EarlyExitPolicy(exit_threshold=0.4, min_layer=1)
+    engine = Engine(model, policy)
+    policy.attach(model, IDS)
     engine.allocate(2, 64)
     engine.begin_block()
     step0, step1 = block_steps()
     engine.denoise(torch.tensor(step0), 0, torch.arange(32))
     before = [k.clone() for k in engine.cache.k]
-    engine.denoise(torch.tensor(step1), 0, torch.arange(32))
+    engine.denoise(torch.tensor(step1), 0, torch.arange(32), observer=Observer())
     slots = engine.cache.slots(torch.arange(2)[:, None], torch.arange(32)[None])  # [2, 32]
     checked = 0
-    for i, p in enumerate(watch.plans[1]):
-        if p is None:
-            continue
-        passed, ran = p == 2, p == 0
+    for i, p in enumerate(engine.last_plan):
+        passed, ran = p == PASS, p == COMPUTE
         after = engine.cache.k[i]
         assert torch.equal(after[slots[passed]], before[i][slots[passed]])
         assert not torch.equal(after[slots[ran]], before[i][slots[ran]])

@@ -353,3 +353,43 @@ def test_cli_autoregressive_summary_names_no_diffusion_settings(capsys, checkpoi
     code, _, err = run_cli(capsys, "--model", str(checkpoint), *args, "--threshold", "0.5")
     assert code == 0 and "[autoregressive, no policy:" in err
     assert "threshold" not in err and "drafted" not in err and "1.00 tokens/verify forward" in err
+
+
+def test_the_model_keeps_one_engine_per_settings():
+    """generate reuses the model's engine for equal settings, whatever the policy object: two
+    policies with equal options share one engine (its buffers, graphs and policy object); other
+    options, another policy or other generation settings get a new one."""
+    from layer_skip_generation_functions import LayerReusePolicy
+    from token_skip_generation_functions import TokenSkipPolicy
+    from v2.generate import engine_for
+    from v2.policy import Policy
+
+    model = random_network()
+    cfg = GenerationConfig(max_new_tokens=16)
+
+    def engine(policy, config=cfg):
+        generate(model, [prompt(5)], IDS, config, policy)
+        return model._v2_engine
+
+    first = engine(TokenSkipPolicy(cosine_threshold=0.9))
+    assert engine(TokenSkipPolicy(cosine_threshold=0.9)) is first
+    assert engine_for(model, cfg, TokenSkipPolicy(cosine_threshold=0.9)) is first
+    assert engine(TokenSkipPolicy(cosine_threshold=0.95)) is not first
+    token = engine(TokenSkipPolicy(cosine_threshold=0.9))
+    assert token is not first  # the model keeps the last engine only
+    assert engine(TokenSkipPolicy(cosine_threshold=0.9)) is token
+    assert engine(LayerReusePolicy(reuse_k=2)) is not token
+
+    class Mine(TokenSkipPolicy):  # same options, another class: it may plan otherwise
+        pass
+
+    token = engine(TokenSkipPolicy(cosine_threshold=0.9))
+    assert engine(Mine(cosine_threshold=0.9)) is not token
+    none = engine(None)
+    assert engine(None) is none
+    assert engine(None, GenerationConfig(max_new_tokens=16, use_block_cache=True)) is not none
+    assert engine(None, GenerationConfig(max_new_tokens=16, block_size=16)) is not none
+    # A policy that declares no options is known by its object alone.
+    custom = Policy()
+    mine = engine(custom)
+    assert engine(custom) is mine and engine(Policy()) is not mine

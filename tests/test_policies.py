@@ -19,9 +19,9 @@ from v2.policy import COMPUTE, PASS, REUSE, Policy
 def always_skipping(cls, **options):
     """A token or layer policy that skips whenever the engine allows it: threshold -1, below any
     cosine (a test device: users may not set a negative threshold, issue 25)."""
-    policy = cls(cosine_threshold=0.0, **options)
-    policy.cosine_threshold = -1.0
-    return policy
+    settings = cls.Options(cosine_threshold=0.0, **options)
+    object.__setattr__(settings, "cosine_threshold", -1.0)  # frozen, and past its range check
+    return cls(settings)  # its settings say what it does (engines are kept by them)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

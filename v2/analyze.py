@@ -5,8 +5,7 @@ threshold, and where the prediction settles. Turns looking into choosing a thres
         --max-new-tokens 128 --out docs/results/analysis/tiny
 
 For the decoding that `generate` runs (with `--policy ...`, under that policy), a `Recorder`
-policy sees every layer's input of every denoise forward (it computes everything itself, or
-answers what the wrapped policy answers) and records:
+(an observer, v2/observer.py) sees every layer's input of every denoise forward and records:
 
 (a) layer cosine: per row, the mean over its in-scope window positions of cos(x_l, x_{l-1}), the
     inputs of consecutive layers (what the layer policy thresholds; l >= 1);
@@ -43,6 +42,7 @@ from tqdm import tqdm
 
 from layer_skip_generation_functions import row_cosine
 from token_skip_generation_functions import cosine_and_remember
+from v2.observer import Observer
 from v2.policy import ForwardContext, Policy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,48 +63,39 @@ class ForwardRecord:
     lens_prob: list[torch.Tensor] = field(default_factory=list)  # per depth 0..L: [targets]
 
 
-class Recorder(Policy):
-    """Records (a), (b), (c) of the module docstring for every denoise forward; plans what
-    `inner` plans (None: computes everything, so the decoding is the baseline's)."""
+class Recorder(Observer):
+    """Records (a), (b), (c) of the module docstring for every denoise forward it watches."""
 
-    name = "analyze"
-
-    def __init__(self, model, mask_id: int, inner: Policy | None = None):
-        self.inner = inner if inner is not None and inner.enabled else None
-        self.reuses = self.inner.reuses if self.inner else False
-        self.passes = self.inner.passes if self.inner else True
-        self.passes_units = self.inner.passes_units if self.inner else False
+    def __init__(self, model, mask_id: int):
         self.mask_embedding = model.embed_tokens.weight[mask_id].detach()
         self.norm, self.head = model.norm, model.lm_head
         self.forwards: list[ForwardRecord] = []
         self.progress: tqdm | None = None
 
-    def protected_layers(self, num_layers: int) -> set[int]:
-        return self.inner.protected_layers(num_layers) if self.inner else set()
-
-    def attach(self, model, ids) -> None:
-        if self.inner:
-            self.inner.attach(model, ids)
-
-    def extra_flops(self) -> int:
-        return self.inner.extra_flops() if self.inner else 0
-
-    def config(self) -> dict:
-        return self.inner.config() if self.inner else {"policy": "none"}
-
-    def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
-        self.previous: list[torch.Tensor] | None = None  # per layer [rows, B, hidden]
-        self.seen: list[torch.Tensor] | None = None
-        self.block_size = block_size
-        if self.inner:
-            self.inner.begin_block(batch_size, block_size, num_layers)
-
-    def begin_forward(self, ctx: ForwardContext) -> None:
-        scope = ctx.units.clone()
-        self.record = ForwardRecord(ctx.step, ctx.window_start, scope.cpu())
-        self.last_input: torch.Tensor | None = None
-        if self.inner:
-            self.inner.begin_forward(ctx)
+    def on_hidden(self, depth: int, x: torch.Tensor, ctx: ForwardContext) -> None:
+        scope = ctx.units
+        if depth == 0:
+            if ctx.step == 0:  # a new block
+                self.previous: list[torch.Tensor] | None = None  # per layer [rows, B, hidden]
+                self.seen: list[torch.Tensor] | None = None
+            self.record = r = ForwardRecord(ctx.step, ctx.window_start, scope.to("cpu", copy=True))
+            # x is the embedding: a masked position is one whose input is the mask's embedding;
+            # the unit before it predicts it.
+            masked = (x == self.mask_embedding.to(x.dtype)).all(-1) & scope
+            targets = torch.zeros_like(masked)
+            targets[:, :-1] = masked[:, 1:]
+            r.targets = targets & scope
+        elif depth < ctx.num_layers:
+            busy = scope.any(1)
+            self.record.layer_cos.append(row_cosine(x, self.last_input, scope)[busy].cpu())
+        if depth < ctx.num_layers:
+            self.last_input = x.clone()
+            self.record.token_cos.append(self._token_cosine(depth, x, ctx))
+        self._lens(x)
+        if depth == ctx.num_layers:
+            self.forwards.append(self.record)
+            if self.progress is not None:
+                self.progress.update(1)
 
     def _lens(self, x: torch.Tensor) -> None:
         r = self.record
@@ -113,26 +104,9 @@ class Recorder(Policy):
         r.lens_token.append(token.cpu())
         r.lens_prob.append(prob.cpu())
 
-    def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext):
-        r, scope = self.record, ctx.units
-        if layer == 0:
-            # x is the embedding: a masked position is one whose input is the mask's embedding;
-            # the unit before it predicts it.
-            masked = (x == self.mask_embedding.to(x.dtype)).all(-1) & scope
-            targets = torch.zeros_like(masked)
-            targets[:, :-1] = masked[:, 1:]
-            r.targets = targets & scope
-        else:
-            busy = scope.any(1)
-            r.layer_cos.append(row_cosine(x, self.last_input, scope)[busy].cpu())
-        self.last_input = x.clone()
-        r.token_cos.append(self._token_cosine(layer, x, ctx))
-        self._lens(x)
-        return self.inner.plan(layer, x, ctx) if self.inner else None
-
     def _token_cosine(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if self.previous is None:
-            shape = (x.shape[0], self.block_size)
+            shape = (x.shape[0], ctx.block_size)
             self.previous = [
                 torch.zeros(*shape, x.shape[-1], dtype=x.dtype, device=x.device)
                 for _ in range(ctx.num_layers)
@@ -145,12 +119,6 @@ class Recorder(Policy):
         cos = cosine_and_remember(x, prev, seen, ctx.units)
         cos = torch.where(cos < -1.5, float("nan"), cos)  # no reference yet
         return cos[ctx.units].cpu()
-
-    def end_forward(self, x: torch.Tensor, ctx: ForwardContext) -> None:
-        self._lens(x)
-        self.forwards.append(self.record)
-        if self.progress is not None:
-            self.progress.update(1)
 
 
 # ---- aggregates -----------------------------------------------------------------------------
@@ -312,11 +280,12 @@ def task_prompts(name: str, n: int) -> list[str]:
 
 
 def analyze(lm, texts: list[str], config, policy: Policy | None = None, chat: bool = False):
-    """Runs the decoding under a Recorder; returns (aggregates, records, generation result)."""
-    recorder = Recorder(lm.model, lm.ids.mask, policy)
+    """Runs the decoding watched by a Recorder; returns (aggregates, records, generation
+    result)."""
+    recorder = Recorder(lm.model, lm.ids.mask)
     with tqdm(desc="denoise forwards", unit="fwd", leave=False) as bar:
         recorder.progress = bar
-        result = lm.generate(texts, config, recorder, chat=chat)
+        result = lm.generate(texts, config, policy, chat=chat, observer=recorder)
     recorder.progress = None
     out = aggregate(recorder.forwards, lm.model.cfg.num_hidden_layers)
     return out, recorder.forwards, result

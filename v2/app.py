@@ -24,7 +24,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home at l
 
 import torch  # noqa: E402
 
-from v2.chat import NOT_RUN, ChatError, ChatSession, StepRecord  # noqa: E402
+from v2.chat import ChatError, ChatSession, StepRecord  # noqa: E402
 from v2.checkpoint import CheckpointError  # noqa: E402
 from v2.generate import (  # noqa: E402
     FastDLLM,
@@ -32,6 +32,7 @@ from v2.generate import (  # noqa: E402
     add_model_arguments,
     load_from_args,
 )
+from v2.observer import NOT_RUN  # noqa: E402
 from v2.policies import options_of, policy_names  # noqa: E402
 from v2.policy import COMPUTE, PASS, REUSE  # noqa: E402
 

@@ -1,17 +1,15 @@
 """A chat session over a loaded checkpoint, watched step by step: what the web app (v2/app.py)
 and the terminal chatbot (v2/chatbot.py) share, so that neither reimplements the decoding loop.
 
-A turn renders the conversation with the chat template, decodes it with `generate` and its step
+A turn renders the conversation with the chat template, decodes it with `generate` watched by an
 observer, and keeps one StepRecord per denoise forward: the block's tokens (masked, newly
 committed, already committed), the forward's per-layer plan (layer x block position: computed,
 reused, passed) and the statistics so far.
 
-The per-position plan comes from PlanRecorder, a transparent wrapper around the chosen policy: it
-hands the policy's plans to the engine unchanged and keeps a copy, resolved the way the engine
-resolves them (REUSE without a reference computes; under the sub-block cache a row running the
-full block computes it). It asks the engine for eager plans (no CUDA-graph capture of plans): a
-viewer pays that cost, an evaluation does not use it. Its per-layer counts agree with the engine's
-own statistics of the same forward (tests/test_chat.py).
+The per-position plan is the engine's own: what each layer executed for each unit, read back for
+the observer (v2/observer.py), the policy left as it is: every registered policy works. Watching
+makes the engine plan eagerly (no CUDA-graph capture of plans): a viewer pays that cost, an
+evaluation does not.
 """
 
 from __future__ import annotations
@@ -24,19 +22,18 @@ import torch
 from v2 import policies
 from v2.generate import (
     SETTING_TYPES,
-    DenoiseStep,
     FastDLLM,
     GenerationConfig,
     GenerationError,
     generate,
     settings,
 )
+from v2.observer import DenoiseStep, Observer
 from v2.options import OptionError, parse_value
 from v2.policies import baseline_note, make_policy
-from v2.policy import COMPUTE, PASS, REUSE, ForwardContext, Policy
+from v2.policy import Policy
 from v2.stats import Stats
 
-NOT_RUN = -1  # a plan cell outside the forward's window or scope
 # GenerationConfig settings a user may set (name -> type), e.g. `/set threshold 0.9`; not
 # `decode`: the app and the chatbot show block-diffusion steps.
 SETTINGS: dict[str, type] = {
@@ -49,70 +46,7 @@ class ChatError(ValueError):
 
 
 class Stopped(Exception):
-    """Raised by the step observer when the user asked to stop."""
-
-
-class PlanRecorder(Policy):
-    """`policy`, unchanged for the engine, with a copy of each denoise forward's resolved plan:
-    `plan_codes` [layers, batch, B] int8 of COMPUTE / REUSE / PASS, or NOT_RUN."""
-
-    def __init__(self, policy: Policy, block_cache: bool):
-        self.inner, self.block_cache = policy, block_cache
-        self.name, self.reuses, self.passes = policy.name, policy.reuses, policy.passes
-        self.plan_codes: torch.Tensor | None = None
-        self.forwards = 0  # denoise forwards recorded so far
-        self._has_ref: torch.Tensor | None = None  # [layers, batch, B]: a REUSE reference
-
-    @property
-    def enabled(self) -> bool:
-        return self.inner.enabled
-
-    def acts_on(self, num_layers: int) -> bool:
-        return self.inner.acts_on(num_layers)
-
-    def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
-        self._has_ref = torch.zeros(num_layers, batch_size, block_size, dtype=torch.bool)
-        self.inner.begin_block(batch_size, block_size, num_layers)
-
-    def begin_forward(self, ctx: ForwardContext) -> None:
-        self.forwards += 1
-        self.plan_codes = torch.full(self._has_ref.shape, NOT_RUN, dtype=torch.int8)
-        self.inner.begin_forward(ctx)
-
-    def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext):
-        plan = self.inner.plan(layer, x, ctx)
-        b, w = x.shape[:2]
-        scope = torch.ones(b, w, dtype=torch.bool) if ctx.units is None else ctx.units.cpu()
-        if plan is None:
-            codes = torch.full((b, w), COMPUTE, dtype=torch.int8)
-        elif isinstance(plan, int):
-            codes = torch.full((b, w), plan, dtype=torch.int8)
-        else:
-            codes = plan.to("cpu", torch.int8)
-        if self.block_cache and w == ctx.block_size:  # a row running the full block computes
-            codes = torch.where((codes == PASS) & scope.all(1, keepdim=True), COMPUTE, codes)
-        window = slice(ctx.window_start, ctx.window_start + w)
-        has_ref = self._has_ref[layer, :b, window]
-        if self.reuses:
-            codes = torch.where((codes == REUSE) & ~has_ref, COMPUTE, codes)
-        else:
-            codes = torch.where(codes == REUSE, COMPUTE, codes)
-        codes = torch.where(scope, codes, NOT_RUN)
-        self.plan_codes[layer, :b, window] = codes
-        has_ref |= codes == COMPUTE
-        return plan
-
-    def capture_key(self, layer: int, ctx: ForwardContext):
-        return None  # eager plans: the recorder must see each one
-
-    def reuse_quota(self, layer: int, ctx: ForwardContext) -> int | None:
-        return self.inner.reuse_quota(layer, ctx)
-
-    def protected_layers(self, num_layers: int) -> set[int]:
-        return self.inner.protected_layers(num_layers)
-
-    def config(self) -> dict:
-        return self.inner.config()
+    """Raised by a turn's observer when the user asked to stop."""
 
 
 @dataclass
@@ -199,8 +133,6 @@ class ChatSession:
         self.policy_name, self.policy_options = "none", {}
         self.note: str | None = None  # the policy can skip nothing: the baseline (set_policy)
         self.last: Turn | None = None
-        self._policy_key = None
-        self._recorder: PlanRecorder | None = None
         self.lock = lock or threading.Lock()  # one generation at a time on the model
 
     # ---- settings ------------------------------------------------------------------------------
@@ -240,21 +172,10 @@ class ChatSession:
 
     # ---- a turn ---------------------------------------------------------------------------------
 
-    def policy(self) -> PlanRecorder | None:
-        """The recorder around the current policy, kept while the policy and its options stay
-        (so the model's engine and its buffers are reused across turns)."""
-        if self.policy_name == "none":
-            return None
-        key = (
-            self.policy_name,
-            tuple(sorted(self.policy_options.items())),
-            self.config.use_block_cache,
-        )
-        if key != self._policy_key:
-            inner = make_policy(self.policy_name, **self.policy_options)
-            self._recorder = PlanRecorder(inner, self.config.use_block_cache)
-            self._policy_key = key
-        return self._recorder
+    def policy(self) -> Policy | None:
+        """A new policy object of the session's choice (the model's engine is kept across turns
+        with the same settings: Engine.for_model)."""
+        return make_policy(self.policy_name, **self.policy_options)
 
     def prompt_ids(self, message: str) -> list[int]:
         messages = [*self.history, {"role": "user", "content": message}]
@@ -275,12 +196,12 @@ class ChatSession:
                 f"the conversation is {len(ids)} tokens; the model has {limit} positions "
                 f"({self.start_over})"
             )
-        recorder, described = self.policy(), self.describe()
-        view = _Viewer(self, len(ids), recorder, on_step, stop)
+        policy, described = self.policy(), self.describe()
+        view = _Viewer(self, len(ids), on_step, stop)
         with self.lock:
             try:
                 result = generate(
-                    self.lm.model, [ids], self.lm.ids, self.config, recorder, observer=view
+                    self.lm.model, [ids], self.lm.ids, self.config, policy, observer=view
                 )
             except Stopped:
                 turn = Turn(view.text(), "stopped", view.stats(), view.steps, stopped=True)
@@ -299,23 +220,21 @@ class ChatSession:
         return turn
 
 
-class _Viewer:
-    """The step observer of one turn: DenoiseStep -> StepRecord."""
+class _Viewer(Observer):
+    """The observer of one turn: DenoiseStep -> StepRecord."""
 
-    def __init__(self, session: ChatSession, prompt_len: int, recorder, on_step, stop):
-        self.lm, self.prompt_len, self.recorder = session.lm, prompt_len, recorder
+    def __init__(self, session: ChatSession, prompt_len: int, on_step, stop):
+        self.lm, self.prompt_len = session.lm, prompt_len
         self.on_step, self.stop = on_step, stop
         self.steps: list[StepRecord] = []
         self.blocks: dict[int, torch.Tensor] = {}  # block start -> its generated ids so far
-        self.seen = recorder.forwards if recorder is not None else 0
         self._last: DenoiseStep | None = None
 
-    def __call__(self, s: DenoiseStep) -> None:
+    def on_forward(self, s: DenoiseStep) -> None:
         if self.stop is not None and self.stop.is_set():
             raise Stopped
         ids = self.lm.ids
         tokens, B = s.tokens[0], s.tokens.shape[1]
-        L = self.lm.model.cfg.num_hidden_layers
         pos = s.block_start + torch.arange(B)
         states = []
         for j in range(B):
@@ -331,13 +250,6 @@ class _Viewer:
                 states.append("committed")
         ok = s.generated[0]
         self.blocks[s.block_start] = tokens[ok]
-        if self.recorder is not None and self.recorder.forwards > self.seen:
-            self.seen = self.recorder.forwards
-            plan = self.recorder.plan_codes[:, 0].tolist()
-        else:  # no policy (or a disabled one): every unit of the window computes
-            w0, w = s.window_start, s.window_size
-            row = [COMPUTE if w0 <= j < w0 + w else NOT_RUN for j in range(B)]
-            plan = [list(row) for _ in range(L)]
         tok = self.lm.tokenizer
         record = StepRecord(
             index=len(self.steps),
@@ -346,7 +258,7 @@ class _Viewer:
             window=(s.window_start, s.window_size),
             tokens=[tok.decode([int(t)]) for t in tokens],
             states=states,
-            plan=plan,
+            plan=s.plan[:, 0].tolist(),
             text=self.text(),
             forward=s.forward.to_dict(),
             total=s.total.to_dict(),

@@ -31,6 +31,10 @@ forward costs one graph launch and no per-layer Python. A forward whose loop mus
 device (a plan sized only by a read-back) or ask a policy eagerly is not recorded; its layers run
 one graph each, as before.
 
+Observers (observer.py). A denoise forward given an `observer` runs its layer loop eagerly (not
+recorded, no plan captured) and shows it each layer's input and the output; each layer's plan,
+as it resolved on the device, is read back into `last_plan`. With none, nothing of this runs.
+
 Statistics (stats.py): baseline units are the units in scope; executed units are the row slots
 fed through a layer's matmuls (all counted in executed FLOPs); of those, the useful units are the
 units in scope that the plan computes, the rest padding. Per layout:
@@ -74,6 +78,7 @@ from v2.layer_step import (
     settle,
 )
 from v2.model import Network, block_causal_mask, sdpa
+from v2.observer import NOT_RUN, Observer
 from v2.policy import COMPUTE, PASS, REUSE, ForwardContext, Policy
 from v2.stats import Stats
 
@@ -84,6 +89,15 @@ _CAPTURED = object()  # a plan that the layer's graph computes
 def logits(hidden, norm_weight, head_weight, eps: float) -> torch.Tensor:
     """The network's head (Network.logits) as a function of its weights, for torch.compile."""
     return F.linear(rms_norm(hidden, norm_weight, eps), head_weight).float()
+
+
+def settings(policy: Policy | None):
+    """What makes two policies plan alike, so that one engine serves both: for a policy built
+    from declared options (a registered one), its class and `config()` (its name and options,
+    and what a subclass adds there); a policy that declares none is only itself."""
+    if getattr(policy, "options", None) is None:
+        return policy
+    return type(policy), policy.config()
 
 
 class PolicyError(RuntimeError):
@@ -220,13 +234,14 @@ class Engine:
         self.attention = attention or choose(self.device, self.dtype, model.eager_attention)
         cuda = self.device.type == "cuda"
         on = self.attention.capturable
-        self.cuda_graphs_setting = cuda_graphs  # as given (for_model compares it)
         self.graphs = GraphRunner(
             self.device, (cuda if cuda_graphs is None else cuda_graphs) and on
         )
         self.static = self.graphs.enabled if static_shapes is None else static_shapes
         self.compiled = (cuda if compile is None else compile) and on
         self.compaction = compaction
+        # the settings `for_model` finds this engine by (cuda_graphs as given)
+        self.key = (settings(policy), self.B, block_cache, cuda_graphs, self.attention.name)
         self.forward_graphs = forward_graphs
         self.weights = [LayerWeights.of(layer) for layer in model.layers]
         self.embed = w.detach()
@@ -242,6 +257,11 @@ class Engine:
         self.replays = {"denoise": 0, "commit": 0}  # forwards replayed from their record
         self._n_scope = 0  # units in scope of the forward running (its effects' "every unit")
         self.timer: Callable | None = None  # kind -> context manager around each forward
+        # The observer of the denoise forward running (`denoise`'s argument), and the plan of the
+        # last one watched: [layers, cache rows, window] int8 of COMPUTE / REUSE / PASS as each
+        # layer resolved it, NOT_RUN out of scope (module docstring, "Observers").
+        self._watch: Observer | None = None
+        self.last_plan: torch.Tensor | None = None
         dev = self.device
         # What only the device knows, per layer: units reused, useful units of planned layers
         # (the units their plans computed), attention pairs, plan overflows. Read and zeroed by
@@ -264,12 +284,12 @@ class Engine:
         cuda_graphs: bool | None,
     ) -> Engine:
         """The model's engine for these settings, kept on the model so that the next generate
-        call with the same policy object reuses its buffers and CUDA graphs."""
+        call with the same settings reuses its buffers, CUDA graphs and policy object."""
+        w = model.embed_tokens.weight
+        attention = choose(w.device, w.dtype, model.eager_attention).name
+        key = (settings(policy), block_size, block_cache, cuda_graphs, attention)
         e = getattr(model, "_v2_engine", None)
-        same = e is not None and e.given_policy is policy and block_size == e.B
-        same = same and e.block_cache == block_cache and e.cuda_graphs_setting == cuda_graphs
-        same = same and e.attention.name == choose(e.device, e.dtype, model.eager_attention).name
-        if not same:
+        if e is None or e.key != key:
             e = cls(model, policy, block_size, block_cache, cuda_graphs)
             model._v2_engine = e
         return e
@@ -435,11 +455,13 @@ class Engine:
         window_start: int,
         out_positions: torch.Tensor,
         units: torch.Tensor | None = None,
+        observer: Observer | None = None,
     ) -> torch.Tensor:
         """One denoise forward over window [window_start, window_start + w) of the current block
         (ids [b, w]); `units` [b, w] marks the positions each row computes (None = all: the
         sub-block cache gives rows in sub-block mode only their sub-block). Returns the hidden
-        states at window positions `out_positions` [b, p, hidden]."""
+        states at window positions `out_positions` [b, p, hidden]. `observer`: shown each layer's
+        input and the output; the resolved plan goes to `last_plan` (module docstring)."""
         b, w = ids.shape
         B, L = self.B, self.cfg.num_hidden_layers
         kind = "denoise_full" if w == B else "denoise_sub"
@@ -455,13 +477,26 @@ class Engine:
             self.policy.begin_forward(ctx)
         bits = (((1 << w) - 1) << window_start) if units is None else None
 
-        def layers():
-            for i in range(L):
-                self._layer(i, win, ctx, n_scope, bits)
+        self._watch = watch = observer
+        if watch is None:
+            sig = self._signature(win, ctx, n_scope, bits)
 
-        self._run_layers(self._signature(win, ctx, n_scope, bits), bits, n_scope, layers)
-        if self.policy is not None:
-            self.policy.end_forward(win.x_units, ctx)
+            def layers():
+                for i in range(L):
+                    self._layer(i, win, ctx, n_scope, bits)
+
+        else:  # watched: the layer loop runs (no replay), each layer's plan is read back
+            sig, plans = None, torch.empty(L, *win.plan.shape, dtype=torch.int8, device=self.device)
+
+            def layers():
+                for i in range(L):
+                    watch.on_hidden(i, win.x_units, ctx)
+                    plans[i] = self._resolved(win, self._layer(i, win, ctx, n_scope, bits))
+
+        self._run_layers(sig, bits, n_scope, layers)
+        if watch is not None:
+            watch.on_hidden(L, win.x_units, ctx)
+            self.last_plan = plans.cpu()
         self._count_flops(n_scope, b * out_positions.numel())
         return win.x_units[:b, out_positions]
 
@@ -561,13 +596,18 @@ class Engine:
 
     # ---- one layer ----------------------------------------------------------------------------
 
-    def _layer(self, i: int, win: _Window, ctx: ForwardContext, n_scope: int, bits) -> None:
+    def _layer(self, i: int, win: _Window, ctx: ForwardContext, n_scope: int, bits) -> int | None:
+        """Run layer i of a denoise forward. Returns what it did with every unit in scope
+        (COMPUTE, REUSE or PASS), or None for a per-unit plan, resolved in win.compute /
+        win.reuse (what an observer reads back, `_resolved`)."""
         policy, plan, key = self.policy, None, None
         action = policy.host_plan(i, ctx) if policy is not None else None
         if action is not None:
             plan = None if action == COMPUTE else action
         elif policy is not None:
-            key = policy.capture_key(i, ctx) if self.static else None
+            # An observer reads each plan back: no plan captured in the layer's graph.
+            captures = self.static and self._watch is None
+            key = policy.capture_key(i, ctx) if captures else None
             if key is None:
                 self._not_replayable()
             plan = _CAPTURED if key is not None else policy.plan(i, win.x_units, ctx)
@@ -576,22 +616,35 @@ class Engine:
         if isinstance(plan, int) and plan != COMPUTE:
             how = self._uniform(i, plan, win.w, bits)
             if how == "pass":
-                return  # the layer does not run; x is its output
+                return PASS  # the layer does not run; x is its output
             if how == "reuse":
                 deltas = Deltas(self.delta[i], self.has_ref[i], win.all_units, self.B)
                 self._run((i, win.w, "reuse_all"), lambda: reuse_add(win.x, win.units, deltas))
                 self._effect(("reused", i))
-                return
+                return REUSE
             if how is None:
                 self._not_replayable()
             plan = None if how == "compute" else torch.full_like(win.plan, plan)
         if plan is None or isinstance(plan, int):
             self._dense_layer(i, win, n_scope, bits, deltas=self._keeps_deltas)
-            return
+            return COMPUTE
         if plan is not _CAPTURED:
             self._check(plan, win)
             win.plan.copy_(plan)
         self._planned_layer(i, win, ctx, key, n_scope, bits)
+        return None
+
+    def _resolved(self, win: _Window, did: int | None) -> torch.Tensor:
+        """What a layer did with each unit ([cache rows, w] int8, NOT_RUN out of scope), from
+        what `_layer` returned and the plan it resolved on the device (for an observer)."""
+        if did is None:
+            compute, reuse = win.compute.view_as(win.plan), win.reuse.view_as(win.plan)
+            if not self._keeps_deltas:  # win.reuse is written only where updates are kept
+                reuse = torch.zeros_like(reuse)
+            codes = torch.where(compute, COMPUTE, torch.where(reuse, REUSE, PASS))
+        else:
+            codes = torch.full_like(win.plan, did)
+        return torch.where(win.scope, codes, NOT_RUN).to(torch.int8)
 
     def _dense_layer(self, i: int, win: _Window, n_scope: int, bits, deltas: bool) -> None:
         """Every unit in scope computes."""

@@ -19,7 +19,6 @@ import copy
 import json
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from v2.checkpoint import CheckpointError, TokenIds, device_arg, load_model, load_tokenizer
 from v2.engine import Engine
 from v2.model import Network
+from v2.observer import NOT_RUN, DenoiseStep, Observer
 from v2.policy import Policy
 from v2.stats import Stats
 
@@ -107,27 +107,6 @@ class GenerationResult:
     stats: Stats = field(repr=False)
 
 
-@dataclass
-class DenoiseStep:
-    """What one denoise forward did: `generate(..., observer=f)` calls f with one per forward.
-    Row j of the tensors (on the CPU) is prompt `rows[j]`; rows leave the batch at block ends."""
-
-    block_start: int  # absolute position of the block's first slot
-    step: int  # denoise forward of this block (0 = its first)
-    window_start: int  # block offset of the forward's window
-    window_size: int  # B (full block) or S (a sub-block, under the sub-block cache)
-    rows: list[int]
-    tokens: torch.Tensor  # [r, B] the block after this forward (the mask id where undecided)
-    committed: torch.Tensor  # [r, B] bool: committed by this forward
-    pending: torch.Tensor  # [r, B] bool: still masked, to be decoded
-    generated: torch.Tensor  # [r, B] bool: positions after the prompt, within the budget
-    forward: Stats  # this forward alone: units executed / reused / in scope per layer, FLOPs
-    total: Stats  # the generation so far (wall_seconds: since it started)
-
-
-StepObserver = Callable[[DenoiseStep], None]
-
-
 def sync(device: torch.device) -> None:
     """Wait for the device's queued work (CUDA), so that a clock read after it counts it."""
     if device.type == "cuda":
@@ -179,8 +158,11 @@ def _step(engine, before, t0, decided, where, block, committed, pending, generat
     total = copy.deepcopy(engine.stats)
     total.wall_seconds = time.perf_counter() - t0
     total.generated_tokens = decided
-    cpu = [t.cpu() for t in (block, committed, pending, generated)]
-    return DenoiseStep(*where, *cpu, total.since(before), total)
+    cpu = [t.to("cpu", copy=True) for t in (block, committed, pending, generated)]
+    window_start, width, rows = where[2], where[3], len(where[4])
+    plan = torch.full((engine.last_plan.shape[0], *block.shape), NOT_RUN, dtype=torch.int8)
+    plan[:, :, window_start : window_start + width] = engine.last_plan[:, :rows]
+    return DenoiseStep(*where, *cpu, plan, total.since(before), total)
 
 
 def engine_for(
@@ -190,10 +172,11 @@ def engine_for(
     own: bool = False,
 ) -> Engine | None:
     """The engine a decode with these settings runs on: the model's (Engine.for_model: kept on
-    the model between calls with the same policy object; what `generate` uses when given none),
-    or with `own` a new one that nothing else uses (a caller that interleaves configurations keeps
-    one per configuration, so that each keeps its graphs). None for decode="autoregressive",
-    which uses none. What a warm-up watches (Engine.setups, v2.bench.timing.settle)."""
+    the model between calls with the same settings, the policy's included; what `generate` uses
+    when given none), or with `own` a new one that nothing else uses (a caller that interleaves
+    configurations keeps one per configuration, so that each keeps its graphs). None for
+    decode="autoregressive", which uses none. What a warm-up watches (Engine.setups,
+    v2.bench.timing.settle)."""
     cfg = config or GenerationConfig()
     if cfg.decode == "autoregressive":
         return None
@@ -227,18 +210,19 @@ def generate(
     config: GenerationConfig | None = None,
     policy: Policy | None = None,
     engine: Engine | None = None,
-    observer: StepObserver | None = None,
+    observer: Observer | None = None,
 ) -> GenerationResult:
     """Decode a batch of tokenised prompts of any lengths. Rows finish on their own (EOS or their
     own max_new_tokens) and leave the batch at block ends. `engine`: one built by the caller (its
     policy, not `policy`, is used); by default the model's engine for these settings.
-    `observer`: called after every denoise forward with a DenoiseStep (it reads the engine's
-    statistics: a synchronisation); an exception it raises stops the generation. None: no cost."""
+    `observer` (v2/observer.py): shown every denoise forward, its layers as they run and a
+    DenoiseStep once its tokens are committed (it reads the engine's plans and statistics:
+    synchronisations); an exception it raises stops the generation. None: no cost."""
     cfg = config or GenerationConfig()
     if cfg.decode != "diffusion":
         if observer is not None:
             raise GenerationError(
-                f"a step observer follows block-diffusion denoise steps; decode={cfg.decode!r} "
+                f"an observer follows block-diffusion denoise steps; decode={cfg.decode!r} "
                 "has none (use decode='diffusion')"
             )
         from v2.speculative import decode
@@ -322,7 +306,8 @@ def generate(
                     min=0
                 )
                 before = copy.deepcopy(engine.stats) if observer is not None else None
-                hidden = engine.denoise(block[:, window : window + width], window, out_pos, units)
+                window_ids = block[:, window : window + width]
+                hidden = engine.denoise(window_ids, window, out_pos, units, observer)
                 token, conf = _propose(engine.logits(hidden), cfg, gen)
                 conf = torch.where(candidates, conf, -1.0)
                 take = candidates & (conf > cfg.threshold)
@@ -338,7 +323,7 @@ def generate(
                     where = (start, step, window, width, active.tolist())
                     committed = torch.zeros_like(pending)
                     committed[:, sub] = take
-                    observer(
+                    observer.on_forward(
                         _step(
                             engine, before, t0, decided, where, block, committed, pending, generated
                         )
@@ -426,12 +411,14 @@ class FastDLLM:
         policy: Policy | None = None,
         chat: bool = False,
         engine: Engine | None = None,
+        observer: Observer | None = None,
     ) -> GenerationResult:
-        """`engine`: decode on this one (its policy is used; see `engine`), not the model's."""
+        """`engine`: decode on this one (its policy is used; see `engine`), not the model's.
+        `observer`: watches the denoise forwards (v2/observer.py)."""
         if not texts:
             raise GenerationError("no prompts given")
         prompts = self.encode(texts, chat)
-        result = generate(self.model, prompts, self.ids, config, policy, engine)
+        result = generate(self.model, prompts, self.ids, config, policy, engine, observer)
         for o in result.outputs:
             o.text = self.tokenizer.decode(o.token_ids, skip_special_tokens=True)
         return result

@@ -113,10 +113,6 @@ class Policy:
     def begin_forward(self, ctx: ForwardContext) -> None:
         """A denoise forward starts."""
 
-    def end_forward(self, x: torch.Tensor, ctx: ForwardContext) -> None:
-        """The denoise forward's last layer has run: x [batch, window, hidden] is its output (the
-        engine's buffer; copy what must outlive the call). For observers (v2/analyze.py)."""
-
     def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
         """Actions [batch, window] (int8 of COMPUTE / REUSE / PASS) for layer `layer` given its
         input x [batch, window, hidden]; None means compute every unit, and a plain int the same
@@ -154,5 +150,5 @@ class Policy:
 
     def config(self) -> dict:
         """The policy's name and every option with its value (defaults included), for reports."""
-        options = getattr(self, "options", None)  # wrappers (PlanRecorder) set none
+        options = getattr(self, "options", None)
         return {"policy": self.name, **(asdict(options) if options else {})}
