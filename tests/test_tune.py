@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -23,6 +24,7 @@ from optuna.trial import TrialState  # noqa: E402
 from v2.runs import cli as runs_cli  # noqa: E402
 from v2.runs import direct as runs_direct  # noqa: E402
 from v2.runs import sweep as runs_sweep  # noqa: E402
+from v2.runs.spec import SweepError  # noqa: E402
 from v2.tune import main, read_space  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,6 +135,35 @@ def test_a_malformed_sweep_is_the_runners_one_line_with_its_position(tmp_path, c
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "<unicode string>" not in err, err
     assert f"{path}: not valid YAML: line 5, column 1" in err, err
+
+
+def test_the_tuner_checks_a_sweep_with_the_runners_loader(tmp_path):
+    """read_space checks the file with the runner's loader (v2.runs.sweep.sweep_of, on one point
+    of the space): what the runner refuses, the tuner refuses with the runner's line; and the
+    chat template follows the runner's default (on) where the file names none."""
+    good = {
+        "pretrained": "v2/tiny/checkpoint",
+        "tasks": ["tiny_gsm"],
+        "grid": [{"policy": "token", "cosine_threshold": {"low": 0.9, "high": 0.99}}],
+    }
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(good))
+    assert read_space(path)["chat"] is True  # no lm_eval section: the runner's default
+    path.write_text(yaml.safe_dump({**good, "lm_eval": {"apply_chat_template": False}}))
+    assert read_space(path)["chat"] is False
+    for extra, message in (
+        ({"gird": []}, "unknown keys gird"),
+        ({"pretrained": "no/such/dir/x"}, "does not exist"),
+        ({"lm_eval": {"entry": "v2/eval.py"}}, "lm_eval.entry"),
+        ({"runner": "fast"}, "runner must be lm_eval or direct"),
+    ):
+        point = {**good, "grid": [{"policy": "token", "cosine_threshold": 0.9}]}  # the low end
+        path.write_text(yaml.safe_dump({**point, **extra}))
+        with pytest.raises(SweepError, match=message) as e:
+            runs_sweep.load_sweep(path)
+        path.write_text(yaml.safe_dump({**good, **extra}))
+        with pytest.raises(ValueError, match=re.escape(str(e.value))):
+            read_space(path)
 
 
 def test_bad_sweeps_are_one_line_errors(tmp_path, capsys):

@@ -4,10 +4,11 @@
 
 The sweep file is the runner's (v2/runs/sweep.py): `pretrained`, `tasks` (the first is tuned),
 `threshold` (where none is named, the runner's default), `model_args`, the chat template as its
-runner decodes (`runner: direct`: always; else `lm_eval.apply_chat_template`), and a `grid`
-whose first entry with a policy is the
-search space: a list of values is a categorical choice, `{low: a, high: b}` a range (float or
-int by the option's type, `log: true` for a log scale), a single value is fixed.
+runner decodes (`runner: direct`: always; else `lm_eval.apply_chat_template`, on by default),
+and a `grid` whose first entry with a policy is the search space (the rest of the file is
+checked by the runner's loader, v2.runs.sweep.sweep_of, on one point of that space): a list of
+values is a categorical choice, `{low: a, high: b}` a range (float or int by the option's type,
+`log: true` for a log scale), a single value is fixed.
 
 Each trial is a RunSpec built by the runner's rule (v2.runs.spec.build_specs on the file with the
 trial's options as its one grid entry, runner direct, --max-new-tokens and --batch-size as the
@@ -60,7 +61,8 @@ from v2.checkpoint import device_arg, parse_device
 from v2.options import OptionError
 from v2.policies import options_of, policy_names
 from v2.record import accuracy
-from v2.runs.spec import RunSpec, SpecError, build_specs, read_sweep_file
+from v2.runs.spec import RunSpec, SpecError, SweepError, build_specs, read_sweep_file
+from v2.runs.sweep import sweep_of
 
 ROOT = Path(__file__).resolve().parents[1]
 OBJECTIVES = ("flops", "tokens_per_second")
@@ -117,16 +119,21 @@ def read_space(path: Path) -> dict:
         except OptionError as e:
             raise TuneError(f"{path}: {e}") from None
         space[k] = v
-    tasks = data["tasks"] if isinstance(data["tasks"], list) else [data["tasks"]]
+    # the rest of the file is checked by the runner's loader, on one point of the space (each
+    # range at its low end): the keys, the runner and its settings, pretrained, the grid's ids
+    point = {k: v["low"] if isinstance(v, dict) else v for k, v in space.items()}
+    try:
+        sweep = sweep_of({**data, "grid": [{"policy": policy, **point}]}, Path(path), notes=False)
+    except SweepError as e:
+        raise TuneError(str(e)) from None
     return {
-        "name": data.get("name", Path(path).stem),
-        "pretrained": data["pretrained"],
-        "task": tasks[0],
+        "name": sweep.name,
+        "pretrained": sweep.pretrained,
+        "task": sweep.tasks[0],
         "threshold": data.get("threshold"),  # as written; run() takes the RunSpec's
         # as the file's own runner decodes: direct always with the chat template (score), lm_eval
-        # as its apply_chat_template says
-        "chat": data.get("runner") == "direct"
-        or bool((data.get("lm_eval") or {}).get("apply_chat_template", False)),
+        # as its apply_chat_template says (the runner's default: on)
+        "chat": sweep.runner == "direct" or bool(sweep.lm_eval["apply_chat_template"]),
         "policy": policy,
         "space": space,
         "raw": data,

@@ -125,6 +125,14 @@ def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
         data = read_sweep_file(path)
     except SpecError as e:
         raise SweepError(str(e)) from None
+    return sweep_of(data, path, results)
+
+
+def sweep_of(
+    data: dict, path: Path, results: str | Path | None = None, notes: bool = True
+) -> Sweep:
+    """The checked Sweep of a sweep file's mapping `data` (read from `path`); `notes`: print the
+    note on each configuration that can skip nothing."""
     unknown = sorted(set(data) - SWEEP_KEYS)
     if unknown:
         raise SweepError(f"{path}: unknown keys {', '.join(unknown)}; known: {sorted(SWEEP_KEYS)}")
@@ -150,7 +158,7 @@ def load_sweep(path: str | Path, results: str | Path | None = None) -> Sweep:
         )
     except SpecError as e:
         raise SweepError(f"{path}: {e}") from None
-    for c in configs:  # a policy that can skip nothing: the note every entry point prints
+    for c in configs if notes else ():  # a policy that can skip nothing: every entry point's note
         if c.policy != "none" and (note := baseline_note(c.make_policy(), c.options)):
             print(f"note: {path}: {c.id}: {note}", file=sys.stderr)
     check_pretrained(str(data["pretrained"]), str(path))
