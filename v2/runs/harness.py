@@ -171,7 +171,10 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1:
-        print(f"usage: python -m {MODULE} TASK.json (written by python -m v2.experiments)")
+        print(
+            f"usage: python -m {MODULE} TASK.json (written by python -m v2.experiments)",
+            file=sys.stderr,
+        )
         return 2
     try:
         task = json.loads(Path(argv[0]).read_text())
