@@ -319,7 +319,7 @@ class Engine:
             st.padding_units_per_layer[i] += self._settled_rows[i] - useful[i]
             st.reused_units_per_layer[i] += reused[i]
         self._settled_rows = [0] * self.cfg.num_hidden_layers
-        st.executed_flops += flops.attention(self.cfg, pairs)
+        st.executed_flops += flops.work(self.cfg, pairs=pairs)
         st.graph_sets = len(self.graphs.sets)
         st.graph_failures = len(self.graphs.failures)
         return st
@@ -421,9 +421,10 @@ class Engine:
 
             x = layer(x, cos, sin, attend)
             self._stats.executed_units_per_layer[i] += b * P
-        keys = int(((pos // self.B + 1) * self.B).sum())
-        work = cfg.num_hidden_layers * b * (P * flops.unit(cfg) + flops.attention(cfg, keys))
-        work += flops.head(cfg, b)
+        # Every query's scores over all P keys: the block-causal mask discards some of them
+        # after they are computed (flops.py).
+        units = cfg.num_hidden_layers * b * P
+        work = flops.work(cfg, rows=units, pairs=units * P, logit_rows=b)
         self._stats.executed_flops += work
         self._stats.baseline_flops += work
         cache.prefix_len = P
@@ -586,7 +587,7 @@ class Engine:
                 self._settled_rows[i] += rows
             else:
                 st.padding_units_per_layer[i] += rows - self._n_scope
-            st.executed_flops += rows * flops.unit(self.cfg) + flops.attention(self.cfg, pairs)
+            st.executed_flops += flops.work(self.cfg, rows, pairs)
         elif kind == "reused":
             st.reused_units_per_layer[i] += self._n_scope
         else:
@@ -906,10 +907,10 @@ class Engine:
         self._effect(("layer", i, rows, planned, pairs0, pairs1))
 
     def _count_flops(self, n_scope: int, logit_rows: int) -> None:
+        """Baseline: every unit in scope through every layer, each over every key (prefix and
+        block); the logits of both (the layers' executed work is counted per layer, `_effect`)."""
         cfg, st = self.cfg, self._stats
+        units = n_scope * cfg.num_hidden_layers
         keys = self.cache.prefix_len + self.B
-        per_unit = flops.unit(cfg) + flops.attention(cfg, keys)
-        st.baseline_flops += n_scope * cfg.num_hidden_layers * per_unit + flops.head(
-            cfg, logit_rows
-        )
-        st.executed_flops += flops.head(cfg, logit_rows)
+        st.baseline_flops += flops.work(cfg, units, units * keys, logit_rows)
+        st.executed_flops += flops.work(cfg, logit_rows=logit_rows)

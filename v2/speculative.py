@@ -105,15 +105,17 @@ class Verifier:
         for i in range(L):
             st.executed_units_per_layer[i] += b * W
             st.baseline_units_per_layer[i] += b * W
-        work = L * (b * W * flops.unit(cfg) + flops.attention(cfg, b * W * keys))
+        # every query's scores over `keys` keys, masked (causal, other rows' lengths) or not
+        work = flops.work(cfg, rows=L * b * W, pairs=L * b * W * keys)
         st.executed_flops += work
         st.baseline_flops += work
         return x
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         b, W = hidden.shape[:2]
-        self.stats.executed_flops += flops.head(self.cfg, b * W)
-        self.stats.baseline_flops += flops.head(self.cfg, b * W)
+        work = flops.work(self.cfg, logit_rows=b * W)
+        self.stats.executed_flops += work
+        self.stats.baseline_flops += work
         return self.model.logits(hidden)
 
 

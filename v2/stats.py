@@ -1,10 +1,11 @@
 """What a generation call reports: forwards by kind, tokens, executed work and wall-clock.
 
-Executed FLOPs are counted from the shapes the engine actually ran: per executed (row, position,
-layer) unit 2 x (the layer's matmul weights) plus 4 x (keys its query attends) x (attention width),
-and 2 x hidden x vocab per logit row. Baseline figures count the same forwards with every unit
-computed, so executed / baseline is the per-forward saving; compare two runs' executed FLOPs for
-the end-to-end saving (skipping changes how many forwards a block takes).
+Executed FLOPs are counted from the shapes the engine actually ran (v2/flops.py): per executed
+(row, position, layer) unit 2 x (the layer's matmul weights) plus 4 x (keys its query's scores
+are computed over, masked ones included) x (attention width), and 2 x hidden x vocab per logit
+row. Baseline figures count the same forwards with every unit computed, so executed / baseline
+is the per-forward saving; compare two runs' executed FLOPs for the end-to-end saving (skipping
+changes how many forwards a block takes).
 
 Units, per layer (compute-skipping.md section 5):
 - baseline: the units in scope, what the same forwards run with no skipping;
