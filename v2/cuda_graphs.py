@@ -10,6 +10,14 @@ A capture that fails is never fatal: that key runs eagerly from then on and the 
 once on stderr (`failures` lists them). Python's garbage collector is paused during a capture:
 a collection that frees a CUDA graph or releases pool memory mid-capture invalidates it (the
 "operation failed due to a previous error during capture" seen at ded3493).
+
+Forward graphs (`ForwardRecorder`). The first time a forward with a given signature runs, its
+layer loop is recorded as it runs: each step of device work (run now, eagerly) and each host
+effect (statistics, reference bits: what the engine applies). From then on the loop does not
+run: the recorded steps are replayed through the GraphRunner as one graph keyed by the signature
+and the engine applies the host effects again. A loop that reads the device (`not_replayable`)
+is not replayed; its remaining steps run one graph each, as do all steps of a forward with no
+signature.
 """
 
 from __future__ import annotations
@@ -102,3 +110,80 @@ class GraphRunner:
         self.graphs[key] = graph
         self.sets.add(key[1:] if isinstance(key[0], int) else key)
         return graph
+
+
+class _Record:
+    """A forward's layer loop as it ran: its device steps and its host effects. `replayable` is
+    False when the loop had to read the device."""
+
+    def __init__(self):
+        self.steps: list[Callable[[], None]] = []
+        self.effects: list[tuple] = []
+        self.replayable = True
+
+    def run_steps(self) -> None:
+        for step in self.steps:
+            step()
+
+
+class ForwardRecorder:
+    """Records forwards' layer loops and replays them (module docstring, "Forward graphs").
+    `enabled` False: every forward runs its loop, one graph per step."""
+
+    # Most signatures recorded; later ones run layer by layer (bounds the graphs' memory when a
+    # batch keeps changing shape).
+    MAX_RECORDS = 32
+
+    def __init__(self, graphs: GraphRunner, enabled: bool = True):
+        self.graphs = graphs
+        self.enabled = enabled
+        self.records: dict[tuple, _Record | None] = {}  # None: cannot be replayed
+        self.recording: _Record | None = None
+        self.replays: dict[str, int] = {}  # forwards replayed, by the signature's first element
+
+    def clear(self) -> None:
+        self.records.clear()
+
+    def forward(
+        self, sig: tuple | None, layers: Callable[[], None], apply: Callable[[tuple], None]
+    ) -> None:
+        """Run the forward whose loop is `layers`: replay its record (its steps as one graph,
+        its effects through `apply`), or run the loop, recording it the first time `sig` is seen
+        (None: never recorded)."""
+        record = self.records.get(sig, False) if sig is not None else None
+        if record:
+            self.replays[sig[0]] = self.replays.get(sig[0], 0) + 1
+            self.graphs.run(("forward", *sig), record.run_steps)
+            for effect in record.effects:
+                apply(effect)
+            return
+        if record is None or not self.enabled or len(self.records) >= self.MAX_RECORDS:
+            layers()
+            return
+        self.recording = record = _Record()
+        try:
+            layers()
+        finally:
+            self.recording = None
+        self.records[sig] = record if record.replayable else None
+
+    def step(self, key: tuple, step: Callable[[], None]) -> None:
+        """One step of device work: into the record being made (run now, eagerly), or through
+        its own graph."""
+        if self.recording is None:
+            self.graphs.run(key, step)
+        else:
+            self.recording.steps.append(step)
+            step()
+
+    def effect(self, effect: tuple) -> None:
+        """A host effect the engine just applied: kept in the record being made, if any."""
+        if self.recording is not None:
+            self.recording.effects.append(effect)
+
+    def not_replayable(self) -> None:
+        """The loop reads the device here: the forward being recorded cannot be replayed; its
+        remaining steps run one graph each."""
+        if self.recording is not None:
+            self.recording.replayable = False
+            self.recording = None

@@ -29,7 +29,8 @@ above) and every host effect (statistics, reference bits). From then on the loop
 the recorded steps are replayed as one CUDA graph and the host effects applied again, so a
 forward costs one graph launch and no per-layer Python. A forward whose loop must read the
 device (a plan sized only by a read-back) or ask a policy eagerly is not recorded; its layers run
-one graph each, as before.
+one graph each, as before. The recording and replay are cuda_graphs.ForwardRecorder's; the
+engine gives it each forward's signature and loop, its device steps and its host effects.
 
 Observers (observer.py). A denoise forward given an `observer` runs its layer loop eagerly (not
 recorded, no plan captured) and shows it each layer's input and the output; each layer's plan,
@@ -65,7 +66,7 @@ import torch.nn.functional as F
 from v2 import flops
 from v2.attention import Geometry, UnitBatch, choose
 from v2.compiled import compiled
-from v2.cuda_graphs import GraphRunner
+from v2.cuda_graphs import ForwardRecorder, GraphRunner
 from v2.kv_cache import KVCache
 from v2.layer_step import (
     Deltas,
@@ -180,25 +181,7 @@ class _Window:
         return self._compacted[kind, C]
 
 
-class _Record:
-    """A forward's layer loop as it ran: its device steps and its host effects (module docstring,
-    "Forward graphs"). `replayable` is False when the loop had to read the device."""
-
-    def __init__(self):
-        self.steps: list[Callable[[], None]] = []
-        self.effects: list[tuple] = []
-        self.replayable = True
-
-    def run_steps(self) -> None:
-        for step in self.steps:
-            step()
-
-
 class Engine:
-    # Most forward signatures recorded; later ones run layer by layer (bounds the graphs' memory
-    # when a batch keeps changing shape).
-    MAX_RECORDS = 32
-
     def __init__(
         self,
         model: Network,
@@ -242,7 +225,9 @@ class Engine:
         self.compaction = compaction
         # the settings `for_model` finds this engine by (cuda_graphs as given)
         self.key = (settings(policy), self.B, block_cache, cuda_graphs, self.attention.name)
-        self.forward_graphs = forward_graphs
+        self.recorder = ForwardRecorder(self.graphs, forward_graphs)
+        self.replays = self.recorder.replays  # forwards replayed from their record, by kind
+        self.replays.update(denoise=0, commit=0)
         self.weights = [LayerWeights.of(layer) for layer in model.layers]
         self.embed = w.detach()
         self.cache: KVCache | None = None
@@ -250,11 +235,7 @@ class Engine:
         self._windows: dict[int, _Window] = {}
         self.step = 0
         self._ref_bits = [0] * L
-        # Forward signature -> its _Record, or None when it cannot be replayed.
-        self._records: dict[tuple, _Record | None] = {}
         self._cleared_setups = 0  # setups made before the last clear of records and graphs
-        self._recording: _Record | None = None
-        self.replays = {"denoise": 0, "commit": 0}  # forwards replayed from their record
         self._n_scope = 0  # units in scope of the forward running (its effects' "every unit")
         self.timer: Callable | None = None  # kind -> context manager around each forward
         # The observer of the denoise forward running (`denoise`'s argument), and the plan of the
@@ -331,7 +312,7 @@ class Engine:
         three calls to get there: record, warm-up and capture of its forward graph."""
         return (
             self._cleared_setups
-            + len(self._records)
+            + len(self.recorder.records)
             + len(self.graphs.warm)
             + len(self.graphs.graphs)
         )
@@ -351,7 +332,7 @@ class Engine:
                 length = -(-length // 256) * 256
             self._cleared_setups = self.setups  # setups only grow, across a clear too
             self.graphs.clear()
-            self._records.clear()
+            self.recorder.clear()
             self._windows.clear()
             self.delta = self.has_ref = None
             self.cache = None
@@ -532,41 +513,10 @@ class Engine:
         return ("denoise", win.w, bits is None, *scope, tuple(keys), refs)
 
     def _run_layers(self, sig: tuple | None, bits, n_scope: int, layers: Callable[[], None]):
-        """Run `layers` (the forward's loop over layers); record it the first time `sig` is seen,
-        replay the record afterwards (module docstring, "Forward graphs")."""
+        """Run `layers` (the forward's loop over layers) through the recorder: recorded the first
+        time `sig` is seen, replayed afterwards (module docstring, "Forward graphs")."""
         self._n_scope = n_scope
-        record = self._records.get(sig, False) if sig is not None else None
-        if record:
-            self.replays[sig[0]] += 1
-            self.graphs.run(("forward", *sig), record.run_steps)
-            for effect in record.effects:
-                self._effect(effect, bits)
-            return
-        if record is None or not self.forward_graphs or len(self._records) >= self.MAX_RECORDS:
-            layers()
-            return
-        self._recording = record = _Record()
-        try:
-            layers()
-        finally:
-            self._recording = None
-        self._records[sig] = record if record.replayable else None
-
-    def _run(self, key: tuple, step: Callable[[], None]) -> None:
-        """One step of device work: into the record being made (run now, eagerly), or through its
-        own graph."""
-        if self._recording is None:
-            self.graphs.run(key, step)
-        else:
-            self._recording.steps.append(step)
-            step()
-
-    def _not_replayable(self) -> None:
-        """The loop reads the device here: the forward being recorded cannot be replayed; its
-        remaining layers run one graph each."""
-        if self._recording is not None:
-            self._recording.replayable = False
-            self._recording = None
+        self.recorder.forward(sig, layers, lambda effect: self._effect(effect, bits))
 
     def _effect(self, effect: tuple, bits=None) -> None:
         """Apply one host effect of the layer loop (and record it when recording):
@@ -592,8 +542,7 @@ class Engine:
             st.reused_units_per_layer[i] += self._n_scope
         else:
             self._ref_bits[i] |= bits
-        if self._recording is not None:
-            self._recording.effects.append(effect)
+        self.recorder.effect(effect)
 
     # ---- one layer ----------------------------------------------------------------------------
 
@@ -610,7 +559,7 @@ class Engine:
             captures = self.static and self._watch is None
             key = policy.capture_key(i, ctx) if captures else None
             if key is None:
-                self._not_replayable()
+                self.recorder.not_replayable()
             plan = _CAPTURED if key is not None else policy.plan(i, win.x_units, ctx)
         if plan is not None and i in self._protected:
             raise PolicyError(f"{policy.name}: planned skipping on protected layer {i}")
@@ -620,11 +569,13 @@ class Engine:
                 return PASS  # the layer does not run; x is its output
             if how == "reuse":
                 deltas = Deltas(self.delta[i], self.has_ref[i], win.all_units, self.B)
-                self._run((i, win.w, "reuse_all"), lambda: reuse_add(win.x, win.units, deltas))
+                self.recorder.step(
+                    (i, win.w, "reuse_all"), lambda: reuse_add(win.x, win.units, deltas)
+                )
                 self._effect(("reused", i))
                 return REUSE
             if how is None:
-                self._not_replayable()
+                self.recorder.not_replayable()
             plan = None if how == "compute" else torch.full_like(win.plan, plan)
         if plan is None or isinstance(plan, int):
             self._dense_layer(i, win, n_scope, bits, deltas=self._keeps_deltas)
@@ -663,12 +614,14 @@ class Engine:
             C = capacity(n_scope, N)
             if win.scope_batch is None:
                 win.scope_batch = win.compacted(C, "scope")
-                self._run(("scope", w, C), lambda: self._compact(win, win.scope_flat, C, "scope"))
+                self.recorder.step(
+                    ("scope", w, C), lambda: self._compact(win, win.scope_flat, C, "scope")
+                )
                 win.scope_batch.count = n_scope
             batch, tag, rows = win.scope_batch, ("scope", C), C  # C - n_scope: bucket padding
         else:  # masked: every unit runs, those out of scope are discarded (padding)
             batch, tag, rows = win.scope_masked, ("scope_masked",), N
-        self._run((i, w, deltas, *(tag or ())), lambda: self._step(i, win, batch, d))
+        self.recorder.step((i, w, deltas, *(tag or ())), lambda: self._step(i, win, batch, d))
         self._count_layer(i, win, batch, rows=rows, planned=False)
         if bits is not None and deltas:
             self._effect(("ref", i), bits)
@@ -728,7 +681,7 @@ class Engine:
             elif d is not None:
                 reuse_add(win.x, win.units, d)
         elif not self._pays(n_scope):  # masked: everything runs, the plan decides what is kept
-            self._run((i, w, d is not None, "masked", *plan_key), masked)
+            self.recorder.step((i, w, d is not None, "masked", *plan_key), masked)
             self._count_layer(i, win, win.masked, rows=N, planned=True)
         else:
             bound = self._bound(i, ctx, win, bits) if captured else None
@@ -742,14 +695,14 @@ class Engine:
                     elif d is not None:
                         reuse_add(win.x, win.units, d)
 
-                self._run((i, w, d is not None, "bound", C, *plan_key), work)
+                self.recorder.step((i, w, d is not None, "bound", C, *plan_key), work)
                 if C:
                     host_pairs = self.attention.name != "flash"
                     self._count_layer(
                         i, win, win.compacted(C), rows=C, planned=True, attention=host_pairs
                     )
             else:  # the plan's size only the device knows: read it (one sync for this layer)
-                self._not_replayable()
+                self.recorder.not_replayable()
                 self.graphs.run((i, w, d is not None, "sync", *plan_key), plan_and_settle)
                 n = int(win.compute.sum())
                 C = capacity(n, N) if n else 0
