@@ -184,10 +184,7 @@ def generate(
     ends = [min(len(p) + cfg.max_new_tokens, max_pos) for p in prompts]  # exclusive, per row
     batch = Batch(prompts, ids, ends, B, model.embed_tokens.weight.device)
     if cfg.decode == "diffusion":
-        gen = None
-        if cfg.temperature > 0:
-            gen = torch.Generator(device=batch.device)
-            gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        gen = _generator(cfg, batch.device)
         engine = _ready_engine(model, cfg, policy, engine, batch)
         return run(Diffusion(engine, cfg, ids, gen, observer), batch)
     draft = _ready_engine(model, cfg, policy, engine, batch)
@@ -196,7 +193,22 @@ def generate(
     return run(causal, batch)
 
 
-def _ready_engine(model: Network, cfg: GenerationConfig, policy, engine, batch: Batch):
+def _generator(cfg: GenerationConfig, device: torch.device) -> torch.Generator | None:
+    """The sampling generator, seeded (None: greedy)."""
+    if not cfg.temperature > 0:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    return gen
+
+
+def _ready_engine(
+    model: Network,
+    cfg: GenerationConfig,
+    policy: Policy | None,
+    engine: Engine | None,
+    batch: Batch,
+) -> Engine | None:
     """The engine of the decode (the model's for these settings unless given), its policy
     attached, statistics reset and buffers sized for `batch`; None for the autoregressive
     decode, which has none."""
@@ -245,7 +257,14 @@ class Diffusion:
     the sub-block and commits by the commit rule (v2/block_loop.py), until every slot is decided
     or the row stopped at an EOS. Rows finish at the block end, on EOS or budget."""
 
-    def __init__(self, engine: Engine, cfg: GenerationConfig, ids: TokenIds, gen, observer):
+    def __init__(
+        self,
+        engine: Engine,
+        cfg: GenerationConfig,
+        ids: TokenIds,
+        gen: torch.Generator | None,
+        observer: Observer | None,
+    ):
         self.engine, self.cfg, self.ids, self.gen, self.observer = engine, cfg, ids, gen, observer
 
     def prefill(self, batch: Batch) -> None:
