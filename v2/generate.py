@@ -8,8 +8,11 @@ masked slot of the current sub-block; every slot above the threshold is committe
 single most confident one. A full block is committed into the prefix cache by one clean forward,
 whose last position gives the next block's first token.
 
+The block loop (layout, prefill, rows leaving at block ends, commit forward, outputs) and the
+commit rule are v2/block_loop.py's; this module's `Diffusion` is the per-block work.
 `--decode autoregressive` and `--decode speculative` decode the same checkpoint as a causal model
-instead (a block of one token), the latter with block-diffusion drafts (v2/speculative.py).
+instead (a block of one token), the latter with block-diffusion drafts: `Causal`, the other
+strategy of the loop (v2/speculative.py).
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from pathlib import Path
 
 import torch
 
+from v2.block_loop import Batch, GenerationResult, commit_rule, propose, run, sync
 from v2.checkpoint import CheckpointError, TokenIds, device_arg, load_model, load_tokenizer
 from v2.engine import Engine
 from v2.model import Network
 from v2.observer import NOT_RUN, DenoiseStep, Observer
 from v2.policy import Policy
+from v2.speculative import Causal, Verifier
 from v2.stats import Stats
 
 # diffusion: block diffusion (this module); autoregressive, speculative: v2/speculative.py
@@ -94,77 +99,6 @@ class GenerationConfig:
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p}")
 
 
-@dataclass
-class Output:
-    token_ids: list[int]
-    finish_reason: str  # "eos" or "length"
-    text: str = ""
-
-
-@dataclass
-class GenerationResult:
-    outputs: list[Output]
-    stats: Stats = field(repr=False)
-
-
-def sync(device: torch.device) -> None:
-    """Wait for the device's queued work (CUDA), so that a clock read after it counts it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _propose(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | None):
-    """Token and confidence for each slot: logits [b, s, vocab] -> (tokens, confidence) [b, s]."""
-    if cfg.temperature == 0:
-        conf, tok = logits.softmax(-1).max(-1)
-        return tok, conf
-    probs = (logits / cfg.temperature).softmax(-1)
-    if cfg.top_p < 1:
-        sorted_p, order = probs.sort(-1, descending=True)
-        drop = sorted_p.cumsum(-1) - sorted_p > cfg.top_p  # keeps the top token always
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-        probs = probs / probs.sum(-1, keepdim=True)
-    flat = probs.view(-1, probs.shape[-1])
-    tok = torch.multinomial(flat, 1, generator=gen).view(probs.shape[:-1])  # each row its own
-    return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
-
-
-def _eos_stops(tokens, pending, generated, eos: int) -> torch.Tensor:
-    """Rows whose block holds a generated EOS with no mask before it."""
-    is_eos = (tokens == eos) & generated & ~pending
-    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), tokens.shape[1])
-    cols = torch.arange(tokens.shape[1], device=tokens.device)
-    pending_before = (pending & (cols[None] < first[:, None])).any(1)
-    return is_eos.any(1) & ~pending_before
-
-
-def _write_first_slot(seq, active, position, prompt_len, token) -> None:
-    """The greedy token of the last clean position opens the next block, in rows whose prompt
-    does not already fill that slot (a plain autoregressive step)."""
-    rows_prompt_len = prompt_len[active]
-    seq[active, position] = torch.where(rows_prompt_len <= position, token, seq[active, position])
-
-
-def _decided(before_block, block, prompt_len, generated, mask: int) -> int:
-    """Generated tokens decided so far in the active rows: in earlier blocks and in this one."""
-    cols = torch.arange(before_block.shape[1], device=block.device)[None]
-    earlier = (before_block != mask) & (cols >= prompt_len)
-    return int(earlier.sum()) + int((block != mask)[generated].sum())
-
-
-def _step(engine, before, t0, decided, where, block, committed, pending, generated) -> DenoiseStep:
-    """The DenoiseStep of the forward just run (reads the engine's statistics: a sync)."""
-    sync(block.device)
-    total = copy.deepcopy(engine.stats)
-    total.wall_seconds = time.perf_counter() - t0
-    total.generated_tokens = decided
-    cpu = [t.to("cpu", copy=True) for t in (block, committed, pending, generated)]
-    window_start, width, rows = where[2], where[3], len(where[4])
-    plan = torch.full((engine.last_plan.shape[0], *block.shape), NOT_RUN, dtype=torch.int8)
-    plan[:, :, window_start : window_start + width] = engine.last_plan[:, :rows]
-    return DenoiseStep(*where, *cpu, plan, total.since(before), total)
-
-
 def engine_for(
     model: Network,
     config: GenerationConfig | None = None,
@@ -202,6 +136,23 @@ def check_prompts(model: Network, prompts: list[list[int]]) -> int:
     return max_pos
 
 
+def check_decode(cfg: GenerationConfig, policy: Policy | None) -> None:
+    """Settings the causal decodes (v2/speculative.py) cannot honour, as one-line errors."""
+    if cfg.decode not in DECODES:
+        raise GenerationError(f"decode must be one of {', '.join(DECODES)}, got {cfg.decode!r}")
+    if cfg.decode == "diffusion":
+        return
+    if cfg.temperature != 0:
+        raise GenerationError(f"decode={cfg.decode} is greedy: temperature must be 0")
+    if cfg.use_block_cache:
+        raise GenerationError(f"decode={cfg.decode} does not support use_block_cache")
+    if cfg.decode == "autoregressive" and policy is not None:
+        raise GenerationError(
+            "decode=autoregressive runs the full model: a policy applies only to the draft of "
+            "decode=speculative"
+        )
+
+
 @torch.inference_mode()
 def generate(
     model: Network,
@@ -217,157 +168,200 @@ def generate(
     policy, not `policy`, is used); by default the model's engine for these settings.
     `observer` (v2/observer.py): shown every denoise forward, its layers as they run and a
     DenoiseStep once its tokens are committed (it reads the engine's plans and statistics:
-    synchronisations); an exception it raises stops the generation. None: no cost."""
+    synchronisations); an exception it raises stops the generation. None: no cost.
+    config.decode picks the strategy of the block loop (v2/block_loop.py): `Diffusion` below, or
+    the causal decodes' `Causal` (v2/speculative.py)."""
     cfg = config or GenerationConfig()
-    if cfg.decode != "diffusion":
-        if observer is not None:
-            raise GenerationError(
-                f"an observer follows block-diffusion denoise steps; decode={cfg.decode!r} "
-                "has none (use decode='diffusion')"
-            )
-        from v2.speculative import decode
-
-        return decode(model, prompts, ids, cfg, policy, engine)
+    if observer is not None and cfg.decode != "diffusion":
+        raise GenerationError(
+            f"an observer follows block-diffusion denoise steps; decode={cfg.decode!r} "
+            "has none (use decode='diffusion')"
+        )
     B = cfg.block_size or model.cfg.block_size
-    S = cfg.small_block_size
     cfg.validate(B)
+    check_decode(cfg, policy)
     max_pos = check_prompts(model, prompts)
-    lengths = [len(p) for p in prompts]
-    device = model.embed_tokens.weight.device
-    n = len(prompts)
-    ends = [min(L + cfg.max_new_tokens, max_pos) for L in lengths]  # exclusive, per row
-    total = -(-max(ends) // B) * B
-    seq = torch.full((n, total), ids.mask, dtype=torch.long, device=device)
-    for r, p in enumerate(prompts):
-        seq[r, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-    prompt_len = torch.tensor(lengths, device=device)
-    row_end = torch.tensor(ends, device=device)
-    gen = None
-    if cfg.temperature > 0:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
-    # The model's engine for these settings: its buffers and CUDA graphs serve later calls too.
-    if engine is None:
-        engine = engine_for(model, cfg, policy)
-    elif engine.B != B or engine.block_cache != cfg.use_block_cache:
-        raise GenerationError("the engine's block size / sub-block cache differ from the config")
-    if engine.policy is not None:
-        engine.policy.attach(model, ids)
-    engine.reset_stats()
-    engine.allocate(n, total)
-    final_len = [0] * n
-    finish = [""] * n
+    ends = [min(len(p) + cfg.max_new_tokens, max_pos) for p in prompts]  # exclusive, per row
+    batch = Batch(prompts, ids, ends, B, model.embed_tokens.weight.device)
+    if cfg.decode == "diffusion":
+        gen = _generator(cfg, batch.device)
+        engine = _ready_engine(model, cfg, policy, engine, batch)
+        return run(Diffusion(engine, cfg, ids, gen, observer), batch)
+    draft = _ready_engine(model, cfg, policy, engine, batch)
+    verifier = Verifier(model, len(prompts), batch.total, Stats(model.cfg.num_hidden_layers))
+    causal = Causal(verifier, draft, cfg.small_block_size, cfg.threshold, not cfg.ignore_eos)
+    return run(causal, batch)
 
-    sync(device)
-    t0 = time.perf_counter()
-    active = torch.arange(n, device=device)
-    start = (min(lengths) // B) * B
-    if start > 0:
-        hidden = engine.prefill(seq[:, :start])
-        _write_first_slot(seq, active, start, prompt_len, engine.logits(hidden).argmax(-1))
-    cols = torch.arange(B, device=device)
-    while active.numel():
-        engine.begin_block()
-        pos = start + cols[None]  # absolute positions of the block, [1, B]
-        block = seq[active, start : start + B]
-        L, end = prompt_len[active, None], row_end[active, None]
+
+def _generator(cfg: GenerationConfig, device: torch.device) -> torch.Generator | None:
+    """The sampling generator, seeded (None: greedy)."""
+    if not cfg.temperature > 0:
+        return None
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+    return gen
+
+
+def _ready_engine(
+    model: Network,
+    cfg: GenerationConfig,
+    policy: Policy | None,
+    engine: Engine | None,
+    batch: Batch,
+) -> Engine | None:
+    """The engine of the decode (the model's for these settings unless given), its policy
+    attached, statistics reset and buffers sized for `batch`; None for the autoregressive
+    decode, which has none."""
+    if cfg.decode == "autoregressive":
+        return None
+    if engine is None:
+        engine = engine_for(model, cfg, policy)  # its buffers and graphs serve later calls too
+    elif engine.B != batch.B or engine.block_cache != cfg.use_block_cache:
+        what = "the engine's" if cfg.decode == "diffusion" else "the draft engine's"
+        tail = " from the config" if cfg.decode == "diffusion" else ""
+        raise GenerationError(f"{what} block size / sub-block cache differ{tail}")
+    if engine.policy is not None:
+        engine.policy.attach(model, batch.ids)
+    engine.reset_stats()
+    engine.allocate(len(batch.lengths), batch.total)
+    return engine
+
+
+def _eos_stops(tokens, pending, generated, eos: int) -> torch.Tensor:
+    """Rows whose block holds a generated EOS with no mask before it."""
+    is_eos = (tokens == eos) & generated & ~pending
+    first = torch.where(is_eos.any(1), is_eos.int().argmax(1), tokens.shape[1])
+    cols = torch.arange(tokens.shape[1], device=tokens.device)
+    pending_before = (pending & (cols[None] < first[:, None])).any(1)
+    return is_eos.any(1) & ~pending_before
+
+
+@dataclass
+class _Block:
+    """The block being denoised, in the active rows: its tokens [b, B]; pending: masks still to
+    decode; generated: the slots after the prompt within the budget; stopped [b]: rows done at
+    an EOS; has_kv [b]: rows whose block K/V the sub-block cache holds; step: forwards so far."""
+
+    start: int
+    tokens: torch.Tensor
+    pending: torch.Tensor
+    generated: torch.Tensor
+    stopped: torch.Tensor
+    has_kv: torch.Tensor
+    step: int = 0
+
+
+class Diffusion:
+    """Block diffusion as a strategy of the block loop (module docstring): each block is
+    denoised sub-block by sub-block; a denoise forward proposes a token for every masked slot of
+    the sub-block and commits by the commit rule (v2/block_loop.py), until every slot is decided
+    or the row stopped at an EOS. Rows finish at the block end, on EOS or budget."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        cfg: GenerationConfig,
+        ids: TokenIds,
+        gen: torch.Generator | None,
+        observer: Observer | None,
+    ):
+        self.engine, self.cfg, self.ids, self.gen, self.observer = engine, cfg, ids, gen, observer
+
+    def prefill(self, batch: Batch) -> None:
+        """Nothing beyond the engine's prefill."""
+
+    def stats(self) -> Stats:
+        return self.engine.stats
+
+    def decode_block(self, batch: Batch, start: int, stop: int) -> None:
+        B, S, device = stop - start, self.cfg.small_block_size, batch.device
+        pos = start + torch.arange(B, device=device)[None]  # absolute positions of the block
+        tokens = batch.seq[batch.active, start:stop]
+        L, end = batch.known[batch.active, None], batch.end[batch.active, None]
         # Decode every slot after the prompt and the block's known first slot, within budget.
         pending = (pos >= torch.clamp(L, min=start + 1)) & (pos < end)
         generated = (pos >= L) & (pos < end)
-        stopped = torch.zeros(active.numel(), dtype=torch.bool, device=device)
-        if not cfg.ignore_eos:
-            stopped = _eos_stops(block, pending, generated, ids.eos)
-        has_block_kv = torch.zeros_like(stopped)
-        step = 0
+        stopped = torch.zeros(len(tokens), dtype=torch.bool, device=device)
+        if not self.cfg.ignore_eos:
+            stopped = _eos_stops(tokens, pending, generated, self.ids.eos)
+        blk = _Block(start, tokens, pending, generated, stopped, torch.zeros_like(stopped))
         for k in range(B // S):
             sub = slice(k * S, (k + 1) * S)
             while True:
-                candidates = pending[:, sub] & ~stopped[:, None]
+                candidates = blk.pending[:, sub] & ~blk.stopped[:, None]
                 if not bool(candidates.any()):
                     break
-                # Only rows with candidates run (the others wait for the batch at no cost).
-                busy = candidates.any(1)
-                window, width = 0, B
-                units = busy[:, None].expand(-1, B)
-                if cfg.use_block_cache:
-                    # A row runs a full-block forward while it has no block K/V yet or its
-                    # sub-block's first slot is a mask; otherwise just its sub-block, against
-                    # the block K/V it last computed.
-                    full = busy & (~has_block_kv | pending[:, k * S])
-                    in_sub = (cols >= k * S) & (cols < (k + 1) * S)
-                    if not bool(full.any()):
-                        window, width, units = k * S, S, busy[:, None].expand(-1, S)
-                    else:
-                        units = full[:, None] | (busy[:, None] & in_sub[None])
-                    has_block_kv |= full
-                if bool(units.all()):
-                    units = None
-                out_pos = (torch.arange(k * S, (k + 1) * S, device=device) - 1 - window).clamp(
-                    min=0
-                )
-                before = copy.deepcopy(engine.stats) if observer is not None else None
-                window_ids = block[:, window : window + width]
-                hidden = engine.denoise(window_ids, window, out_pos, units, observer)
-                token, conf = _propose(engine.logits(hidden), cfg, gen)
-                conf = torch.where(candidates, conf, -1.0)
-                take = candidates & (conf > cfg.threshold)
-                best = conf.argmax(1, keepdim=True)
-                take.scatter_(1, best, candidates.gather(1, best))
-                block[:, sub] = torch.where(take, token, block[:, sub])
-                pending[:, sub] &= ~take
-                if not cfg.ignore_eos:
-                    stopped |= _eos_stops(block, pending, generated, ids.eos)
-                if observer is not None:
-                    done = sum(final_len[r] - lengths[r] for r in range(n) if finish[r])
-                    decided = done + _decided(seq[active, :start], block, L, generated, ids.mask)
-                    where = (start, step, window, width, active.tolist())
-                    committed = torch.zeros_like(pending)
-                    committed[:, sub] = take
-                    observer.on_forward(
-                        _step(
-                            engine, before, t0, decided, where, block, committed, pending, generated
-                        )
-                    )
-                step += 1
-        seq[active, start : start + B] = block
-
+                self._denoise(batch, blk, sub, candidates)
+        batch.seq[batch.active, start:stop] = tokens
         # Rows leave at the block end: on EOS (cut after it) or when their budget is spent.
-        is_eos = (block == ids.eos) & generated
-        first_eos = start + is_eos.int().argmax(1)
-        out_of_budget = row_end[active] <= start + B
-        stopped_l, first_l, budget_l, rows_l = (
-            stopped.tolist(),
-            first_eos.tolist(),
-            out_of_budget.tolist(),
-            active.tolist(),
-        )
-        keep = []
-        for j, r in enumerate(rows_l):
-            if stopped_l[j]:
-                final_len[r], finish[r] = first_l[j] + 1, "eos"
-            elif budget_l[j]:
-                final_len[r], finish[r] = ends[r], "length"
-            else:
-                keep.append(j)
-        if len(keep) < len(rows_l):
-            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-            engine.keep_rows(keep_t)
-            active, block = active[keep_t], block[keep_t]
-        if not keep:
-            break
-        hidden = engine.commit(block)
-        start += B
-        _write_first_slot(seq, active, start, prompt_len, engine.logits(hidden).argmax(-1))
-    sync(device)
+        first_eos = start + ((tokens == self.ids.eos) & generated).int().argmax(1)
+        spent = batch.end[batch.active] <= stop
+        batch.stop_rows(batch.active, blk.stopped, first_eos, spent)
 
-    stats = engine.stats
-    stats.wall_seconds = time.perf_counter() - t0
-    outputs = []
-    for r in range(n):
-        token_ids = seq[r, lengths[r] : final_len[r]].tolist()
-        outputs.append(Output(token_ids, finish[r]))
-    stats.generated_tokens = sum(len(o.token_ids) for o in outputs)
-    return GenerationResult(outputs, stats)
+    def _denoise(self, batch: Batch, blk: _Block, sub: slice, candidates: torch.Tensor) -> None:
+        """One denoise forward of the rows with candidates in sub-block `sub`, and its commits."""
+        engine, cfg, observer = self.engine, self.cfg, self.observer
+        window, width, units = self._window(blk, sub, candidates.any(1))
+        out_pos = torch.arange(sub.start, sub.stop, device=batch.device) - 1 - window
+        before = copy.deepcopy(engine.stats) if observer is not None else None
+        window_ids = blk.tokens[:, window : window + width]
+        hidden = engine.denoise(window_ids, window, out_pos.clamp(min=0), units, observer)
+        token, conf = propose(engine.logits(hidden), cfg.temperature, cfg.top_p, self.gen)
+        take = commit_rule(candidates, conf, cfg.threshold)
+        blk.tokens[:, sub] = torch.where(take, token, blk.tokens[:, sub])
+        blk.pending[:, sub] &= ~take
+        if not cfg.ignore_eos:
+            blk.stopped |= _eos_stops(blk.tokens, blk.pending, blk.generated, self.ids.eos)
+        if observer is not None:
+            committed = torch.zeros_like(blk.pending)
+            committed[:, sub] = take
+            observer.on_forward(self._step(batch, blk, (window, width), committed, before))
+        blk.step += 1
+
+    def _window(self, blk: _Block, sub: slice, busy: torch.Tensor):
+        """The forward's window (block offset, width) and units [b, width] (None: all). Only
+        rows with candidates (`busy`) run; the others wait for the batch at no cost."""
+        B = blk.tokens.shape[1]
+        window, width, units = 0, B, busy[:, None].expand(-1, B)
+        if self.cfg.use_block_cache:
+            # A row runs a full-block forward while it has no block K/V yet or its sub-block's
+            # first slot is a mask; otherwise just its sub-block, against the block K/V it last
+            # computed.
+            full = busy & (~blk.has_kv | blk.pending[:, sub.start])
+            cols = torch.arange(B, device=busy.device)
+            in_sub = (cols >= sub.start) & (cols < sub.stop)
+            if not bool(full.any()):
+                window, width = sub.start, sub.stop - sub.start
+                units = busy[:, None].expand(-1, width)
+            else:
+                units = full[:, None] | (busy[:, None] & in_sub[None])
+            blk.has_kv |= full
+        return window, width, None if bool(units.all()) else units
+
+    def _step(self, batch: Batch, blk: _Block, window, committed, before: Stats) -> DenoiseStep:
+        """The DenoiseStep of the forward just run (reads the engine's statistics: a sync)."""
+        engine, block = self.engine, blk.tokens
+        sync(batch.device)
+        total = copy.deepcopy(engine.stats)
+        total.wall_seconds = time.perf_counter() - batch.t0
+        total.generated_tokens = _decided(batch, blk)
+        cpu = [t.to("cpu", copy=True) for t in (block, committed, blk.pending, blk.generated)]
+        (window_start, width), rows = window, batch.active.tolist()
+        plan = torch.full((engine.last_plan.shape[0], *block.shape), NOT_RUN, dtype=torch.int8)
+        plan[:, :, window_start : window_start + width] = engine.last_plan[:, : len(rows)]
+        where = (blk.start, blk.step, window_start, width, rows)
+        return DenoiseStep(*where, *cpu, plan, total.since(before), total)
+
+
+def _decided(batch: Batch, blk: _Block) -> int:
+    """Generated tokens decided so far: by the rows done, and by the active rows in earlier
+    blocks and in this one."""
+    done = batch.done.tolist()
+    total = sum(f - L for f, L, d in zip(batch.final_len, batch.lengths, done, strict=True) if d)
+    active, mask = batch.active, batch.ids.mask
+    cols = torch.arange(blk.start, device=batch.device)[None]
+    earlier = (batch.seq[active, : blk.start] != mask) & (cols >= batch.known[active, None])
+    return total + int(earlier.sum()) + int((blk.tokens != mask)[blk.generated].sum())
 
 
 class FastDLLM:

@@ -39,6 +39,7 @@ from v2.generate import (
     FastDLLM,
     GenerationConfig,
     GenerationError,
+    check_decode,
     engine_for,
     generate,
     settings,
@@ -425,10 +426,8 @@ def parse_model_args(model_args: dict, batch_size=1, default_policy: str | None 
     if config.block_size is not None:
         config.validate(config.block_size)
     policy = select_policy(a, default_policy)
-    from v2.speculative import check
-
     try:
-        check(config, policy)
+        check_decode(config, policy)
     except GenerationError as e:
         raise EvalError(str(e)) from None
     return Settings(

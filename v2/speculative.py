@@ -19,15 +19,17 @@ cache (kv_cache.py; one write path, a valid length per row).
 
 The draft is the checkpoint's own block diffusion (fast-dllm-v2.md section 4) through the engine
 (engine.py), with any registered skipping policy (policies.py) on its denoise forwards: in the
-current block, the `small_block_size` slots after a row's verified prefix are masked and
-denoised at the confidence `threshold` (every slot above it, and always the most confident one,
-per forward) until filled. The draft keeps its own exact block-causal prefix cache: when every
-row has verified its whole block, the engine's commit forward appends the block (all verified
-tokens), and the argmax at its last position drafts the next block's first slot. Rows work on the
-same block (blocks are absolute, as in block diffusion); a row that has verified its block waits
-for the others at no cost, and rows leave at block ends. Each row's draft depends only on its own
-tokens (with no policy; a policy's state may follow the batch's forwards), so a batch gives each
-row the same tokens as alone.
+current block, the `small_block_size` slots after a row's verified prefix are masked and denoised
+by block diffusion's commit rule at the confidence `threshold` (every slot above it, and always the
+most confident one, per forward) until filled. Both decodes are `Causal`, a strategy of block
+diffusion's block loop (block_loop.py): the draft keeps the engine's exact block-causal prefix
+cache; when every row has verified its whole block, the engine's commit forward appends the block
+(all verified tokens), and the argmax at its last position drafts the next block's first slot. Rows
+work on the same block (blocks are absolute, as in block diffusion); a row that has verified its
+block waits for the others at no cost, and rows leave at block ends. The autoregressive decode has
+no engine: its one block is the whole layout. Each row's draft depends only on its own tokens (with
+no policy; a policy's state may follow the batch's forwards), so a batch gives each row the same
+tokens as alone.
 
 Statistics (stats.py): the draft's forwards are the engine's (prefill, denoise, commit); the
 verifier's causal forwards are `verify_forwards` (and its prompt prefill a prefill);
@@ -37,26 +39,13 @@ counts each of its steps as a verify forward that checked nothing.
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from v2 import flops
-from v2.checkpoint import TokenIds
+from v2.block_loop import Batch, commit_rule, propose
 from v2.engine import Engine
-from v2.generate import (
-    DECODES,
-    GenerationConfig,
-    GenerationError,
-    GenerationResult,
-    Output,
-    check_prompts,
-    engine_for,
-    sync,
-)
 from v2.kv_cache import KVCache
 from v2.model import Network, sdpa
-from v2.policy import Policy
 from v2.stats import Stats
 
 
@@ -119,217 +108,123 @@ class Verifier:
         return self.model.logits(hidden)
 
 
-def check(cfg: GenerationConfig, policy: Policy | None) -> None:
-    """The decode's name, and settings the causal decodes cannot honour, as one-line errors."""
-    if cfg.decode not in DECODES:
-        raise GenerationError(f"decode must be one of {', '.join(DECODES)}, got {cfg.decode!r}")
-    if cfg.decode == "diffusion":
-        return
-    if cfg.temperature != 0:
-        raise GenerationError(f"decode={cfg.decode} is greedy: temperature must be 0")
-    if cfg.use_block_cache:
-        raise GenerationError(f"decode={cfg.decode} does not support use_block_cache")
-    if cfg.decode == "autoregressive" and policy is not None:
-        raise GenerationError(
-            "decode=autoregressive runs the full model: a policy applies only to the draft of "
-            "decode=speculative"
-        )
-
-
-class _Rows:
-    """Per-row decoding state: tokens (verified, then drafts, then masks), verified length,
-    budget end, finish."""
+class Causal:
+    """The causal decodes as a strategy of the block loop (v2/block_loop.py): with a draft
+    engine, the self-speculative decode (module docstring); with none (`engine` None), the
+    autoregressive decode, one verify forward per token over its one block, the whole layout.
+    `run`: the draft's run length (small_block_size); `threshold`: its commit rule's."""
 
     def __init__(
         self,
-        prompts: list[list[int]],
-        ids: TokenIds,
-        cfg: GenerationConfig,
-        B: int,
-        max_pos: int,
-        device: torch.device,
+        verifier: Verifier,
+        engine: Engine | None,
+        run: int,
+        threshold: float,
+        stop_at_eos: bool,
     ):
-        self.ids, self.cfg = ids, cfg
-        self.lengths = lengths = [len(p) for p in prompts]
-        self.ends = [min(L + cfg.max_new_tokens, max_pos) for L in lengths]  # exclusive
-        self.total = -(-max(self.ends) // B) * B
-        n = len(prompts)
-        self.seq = torch.full((n, self.total), ids.mask, dtype=torch.long, device=device)
-        for r, p in enumerate(prompts):
-            self.seq[r, : len(p)] = torch.tensor(p, dtype=torch.long, device=device)
-        self.known = torch.tensor(lengths, device=device)  # verified tokens per row
-        self.end = torch.tensor(self.ends, device=device)
-        self.done = torch.zeros(n, dtype=torch.bool, device=device)
-        self.final_len = list(self.ends)
-        self.finish = ["length"] * n
+        self.verifier, self.engine = verifier, engine
+        self.run, self.threshold, self.stop_at_eos = run, threshold, stop_at_eos
 
+    def prefill(self, batch: Batch) -> None:
+        """The verifier's prefill: K/V of every prompt token but the last (the first verify
+        window starts with it)."""
+        width = batch.known - 1
+        if int(width.max()) > 0:
+            W, n = int(width.max()), width.numel()
+            st = self.verifier.stats
+            st.forwards["prefill"] += 1
+            st.row_forwards["prefill"] += n
+            rows = torch.arange(n, device=batch.device)
+            self.verifier.forward(batch.seq[:, :W], rows, torch.zeros_like(batch.known), width)
 
-@torch.inference_mode()
-def decode(
-    model: Network,
-    prompts: list[list[int]],
-    ids: TokenIds,
-    config: GenerationConfig,
-    policy: Policy | None = None,
-    engine: Engine | None = None,
-) -> GenerationResult:
-    """`config.decode` "autoregressive" or "speculative" (module docstring); called by
-    v2.generate.generate. `engine`: the draft's engine (default: the model's engine for these
-    settings, with `policy` on its denoise forwards)."""
-    cfg = config
-    B = cfg.block_size or model.cfg.block_size
-    cfg.validate(B)
-    check(cfg, policy)
-    max_pos = check_prompts(model, prompts)
-    device = model.embed_tokens.weight.device
-    rows = _Rows(prompts, ids, cfg, B, max_pos, device)
-    n = len(prompts)
-    speculative = cfg.decode == "speculative"
-    if speculative:
-        if engine is None:
-            engine = engine_for(model, cfg, policy)  # no sub-block cache for drafts
-        elif engine.B != B or engine.block_cache:
-            raise GenerationError("the draft engine's block size / sub-block cache differ")
-        if engine.policy is not None:
-            engine.policy.attach(model, ids)
-        engine.reset_stats()
-        engine.allocate(n, rows.total)
-    stats = Stats(model.cfg.num_hidden_layers)
-    verifier = Verifier(model, n, rows.total, stats)
-
-    sync(device)
-    t0 = time.perf_counter()
-    # The verifier's prefill: K/V of every prompt token but the last (the first verify window
-    # starts with it).
-    known = rows.known
-    width = known - 1
-    if int(width.max()) > 0:
-        W = int(width.max())
-        stats.forwards["prefill"] += 1
-        stats.row_forwards["prefill"] += n
-        all_rows = torch.arange(n, device=device)
-        verifier.forward(rows.seq[:, :W], all_rows, torch.zeros_like(known), width)
-    if speculative:
-        _speculate(engine, verifier, rows, B, cfg.small_block_size, cfg.threshold)
-    else:
-        while not bool(rows.done.all()):
-            work = (~rows.done).nonzero().squeeze(1)
-            _verify(verifier, rows, work, torch.zeros_like(work))
-    sync(device)
-
-    if speculative:
-        stats.add(engine.stats)
-    stats.wall_seconds = time.perf_counter() - t0
-    outputs = [
-        Output(rows.seq[r, rows.lengths[r] : rows.final_len[r]].tolist(), rows.finish[r])
-        for r in range(n)
-    ]
-    stats.generated_tokens = sum(len(o.token_ids) for o in outputs)
-    return GenerationResult(outputs, stats)
-
-
-def _verify(verifier: Verifier, rows: _Rows, work: torch.Tensor, k: torch.Tensor) -> None:
-    """One verify forward for rows `work` (indices into the batch), whose drafts are the k[j]
-    tokens after their verified prefix in rows.seq: keep the agreeing prefix and the verifier's
-    next token, reset the rest to masks, finish rows on EOS or budget."""
-    seq, ids = rows.seq, rows.ids
-    n0 = rows.known[work]
-    W = int(k.max()) + 1
-    t = torch.arange(W, device=seq.device)
-    pos = (n0 - 1)[:, None] + t[None]
-    real = t[None] <= k[:, None]
-    window = torch.where(real, seq[work].gather(1, pos.clamp(max=rows.total - 1)), ids.pad)
-    st = verifier.stats
-    st.verify_forwards += 1
-    st.verify_row_forwards += work.numel()
-    greedy = verifier.logits(verifier.forward(window, work, n0 - 1, k + 1)).argmax(-1)
-    # greedy[j, i] is the token after position n0 + i - 1; draft i sits at window slot i + 1.
-    agree = (window[:, 1:] == greedy[:, :-1]) & real[:, 1:]
-    accepted = agree.int().cumprod(1).sum(1)
-    st.drafted_tokens += int(k.sum())
-    st.accepted_tokens += int(accepted.sum())
-    n1 = n0 + accepted + 1
-    cols = torch.arange(rows.total, device=seq.device)[None]
-    rejected = (cols >= n1[:, None]) & (cols < (n0 + k)[:, None])
-    row_seq = seq[work].masked_fill(rejected, ids.mask)
-    row_seq.scatter_(1, (n1 - 1)[:, None], greedy.gather(1, accepted[:, None]))
-    seq[work] = row_seq
-    rows.known[work] = n1
-    new = (cols >= n0[:, None]) & (cols < n1[:, None])
-    eos = (row_seq == ids.eos) & new
-    has_eos = eos.any(1) & (not rows.cfg.ignore_eos)
-    first = eos.int().argmax(1)
-    out = n1 >= rows.end[work]
-    for r, e, f, o in zip(
-        work.tolist(), has_eos.tolist(), first.tolist(), out.tolist(), strict=True
-    ):
-        if e:
-            rows.final_len[r], rows.finish[r] = f + 1, "eos"
-        if e or o:
-            rows.done[r] = True
-
-
-def _speculate(engine: Engine, verifier: Verifier, rows: _Rows, B: int, S: int, tau: float):
-    """Block-diffusion drafts (module docstring) checked by `verifier`, block by block."""
-    seq, ids, device = rows.seq, rows.ids, rows.seq.device
-    n = seq.shape[0]
-    active = torch.arange(n, device=device)  # batch rows in the engine's cache rows, in order
-    start = (min(rows.lengths) // B) * B
-    if start > 0:
-        hidden = engine.prefill(seq[:, :start])
-        _draft_first_slot(rows, active, start, engine.logits(hidden).argmax(-1))
-    run = torch.arange(S, device=device)
-    while True:
-        engine.begin_block()
+    def decode_block(self, batch: Batch, start: int, stop: int) -> None:
+        """Draft and verify until every active row has verified [start, stop) or finished; a
+        row that has waits for the others at no cost."""
         while True:
-            # Rows still working on this block: not finished, block not fully verified.
-            known = rows.known[active]
-            working = ~rows.done[active] & (known < start + B)
+            active = batch.active
+            working = ~batch.done[active] & (batch.known[active] < stop)
             if not bool(working.any()):
                 break
-            off = known - start  # block offset of the first draft slot, [b]
-            room = torch.minimum(B - off, rows.end[active] - known - 1)
-            k = torch.where(working, room.clamp(min=0, max=S), 0)
-            # The block and S spare columns, so that a run's slots never need clamping.
-            ext = torch.full((active.numel(), B + S), ids.mask, dtype=torch.long, device=device)
-            ext[:, :B] = seq[active, start : start + B]
-            slot = off.clamp(max=B)[:, None] + run[None]  # [b, S] the run's block slots
-            pending = (run[None] < k[:, None]) & (ext.gather(1, slot) == ids.mask)
-            while bool(pending.any()):
-                busy = pending.any(1)
-                units = None if bool(busy.all()) else busy[:, None].expand(-1, B)
-                # Hidden states at the positions before the run's slots (token shift).
-                lo = max(int(off[working].min()) - 1, 0)
-                hi = min(int((off[working] + S).max()) - 1, B)
-                hidden = engine.denoise(ext[:, :B], 0, torch.arange(lo, hi, device=device), units)
-                at = (slot - 1 - lo).clamp(min=0, max=hi - lo - 1)
-                h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
-                conf, tok = engine.logits(h).softmax(-1).max(-1)
-                conf = torch.where(pending, conf, -1.0)
-                take = pending & (conf > tau)
-                best = conf.argmax(1, keepdim=True)
-                take.scatter_(1, best, pending.gather(1, best))
-                ext.scatter_(1, slot, torch.where(take, tok, ext.gather(1, slot)))
-                pending &= ~take
-            block = ext[:, :B]
-            seq[active, start : start + B] = block
+            if self.engine is None:
+                k = torch.zeros_like(batch.known[active])
+            else:
+                k = self._draft(batch, start, working)
             work = working.nonzero().squeeze(1)
-            _verify(verifier, rows, active[work], k[work])
+            self._verify(batch, active[work], k[work])
 
-        # Block end: finished rows leave; the others' verified block enters the draft's cache.
-        keep = (~rows.done[active]).nonzero().squeeze(1)
-        if keep.numel() < active.numel():
-            engine.keep_rows(keep)
-            active = active[keep]
-        if not active.numel():
-            break
-        hidden = engine.commit(seq[active, start : start + B])
-        start += B
-        _draft_first_slot(rows, active, start, engine.logits(hidden).argmax(-1))
+    def stats(self) -> Stats:
+        """The verifier's work, and the draft's (the engine's forwards)."""
+        stats = self.verifier.stats
+        if self.engine is not None:
+            stats.add(self.engine.stats)
+        return stats
 
+    def _draft(self, batch: Batch, start: int, working: torch.Tensor) -> torch.Tensor:
+        """Block-diffusion drafts of the `run` slots after each working row's verified prefix,
+        written into batch.seq; returns the drafted run's length per active row (0: none)."""
+        B, S, mask = batch.B, self.run, batch.ids.mask
+        active, device = batch.active, batch.device
+        known = batch.known[active]
+        off = known - start  # block offset of the first draft slot, [b]
+        room = torch.minimum(B - off, batch.end[active] - known - 1)
+        k = torch.where(working, room.clamp(min=0, max=S), 0)
+        # The block and S spare columns, so that a run's slots never need clamping.
+        ext = torch.full((active.numel(), B + S), mask, dtype=torch.long, device=device)
+        ext[:, :B] = batch.seq[active, start : start + B]
+        run = torch.arange(S, device=device)
+        slot = off.clamp(max=B)[:, None] + run[None]  # [b, S] the run's block slots
+        pending = (run[None] < k[:, None]) & (ext.gather(1, slot) == mask)
+        # The positions before the run's slots, whose hidden states propose them (token shift).
+        lo = max(int(off[working].min()) - 1, 0)
+        hi = min(int((off[working] + S).max()) - 1, B)
+        while bool(pending.any()):
+            self._denoise(ext, slot, pending, lo, hi)
+        batch.seq[active, start : start + B] = ext[:, :B]
+        return k
 
-def _draft_first_slot(rows: _Rows, active: torch.Tensor, position: int, token) -> None:
-    """The draft's greedy token after a committed block drafts the next block's first slot, in
-    rows that have not verified that slot yet."""
-    unknown = rows.known[active] == position
-    rows.seq[active, position] = torch.where(unknown, token, rows.seq[active, position])
+    def _denoise(self, ext, slot, pending, lo: int, hi: int) -> None:
+        """One denoise forward of the block ext[:, :B] and the commits of the run slots `slot`
+        [b, S] still `pending`, proposed by the hidden states at block offsets [lo, hi)."""
+        engine, B = self.engine, ext.shape[1] - self.run
+        busy = pending.any(1)
+        units = None if bool(busy.all()) else busy[:, None].expand(-1, B)
+        out_pos = torch.arange(lo, hi, device=ext.device)
+        hidden = engine.denoise(ext[:, :B], 0, out_pos, units)
+        at = (slot - 1 - lo).clamp(min=0, max=hi - lo - 1)
+        h = hidden.gather(1, at[..., None].expand(-1, -1, hidden.shape[-1]))
+        tok, conf = propose(engine.logits(h))
+        take = commit_rule(pending, conf, self.threshold)
+        ext.scatter_(1, slot, torch.where(take, tok, ext.gather(1, slot)))
+        pending &= ~take
+
+    def _verify(self, batch: Batch, work: torch.Tensor, k: torch.Tensor) -> None:
+        """One verify forward for rows `work` (batch indices), whose drafts are the k[j] tokens
+        after their verified prefix in batch.seq: keep the agreeing prefix and the verifier's
+        next token, reset the rest to masks, finish rows on EOS or budget."""
+        seq, ids, verifier = batch.seq, batch.ids, self.verifier
+        n0 = batch.known[work]
+        W = int(k.max()) + 1
+        t = torch.arange(W, device=seq.device)
+        pos = (n0 - 1)[:, None] + t[None]
+        real = t[None] <= k[:, None]
+        window = torch.where(real, seq[work].gather(1, pos.clamp(max=batch.total - 1)), ids.pad)
+        st = verifier.stats
+        st.verify_forwards += 1
+        st.verify_row_forwards += work.numel()
+        greedy = verifier.logits(verifier.forward(window, work, n0 - 1, k + 1)).argmax(-1)
+        # greedy[j, i] is the token after position n0 + i - 1; draft i sits at window slot i + 1.
+        agree = (window[:, 1:] == greedy[:, :-1]) & real[:, 1:]
+        accepted = agree.int().cumprod(1).sum(1)
+        st.drafted_tokens += int(k.sum())
+        st.accepted_tokens += int(accepted.sum())
+        n1 = n0 + accepted + 1
+        cols = torch.arange(batch.total, device=seq.device)[None]
+        rejected = (cols >= n1[:, None]) & (cols < (n0 + k)[:, None])
+        row_seq = seq[work].masked_fill(rejected, ids.mask)
+        row_seq.scatter_(1, (n1 - 1)[:, None], greedy.gather(1, accepted[:, None]))
+        seq[work] = row_seq
+        batch.known[work] = n1
+        new = (cols >= n0[:, None]) & (cols < n1[:, None])
+        eos = (row_seq == ids.eos) & new
+        has_eos = eos.any(1) & self.stop_at_eos
+        batch.stop_rows(work, has_eos, eos.int().argmax(1), n1 >= batch.end[work])
