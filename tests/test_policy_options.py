@@ -207,7 +207,9 @@ def test_a_new_policy_option_is_one_edit(monkeypatch, tmp_path):
     # the tuner's search space
     sweep = tmp_path / "tune.yaml"
     grid = [{"policy": "fake", "fake_knob": {"low": 1, "high": 9}}]
-    sweep.write_text(yaml.safe_dump({"pretrained": "p", "tasks": ["t"], "grid": grid}))
+    sweep.write_text(
+        yaml.safe_dump({"pretrained": "v2/tiny/checkpoint", "tasks": ["tiny_gsm"], "grid": grid})
+    )
     assert tune.read_space(sweep)["space"] == {"fake_knob": {"low": 1, "high": 9}}
 
 
