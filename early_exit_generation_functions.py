@@ -18,13 +18,14 @@ counted in the executed FLOPs. exit_threshold >= 1 disables the policy exactly.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from v2 import flops
 from v2.options import Options, above, at_least, option
-from v2.policy import COMPUTE, PASS, ForwardContext, Policy
+from v2.policy import ALL_COMPUTE, COMPUTE, PASS, ForwardContext, OnHost, Policy, Uniform
 
 
 @dataclass(frozen=True)
@@ -67,19 +68,12 @@ class EarlyExitPolicy(Policy):
     def enabled(self) -> bool:
         return self.exit_threshold < 1
 
-    def acts_on(self, num_layers: int) -> bool:
-        return self.enabled and self.min_layer < num_layers
+    def layers(self, num_layers: int) -> range:
+        return range(min(self.min_layer, num_layers), num_layers) if self.enabled else range(0)
 
     def attach(self, model, ids) -> None:
         self.model = model
         self.mask_embedding = model.embed_tokens.weight[ids.mask].detach()
-
-    def extra_flops(self) -> int:
-        rows, self._lens_rows = self._lens_rows, 0
-        return flops.head(self.model.cfg, rows) if rows else 0
-
-    def protected_layers(self, num_layers: int) -> set[int]:
-        return set(range(min(self.min_layer, num_layers)))
 
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
         self.block_size = block_size
@@ -90,11 +84,19 @@ class EarlyExitPolicy(Policy):
             raise RuntimeError("the exit policy needs generate() to attach the model first")
         self.exited: torch.Tensor | None = None  # [rows, w] bool
         self.targets: torch.Tensor | None = None
+        self._lens_rows = 0
+
+    def end_forward(self, ctx: ForwardContext) -> int:
+        return flops.head(self.model.cfg, self._lens_rows) if self._lens_rows else 0
 
     def _checks(self, layer: int) -> bool:
         return layer >= self.min_layer and (layer - self.min_layer) % self.check_every == 0
 
-    def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
+    def plan(self, layer: int, ctx: ForwardContext) -> OnHost:
+        return OnHost(partial(self.decide, layer, ctx))
+
+    def decide(self, layer: int, ctx: ForwardContext, x: torch.Tensor) -> Uniform | torch.Tensor:
+        """Check the lens where due; PASS the exited units that have K/V from earlier."""
         scope = ctx.units if ctx.units is not None else torch.ones(x.shape[:2], dtype=torch.bool)
         scope = scope.to(x.device)
         if self.computed is None:
@@ -120,5 +122,5 @@ class EarlyExitPolicy(Policy):
         passing = self.exited & computed & scope
         computed |= scope & ~passing
         if not bool(passing.any()):
-            return None
+            return ALL_COMPUTE
         return torch.where(passing, PASS, COMPUTE).to(torch.int8)

@@ -12,12 +12,22 @@ called at all for those units.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 
 from v2.options import LAYER_SUBSETS, LayerSubset, Options, at_least, option
-from v2.policy import COMPUTE, PASS, REUSE, ForwardContext, Policy
+from v2.policy import (
+    ALL_COMPUTE,
+    ALL_PASS,
+    ALL_REUSE,
+    PASS,
+    ForwardContext,
+    OnHost,
+    Policy,
+    Uniform,
+)
 
 
 def row_cosine(x: torch.Tensor, ref: torch.Tensor, units: torch.Tensor | None) -> torch.Tensor:
@@ -64,38 +74,37 @@ class LayerSkipPolicy(Policy):
     def enabled(self) -> bool:
         return self.cosine_threshold < 1
 
-    def acts_on(self, num_layers: int) -> bool:
-        return self.enabled and self.protect_first + self.protect_last < num_layers
-
-    def protected_layers(self, num_layers: int) -> set[int]:
-        return set(range(self.protect_first)) | set(
-            range(num_layers - self.protect_last, num_layers)
+    def layers(self, num_layers: int) -> range:
+        return (
+            range(self.protect_first, num_layers - self.protect_last) if self.enabled else range(0)
         )
 
     def begin_forward(self, ctx: ForwardContext) -> None:
-        self.protected = self.protected_layers(ctx.num_layers)
         self.last_input: torch.Tensor | None = None  # input of the last layer run, per row
         self.run_of_skips: torch.Tensor | None = None
 
-    def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
-        if self.cosine_threshold >= 1:
-            return None
-        if layer in self.protected or self.last_input is None:
-            self.last_input = x.clone()  # x is the engine's buffer: valid only during this call
+    def plan(self, layer: int, ctx: ForwardContext) -> OnHost:
+        return OnHost(partial(self.decide, layer, ctx))
+
+    def decide(self, layer: int, ctx: ForwardContext, x: torch.Tensor) -> Uniform | torch.Tensor:
+        """The plan from the layer's input: every row, none, or some rows PASS (one device round
+        trip). x is the engine's buffer, overwritten by the layer: what must outlive the call is
+        copied."""
+        if layer not in self.layers(ctx.num_layers) or self.last_input is None:
+            self.last_input = x.clone()
             self.run_of_skips = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            return None
+            return ALL_COMPUTE
         score = row_cosine(x, self.last_input, ctx.units)
         skip = (score > self.cosine_threshold) & (self.run_of_skips < self.max_consecutive_skips)
         active = ctx.units.any(1) if ctx.units is not None else torch.ones_like(skip)
         skip &= active  # rows out of this forward (waiting, or no sequence) are not decided on
         self.run_of_skips = torch.where(skip, self.run_of_skips + 1, 0)
         self.last_input = torch.where(skip[:, None, None], self.last_input, x)
-        # The one device round trip of a layer decision.
         skipped, running = torch.stack((skip.sum(), active.sum())).tolist()
         if skipped == 0:
-            return None
+            return ALL_COMPUTE
         if skipped == running:
-            return PASS  # every row: the engine skips the layer outright
+            return ALL_PASS  # every row: the engine skips the layer outright
         return (skip[:, None] * PASS).expand(-1, x.shape[1]).to(torch.int8)
 
 
@@ -159,17 +168,15 @@ class LayerReusePolicy(Policy):
     def enabled(self) -> bool:
         return self.reuse_k > 1
 
+    def layers(self, num_layers: int) -> set[int]:
+        if not self.enabled:
+            return set()
+        return set(subset_layers(self.layer_subset, num_layers, self.subset_size))
+
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
-        self.layers = set(subset_layers(self.layer_subset, num_layers, self.subset_size))
+        self.subset = self.layers(num_layers)
 
-    def _action(self, layer: int, ctx: ForwardContext) -> int:
-        if self.reuse_k == 1 or layer not in self.layers or ctx.step % self.reuse_k == 0:
-            return COMPUTE
-        return REUSE  # every unit in scope
-
-    def host_plan(self, layer: int, ctx: ForwardContext) -> int:
-        return self._action(layer, ctx)
-
-    def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> int | None:
-        action = self._action(layer, ctx)
-        return None if action == COMPUTE else action
+    def plan(self, layer: int, ctx: ForwardContext) -> Uniform:
+        if layer not in self.subset or ctx.step % self.reuse_k == 0:
+            return ALL_COMPUTE
+        return ALL_REUSE  # every unit in scope

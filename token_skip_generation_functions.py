@@ -16,9 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from v2.compiled import compiled
 from v2.options import OptionError, Options, Range, at_least, option
-from v2.policy import COMPUTE, REUSE, ForwardContext, Policy
+from v2.policy import ALL_COMPUTE, COMPUTE, REUSE, ForwardContext, OnDevice, Plan, Policy
 
 
 def cosine_and_remember(x, previous, seen, scope):
@@ -56,7 +55,9 @@ def ratio_plan(x, previous, seen, scope, k: int):
 
 
 def remember(x, previous, seen, scope):
+    """Remember the inputs and compute every unit (a refreshing forward)."""
     cosine_and_remember(x, previous, seen, scope)
+    return torch.zeros(x.shape[:2], dtype=torch.int8, device=x.device)
 
 
 @dataclass(frozen=True)
@@ -115,8 +116,8 @@ class TokenSkipPolicy(Policy):
     - reuse_ratio: reuse this fraction of positions per row and layer instead of a threshold.
     - refresh_every: every n-th denoise forward of a block computes everything (off by default).
     State is kept per absolute block position, so it survives switching between full-block and
-    sub-block windows, and is reset at every block. The plan is device work only: the engine
-    captures it in its CUDA graphs, and sizes the ratio variant's computation by its quota.
+    sub-block windows, and is reset at every block. The plan is device work only (`OnDevice`):
+    the engine runs it in its CUDA graphs, and sizes the ratio variant's computation by its quota.
     """
 
     name = "token"
@@ -139,13 +140,14 @@ class TokenSkipPolicy(Policy):
     def enabled(self) -> bool:
         return bool(self.reuse_ratio) or self.cosine_threshold < 1
 
-    def acts_on(self, num_layers: int) -> bool:
-        return self.enabled and self.min_layer < num_layers
+    def layers(self, num_layers: int) -> range:
+        top = num_layers - 1 if self.max_layer is None else min(self.max_layer, num_layers - 1)
+        return range(self.min_layer, top + 1) if self.enabled else range(0)
 
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
         shape = (num_layers, batch_size, block_size)
         if self.previous is not None and tuple(self.seen.shape) == shape:
-            self.previous.zero_()  # in place: captured plans read these buffers
+            self.previous.zero_()  # in place: plans on the device read these buffers
             self.seen.zero_()
         else:
             self.previous = self.seen = None
@@ -154,44 +156,21 @@ class TokenSkipPolicy(Policy):
     def begin_forward(self, ctx: ForwardContext) -> None:
         self.refresh = self.refresh_every is not None and ctx.step % self.refresh_every == 0
 
-    def _applies(self, layer: int) -> bool:
-        top = self.max_layer if self.max_layer is not None else layer
-        return self.enabled and self.min_layer <= layer <= top
-
-    def host_plan(self, layer: int, ctx: ForwardContext) -> int | None:
-        return None if self._applies(layer) else COMPUTE
-
-    def capture_key(self, layer: int, ctx: ForwardContext):
-        if not self._applies(layer) or self.refresh or ctx.units is None:
-            return None
-        return (ctx.window_start, ctx.window_size)
-
-    def reuse_quota(self, layer: int, ctx: ForwardContext) -> int | None:
-        if self.reuse_ratio is None or not self._applies(layer) or self.refresh:
-            return None
-        return int(self.reuse_ratio * ctx.window_size)
-
-    def plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor | None:
-        if not self._applies(layer):
-            return None
-        fn, args = self._plan_call(layer, x, ctx)
-        out = (compiled(fn) if x.is_cuda else fn)(*args)
-        return None if self.refresh else out  # refresh: remember the inputs, compute everything
-
-    def device_plan(self, layer: int, x: torch.Tensor, ctx: ForwardContext):
-        captured = self.capture_key(layer, ctx) is not None
-        return self._plan_call(layer, x, ctx) if captured else None
-
-    def _plan_call(self, layer: int, x: torch.Tensor, ctx: ForwardContext):
+    def plan(self, layer: int, ctx: ForwardContext) -> Plan:
+        if layer not in self.layers(ctx.num_layers):
+            return ALL_COMPUTE
+        x = ctx.hidden
         if self.previous is None:
             shape = self._shape or (ctx.num_layers, x.shape[0], ctx.block_size)
             self.previous = x.new_zeros(*shape, x.shape[-1])
             self.seen = torch.zeros(shape, dtype=torch.bool, device=x.device)
         window = slice(ctx.window_start, ctx.window_start + ctx.window_size)
-        state = (x, self.previous[layer, :, window], self.seen[layer, :, window])
-        scope = ctx.units if ctx.units is not None else torch.ones_like(state[2])
-        if self.refresh:
-            return remember, (*state, scope)
+        scope = ctx.units if ctx.units is not None else torch.ones_like(self.seen[layer, :, window])
+        state = (self.previous[layer, :, window], self.seen[layer, :, window], scope)
+        key = (ctx.window_start, ctx.window_size)
+        if self.refresh:  # remember the inputs, compute everything
+            return OnDevice(remember, state, key, quota=0)
         if self.reuse_ratio is not None:
-            return ratio_plan, (*state, scope, int(self.reuse_ratio * x.shape[1]))
-        return threshold_plan, (*state, scope, self.cosine_threshold)
+            k = int(self.reuse_ratio * ctx.window_size)
+            return OnDevice(ratio_plan, (*state, k), key, quota=k)
+        return OnDevice(threshold_plan, (*state, self.cosine_threshold), key)

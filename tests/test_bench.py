@@ -148,7 +148,7 @@ def test_forced_layer_pass_passes_exactly_the_requested_layers():
         assert len(set(layers)) == n and 0 not in layers and L - 1 not in layers
         policy = ForcedLayerPass(n)
         (s,) = run_block(Engine(model, policy), b, 32, 1)
-        assert policy.layers == layers
+        assert policy.passed == layers
         assert [i for i in range(L) if s[i] == 0] == layers
         assert all(s[i] == b * 32 for i in range(L) if i not in layers)
     assert spread_layers(8, 28) == [2, 5, 9, 12, 15, 18, 22, 25]

@@ -30,7 +30,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from token_skip_generation_functions import TokenSkipPolicy
 from v2.engine import Engine
-from v2.policy import COMPUTE, REUSE, Policy
+from v2.policy import ALL_COMPUTE, COMPUTE, REUSE, OnHost, Policy
 from v2.speculative import Verifier
 from v2.stats import Stats
 
@@ -186,9 +186,12 @@ class SkipFirst(Policy):
         super().__init__()
         self.skip = skip
 
-    def plan(self, layer, x, ctx):
+    def plan(self, layer, ctx):
         if ctx.step == 0 or layer not in (1, 2):
-            return None
+            return ALL_COMPUTE
+        return OnHost(self.actions)
+
+    def actions(self, x):
         plan = torch.full(x.shape[:2], COMPUTE, dtype=torch.int8)
         for r, n in enumerate(self.skip):
             plan[r, :n] = REUSE

@@ -6,6 +6,8 @@ capacities), where padding occurs, and the exact engine, where it does not."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import IDS, prompt, random_network
@@ -13,7 +15,7 @@ from conftest import IDS, prompt, random_network
 from v2.attention import Dense
 from v2.engine import Engine
 from v2.generate import GenerationConfig, generate
-from v2.policy import COMPUTE, PASS, REUSE, Policy
+from v2.policy import ALL_COMPUTE, COMPUTE, PASS, REUSE, OnHost, Policy
 from v2.stats import Stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,9 +34,12 @@ class Fixed(Policy):
     name = "fixed"
     reuses = True
 
-    def plan(self, layer, x, ctx):
+    def plan(self, layer, ctx):
         if ctx.step == 0 or layer not in (1, 2):
-            return None
+            return ALL_COMPUTE
+        return OnHost(partial(self.actions, layer))
+
+    def actions(self, layer, x):
         a = torch.full(x.shape[:2], COMPUTE, dtype=torch.int8)
         if layer == 1:
             a[:, :8] = REUSE

@@ -3,6 +3,8 @@ update, PASS is identity, and disabled policies give the baseline token for toke
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from conftest import IDS, prompt, random_network
@@ -13,7 +15,7 @@ from layer_skip_generation_functions import LayerReusePolicy, LayerSkipPolicy, s
 from token_skip_generation_functions import TokenSkipPolicy
 from v2.engine import Engine, PolicyError
 from v2.generate import GenerationConfig, generate
-from v2.policy import COMPUTE, PASS, REUSE, Policy
+from v2.policy import ALL_COMPUTE, COMPUTE, PASS, REUSE, OnHost, Policy, Uniform
 
 
 def always_skipping(cls, **options):
@@ -37,14 +39,18 @@ class Scripted(Policy):
         self.inputs: dict[tuple[int, int], torch.Tensor] = {}
         self.calls = 0
 
-    def protected_layers(self, num_layers):
-        return self._protected
+    def layers(self, num_layers):
+        return set(range(num_layers)) - self._protected
 
-    def plan(self, layer, x, ctx):
+    def plan(self, layer, ctx):
+        return OnHost(partial(self.decide, layer, ctx))
+
+    def decide(self, layer, ctx, x):
         self.inputs[ctx.step, layer] = x.clone()
         self.calls += 1
         make = self.table.get((ctx.step, layer))
-        return None if make is None else make(x)
+        made = ALL_COMPUTE if make is None else make(x)
+        return Uniform(made) if isinstance(made, int) else made
 
 
 def run_denoise(model, policy, ids_list, steps=2):
@@ -460,7 +466,7 @@ def test_layer_skip_protections_and_cap_on_a_deeper_model(protect, cap, ran):
 
 def test_engine_enforces_protection_on_a_policy_that_ignores_it(model):
     class Careless(LayerSkipPolicy):
-        def plan(self, layer, x, ctx):
+        def decide(self, layer, ctx, x):
             return torch.full(x.shape[:2], PASS, dtype=torch.int8)
 
     with pytest.raises(PolicyError, match="protected layer 0"):
@@ -536,12 +542,12 @@ def test_scheduled_reuse_re_adds_the_old_update_not_the_old_output(model):
             super().begin_block(*a)
             self.inputs = {}
 
-        def host_plan(self, layer, ctx):
-            return None  # ask `plan`, which sees every layer's input
+        def plan(self, layer, ctx):  # decided on the host: sees every layer's input
+            return OnHost(partial(self.decide, layer, ctx))
 
-        def plan(self, layer, x, ctx):
+        def decide(self, layer, ctx, x):
             self.inputs[ctx.step, layer] = x.clone()
-            return super().plan(layer, x, ctx)
+            return super().plan(layer, ctx)
 
     policy = Recording(reuse_k=2, layer_subset="2")
     run_denoise(model, policy, [[block()], [block(masks=range(11, 32))]])  # slot 10 committed
@@ -566,7 +572,7 @@ def test_a_policy_that_cannot_act_on_the_model_is_no_policy():
         (LayerSkipPolicy(cosine_threshold=0.5, protect_first=2, protect_last=2), True),
         (LayerSkipPolicy(cosine_threshold=0.5, protect_first=3, protect_last=2), False),
     ]:
-        assert policy.enabled and not policy.acts_on(4) and policy.acts_on(5) == acts_on_5
+        assert policy.enabled and not policy.layers(4) and bool(policy.layers(5)) == acts_on_5
         assert Engine(model, policy).policy is None
     acting = TokenSkipPolicy(cosine_threshold=0.5, min_layer=3)
     assert Engine(model, acting).policy is acting

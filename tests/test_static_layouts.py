@@ -6,6 +6,10 @@ padded slot that leaked into a real unit would show."""
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import replace
+from enum import Enum
+
 import pytest
 import torch
 from conftest import IDS, prompt, random_network
@@ -15,6 +19,7 @@ from token_skip_generation_functions import TokenSkipPolicy
 from v2.attention import Dense, Flash
 from v2.engine import Engine
 from v2.generate import GenerationConfig, generate
+from v2.policy import OnDevice
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -134,8 +139,11 @@ def test_a_plan_that_breaks_its_quota_is_an_error():
     from v2.engine import PolicyError
 
     class Liar(TokenSkipPolicy):
-        def reuse_quota(self, layer, ctx):
-            return ctx.window_size  # promises to reuse everything, reuses half
+        def plan(self, layer, ctx):  # promises to reuse everything, reuses half
+            plan = super().plan(layer, ctx)
+            if isinstance(plan, OnDevice):
+                plan = replace(plan, quota=ctx.window_size)
+            return plan
 
     model = random_network(seed=3, num_hidden_layers=3)
     engine = Engine(
@@ -151,7 +159,7 @@ def test_a_plan_that_breaks_its_quota_is_an_error():
     ids = torch.tensor([prompt(32)])
     for _ in range(2):
         engine.denoise(ids, 0, torch.arange(8))
-    with pytest.raises(PolicyError, match="reuse_quota"):
+    with pytest.raises(PolicyError, match="quota"):
         engine.stats  # noqa: B018 - reading the statistics checks the device flag
 
 
@@ -188,3 +196,65 @@ def test_replayed_forwards_equal_the_layer_loop(name, layout):
     for k in ("tokens_per_second", "wall_seconds", "graph_sets"):
         a.pop(k, None), b.pop(k, None)
     assert a == b
+
+
+@pytest.mark.parametrize("layout", ["masked", "compacted"])
+def test_graph_keys_are_typed_values_with_no_strings(layout, monkeypatch):
+    """Every key a step's or a forward's graph is found by is a StepKey or a ForwardKey built of
+    enums, numbers, flags and the plans' typed keys (Uniform, DeviceKey): no string tags, no
+    sentinels. Collected over every policy of this file, on the GPU's static layouts."""
+    from v2.cuda_graphs import ForwardKey, ForwardRecorder, GraphRunner, Layout, StepKey
+    from v2.policy import DeviceKey, Uniform
+
+    keys = []
+    run_graph, record_step, run_forward = (
+        GraphRunner.run,
+        ForwardRecorder.step,
+        ForwardRecorder.forward,
+    )
+    monkeypatch.setattr(
+        GraphRunner, "run", lambda self, key, step: keys.append(key) or run_graph(self, key, step)
+    )
+    monkeypatch.setattr(
+        ForwardRecorder, "step", lambda self, key, s: keys.append(key) or record_step(self, key, s)
+    )
+
+    def forward(self, sig, layers, apply):
+        if sig is not None:
+            keys.append(sig)
+        return run_forward(self, sig, layers, apply)
+
+    monkeypatch.setattr(ForwardRecorder, "forward", forward)
+    model = random_network(seed=3, num_hidden_layers=4)
+    cfg = GenerationConfig(max_new_tokens=40, threshold=0.7, use_block_cache=True)
+    for name in POLICIES:
+        options = LAYOUTS[layout]
+        engine = Engine(
+            model,
+            POLICIES[name](),
+            model.cfg.block_size,
+            True,
+            static_shapes=True,
+            compaction=options["compaction"],
+            attention=options["attention"](),
+        )
+        generate(model, PROMPTS, IDS, cfg, engine.policy, engine=engine)
+
+    def leaves(value):
+        if isinstance(value, (StepKey, ForwardKey, Uniform, DeviceKey)):
+            for field in dataclasses.fields(value):
+                yield from leaves(getattr(value, field.name))
+        elif isinstance(value, tuple):
+            for item in value:
+                yield from leaves(item)
+        else:
+            yield value
+
+    assert {type(k) for k in keys} == {StepKey, ForwardKey}
+    seen = {k.layout for k in keys if isinstance(k, StepKey)}
+    assert seen <= set(Layout) and len(seen) >= 3
+    for key in keys:
+        for leaf in leaves(key):
+            assert leaf is None or isinstance(leaf, (bool, int, Enum)) or callable(leaf), key
+    plans = {p for k in keys if isinstance(k, ForwardKey) for p in k.layers}
+    assert plans and all(isinstance(p, (Uniform, DeviceKey)) for p in plans)

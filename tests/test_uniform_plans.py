@@ -9,6 +9,7 @@ from tests.conftest import IDS, prompt, random_network
 from v2.bench.forced import ForcedLayerPass
 from v2.engine import Engine
 from v2.generate import GenerationConfig, generate
+from v2.policy import ALL_COMPUTE, OnHost
 
 
 class AsTensor:
@@ -20,9 +21,11 @@ class AsTensor:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def plan(self, layer, x, ctx):
-        a = self.inner.plan(layer, x, ctx)
-        return torch.full(x.shape[:2], a, dtype=torch.int8) if isinstance(a, int) else a
+    def plan(self, layer, ctx):
+        a = self.inner.plan(layer, ctx)
+        if a == ALL_COMPUTE:
+            return a
+        return OnHost(lambda x: torch.full(x.shape[:2], a.action, dtype=torch.int8))
 
 
 POLICIES = {

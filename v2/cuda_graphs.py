@@ -25,8 +25,68 @@ from __future__ import annotations
 import gc
 import sys
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass, replace
+from enum import Enum, auto
 
 import torch
+
+from v2.policy import DeviceKey, Uniform
+
+
+class Layout(Enum):
+    """How one step runs a layer's units (engine.py's module docstring, "Static shapes")."""
+
+    DENSE = auto()  # every unit of every cache row computes
+    SCOPE = auto()  # the forward's units in scope, compacted into a capacity
+    SCOPE_MASKED = auto()  # every unit runs; those out of scope are discarded
+    GATHER_SCOPE = auto()  # the compaction of the forward's scope (once per forward)
+    MASKED = auto()  # every unit runs; the plan decides what is kept
+    BOUND = auto()  # the plan's units, compacted into a capacity its quota bounds
+    SETTLE = auto()  # the plan resolved on the device, to be read back
+    COMPACTED = auto()  # the plan's units compacted after that read-back
+    REUSE_ALL = auto()  # every unit in scope re-adds its last update
+    REUSE = auto()  # the plan's reused units re-add theirs; nothing computes
+
+
+@dataclass(frozen=True)
+class StepKey:
+    """The graph of one step: a layout at a window size, and what makes its device work differ
+    (the layer, whether updates are kept, the capacity, the plan's device work)."""
+
+    layout: Layout
+    window: int
+    layer: int | None = None
+    deltas: bool = False
+    capacity: int | None = None
+    plan: DeviceKey | None = None
+
+    @property
+    def graph_set(self) -> StepKey:
+        """The key without its layer: steps alike in every layer (what `sets` counts)."""
+        return replace(self, layer=None)
+
+
+class Kind(Enum):
+    DENOISE = auto()
+    COMMIT = auto()
+
+
+@dataclass(frozen=True)
+class ForwardKey:
+    """What determines a forward's layer loop (its layouts, graphs and host effects): the
+    signature its record is found by (engine.py, "Forward graphs")."""
+
+    kind: Kind
+    window: int
+    sub_block_rows: bool  # some rows compute only part of the window (the sub-block cache)
+    every_unit: bool  # every unit of every cache row is in scope
+    units: int | None  # units in scope, where the layouts depend on it (compaction pays)
+    rows: int | None  # rows with a sequence, likewise
+    layers: tuple[Uniform | DeviceKey, ...] = ()  # each layer's plan, as far as the host knows
+    # Where updates are kept: the window's positions in the block (a bit each), and per layer
+    # whether every unit there has a REUSE reference.
+    window_bits: int | None = None
+    references: tuple[bool, ...] | None = None
 
 
 class GraphRunner:
@@ -53,9 +113,8 @@ class GraphRunner:
         self.graphs.clear()
         self.warm.clear()
 
-    def run(self, key: tuple, step: Callable[[], None]) -> None:
-        """Replay the graph of `key`, or warm up / capture `step` (module docstring). `key`'s
-        first element is the layer index when the step belongs to one layer (for `sets`)."""
+    def run(self, key: StepKey | ForwardKey, step: Callable[[], None]) -> None:
+        """Replay the graph of `key`, or warm up / capture `step` (module docstring)."""
         if not self.enabled:
             step()
             return
@@ -108,7 +167,7 @@ class GraphRunner:
             if collecting:
                 gc.enable()
         self.graphs[key] = graph
-        self.sets.add(key[1:] if isinstance(key[0], int) else key)
+        self.sets.add(key.graph_set if isinstance(key, StepKey) else key)
         return graph
 
 
@@ -137,23 +196,24 @@ class ForwardRecorder:
     def __init__(self, graphs: GraphRunner, enabled: bool = True):
         self.graphs = graphs
         self.enabled = enabled
-        self.records: dict[tuple, _Record | None] = {}  # None: cannot be replayed
+        self.records: dict[ForwardKey, _Record | None] = {}  # None: cannot be replayed
         self.recording: _Record | None = None
-        self.replays: dict[str, int] = {}  # forwards replayed, by the signature's first element
+        self.replays: dict[str, int] = {}  # forwards replayed, by kind (denoise, commit)
 
     def clear(self) -> None:
         self.records.clear()
 
     def forward(
-        self, sig: tuple | None, layers: Callable[[], None], apply: Callable[[tuple], None]
+        self, sig: ForwardKey | None, layers: Callable[[], None], apply: Callable[[tuple], None]
     ) -> None:
         """Run the forward whose loop is `layers`: replay its record (its steps as one graph,
         its effects through `apply`), or run the loop, recording it the first time `sig` is seen
         (None: never recorded)."""
         record = self.records.get(sig, False) if sig is not None else None
         if record:
-            self.replays[sig[0]] = self.replays.get(sig[0], 0) + 1
-            self.graphs.run(("forward", *sig), record.run_steps)
+            kind = sig.kind.name.lower()
+            self.replays[kind] = self.replays.get(kind, 0) + 1
+            self.graphs.run(sig, record.run_steps)
             for effect in record.effects:
                 apply(effect)
             return
@@ -167,7 +227,7 @@ class ForwardRecorder:
             self.recording = None
         self.records[sig] = record if record.replayable else None
 
-    def step(self, key: tuple, step: Callable[[], None]) -> None:
+    def step(self, key: StepKey, step: Callable[[], None]) -> None:
         """One step of device work: into the record being made (run now, eagerly), or through
         its own graph."""
         if self.recording is None:

@@ -18,17 +18,17 @@ same buffers.
 Per device:
 - CUDA: the layer step is compiled (torch.compile), and each layer's work, including a policy's
   plan when the policy allows it (policy.py), is captured in a CUDA graph (cuda_graphs.py). A
-  plan that only the device knows is sized with the policy's `reuse_quota`, or else read back
+  plan that only the device knows is sized by its quota (policy.OnDevice), or else read back
   with one synchronisation for that layer.
 - CPU: plain PyTorch with exact shapes (no padding), attention over the computed queries only.
 
-Forward graphs. The first time a forward with a given signature (kind, window, the layout its
-units in scope imply, the policy's capture keys or host plans, the reference state its layouts
-depend on) runs, its layer loop is recorded as it runs: every layer's device work (the steps
-above) and every host effect (statistics, reference bits). From then on the loop does not run:
+Forward graphs. The first time a forward with a given signature (cuda_graphs.ForwardKey: kind,
+window, the layout its units in scope imply, its layers' plan keys, the reference state its
+layouts depend on) runs, its layer loop is recorded as it runs: every layer's device work (the
+steps above) and every host effect (statistics, reference bits). From then on the loop does not run:
 the recorded steps are replayed as one CUDA graph and the host effects applied again, so a
 forward costs one graph launch and no per-layer Python. A forward whose loop must read the
-device (a plan sized only by a read-back) or ask a policy eagerly is not recorded; its layers run
+device (a plan sized only by a read-back, an OnHost plan) is not recorded; its layers run
 one graph each, as before. The recording and replay are cuda_graphs.ForwardRecorder's; the
 engine gives it each forward's signature and loop, its device steps and its host effects.
 
@@ -58,6 +58,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import replace
 from functools import wraps
 
 import torch
@@ -66,7 +67,7 @@ import torch.nn.functional as F
 from v2 import flops
 from v2.attention import Geometry, UnitBatch, choose
 from v2.compiled import compiled
-from v2.cuda_graphs import ForwardRecorder, GraphRunner
+from v2.cuda_graphs import ForwardKey, ForwardRecorder, GraphRunner, Kind, Layout, StepKey
 from v2.kv_cache import KVCache
 from v2.layer_step import (
     Deltas,
@@ -80,11 +81,21 @@ from v2.layer_step import (
 )
 from v2.model import Network, block_causal_mask, sdpa
 from v2.observer import NOT_RUN, Observer
-from v2.policy import COMPUTE, PASS, REUSE, ForwardContext, Policy
+from v2.policy import (
+    ALL_COMPUTE,
+    COMPUTE,
+    PASS,
+    REUSE,
+    ForwardContext,
+    OnDevice,
+    OnHost,
+    Plan,
+    Policy,
+    Uniform,
+)
 from v2.stats import Stats
 
 COMPACTION = ("auto", "always", "never")
-_CAPTURED = object()  # a plan that the layer's graph computes
 
 
 def logits(hidden, norm_weight, head_weight, eps: float) -> torch.Tensor:
@@ -164,21 +175,22 @@ class _Window:
         self.dense = UnitBatch(torch.arange(N, device=dev), None, None, N)
         self.masked = UnitBatch(self.dense.index, self.compute, None, None)
         self.scope_masked = UnitBatch(self.dense.index, self.scope_flat, None, None)
-        self._compacted: dict[tuple[str, int], UnitBatch] = {}
+        self._compacted: dict[tuple[bool, int], UnitBatch] = {}
         self.scope_batch: UnitBatch | None = None  # this forward's compacted scope
 
-    def compacted(self, C: int, kind: str = "plan") -> UnitBatch:
-        """Static buffers of a compacted layout of C slots; the forward's scope ("scope", shared
-        by its dense layers) and a layer's plan ("plan") each have their own."""
-        if (kind, C) not in self._compacted:
+    def compacted(self, C: int, scope: bool = False) -> UnitBatch:
+        """Static buffers of a compacted layout of C slots; the forward's scope (`scope`, shared
+        by its dense layers) and a layer's plan each have their own."""
+        kind = (scope, C)
+        if kind not in self._compacted:
             dev = self.x.device
-            self._compacted[kind, C] = UnitBatch(
+            self._compacted[kind] = UnitBatch(
                 torch.full((C,), self.N, dtype=torch.long, device=dev),
                 torch.zeros(C, dtype=torch.bool, device=dev),
                 torch.zeros(self.geo.rows + 1, dtype=torch.int32, device=dev),
                 None,
             )
-        return self._compacted[kind, C]
+        return self._compacted[kind]
 
 
 class Engine:
@@ -210,8 +222,9 @@ class Engine:
         # no per-layer planning cost.
         self.given_policy = policy
         L = cfg.num_hidden_layers
-        self.policy = policy if policy is not None and policy.acts_on(L) else None
-        self._protected = self.policy.protected_layers(L) if self.policy else set()
+        skips = set(policy.layers(L)) if policy is not None else set()
+        self.policy = policy if skips else None
+        self._protected = set(range(L)) - skips  # layers the policy may not skip
         w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype
         self.attention = attention or choose(self.device, self.dtype, model.eager_attention)
@@ -281,20 +294,16 @@ class Engine:
         self._stats = Stats(self.cfg.num_hidden_layers)
         self._counters.zero_()
         self._settled_rows = [0] * self.cfg.num_hidden_layers
-        if self.policy is not None:
-            self.policy.extra_flops()  # forget the policy's work before now
 
     @property
     def stats(self) -> Stats:
         """The statistics so far (reads the device's counters: a synchronisation)."""
         st = self._stats
-        if self.policy is not None:
-            st.executed_flops += self.policy.extra_flops()
         reused, useful, pairs, overflow = self._counters.tolist()
         pairs, overflow = sum(pairs), any(overflow)
         if overflow:
             name = self.policy.name if self.policy else "none"
-            raise PolicyError(f"{name}: a captured plan computed more units than its reuse_quota")
+            raise PolicyError(f"{name}: a plan on the device computed more units than its quota allows")
         self._counters.zero_()
         for i in range(self.cfg.num_hidden_layers):
             st.padding_units_per_layer[i] += self._settled_rows[i] - useful[i]
@@ -419,7 +428,10 @@ class Engine:
         self._count_forward("commit", b, b * w)
         win = self._load(ids, 0, None)
         pays = self._pays(b * w)
-        sig = ("commit", w, b * w == win.N, b * w if pays else None) if self.static else None
+        sig = None
+        if self.static:
+            every = b * w == win.N
+            sig = ForwardKey(Kind.COMMIT, w, False, every, b * w if pays else None, None)
 
         def layers():
             for i in range(self.cfg.num_hidden_layers):
@@ -453,32 +465,38 @@ class Engine:
             rows, n_scope = (int(t) for t in (units.any(1).sum(), units.sum()))
         self._count_forward(kind, rows, n_scope)
         win = self._load(ids, window_start, units)
-        ctx = ForwardContext(self.step, window_start, w, self.cache.rows, L, B, win.scope)
+        ctx = ForwardContext(
+            self.step, window_start, w, self.cache.rows, L, B, win.scope, win.x_units
+        )
         self.step += 1
-        if self.policy is not None:
-            self.policy.begin_forward(ctx)
+        policy = self.policy
+        if policy is not None:
+            policy.begin_forward(ctx)
+        plans = [policy.plan(i, ctx) if policy else ALL_COMPUTE for i in range(L)]
         bits = (((1 << w) - 1) << window_start) if units is None else None
 
         self._watch = watch = observer
         if watch is None:
-            sig = self._signature(win, ctx, n_scope, bits)
+            sig = self._signature(win, plans, n_scope, bits)
 
             def layers():
                 for i in range(L):
-                    self._layer(i, win, ctx, n_scope, bits)
+                    self._layer(i, win, plans[i], n_scope, bits)
 
         else:  # watched: the layer loop runs (no replay), each layer's plan is read back
-            sig, plans = None, torch.empty(L, *win.plan.shape, dtype=torch.int8, device=self.device)
+            sig, did = None, torch.empty(L, *win.plan.shape, dtype=torch.int8, device=self.device)
 
             def layers():
                 for i in range(L):
                     watch.on_hidden(i, win.x_units, ctx)
-                    plans[i] = self._resolved(win, self._layer(i, win, ctx, n_scope, bits))
+                    did[i] = self._resolved(win, self._layer(i, win, plans[i], n_scope, bits))
 
         self._run_layers(sig, bits, n_scope, layers)
         if watch is not None:
             watch.on_hidden(L, win.x_units, ctx)
-            self.last_plan = plans.cpu()
+            self.last_plan = did.cpu()
+        if policy is not None:
+            self._stats.executed_flops += policy.end_forward(ctx)
         self._count_flops(n_scope, b * out_positions.numel())
         return win.x_units[:b, out_positions]
 
@@ -491,28 +509,35 @@ class Engine:
 
     # ---- a forward's layers: recorded once, then replayed as one graph ----------------------
 
-    def _signature(self, win: _Window, ctx: ForwardContext, n_scope: int, bits) -> tuple | None:
+    def _signature(self, win: _Window, plans: list, n_scope: int, bits) -> ForwardKey | None:
         """What determines a denoise forward's layer loop (its layouts, graphs and host effects),
-        or None when a layer asks its policy eagerly (module docstring, "Forward graphs")."""
+        or None when a layer's plan is decided on the host (module docstring, "Forward graphs")."""
         if not self.static:
             return None
-        p, keys, refs = self.policy, (), None
-        if p is not None:
-            keys = []
-            for i in range(self.cfg.num_hidden_layers):
-                action = p.host_plan(i, ctx)
-                key = ("host", action) if action is not None else p.capture_key(i, ctx)
-                if key is None:
-                    return None
-                keys.append(key)
-            if self._keeps_deltas:
-                refs = (bits, tuple(r & bits == bits for r in self._ref_bits) if bits else None)
+        keys = []
+        for plan in plans:
+            if isinstance(plan, OnHost):
+                return None
+            keys.append(plan if isinstance(plan, Uniform) else plan.graph_key)
+        window_bits = references = None
+        if self._keeps_deltas:
+            window_bits = bits
+            references = tuple(r & bits == bits for r in self._ref_bits) if bits else None
         # Units in scope change the layouts only where compaction pays (module docstring).
         pays = self._pays(n_scope)
-        scope = (n_scope == win.N, n_scope if pays else None, self.live if pays else None)
-        return ("denoise", win.w, bits is None, *scope, tuple(keys), refs)
+        return ForwardKey(
+            Kind.DENOISE,
+            win.w,
+            sub_block_rows=bits is None,
+            every_unit=n_scope == win.N,
+            units=n_scope if pays else None,
+            rows=self.live if pays else None,
+            layers=tuple(keys),
+            window_bits=window_bits,
+            references=references,
+        )
 
-    def _run_layers(self, sig: tuple | None, bits, n_scope: int, layers: Callable[[], None]):
+    def _run_layers(self, sig: ForwardKey | None, bits, n_scope: int, layers: Callable[[], None]):
         """Run `layers` (the forward's loop over layers) through the recorder: recorded the first
         time `sig` is seen, replayed afterwards (module docstring, "Forward graphs")."""
         self._n_scope = n_scope
@@ -546,44 +571,47 @@ class Engine:
 
     # ---- one layer ----------------------------------------------------------------------------
 
-    def _layer(self, i: int, win: _Window, ctx: ForwardContext, n_scope: int, bits) -> int | None:
-        """Run layer i of a denoise forward. Returns what it did with every unit in scope
-        (COMPUTE, REUSE or PASS), or None for a per-unit plan, resolved in win.compute /
+    def _layer(self, i: int, win: _Window, plan: Plan, n_scope: int, bits) -> int | None:
+        """Run layer i of a denoise forward by its plan. Returns what it did with every unit in
+        scope (COMPUTE, REUSE or PASS), or None for a per-unit plan, resolved in win.compute /
         win.reuse (what an observer reads back, `_resolved`)."""
-        policy, plan, key = self.policy, None, None
-        action = policy.host_plan(i, ctx) if policy is not None else None
-        if action is not None:
-            plan = None if action == COMPUTE else action
-        elif policy is not None:
-            # An observer reads each plan back: no plan captured in the layer's graph.
-            captures = self.static and self._watch is None
-            key = policy.capture_key(i, ctx) if captures else None
-            if key is None:
-                self.recorder.not_replayable()
-            plan = _CAPTURED if key is not None else policy.plan(i, win.x_units, ctx)
-        if plan is not None and i in self._protected:
-            raise PolicyError(f"{policy.name}: planned skipping on protected layer {i}")
-        if isinstance(plan, int) and plan != COMPUTE:
-            how = self._uniform(i, plan, win.w, bits)
-            if how == "pass":
-                return PASS  # the layer does not run; x is its output
-            if how == "reuse":
-                deltas = Deltas(self.delta[i], self.has_ref[i], win.all_units, self.B)
-                self.recorder.step(
-                    (i, win.w, "reuse_all"), lambda: reuse_add(win.x, win.units, deltas)
-                )
-                self._effect(("reused", i))
-                return REUSE
-            if how is None:
-                self.recorder.not_replayable()
-            plan = None if how == "compute" else torch.full_like(win.plan, plan)
-        if plan is None or isinstance(plan, int):
-            self._dense_layer(i, win, n_scope, bits, deltas=self._keeps_deltas)
-            return COMPUTE
-        if plan is not _CAPTURED:
+        if isinstance(plan, OnHost):
+            self.recorder.not_replayable()
+            plan = plan.decide(win.x_units)
+        elif isinstance(plan, OnDevice) and not (self.static and self._watch is None):
+            plan = self._fn("plan", plan.fn)(win.x_units, *plan.args)  # read back: run it now
+        if i in self._protected and not (isinstance(plan, Uniform) and plan.action == COMPUTE):
+            raise PolicyError(f"{self.policy.name}: planned skipping on protected layer {i}")
+        if isinstance(plan, Uniform):
+            did = self._uniform_layer(i, win, plan.action, n_scope, bits)
+            if did is not None:
+                return did
+            plan = torch.full_like(win.plan, plan.action)  # the general path checks each unit
+        if isinstance(plan, torch.Tensor):
             self._check(plan, win)
             win.plan.copy_(plan)
-        self._planned_layer(i, win, ctx, key, n_scope, bits)
+            plan = None
+        self._planned_layer(i, win, plan, n_scope, bits)
+        return None
+
+    def _uniform_layer(self, i: int, win: _Window, action: int, n_scope: int, bits) -> int | None:
+        """A plan of one action for every unit, run with no device round trip where the host
+        knows enough: returns the action done, or None when each unit must be checked."""
+        if action == PASS and bits is not None:
+            if not (win.w == self.B and self.block_cache):
+                return PASS  # the layer does not run; x is its output
+            action = COMPUTE  # the sub-block cache needs a full window's block K/V
+        if action == COMPUTE:
+            self._dense_layer(i, win, n_scope, bits, deltas=self._keeps_deltas)
+            return COMPUTE
+        referenced = bits is not None and self._ref_bits[i] & bits == bits  # every unit
+        if action == REUSE and referenced and self._keeps_deltas:
+            deltas = Deltas(self.delta[i], self.has_ref[i], win.all_units, self.B)
+            key = StepKey(Layout.REUSE_ALL, win.w, i)
+            self.recorder.step(key, lambda: reuse_add(win.x, win.units, deltas))
+            self._effect(("reused", i))
+            return REUSE
+        self.recorder.not_replayable()
         return None
 
     def _resolved(self, win: _Window, did: int | None) -> torch.Tensor:
@@ -602,76 +630,40 @@ class Engine:
         """Every unit in scope computes."""
         d = Deltas(self.delta[i], self.has_ref[i], None, self.B) if deltas else None
         w, N = win.w, win.N
-        # (layout, graph tag, rows through its matmuls); the n_scope units in scope are useful
+        # (layout, rows through its matmuls, capacity); the n_scope units in scope are useful
         if n_scope == N:
-            batch, tag, rows = win.dense, ("dense",), N
+            batch, layout, rows, C = win.dense, Layout.DENSE, N, None
         elif not self.static:
             if win.scope_batch is None:
                 index = win.scope_flat.nonzero().squeeze(1)
                 win.scope_batch = UnitBatch(index, None, None, n_scope)
-            batch, tag, rows = win.scope_batch, None, n_scope
+            batch, layout, rows, C = win.scope_batch, Layout.SCOPE, n_scope, None
         elif self._pays(n_scope):
             C = capacity(n_scope, N)
             if win.scope_batch is None:
-                win.scope_batch = win.compacted(C, "scope")
+                win.scope_batch = win.compacted(C, scope=True)
                 self.recorder.step(
-                    ("scope", w, C), lambda: self._compact(win, win.scope_flat, C, "scope")
+                    StepKey(Layout.GATHER_SCOPE, w, capacity=C),
+                    lambda: self._compact(win, win.scope_flat, C, scope=True),
                 )
                 win.scope_batch.count = n_scope
-            batch, tag, rows = win.scope_batch, ("scope", C), C  # C - n_scope: bucket padding
+            batch, layout, rows = win.scope_batch, Layout.SCOPE, C  # C - n_scope: bucket padding
         else:  # masked: every unit runs, those out of scope are discarded (padding)
-            batch, tag, rows = win.scope_masked, ("scope_masked",), N
-        self.recorder.step((i, w, deltas, *(tag or ())), lambda: self._step(i, win, batch, d))
+            batch, layout, rows, C = win.scope_masked, Layout.SCOPE_MASKED, N, None
+        key = StepKey(layout, w, i, deltas, C)
+        self.recorder.step(key, lambda: self._step(i, win, batch, d))
         self._count_layer(i, win, batch, rows=rows, planned=False)
         if bits is not None and deltas:
             self._effect(("ref", i), bits)
 
-    def _planned_layer(self, i, win: _Window, ctx, key, n_scope: int, bits) -> None:
-        """A per-unit plan (in win.plan, or computed by the policy inside the graph)."""
-        captured = key is not None
-        d = (
-            Deltas(self.delta[i], self.has_ref[i], win.reuse, self.B)
-            if self._keeps_deltas
-            else None
-        )
-        w, N, plan_key = win.w, win.N, ("plan", key) if captured else ("eager_plan",)
-
-        settle_args = (
-            win.scope,
-            self.has_ref[i] if self._keeps_deltas else None,
-            win.units,
-            self.B,
-            self.block_cache and w == self.B,
-            win.compute,
-            win.reuse,
-            self._counters,
-            self._layer_ids[i],
-        )
-
-        def plan_and_settle(C: int | None = None):
-            """The plan (captured: computed here), resolved; compacted into C slots if given."""
-            plan = self.policy.plan(i, win.x_units, ctx) if captured else win.plan
-            extra = {}
-            if C is not None:
-                # Flash attends with the computed queries only: n x keys pairs, known on the
-                # device; the dense backend's pairs do not depend on n (counted on the host).
-                pair_keys = win.geo.end if self.attention.name == "flash" else 0
-                batch = win.compacted(C) if C else None
-                extra = dict(capacity=C, rows=win.geo.rows, batch_out=batch, pair_keys=pair_keys)
-            self._fn("settle", settle)(plan, *settle_args, **extra)
-
-        def masked():
-            """Everything runs; the plan decides what is kept. A device plan the policy hands
-            over runs inside the layer's first compiled half (its kernels fuse with the layer's)."""
-            device_plan = self.policy.device_plan(i, win.x_units, ctx) if captured else None
-            if device_plan is None:
-                plan_and_settle()
-                self._step(i, win, win.masked, d)
-            else:
-                self._step(i, win, win.masked, d, planned=(*device_plan, settle_args))
-
+    def _planned_layer(self, i: int, win: _Window, device: OnDevice | None, n_scope, bits) -> None:
+        """A per-unit plan: in win.plan (None), or `device`, computed inside the layer's graph."""
+        d = None
+        if self._keeps_deltas:
+            d = Deltas(self.delta[i], self.has_ref[i], win.reuse, self.B)
+        key = StepKey(Layout.MASKED, win.w, i, d is not None, plan=device and device.graph_key)
         if not self.static:  # exact shapes: read the plan
-            plan_and_settle()
+            self._settle(i, win, device)
             index = win.compute.nonzero().squeeze(1)
             n = index.numel()
             batch = UnitBatch(index, None, None, n)
@@ -681,47 +673,86 @@ class Engine:
             elif d is not None:
                 reuse_add(win.x, win.units, d)
         elif not self._pays(n_scope):  # masked: everything runs, the plan decides what is kept
-            self.recorder.step((i, w, d is not None, "masked", *plan_key), masked)
-            self._count_layer(i, win, win.masked, rows=N, planned=True)
-        else:
-            bound = self._bound(i, ctx, win, bits) if captured else None
-            if bound is not None:
-                C = capacity(bound, N) if bound else 0
-
-                def work():
-                    plan_and_settle(C)  # useful units, pairs and the overflow check counted there
-                    if C:
-                        self._step(i, win, win.compacted(C), d)
-                    elif d is not None:
-                        reuse_add(win.x, win.units, d)
-
-                self.recorder.step((i, w, d is not None, "bound", C, *plan_key), work)
-                if C:
-                    host_pairs = self.attention.name != "flash"
-                    self._count_layer(
-                        i, win, win.compacted(C), rows=C, planned=True, attention=host_pairs
-                    )
-            else:  # the plan's size only the device knows: read it (one sync for this layer)
-                self.recorder.not_replayable()
-                self.graphs.run((i, w, d is not None, "sync", *plan_key), plan_and_settle)
-                n = int(win.compute.sum())
-                C = capacity(n, N) if n else 0
-                if C:
-                    batch = win.compacted(C)
-                    self.graphs.run(
-                        (i, w, d is not None, "synced", C),
-                        lambda: (
-                            self._compact(win, win.compute, C),
-                            self._step(i, win, batch, d),
-                        ),
-                    )
-                    batch.count = n
-                    self._count_layer(i, win, batch, rows=C, planned=True)
-                elif d is not None:
-                    reuse = Deltas(d.delta, d.has_ref, win.reuse, self.B)
-                    self.graphs.run((i, w, "reuse"), lambda: reuse_add(win.x, win.units, reuse))
+            self.recorder.step(key, lambda: self._masked_step(i, win, device, d))
+            self._count_layer(i, win, win.masked, rows=win.N, planned=True)
+        elif (bound := self._bound(i, device, win, bits)) is not None:
+            self._bound_step(i, win, device, d, key, bound)
+        else:  # the plan's size only the device knows: read it (one sync for this layer)
+            self._read_back_step(i, win, device, d, key)
         if bits is not None and not self.policy.passes:
             self._effect(("ref", i), bits)
+
+    def _settle(self, i: int, win: _Window, device: OnDevice | None, C: int | None = None):
+        """The plan (on the device: computed here), resolved into win.compute / win.reuse and
+        counted; compacted into C slots if given (layer_step.settle)."""
+        plan = self._fn("plan", device.fn)(win.x_units, *device.args) if device else win.plan
+        extra = {}
+        if C is not None:
+            # Flash attends with the computed queries only: n x keys pairs, known on the
+            # device; the dense backend's pairs do not depend on n (counted on the host).
+            pair_keys = win.geo.end if self.attention.name == "flash" else 0
+            batch = win.compacted(C) if C else None
+            extra = dict(capacity=C, rows=win.geo.rows, batch_out=batch, pair_keys=pair_keys)
+        self._fn("settle", settle)(plan, *self._settle_args(i, win), **extra)
+
+    def _settle_args(self, i: int, win: _Window) -> tuple:
+        return (
+            win.scope,
+            self.has_ref[i] if self._keeps_deltas else None,
+            win.units,
+            self.B,
+            self.block_cache and win.w == self.B,
+            win.compute,
+            win.reuse,
+            self._counters,
+            self._layer_ids[i],
+        )
+
+    def _masked_step(self, i: int, win: _Window, device: OnDevice | None, d) -> None:
+        """Everything runs; the plan decides what is kept. A plan on the device runs inside the
+        layer's first compiled half (its kernels fuse with the layer's)."""
+        if device is None:
+            self._settle(i, win, None)
+            self._step(i, win, win.masked, d)
+        else:
+            planned = (device.fn, (win.x_units, *device.args), self._settle_args(i, win))
+            self._step(i, win, win.masked, d, planned=planned)
+
+    def _bound_step(self, i: int, win: _Window, device: OnDevice, d, key: StepKey, bound: int):
+        """The plan's units compacted into a capacity its quota bounds: no read-back."""
+        C = capacity(bound, win.N) if bound else 0
+
+        def work():
+            self._settle(i, win, device, C)  # useful units, pairs and the overflow check counted
+            if C:
+                self._step(i, win, win.compacted(C), d)
+            elif d is not None:
+                reuse_add(win.x, win.units, d)
+
+        self.recorder.step(replace(key, layout=Layout.BOUND, capacity=C), work)
+        if C:
+            host_pairs = self.attention.name != "flash"
+            self._count_layer(i, win, win.compacted(C), rows=C, planned=True, attention=host_pairs)
+
+    def _read_back_step(self, i: int, win: _Window, device: OnDevice | None, d, key: StepKey):
+        """The plan resolved, its size read back (one synchronisation), then its units compacted
+        into the capacity that size needs."""
+        self.recorder.not_replayable()
+        self.graphs.run(replace(key, layout=Layout.SETTLE), lambda: self._settle(i, win, device))
+        n = int(win.compute.sum())
+        C = capacity(n, win.N) if n else 0
+        if C:
+            batch = win.compacted(C)
+            self.graphs.run(
+                StepKey(Layout.COMPACTED, win.w, i, d is not None, C),
+                lambda: (self._compact(win, win.compute, C), self._step(i, win, batch, d)),
+            )
+            batch.count = n
+            self._count_layer(i, win, batch, rows=C, planned=True)
+        elif d is not None:
+            reuse = Deltas(d.delta, d.has_ref, win.reuse, self.B)
+            key = StepKey(Layout.REUSE, win.w, i)
+            self.graphs.run(key, lambda: reuse_add(win.x, win.units, reuse))
 
     # ---- device work (what graphs capture) ----------------------------------------------------
 
@@ -749,8 +780,8 @@ class Engine:
             planned,
         )
 
-    def _compact(self, win: _Window, mask: torch.Tensor, C: int, kind: str = "plan") -> None:
-        self._fn("compact_into", compact_into)(mask, C, win.geo.rows, win.compacted(C, kind))
+    def _compact(self, win: _Window, mask: torch.Tensor, C: int, scope: bool = False) -> None:
+        self._fn("compact_into", compact_into)(mask, C, win.geo.rows, win.compacted(C, scope))
 
     def _fn(self, name: str, fn: Callable) -> Callable:
         """`fn`, compiled when the engine compiles (CUDA; compiled.py)."""
@@ -798,28 +829,16 @@ class Engine:
             return self.compaction == "always"
         return units >= 256 and units * flops.unit(self.cfg) >= 40e9
 
-    def _bound(self, i: int, ctx: ForwardContext, win: _Window, bits) -> int | None:
-        """Most units a captured plan can compute, from its reuse_quota, when every row in scope
-        has a reference at every position of the window (else None)."""
-        quota = self.policy.reuse_quota(i, ctx)
+    def _bound(self, i: int, device: OnDevice | None, win: _Window, bits) -> int | None:
+        """Most units a plan on the device can compute, from its quota: every unit in scope for
+        quota 0; otherwise only when every row in scope has a reference at every position of the
+        window (else None)."""
+        quota = device.quota if device is not None else None
+        if quota == 0:
+            return self.live * win.w
         if quota is None or bits is None or self._ref_bits[i] & bits != bits:
             return None
         return self.live * max(0, win.w - quota)
-
-    def _uniform(self, i: int, action: int, w: int, bits) -> str | None:
-        """How to run a plan that is one action (an int) for every unit: "compute" (the dense
-        layer), "pass", "reuse" (every unit has a reference), or None (expand it to a tensor and
-        take the general path, which checks per unit)."""
-        if action == COMPUTE:
-            return "compute"
-        if bits is None:
-            return None
-        if action == PASS:
-            # The sub-block cache needs a full-window forward's block K/V: it computes.
-            return "compute" if w == self.B and self.block_cache else "pass"
-        if action == REUSE and self._keeps_deltas:
-            return "reuse" if self._ref_bits[i] & bits == bits else None
-        return None
 
     def _check(self, plan: torch.Tensor, win: _Window) -> None:
         """An eager plan: shape, and PASS covering a row's whole window (a synchronisation)."""

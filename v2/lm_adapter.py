@@ -469,7 +469,7 @@ class FastDLLMEvalLM(LM):
         RUN.pretrained = st.path
         RUN.num_layers = self.model.cfg.num_hidden_layers
         p = self.policy
-        if p is not None and p.enabled and not p.acts_on(RUN.num_layers):  # else said already
+        if p is not None and p.enabled and not p.layers(RUN.num_layers):  # else said already
             given = {k: v for k, v in model_args.items() if k in all_options() and v is not None}
             note = baseline_note(p, given, RUN.num_layers)
             print(f"[fast_dllm_v2] note: {note}", file=sys.stderr)

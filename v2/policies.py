@@ -97,7 +97,7 @@ def baseline_note(policy: Policy | None, given=(), num_layers: int | None = None
     options the user set (shown with their values)."""
     if policy is None:
         return None
-    if policy.acts_on(num_layers) if num_layers is not None else policy.enabled:
+    if policy.layers(num_layers) if num_layers is not None else policy.enabled:
         return None
     config = policy.config()
     shown = {k: config[k] for k in given if k in config}

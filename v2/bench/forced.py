@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from layer_skip_generation_functions import LayerReusePolicy, LayerSkipPolicy
 from token_skip_generation_functions import TokenSkipPolicy
-from v2.policy import COMPUTE, PASS, ForwardContext, Policy
+from v2.policy import ALL_COMPUTE, ALL_PASS, ForwardContext, Policy, Uniform
 
 
 class ForcedTokenReuse(TokenSkipPolicy):
@@ -32,23 +32,19 @@ class ForcedLayerPass(LayerSkipPolicy):
     def __init__(self, n: int):
         super().__init__(cosine_threshold=0.0)
         self.n = n
-        self.layers: list[int] = []
+        self.passed: list[int] = []
 
     def begin_block(self, batch_size: int, block_size: int, num_layers: int) -> None:
-        self.layers = spread_layers(self.n, num_layers)
+        self.passed = spread_layers(self.n, num_layers)
 
     def begin_forward(self, ctx: ForwardContext) -> None:
         pass
 
-    def host_plan(self, layer: int, ctx: ForwardContext) -> int:
-        return PASS if layer in self.layers else COMPUTE
-
-    def plan(self, layer: int, x, ctx: ForwardContext):
-        action = self.host_plan(layer, ctx)
-        return None if action == COMPUTE else action
+    def plan(self, layer: int, ctx: ForwardContext) -> Uniform:
+        return ALL_PASS if layer in self.passed else ALL_COMPUTE
 
     def config(self) -> dict:
-        return {"policy": self.name, "n": self.n, "layers": self.layers}
+        return {"policy": self.name, "n": self.n, "layers": self.passed}
 
 
 def spread_layers(n: int, num_layers: int) -> list[int]:
