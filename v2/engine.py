@@ -303,7 +303,7 @@ class Engine:
         pairs, overflow = sum(pairs), any(overflow)
         if overflow:
             name = self.policy.name if self.policy else "none"
-            raise PolicyError(f"{name}: a plan on the device computed more units than its quota allows")
+            raise PolicyError(f"{name}: a plan on the device computed more than its quota allows")
         self._counters.zero_()
         for i in range(self.cfg.num_hidden_layers):
             st.padding_units_per_layer[i] += self._settled_rows[i] - useful[i]
