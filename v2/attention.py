@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from v2.kv_cache import by_row, trash_slot
 from v2.model import sdpa
 
 
@@ -93,7 +94,7 @@ class Flash:
         g = qf.shape[0] // batch.index.shape[0]
         C = qf.shape[0] // g
         cu_q = (batch.cu_q if batch.cu_q is not None else geo.dense_cu_q) * g
-        trash = geo.rows * geo.max_len
+        trash = trash_slot(geo.rows, geo.max_len)
         out = self.op(
             qf,
             k[:trash],
@@ -130,9 +131,8 @@ class Dense:
         to = batch.index if batch.valid is None else torch.where(batch.valid, batch.index, N)
         Q = q.new_zeros(N + 1, H, hd).index_copy_(0, to, q)
         Q = Q[:N].view(R, w, H, hd).transpose(1, 2)
-        trash = R * geo.max_len
-        K = k[:trash].view(R, geo.max_len, *k.shape[1:]).transpose(1, 2)
-        V = v[:trash].view(R, geo.max_len, *v.shape[1:]).transpose(1, 2)
+        K = by_row(k, R, geo.max_len).transpose(1, 2)
+        V = by_row(v, R, geo.max_len).transpose(1, 2)
         mask = (geo.key_positions < geo.end).view(1, 1, 1, -1)
         o = sdpa(Q, K, V, mask, self.eager).transpose(1, 2).reshape(N, H, hd)
         return torch.cat((o, o.new_zeros(1, H, hd)))[batch.index]
@@ -163,9 +163,7 @@ class Packed:
         slot = (torch.cumsum(counts > 0, 0) - 1)[rows]
         a, width = running.numel(), int(counts.max())
         self._last_pairs = a * width * end
-        trash = geo.rows * geo.max_len
-        K = k[:trash].view(geo.rows, geo.max_len, *k.shape[1:])
-        V = v[:trash].view(geo.rows, geo.max_len, *v.shape[1:])
+        K, V = by_row(k, geo.rows, geo.max_len), by_row(v, geo.rows, geo.max_len)
         if a < geo.rows:
             K, V = K[running], V[running]
         K, V = K[:, :end].transpose(1, 2), V[:, :end].transpose(1, 2)
