@@ -17,7 +17,10 @@ attending to its own row of the cache (kv_cache.py). Three backends compute it:
   padded to the widest of them, over keys [0, end). What runs on the CPU, and with the model's
   `eager_attention` (attention spelled out in matmuls so FlopCounterMode counts it).
 
-Each backend also says how many (query, key) pairs it computed, for the FLOP count.
+A backend is called as `backend(q, k, v, batch, fwd)`: the queries (as its `prepare` laid them
+out), the layer's K and V (kv_cache.py), the units computed and the forward (forward.py's
+`Forward`: its key geometry `geo` and key length `end`). Each backend also says how many (query,
+key) pairs it computed, for the FLOP count.
 """
 
 from __future__ import annotations
@@ -88,8 +91,9 @@ class Flash:
         g = H // kv_heads
         return q.view(C, kv_heads, g, hd).transpose(1, 2).reshape(C * g, kv_heads, hd)
 
-    def __call__(self, qf, k, v, batch: UnitBatch, geo: Geometry, end: int) -> torch.Tensor:
-        """qf: the queries as `prepare` folds them."""
+    def __call__(self, qf, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
+        """qf: the queries as `prepare` folds them; fwd: the forward (forward.py)."""
+        geo = fwd.geo
         kv, hd = k.shape[1], k.shape[2]
         g = qf.shape[0] // batch.index.shape[0]
         C = qf.shape[0] // g
@@ -126,7 +130,8 @@ class Dense:
     def __init__(self, eager: bool = False):
         self.eager = eager
 
-    def __call__(self, q, k, v, batch: UnitBatch, geo: Geometry, end: int) -> torch.Tensor:
+    def __call__(self, q, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
+        geo = fwd.geo
         R, w, N, H, hd = geo.rows, geo.w, geo.N, q.shape[1], q.shape[2]
         to = batch.index if batch.valid is None else torch.where(batch.valid, batch.index, N)
         Q = q.new_zeros(N + 1, H, hd).index_copy_(0, to, q)
@@ -153,7 +158,8 @@ class Packed:
         self.eager = eager
         self._last_pairs = 0
 
-    def __call__(self, q, k, v, batch: UnitBatch, geo: Geometry, end: int) -> torch.Tensor:
+    def __call__(self, q, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
+        geo, end = fwd.geo, fwd.end
         index = batch.index if batch.valid is None else batch.index[batch.valid]
         rows = index // geo.w
         counts = torch.bincount(rows, minlength=geo.rows)

@@ -119,7 +119,7 @@ def layer_step(
         inputs, first = planned_inputs, planned
     x, q, kk, vv, slot = run(inputs)(*first, fwd.x, batch.index, batch.valid, fwd, w, stack)
     k, v = fwd.cache.write(i, slot, kk, vv)
-    o = stack.attention(q, k, v, batch, fwd.geo, fwd.end)
+    o = stack.attention(q, k, v, batch, fwd)
     run(attention_outputs)(fwd, batch, x, o, w, deltas)
 
 
