@@ -17,7 +17,10 @@ attending to its own row of the cache (kv_cache.py). Three backends compute it:
   padded to the widest of them, over keys [0, end). What runs on the CPU, and with the model's
   `eager_attention` (attention spelled out in matmuls so FlopCounterMode counts it).
 
-Each backend also says how many (query, key) pairs it computed, for the FLOP count.
+A backend is called as `backend(q, k, v, batch, fwd)`: the queries (as its `prepare` laid them
+out), the layer's K and V (kv_cache.py), the units computed and the forward (forward.py's
+`Forward`: its key geometry `geo` and key length `end`). Each backend also says how many (query,
+key) pairs it computed, for the FLOP count.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from v2.kv_cache import by_row, trash_slot
 from v2.model import sdpa
 
 
@@ -87,13 +91,14 @@ class Flash:
         g = H // kv_heads
         return q.view(C, kv_heads, g, hd).transpose(1, 2).reshape(C * g, kv_heads, hd)
 
-    def __call__(self, qf, k, v, batch: UnitBatch, geo: Geometry, end: int) -> torch.Tensor:
-        """qf: the queries as `prepare` folds them."""
+    def __call__(self, qf, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
+        """qf: the queries as `prepare` folds them; fwd: the forward (forward.py)."""
+        geo = fwd.geo
         kv, hd = k.shape[1], k.shape[2]
         g = qf.shape[0] // batch.index.shape[0]
         C = qf.shape[0] // g
         cu_q = (batch.cu_q if batch.cu_q is not None else geo.dense_cu_q) * g
-        trash = geo.rows * geo.max_len
+        trash = trash_slot(geo.rows, geo.max_len)
         out = self.op(
             qf,
             k[:trash],
@@ -125,14 +130,14 @@ class Dense:
     def __init__(self, eager: bool = False):
         self.eager = eager
 
-    def __call__(self, q, k, v, batch: UnitBatch, geo: Geometry, end: int) -> torch.Tensor:
+    def __call__(self, q, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
+        geo = fwd.geo
         R, w, N, H, hd = geo.rows, geo.w, geo.N, q.shape[1], q.shape[2]
         to = batch.index if batch.valid is None else torch.where(batch.valid, batch.index, N)
         Q = q.new_zeros(N + 1, H, hd).index_copy_(0, to, q)
         Q = Q[:N].view(R, w, H, hd).transpose(1, 2)
-        trash = R * geo.max_len
-        K = k[:trash].view(R, geo.max_len, *k.shape[1:]).transpose(1, 2)
-        V = v[:trash].view(R, geo.max_len, *v.shape[1:]).transpose(1, 2)
+        K = by_row(k, R, geo.max_len).transpose(1, 2)
+        V = by_row(v, R, geo.max_len).transpose(1, 2)
         mask = (geo.key_positions < geo.end).view(1, 1, 1, -1)
         o = sdpa(Q, K, V, mask, self.eager).transpose(1, 2).reshape(N, H, hd)
         return torch.cat((o, o.new_zeros(1, H, hd)))[batch.index]
@@ -153,7 +158,8 @@ class Packed:
         self.eager = eager
         self._last_pairs = 0
 
-    def __call__(self, q, k, v, batch: UnitBatch, geo: Geometry, end: int) -> torch.Tensor:
+    def __call__(self, q, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
+        geo, end = fwd.geo, fwd.end
         index = batch.index if batch.valid is None else batch.index[batch.valid]
         rows = index // geo.w
         counts = torch.bincount(rows, minlength=geo.rows)
@@ -163,9 +169,7 @@ class Packed:
         slot = (torch.cumsum(counts > 0, 0) - 1)[rows]
         a, width = running.numel(), int(counts.max())
         self._last_pairs = a * width * end
-        trash = geo.rows * geo.max_len
-        K = k[:trash].view(geo.rows, geo.max_len, *k.shape[1:])
-        V = v[:trash].view(geo.rows, geo.max_len, *v.shape[1:])
+        K, V = by_row(k, geo.rows, geo.max_len), by_row(v, geo.rows, geo.max_len)
         if a < geo.rows:
             K, V = K[running], V[running]
         K, V = K[:, :end].transpose(1, 2), V[:, :end].transpose(1, 2)

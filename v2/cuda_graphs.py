@@ -30,6 +30,7 @@ from enum import Enum, auto
 
 import torch
 
+from v2.forward import Kind
 from v2.policy import DeviceKey, Uniform
 
 
@@ -64,11 +65,6 @@ class StepKey:
     def graph_set(self) -> StepKey:
         """The key without its layer: steps alike in every layer (what `sets` counts)."""
         return replace(self, layer=None)
-
-
-class Kind(Enum):
-    DENOISE = auto()
-    COMMIT = auto()
 
 
 @dataclass(frozen=True)
@@ -198,7 +194,7 @@ class ForwardRecorder:
         self.enabled = enabled
         self.records: dict[ForwardKey, _Record | None] = {}  # None: cannot be replayed
         self.recording: _Record | None = None
-        self.replays: dict[str, int] = {}  # forwards replayed, by kind (denoise, commit)
+        self.replays: dict[Kind, int] = {}  # forwards replayed, by kind
 
     def clear(self) -> None:
         self.records.clear()
@@ -211,8 +207,7 @@ class ForwardRecorder:
         (None: never recorded)."""
         record = self.records.get(sig, False) if sig is not None else None
         if record:
-            kind = sig.kind.name.lower()
-            self.replays[kind] = self.replays.get(kind, 0) + 1
+            self.replays[sig.kind] = self.replays.get(sig.kind, 0) + 1
             self.graphs.run(sig, record.run_steps)
             for effect in record.effects:
                 apply(effect)

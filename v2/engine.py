@@ -67,19 +67,20 @@ import torch.nn.functional as F
 from v2 import flops
 from v2.attention import Geometry, UnitBatch, choose
 from v2.compiled import compiled
-from v2.cuda_graphs import ForwardKey, ForwardRecorder, GraphRunner, Kind, Layout, StepKey
+from v2.cuda_graphs import ForwardKey, ForwardRecorder, GraphRunner, Layout, StepKey
+from v2.forward import Forward, Kind, Units, cached_forward
 from v2.kv_cache import KVCache
 from v2.layer_step import (
     Deltas,
+    LayerStack,
     LayerWeights,
-    Units,
     compact_into,
     layer_step,
     reuse_add,
     rms_norm,
     settle,
 )
-from v2.model import Network, block_causal_mask, sdpa
+from v2.model import Network, block_causal_mask
 from v2.observer import NOT_RUN, Observer
 from v2.policy import (
     ALL_COMPUTE,
@@ -141,7 +142,9 @@ def capacity(n: int, total: int) -> int:
 
 
 class _Window:
-    """Static buffers of the forwards over windows of `w` positions."""
+    """Static buffers of the forwards over windows of `w` positions; `forward`, what a layer step
+    takes: the description of the forward running over them (forward.py; `_load` sets its kind
+    and key length)."""
 
     def __init__(self, engine: Engine, w: int):
         cache, d = engine.cache, engine.cfg.hidden_size
@@ -177,6 +180,8 @@ class _Window:
         self.scope_masked = UnitBatch(self.dense.index, self.scope_flat, None, None)
         self._compacted: dict[tuple[bool, int], UnitBatch] = {}
         self.scope_batch: UnitBatch | None = None  # this forward's compacted scope
+        kind = Kind.DENOISE_FULL if w == engine.B else Kind.DENOISE_SUB
+        self.forward = Forward(kind, R, w, 0, cache, x=self.x, units=self.units, geo=self.geo)
 
     def compacted(self, C: int, scope: bool = False) -> UnitBatch:
         """Static buffers of a compacted layout of C slots; the forward's scope (`scope`, shared
@@ -239,9 +244,8 @@ class Engine:
         # the settings `for_model` finds this engine by (cuda_graphs as given)
         self.key = (settings(policy), self.B, block_cache, cuda_graphs, self.attention.name)
         self.recorder = ForwardRecorder(self.graphs, forward_graphs)
-        self.replays = self.recorder.replays  # forwards replayed from their record, by kind
-        self.replays.update(denoise=0, commit=0)
         self.weights = [LayerWeights.of(layer) for layer in model.layers]
+        self._stack: LayerStack | None = None  # what layer steps take (`_layer_stack`)
         self.embed = w.detach()
         self.cache: KVCache | None = None
         self.delta = self.has_ref = None
@@ -313,6 +317,13 @@ class Engine:
         st.graph_sets = len(self.graphs.sets)
         st.graph_failures = len(self.graphs.failures)
         return st
+
+    @property
+    def replays(self) -> dict[str, int]:
+        """Forwards replayed from their record (module docstring, "Forward graphs")."""
+        by_kind = self.recorder.replays
+        denoise = by_kind.get(Kind.DENOISE_FULL, 0) + by_kind.get(Kind.DENOISE_SUB, 0)
+        return {"denoise": denoise, "commit": by_kind.get(Kind.COMMIT, 0)}
 
     @property
     def setups(self) -> int:
@@ -395,21 +406,19 @@ class Engine:
         pos = torch.arange(P, device=ids.device)
         mask = block_causal_mask(pos, pos, self.B) if P > self.B else None
         slots = cache.slots(torch.arange(b, device=ids.device)[:, None], pos[None]).view(-1)
-        x = self.model.embed_tokens(ids)
-        cos, sin = self.model.rope(pos)
-        eager = self.model.eager_attention
-        for i, layer in enumerate(self.model.layers):
-
-            def attend(q, k, v, i=i):
-                kv = cfg.num_key_value_heads, cfg.head_dim
-                cache.write(i, slots, k.reshape(-1, *kv), v.reshape(-1, *kv))
-                keys, values = cache.by_row("k")[i, :b, :P], cache.by_row("v")[i, :b, :P]
-                o = sdpa(
-                    q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask, eager
-                )
-                return o.transpose(1, 2)
-
-            x = layer(x, cos, sin, attend)
+        fwd = Forward(
+            Kind.PREFILL,
+            b,
+            P,
+            P,  # keys [0, P) of cache rows [0, b)
+            cache,
+            positions=pos,
+            slots=slots,
+            key_rows=slice(0, b),
+            mask=mask,
+        )
+        x = cached_forward(self.model, ids, fwd)
+        for i in range(cfg.num_hidden_layers):
             self._stats.executed_units_per_layer[i] += b * P
         # Every query's scores over all P keys: the block-causal mask discards some of them
         # after they are computed (flops.py).
@@ -426,7 +435,7 @@ class Engine:
         position's hidden (its argmax is the next block's first token)."""
         b, w = ids.shape
         self._count_forward("commit", b, b * w)
-        win = self._load(ids, 0, None)
+        win = self._load(ids, 0, None, Kind.COMMIT)
         pays = self._pays(b * w)
         sig = None
         if self.static:
@@ -526,7 +535,7 @@ class Engine:
         # Units in scope change the layouts only where compaction pays (module docstring).
         pays = self._pays(n_scope)
         return ForwardKey(
-            Kind.DENOISE,
+            win.forward.kind,
             win.w,
             sub_block_rows=bits is None,
             every_unit=n_scope == win.N,
@@ -759,26 +768,7 @@ class Engine:
     def _step(
         self, i: int, win: _Window, batch: UnitBatch, deltas: Deltas | None, planned=None
     ) -> None:
-        k, v = self.cache.layer(i)
-        cfg = self.cfg
-        layer_step(
-            win.x,
-            batch,
-            win.units,
-            win.geo,
-            self.weights[i],
-            k,
-            v,
-            self._rope_tables(),
-            self.attention,
-            self.cache.prefix_len + self.B,
-            deltas,
-            cfg.rms_norm_eps,
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            compiled if self.compiled else None,
-            planned,
-        )
+        layer_step(self._stack or self._layer_stack(), win.forward, i, batch, deltas, planned)
 
     def _compact(self, win: _Window, mask: torch.Tensor, C: int, scope: bool = False) -> None:
         self._fn("compact_into", compact_into)(mask, C, win.geo.rows, win.compacted(C, scope))
@@ -789,8 +779,15 @@ class Engine:
 
     # ---- helpers ------------------------------------------------------------------------------
 
-    def _load(self, ids: torch.Tensor, window_start: int, units: torch.Tensor | None) -> _Window:
-        """The forward's inputs into the window's static buffers."""
+    def _load(
+        self,
+        ids: torch.Tensor,
+        window_start: int,
+        units: torch.Tensor | None,
+        kind: Kind | None = None,
+    ) -> _Window:
+        """The forward's inputs into the window's static buffers (`kind`: a denoise forward's
+        by default)."""
         b, w = ids.shape
         if w not in self._windows:
             self._windows[w] = _Window(self, w)
@@ -806,15 +803,26 @@ class Engine:
         win.units.block_offset.fill_(window_start)
         win.geo.end.fill_(P + B)
         win.geo.seqused.fill_(P + B)
+        fwd = win.forward
+        fwd.kind = kind or (Kind.DENOISE_FULL if w == B else Kind.DENOISE_SUB)
+        fwd.end = P + B
         torch.index_select(self.embed, 0, win.ids.view(-1), out=win.x[: win.N])
         win.scope_batch = None
         return win
 
-    def _rope_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if getattr(self, "_rope", None) is None:
-            cos, sin = self.model._rope_table(self.device)
-            self._rope = cos.to(self.dtype), sin.to(self.dtype)
-        return self._rope
+    def _layer_stack(self) -> LayerStack:
+        """What a layer step takes from the engine (built on first use: the RoPE tables)."""
+        cos, sin = self.model._rope_table(self.device)
+        cfg = self.cfg
+        self._stack = LayerStack(
+            self.weights,
+            (cos.to(self.dtype), sin.to(self.dtype)),
+            self.attention,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            compiled if self.compiled else None,
+        )
+        return self._stack
 
     @property
     def _keeps_deltas(self) -> bool:

@@ -8,26 +8,36 @@ scatters the results back; padded slots read and write only trash. The units a p
 the residual update of their last computation re-added, and keep their K/V; units it neither
 computes nor reuses (PASS, out of scope) are left untouched.
 
+A step takes what stays for the engine (`LayerStack`: the layers' weights, RoPE tables, the
+attention backend), what stays for the window (`Forward`, forward.py: its buffers, position maps
+and key geometry), the layer, the units to compute, and the updates a plan reuses. The K/V it
+computes go into the cache through the cache's write path, at the cache's slots (kv_cache.py).
+
 On CUDA the step is compiled with torch.compile (one fused kernel per elementwise stretch:
-gather + RMSNorm, RoPE + K/V write, residual + RMSNorm, SiLU x up, residual + scatter), so a layer
-is the four matmuls, attention and a few fused kernels; the engine then captures it in a CUDA
-graph. On the CPU it runs as the plain PyTorch below, which is also the reference.
+gather + RMSNorm, RoPE + K/V slots, residual + RMSNorm, SiLU x up, residual + scatter), so a layer
+is the four matmuls, the K/V write, attention and a few fused kernels; the engine then captures
+it in a CUDA graph. On the CPU it runs as the plain PyTorch below, which is also the reference.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from v2.attention import Geometry, UnitBatch
+from v2.attention import UnitBatch
+from v2.forward import Forward, Units
 from v2.model import DecoderLayer, apply_rope
 from v2.policy import PASS, REUSE
 
 
 @dataclass(frozen=True)
 class LayerWeights:
+    """One decoder layer's tensors and its norms' epsilon."""
+
     ln1: torch.Tensor
     qkv: torch.Tensor
     qkv_bias: torch.Tensor
@@ -35,36 +45,35 @@ class LayerWeights:
     ln2: torch.Tensor
     gate_up: torch.Tensor
     down: torch.Tensor
+    eps: float
 
     @classmethod
     def of(cls, layer: DecoderLayer) -> LayerWeights:
         a, m = layer.self_attn, layer.mlp
-        return cls(
-            *(
-                t.detach()
-                for t in (
-                    layer.input_layernorm.weight,
-                    a.qkv_proj.weight,
-                    a.qkv_proj.bias,
-                    a.o_proj.weight,
-                    layer.post_attention_layernorm.weight,
-                    m.gate_up_proj.weight,
-                    m.down_proj.weight,
-                )
-            )
+        tensors = (
+            layer.input_layernorm.weight,
+            a.qkv_proj.weight,
+            a.qkv_proj.bias,
+            a.o_proj.weight,
+            layer.post_attention_layernorm.weight,
+            m.gate_up_proj.weight,
+            m.down_proj.weight,
         )
+        return cls(*(t.detach() for t in tensors), eps=layer.input_layernorm.eps)
 
 
-@dataclass
-class Units:
-    """Per-window static maps from a flat unit id to its row and window offset ([N + 1]; the
-    trash id N maps to row `rows`, offset 0) and the forward's device scalars: `start`, the
-    absolute position of window offset 0, and `block_offset`, the window's offset in the block."""
+@dataclass(frozen=True)
+class LayerStack:
+    """The network's layers as the layer step runs them, constant for an engine: each layer's
+    weights, the RoPE tables (cos, sin [positions, head_dim]), the attention backend
+    (attention.py), the head counts, and `compile_fn` (compiled.compiled on CUDA, None: plain)."""
 
-    row: torch.Tensor
-    t: torch.Tensor
-    start: torch.Tensor
-    block_offset: torch.Tensor
+    weights: list[LayerWeights]
+    rope: tuple[torch.Tensor, torch.Tensor]
+    attention: Any
+    heads: int
+    kv_heads: int
+    compile_fn: Callable | None = None
 
 
 @dataclass
@@ -87,76 +96,53 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def layer_step(
-    x_all: torch.Tensor,
+    stack: LayerStack,
+    fwd: Forward,
+    i: int,
     batch: UnitBatch,
-    units: Units,
-    geo: Geometry,
-    w: LayerWeights,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    rope: tuple[torch.Tensor, torch.Tensor],
-    attention,
-    end: int,
     deltas: Deltas | None,
-    eps: float,
-    heads: int,
-    kv_heads: int,
-    compile_fn=None,
     planned: tuple | None = None,
 ) -> None:
-    """Run the layer on `batch`'s units of `x_all` in place (module docstring). k, v: the layer's
-    cache [slots + 1, kv_heads, head_dim]; rope: cos, sin tables [positions, head_dim].
-    `compile_fn` (compiled.compiled on CUDA) compiles the two elementwise-heavy halves; the K/V
-    write and the attention call between them stay plain in-place calls, so the cache is written
-    where it lives (a compiled in-place write into a tensor that an opaque kernel then reads was
-    seen to copy the whole cache).
+    """Run layer i of `stack` on `batch`'s units of the window `fwd` (its hidden states `fwd.x`,
+    in place; module docstring). The two elementwise-heavy halves are compiled with
+    `stack.compile_fn`; the K/V write (the cache's, kv_cache.py) and the attention call between
+    them stay plain in-place calls, so the cache is written where it lives (a compiled in-place
+    write into a tensor that an opaque kernel then reads was seen to copy the whole cache).
 
     `planned` = (plan_fn, plan_args, settle_args): a policy's device plan and `settle`'s arguments
     after the plan, run first in the same compiled half (masked layout: the plan's `compute`
     is the batch's `valid`), so that the plan's kernels fuse with the layer's."""
-    run = compile_fn or (lambda fn: fn)
+    run = stack.compile_fn or _plain
+    w = stack.weights[i]
     inputs, first = attention_inputs, ()
     if planned is not None:
         inputs, first = planned_inputs, planned
-    x, q, kk, vv, slot = run(inputs)(
-        *first,
-        x_all,
-        batch.index,
-        batch.valid,
-        units,
-        w,
-        rope,
-        eps,
-        heads,
-        kv_heads,
-        geo.max_len,
-        k.shape[0] - 1,
-        attention.prepare,
-    )
-    k.index_copy_(0, slot, kk)
-    v.index_copy_(0, slot, vv)
-    o = attention(q, k, v, batch, geo, end)
-    run(attention_outputs)(x_all, x, o, batch.index, batch.valid, units, w, deltas, eps)
+    x, q, kk, vv, slot = run(inputs)(*first, fwd.x, batch.index, batch.valid, fwd, w, stack)
+    k, v = fwd.cache.write(i, slot, kk, vv)
+    o = stack.attention(q, k, v, batch, fwd)
+    run(attention_outputs)(fwd, batch, x, o, w, deltas)
 
 
-def attention_inputs(
-    x_all, index, valid, units, w, rope, eps, heads, kv_heads, max_len, trash, prepare
-):
+def _plain(fn: Callable) -> Callable:
+    return fn
+
+
+def attention_inputs(x_all, index, valid, fwd: Forward, w: LayerWeights, stack: LayerStack):
     """Gather the units, RMSNorm, QKV projection, RoPE, the queries in the layout the attention
-    backend takes (`prepare`); and each unit's cache slot (trash for a padded slot)."""
+    backend takes (its `prepare`); and each unit's cache slot (the cache's trash slot for a
+    padded one). `index`, `valid`: the batch's (or, planned, the settled plan's)."""
+    units, heads, kv_heads = fwd.units, stack.heads, stack.kv_heads
     row, t = units.row[index], units.t[index]
     pos = units.start + t
     x = x_all[index]
-    qkv = F.linear(rms_norm(x, w.ln1, eps), w.qkv, w.qkv_bias)
+    qkv = F.linear(rms_norm(x, w.ln1, w.eps), w.qkv, w.qkv_bias)
     hd = w.qkv.shape[0] // (heads + 2 * kv_heads)
     q, kk, vv = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], -1)
-    cos, sin = rope[0][pos].unsqueeze(1), rope[1][pos].unsqueeze(1)
+    cos, sin = stack.rope[0][pos].unsqueeze(1), stack.rope[1][pos].unsqueeze(1)
     q = apply_rope(q.reshape(-1, heads, hd), cos, sin)
     kk = apply_rope(kk.reshape(-1, kv_heads, hd), cos, sin)
-    slot = row * max_len + pos
-    if valid is not None:
-        slot = torch.where(valid, slot, trash)
-    return x, prepare(q, kv_heads), kk, vv.reshape(-1, kv_heads, hd), slot
+    slot = fwd.cache.slots(row, pos, valid)
+    return x, stack.attention.prepare(q, kv_heads), kk, vv.reshape(-1, kv_heads, hd), slot
 
 
 def planned_inputs(plan_fn, plan_args, settle_args, x_all, index, valid, *rest):
@@ -166,11 +152,12 @@ def planned_inputs(plan_fn, plan_args, settle_args, x_all, index, valid, *rest):
     return attention_inputs(x_all, index, compute, *rest)
 
 
-def attention_outputs(x_all, x, o, index, valid, units, w, deltas, eps):
+def attention_outputs(fwd: Forward, batch: UnitBatch, x, o, w: LayerWeights, deltas):
     """Output projection and residual, RMSNorm, SwiGLU MLP and residual; the results (and the
-    units' updates) scattered back; reused units get their last update re-added."""
+    units' updates) scattered back into `fwd.x`; reused units get their last update re-added."""
+    x_all, units, index, valid = fwd.x, fwd.units, batch.index, batch.valid
     h = x + F.linear(o.reshape(x.shape[0], -1), w.o)
-    gate, up = F.linear(rms_norm(h, w.ln2, eps), w.gate_up).chunk(2, dim=-1)
+    gate, up = F.linear(rms_norm(h, w.ln2, w.eps), w.gate_up).chunk(2, dim=-1)
     out = h + F.linear(F.silu(gate) * up, w.down)
     n_units = x_all.shape[0] - 1
     target = index if valid is None else torch.where(valid, index, n_units)

@@ -5,7 +5,8 @@ greedy decode of the checkpoint run as a causal model (a block of one token).
 
 A Fast-dLLM v2 checkpoint with a block of one token is a causal language model: every position
 sees itself and the positions before it. `Verifier` runs the full model that way over its own K/V
-cache (kv_cache.py; one write path, a valid length per row).
+cache (kv_cache.py; one write path, a valid length per row), through the one eager cached forward
+(forward.py) that the engine's prefill runs too.
 
 - `decode="autoregressive"`: one causal forward per token (the reference).
 - `decode="speculative"`: a draft proposes a run of tokens after each row's verified prefix, and
@@ -44,8 +45,9 @@ import torch
 from v2 import flops
 from v2.block_loop import Batch, commit_rule, propose
 from v2.engine import Engine
+from v2.forward import Forward, Kind, cached_forward
 from v2.kv_cache import KVCache
-from v2.model import Network, sdpa
+from v2.model import Network
 from v2.stats import Stats
 
 
@@ -70,26 +72,23 @@ class Verifier:
         t = torch.arange(W, device=ids.device)
         pos = starts[:, None] + t[None]  # [b, W] absolute positions
         real = t[None] < widths[:, None]
-        slots = torch.where(real, cache.slots(rows[:, None], pos), cache.trash).view(-1)
+        slots = cache.slots(rows[:, None], pos, real).view(-1)
         keys = int((starts + widths).max())
         visible = torch.arange(keys, device=ids.device)[None, None] <= pos[:, :, None]
         mask = visible[:, None]  # [b, 1, W, keys]: key position <= query position
         all_rows = b == cache.rows and bool((rows == torch.arange(b, device=rows.device)).all())
-        x = self.model.embed_tokens(ids)
-        cos, sin = self.model.rope(pos.clamp(max=cfg.max_position_embeddings - 1))
-        eager = self.model.eager_attention
-        kv = cfg.num_key_value_heads, cfg.head_dim
-        for i, layer in enumerate(self.model.layers):
-
-            def attend(q, k, v, i=i):
-                cache.write(i, slots, k.reshape(-1, *kv), v.reshape(-1, *kv))
-                K, V = cache.by_row("k")[i, :, :keys], cache.by_row("v")[i, :, :keys]
-                if not all_rows:
-                    K, V = K[rows], V[rows]
-                o = sdpa(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), mask, eager)
-                return o.transpose(1, 2)
-
-            x = layer(x, cos, sin, attend)
+        fwd = Forward(
+            Kind.VERIFY,
+            b,
+            W,
+            keys,
+            cache,
+            positions=pos.clamp(max=cfg.max_position_embeddings - 1),
+            slots=slots,
+            key_rows=slice(0, b) if all_rows else rows,
+            mask=mask,
+        )
+        x = cached_forward(self.model, ids, fwd)
         st, L = self.stats, cfg.num_hidden_layers
         for i in range(L):
             st.executed_units_per_layer[i] += b * W
