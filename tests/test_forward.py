@@ -25,6 +25,7 @@ from v2.attention import Dense, Flash, Packed
 from v2.engine import Engine
 from v2.forward import Kind, cached_forward
 from v2.generate import GenerationConfig, generate
+from v2.layer_plans import LayerRunner
 from v2.model import block_causal_mask
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,7 +43,7 @@ def test_hot_path_functions_take_at_most_six_parameters():
         kv_cache.KVCache.slots,
         kv_cache.KVCache.write,
         kv_cache.KVCache.read,
-        Engine._step,
+        LayerRunner._step,
         Dense.__call__,
         Flash.__call__,
         Packed.__call__,

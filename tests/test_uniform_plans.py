@@ -7,8 +7,8 @@ import torch
 from layer_skip_generation_functions import LayerReusePolicy
 from tests.conftest import IDS, prompt, random_network
 from v2.bench.forced import ForcedLayerPass
-from v2.engine import Engine
 from v2.generate import GenerationConfig, generate
+from v2.layer_plans import LayerRunner
 from v2.policy import ALL_COMPUTE, OnHost
 
 
@@ -60,13 +60,13 @@ def test_int_plan_equals_tensor_plan(name, block_cache):
 def test_whole_layer_skip_takes_no_gather(name, monkeypatch):
     """At batch 1 a whole-layer PASS or REUSE never reaches the per-unit gather path."""
     calls = []
-    original = Engine._planned_layer
+    original = LayerRunner._planned_layer
 
     def counting(self, i, *args):
         calls.append(i)
         return original(self, i, *args)
 
-    monkeypatch.setattr(Engine, "_planned_layer", counting)
+    monkeypatch.setattr(LayerRunner, "_planned_layer", counting)
     result = run(POLICIES[name](), [prompt(20)], False, 1.0)
     assert result.stats.executed_flops < result.stats.baseline_flops
     assert calls == []
