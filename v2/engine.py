@@ -1,6 +1,11 @@
 """The engine's forwards: prefill, denoise and commit over a preallocated K/V cache (kv_cache.py),
 with compute-skipping plans executed so that skipped units never enter a matmul.
 
+Who does what (docs/reference/engine-map.md): `Engine` (here) owns the cache, the windows' static
+buffers and the policy, and runs the forwards; layer_plans.LayerRunner runs one layer of a window
+forward by its plan in the layouts below; layer_step.py is one layer over a list of units (the
+hot path); ledger.Ledger keeps the statistics; cuda_graphs.py captures, records and replays.
+
 Static shapes. A denoise or commit forward runs over a window of w positions (the block, or a
 sub-block) of every row of the cache: N = rows x w units, their hidden states in one buffer. Each
 layer computes a list of units (layer_step.py) in one of three layouts:
@@ -25,12 +30,13 @@ Per device:
 Forward graphs. The first time a forward with a given signature (cuda_graphs.ForwardKey: kind,
 window, the layout its units in scope imply, its layers' plan keys, the reference state its
 layouts depend on) runs, its layer loop is recorded as it runs: every layer's device work (the
-steps above) and every host effect (statistics, reference bits). From then on the loop does not run:
-the recorded steps are replayed as one CUDA graph and the host effects applied again, so a
-forward costs one graph launch and no per-layer Python. A forward whose loop must read the
-device (a plan sized only by a read-back, an OnHost plan) is not recorded; its layers run
-one graph each, as before. The recording and replay are cuda_graphs.ForwardRecorder's; the
-engine gives it each forward's signature and loop, its device steps and its host effects.
+steps above) and every host effect (typed values: ledger.LayerWork and Reused, statistics;
+layer_plans.Referenced, reference bits). From then on the loop does not run: the recorded steps
+are replayed as one CUDA graph and the host effects applied again, so a forward costs one graph
+launch and no per-layer Python. A forward whose loop must read the device (a plan sized only by
+a read-back, an OnHost plan) is not recorded; its layers run one graph each, as before. The
+recording and replay are cuda_graphs.ForwardRecorder's; the engine gives it each forward's
+signature and loop, its device steps and its host effects.
 
 Observers (observer.py). A denoise forward given an `observer` runs its layer loop eagerly (not
 recorded, no plan captured) and shows it each layer's input and the output; each layer's plan,
@@ -49,9 +55,8 @@ units in scope that the plan computes, the rest padding. Per layout:
   rows with no sequence, units the plan reuses or passes (run, then discarded).
 Skipped units (baseline - useful) are the units a plan reused or passed, so with no policy the
 skip rate is 0 whatever the layout. The useful units of a planned layer are counted on the device
-(`settle`), the executed slots on the host: `_settled_rows` holds the host's share until `stats`
-reads the device's. What only the device knows is accumulated there and read when `stats` is
-read.
+(layer_step.settle), the executed slots on the host; the ledger holds the host's share until
+`stats` reads the device's (one synchronisation).
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ from v2.cuda_graphs import ForwardKey, ForwardRecorder, GraphRunner
 from v2.forward import Forward, Kind, cached_forward
 from v2.kv_cache import KVCache
 from v2.layer_plans import Execution, LayerRunner, PolicyError, Window
-from v2.layer_step import LayerStack, LayerWeights, rms_norm
+from v2.layer_step import LayerStack, rms_norm
 from v2.ledger import Ledger
 from v2.model import Network, block_causal_mask
 from v2.observer import Observer
@@ -160,7 +165,6 @@ class Engine:
         self.layers = LayerRunner(
             run, cfg, self.policy, protected, self.recorder, self.ledger, self._layer_stack
         )
-        self.weights = [LayerWeights.of(layer) for layer in model.layers]
         self._stack: LayerStack | None = None  # what layer steps take (`_layer_stack`)
         self.embed = w.detach()
         self.cache: KVCache | None = None
@@ -420,48 +424,20 @@ class Engine:
         self.layers.bits, self.layers.keys = bits, self.cache.prefix_len + self.B
         self.recorder.forward(sig, layers, self.layers.effect)
 
-    def _load(
-        self,
-        ids: torch.Tensor,
-        window_start: int,
-        units: torch.Tensor | None,
-        kind: Kind | None = None,
-    ) -> Window:
-        """The forward's inputs into the window's static buffers (`kind`: a denoise forward's
-        by default)."""
-        b, w = ids.shape
+    def _load(self, ids, window_start: int, units, kind: Kind | None = None) -> Window:
+        """The forward's inputs into the static buffers of its window size (`kind`: a denoise
+        forward's by default)."""
+        w = ids.shape[1]
         if w not in self._windows:
             self._windows[w] = Window(self.cache, w, self.B, self.cfg.hidden_size, self.dtype)
         win = self._windows[w]
-        win.ids[:b].copy_(ids)
-        if b < self.cache.rows or units is not None:
-            win.scope.zero_()
-            win.scope[:b] = True if units is None else units
-        else:
-            win.scope.fill_(True)
-        P, B = self.cache.prefix_len, self.B
-        win.units.start.fill_(P + window_start)
-        win.units.block_offset.fill_(window_start)
-        win.geo.end.fill_(P + B)
-        win.geo.seqused.fill_(P + B)
-        fwd = win.forward
-        fwd.kind = kind or (Kind.DENOISE_FULL if w == B else Kind.DENOISE_SUB)
-        fwd.end = P + B
-        torch.index_select(self.embed, 0, win.ids.view(-1), out=win.x[: win.N])
-        win.scope_batch = None
+        kind = kind or (Kind.DENOISE_FULL if w == self.B else Kind.DENOISE_SUB)
+        win.load(ids, self.embed, window_start, units, kind)
         return win
 
     def _layer_stack(self) -> LayerStack:
         """What a layer step takes from the engine (built on first use: the RoPE tables)."""
         if self._stack is None:
-            cos, sin = self.model._rope_table(self.device)
-            cfg = self.cfg
-            self._stack = LayerStack(
-                self.weights,
-                (cos.to(self.dtype), sin.to(self.dtype)),
-                self.attention,
-                cfg.num_attention_heads,
-                cfg.num_key_value_heads,
-                compiled if self.compiled else None,
-            )
+            compile_fn = compiled if self.compiled else None
+            self._stack = LayerStack.of(self.model, self.attention, compile_fn)
         return self._stack

@@ -21,7 +21,15 @@ from v2.compiled import compiled
 from v2.cuda_graphs import ForwardRecorder, Layout, StepKey
 from v2.forward import Forward, Kind, Units
 from v2.kv_cache import KVCache
-from v2.layer_step import Deltas, LayerStack, compact_into, layer_step, reuse_add, settle
+from v2.layer_step import (
+    Deltas,
+    LayerStack,
+    Settling,
+    compact_into,
+    layer_step,
+    reuse_add,
+    settle,
+)
 from v2.ledger import LayerWork, Ledger, Reused
 from v2.model import ModelConfig
 from v2.observer import NOT_RUN
@@ -60,13 +68,13 @@ def capacity(n: int, total: int) -> int:
 
 class Window:
     """Static buffers of the forwards over windows of `w` positions; `forward`, what a layer step
-    takes: the description of the forward running over them (forward.py; `_load` sets its kind
+    takes: the description of the forward running over them (forward.py; `load` sets its kind
     and key length)."""
 
     def __init__(self, cache: KVCache, w: int, block: int, hidden: int, dtype: torch.dtype):
         d, R, dev = hidden, cache.rows, cache.k.device
         N = R * w
-        self.w, self.N = w, N
+        self.w, self.N, self.block = w, N, block
         self.ids = torch.zeros(R, w, dtype=torch.long, device=dev)
         self.x = torch.zeros(N + 1, d, dtype=dtype, device=dev)  # last row: trash
         self.x_units = self.x[:N].view(R, w, d)  # what a policy sees
@@ -96,8 +104,29 @@ class Window:
         self.scope_masked = UnitBatch(self.dense.index, self.scope_flat, None, None)
         self._compacted: dict[tuple[bool, int], UnitBatch] = {}
         self.scope_batch: UnitBatch | None = None  # this forward's compacted scope
+        self.settling: dict[int, Settling] = {}  # per layer (LayerRunner._settling)
         kind = Kind.DENOISE_FULL if w == block else Kind.DENOISE_SUB
         self.forward = Forward(kind, R, w, 0, cache, x=self.x, units=self.units, geo=self.geo)
+
+    def load(self, ids: torch.Tensor, embed: torch.Tensor, start: int, units, kind: Kind) -> None:
+        """A forward's inputs: token ids [b, w] (rows past b hold no sequence), embedded; the
+        window's start in the block; the units each row computes ([b, w] bool, None: all)."""
+        b = ids.shape[0]
+        self.ids[:b].copy_(ids)
+        if b < self.geo.rows or units is not None:
+            self.scope.zero_()
+            self.scope[:b] = True if units is None else units
+        else:
+            self.scope.fill_(True)
+        cache = self.forward.cache
+        P, end = cache.prefix_len, cache.prefix_len + self.block
+        self.units.start.fill_(P + start)
+        self.units.block_offset.fill_(start)
+        self.geo.end.fill_(end)
+        self.geo.seqused.fill_(end)
+        self.forward.kind, self.forward.end = kind, end
+        torch.index_select(embed, 0, self.ids.view(-1), out=self.x[: self.N])
+        self.scope_batch = None
 
     def compacted(self, C: int, scope: bool = False) -> UnitBatch:
         """Static buffers of a compacted layout of C slots; the forward's scope (`scope`, shared
@@ -287,20 +316,23 @@ class LayerRunner:
             pair_keys = win.geo.end if self.attention.name == "flash" else 0
             batch = win.compacted(C) if C else None
             extra = dict(capacity=C, rows=win.geo.rows, batch_out=batch, pair_keys=pair_keys)
-        self._fn("settle", settle)(plan, *self._settle_args(i, win), **extra)
+        self._fn("settle", settle)(plan, self._settling(i, win), **extra)
 
-    def _settle_args(self, i: int, win: Window) -> tuple:
-        return (
-            win.scope,
-            self.has_ref[i] if self.keeps_deltas else None,
-            win.units,
-            self.B,
-            self.block_cache and win.w == self.B,
-            win.compute,
-            win.reuse,
-            self.ledger.counters,
-            self.ledger.layer_ids[i],
-        )
+    def _settling(self, i: int, win: Window) -> Settling:
+        """Layer i's `Settling` over `win` (made once: the same object every forward)."""
+        if i not in win.settling:
+            win.settling[i] = Settling(
+                win.scope,
+                self.has_ref[i] if self.keeps_deltas else None,
+                win.units,
+                self.B,
+                self.block_cache and win.w == self.B,
+                win.compute,
+                win.reuse,
+                self.ledger.counters,
+                self.ledger.layer_ids[i],
+            )
+        return win.settling[i]
 
     def _masked_step(self, i: int, win: Window, device: OnDevice | None, d) -> None:
         """Everything runs; the plan decides what is kept. A plan on the device runs inside the
@@ -309,7 +341,7 @@ class LayerRunner:
             self._settle(i, win, None)
             self._step(i, win, win.masked, d)
         else:
-            planned = (device.fn, (win.x_units, *device.args), self._settle_args(i, win))
+            planned = (device.fn, (win.x_units, *device.args), self._settling(i, win))
             self._step(i, win, win.masked, d, planned=planned)
 
     def _bound_step(self, i: int, win: Window, device: OnDevice, d, key: StepKey, bound: int):

@@ -75,6 +75,17 @@ class LayerStack:
     kv_heads: int
     compile_fn: Callable | None = None
 
+    @classmethod
+    def of(cls, model, attention, compile_fn: Callable | None) -> LayerStack:
+        w = model.embed_tokens.weight
+        cos, sin = model._rope_table(w.device)
+        cfg = model.cfg
+        weights = [LayerWeights.of(layer) for layer in model.layers]
+        rope = (cos.to(w.dtype), sin.to(w.dtype))
+        return cls(
+            weights, rope, attention, cfg.num_attention_heads, cfg.num_key_value_heads, compile_fn
+        )
+
 
 @dataclass
 class Deltas:
@@ -145,10 +156,10 @@ def attention_inputs(x_all, index, valid, fwd: Forward, w: LayerWeights, stack: 
     return x, stack.attention.prepare(q, kv_heads), kk, vv.reshape(-1, kv_heads, hd), slot
 
 
-def planned_inputs(plan_fn, plan_args, settle_args, x_all, index, valid, *rest):
+def planned_inputs(plan_fn, plan_args, settling, x_all, index, valid, *rest):
     """A device plan, settled, then `attention_inputs` on the units it computes (`valid` is
     settle's output buffer; the value is passed on directly, not read back)."""
-    compute = settle(plan_fn(*plan_args), *settle_args)
+    compute = settle(plan_fn(*plan_args), settling)
     return attention_inputs(x_all, index, compute, *rest)
 
 
@@ -236,35 +247,46 @@ def compact_into(mask: torch.Tensor, capacity: int, rows: int, out: UnitBatch) -
     out.cu_q.copy_(b.cu_q)
 
 
+@dataclass(frozen=True)
+class Settling:
+    """What settling one layer's plan over a window reads and writes (the same object every
+    forward: engine buffers). `scope` [rows, w] bool: the units in scope; `has_ref` the layer's
+    reference bits (None: no updates kept); `block` B; `full_window`: a full-block window under
+    the sub-block cache; `compute` / `reuse` [N] bool: the resolved plan (out); `counters` [4,
+    layers] long: reused, useful units, attention pairs, overflows; `layer` [1]: this layer's
+    column."""
+
+    scope: torch.Tensor
+    has_ref: torch.Tensor | None
+    units: Units
+    block: int
+    full_window: bool
+    compute: torch.Tensor
+    reuse: torch.Tensor
+    counters: torch.Tensor
+    layer: torch.Tensor
+
+
 def settle(
     plan: torch.Tensor,
-    scope: torch.Tensor,
-    has_ref: torch.Tensor | None,
-    units: Units,
-    block: int,
-    full_window: bool,
-    compute_out: torch.Tensor,
-    reuse_out: torch.Tensor,
-    counters: torch.Tensor,
-    layer: torch.Tensor,
+    s: Settling,
     capacity: int | None = None,
     rows: int = 0,
     batch_out: UnitBatch | None = None,
     pair_keys: torch.Tensor | int | None = None,
 ) -> torch.Tensor:
     """All of a planned layer's bookkeeping in one function (one compiled graph on CUDA): the
-    plan resolved into `compute_out` / `reuse_out`; the units reused and the units computed (the
+    plan resolved into `s.compute` / `s.reuse`; the units reused and the units computed (the
     layer's useful units, whatever layout then runs them) counted; and, given a `capacity`, the
     computed units compacted into `batch_out`'s buffers, with the overflow flag and the attention
-    pairs (n x `pair_keys`) counted on the device. `counters` [4, layers] long: reused, useful
-    units, attention pairs, overflows; `layer` [1]: this layer's column. Returns the units to
-    compute ([N] bool, what `compute_out` now holds)."""
-    compute, reuse = resolve(plan, scope, has_ref, units, block, full_window)
-    compute_out.copy_(compute)
+    pairs (n x `pair_keys`) counted on the device. Returns the units to compute ([N] bool, what
+    `s.compute` now holds)."""
+    compute, reuse = resolve(plan, s.scope, s.has_ref, s.units, s.block, s.full_window)
+    s.compute.copy_(compute)
     zero = compute.new_zeros((), dtype=torch.long)
     reused = zero
     if reuse is not None:
-        reuse_out.copy_(reuse)
+        s.reuse.copy_(reuse)
         reused = reuse.sum()
     n = compute.sum()
     pairs = over = zero
@@ -277,7 +299,8 @@ def settle(
     # (pairs and overflow are summed over layers when read), as one elementwise kernel: an
     # integer index_add_ is not compiled (torch.compile falls back to aten's sort-based
     # index_put, twelve kernels with bounds-check asserts, seen on an H200).
-    column = torch.arange(counters.shape[1], device=counters.device) == layer
+    counters = s.counters
+    column = torch.arange(counters.shape[1], device=counters.device) == s.layer
     added = torch.stack((reused, n, pairs, over)).view(4, 1)
     counters.copy_(torch.where(column, counters + added, counters))
     return compute
