@@ -576,3 +576,29 @@ def test_a_policy_that_cannot_act_on_the_model_is_no_policy():
         assert Engine(model, policy).policy is None
     acting = TokenSkipPolicy(cosine_threshold=0.5, min_layer=3)
     assert Engine(model, acting).policy is acting
+
+
+def test_the_documented_policy_example_runs():
+    """docs/concepts/writing-a-policy.md's example, as written: it reuses in its layers only, and
+    the GPU's static layouts (its OnDevice plan sized by its quota, no read-back) give the exact
+    path's tokens and reuse counts."""
+    from pathlib import Path
+
+    from v2.attention import Dense
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "concepts" / "writing-a-policy.md"
+    code = page.read_text().split("```python\n")[1].split("```")[0]
+    scope: dict = {}
+    exec(compile(code, str(page), "exec"), scope)  # noqa: S102 - our own documentation
+    model = random_network(seed=4, num_hidden_layers=4).double()
+    cfg = GenerationConfig(max_new_tokens=40, threshold=0.7)
+    prompts = [prompt(20), prompt(35, 2)]
+    exact = generate(model, prompts, IDS, cfg, scope["SecondHalf"](2))
+    policy = scope["SecondHalf"](2)
+    engine = Engine(model, policy, 32, static_shapes=True, compaction="always", attention=Dense())
+    static = generate(model, prompts, IDS, cfg, policy, engine=engine)
+    reused = exact.stats.reused_units_per_layer
+    assert reused[:2] == [0, 0] and all(n > 0 for n in reused[2:])
+    assert [o.token_ids for o in static.outputs] == [o.token_ids for o in exact.outputs]
+    assert static.stats.reused_units_per_layer == reused
+    assert engine.replays["denoise"] > 0  # planned on the device, replayed from its record
