@@ -163,6 +163,22 @@ def test_a_plan_that_breaks_its_quota_is_an_error():
         engine.stats  # noqa: B018 - reading the statistics checks the device flag
 
 
+def static_engine(model, policy, layout: str, **options) -> Engine:
+    """An engine with the GPU's static layouts on the CPU, in `layout` (LAYOUTS), with the
+    sub-block cache."""
+    how = LAYOUTS[layout]
+    return Engine(
+        model,
+        policy,
+        model.cfg.block_size,
+        True,
+        static_shapes=True,
+        compaction=how["compaction"],
+        attention=how["attention"](),
+        **options,
+    )
+
+
 @pytest.mark.parametrize("layout", ["masked", "compacted", "flash_masked"])
 @pytest.mark.parametrize("name", list(POLICIES))
 def test_replayed_forwards_equal_the_layer_loop(name, layout):
@@ -172,17 +188,7 @@ def test_replayed_forwards_equal_the_layer_loop(name, layout):
     cfg = GenerationConfig(max_new_tokens=40, threshold=0.7, use_block_cache=True)
     results, replays = [], []
     for forward_graphs in (False, True):
-        options = dict(LAYOUTS[layout])
-        engine = Engine(
-            model,
-            POLICIES[name](),
-            model.cfg.block_size,
-            True,
-            static_shapes=True,
-            compaction=options["compaction"],
-            attention=options["attention"](),
-            forward_graphs=forward_graphs,
-        )
+        engine = static_engine(model, POLICIES[name](), layout, forward_graphs=forward_graphs)
         results.append(generate(model, PROMPTS, IDS, cfg, engine.policy, engine=engine))
         replays.append(dict(engine.replays))
     loop, replayed = results
@@ -228,16 +234,7 @@ def test_graph_keys_are_typed_values_with_no_strings(layout, monkeypatch):
     model = random_network(seed=3, num_hidden_layers=4)
     cfg = GenerationConfig(max_new_tokens=40, threshold=0.7, use_block_cache=True)
     for name in POLICIES:
-        options = LAYOUTS[layout]
-        engine = Engine(
-            model,
-            POLICIES[name](),
-            model.cfg.block_size,
-            True,
-            static_shapes=True,
-            compaction=options["compaction"],
-            attention=options["attention"](),
-        )
+        engine = static_engine(model, POLICIES[name](), layout)
         generate(model, PROMPTS, IDS, cfg, engine.policy, engine=engine)
 
     def leaves(value):
