@@ -99,10 +99,19 @@ def test_report_rows_have_the_measurements(report):
         assert r["prefix"] == 512 and r["tokens"] == r["batch"] * r["window"]
     d32 = next(r for r in data["forwards"] if r["kind"] == "denoise32" and r["batch"] == 1)
     assert d32["window"] == 32 and d32["kv_bytes"] > 0
-    (e2e,) = data["e2e"]
-    assert e2e["generated_tokens"] == e2e["new_tokens"] == 64
-    assert e2e["tokens_per_s"] > 0 and e2e["forwards_per_s"] > 0
-    assert 0 < e2e["forward_sum_s"] <= e2e["wall_s"] and e2e["loop_overhead"] >= 0
+    # the quick grid's forced schedules: 1 and 3 slots per forward, sub-block cache off and on
+    runs = {(r["commit_per_forward"], r["block_cache"]): r for r in data["e2e"]}
+    assert set(runs) == {(1, False), (3, False), (1, True), (3, True)}
+    for (k, _), e2e in runs.items():
+        assert e2e["generated_tokens"] == e2e["new_tokens"] == 64
+        assert e2e["tokens_per_s"] > 0 and e2e["forwards_per_s"] > 0
+        assert 0 < e2e["forward_sum_s"] <= e2e["wall_s"] and e2e["loop_overhead"] >= 0
+    for cache in (False, True):
+        # k = 1: one denoise forward per slot (but the slots a commit or the prefill proposes);
+        # k = 3: sub-blocks of 8 take 3 forwards (3 + 3 + 2) instead of 8
+        one, three = (sum(runs[k, cache]["forwards"].values()) for k in (1, 3))
+        assert one >= 60 and three < one / 2
+        assert runs[3, cache]["tokens_per_forward"] > 2 > 1 >= runs[1, cache]["tokens_per_forward"]
     labels = {"none", "disabled", "token_reuse_0", "token_reuse_25", "token_reuse_50"}
     labels |= {"token_reuse_75", "layer_pass_0", "layer_pass_4", "layer_pass_8", "reuse_k2_12"}
     for b in (1, 32):
@@ -123,7 +132,8 @@ def test_report_rows_have_the_measurements(report):
     assert [t["name"] for t in data["targets"]] == list(TARGET_GOALS)
     for t in data["targets"]:
         assert set(t) >= {"name", "value", "goal", "met"}
-        if t["name"] == "e2e_b32_tokens_per_s":  # the quick grid runs end to end at batch 1
+        if t["name"] in ("e2e_b32_tokens_per_s", "e2e_b32_block_cache_over_compiled_ar"):
+            # the quick grid runs end to end at batch 1
             assert t["value"] is None and t["met"] is None
             continue
         assert t["value"] is not None and isinstance(t["met"], bool) and not t["official"]

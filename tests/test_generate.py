@@ -393,3 +393,29 @@ def test_the_model_keeps_one_engine_per_settings():
     custom = Policy()
     mine = engine(custom)
     assert engine(custom) is mine and engine(Policy()) is not mine
+
+
+def test_a_forced_commit_schedule_commits_k_per_forward():
+    """commit_per_forward k: the k most confident candidates of each row (all if fewer), whatever
+    the threshold; k = 1 is the threshold-1 decode token for token."""
+    from v2.block_loop import commit_rule
+
+    cand = torch.tensor([[True, True, True, False], [False, True, False, False]])
+    conf = torch.tensor([[0.1, 0.9, 0.5, 0.99], [0.2, 0.3, 0.8, 0.1]])
+    assert commit_rule(cand, conf, 0.05, per_forward=2).tolist() == [
+        [False, True, True, False],
+        [False, True, False, False],
+    ]
+    model = random_network(seed=2)
+    prompts = [prompt(5), prompt(40, 3)]
+    one = generate(model, prompts, IDS, GenerationConfig(max_new_tokens=40, threshold=1.0))
+    k1 = GenerationConfig(max_new_tokens=40, threshold=0.5, commit_per_forward=1)
+    assert [o.token_ids for o in generate(model, prompts, IDS, k1).outputs] == [
+        o.token_ids for o in one.outputs
+    ]
+    k4 = GenerationConfig(max_new_tokens=40, commit_per_forward=4, ignore_eos=True)
+    st = generate(model, prompts, IDS, k4).stats
+    assert st.forwards["denoise_full"] <= 2 * 40 / 4 + 4  # 4 per forward, sub-block remainders
+    for bad in (dict(commit_per_forward=0), dict(commit_per_forward=2, decode="speculative")):
+        with pytest.raises(GenerationError, match="commit_per_forward"):
+            GenerationConfig(**bad).validate(32)

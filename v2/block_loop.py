@@ -74,10 +74,17 @@ def propose(
     return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
 
 
-def commit_rule(candidates: torch.Tensor, conf: torch.Tensor, threshold: float) -> torch.Tensor:
+def commit_rule(
+    candidates: torch.Tensor, conf: torch.Tensor, threshold: float, per_forward: int | None = None
+) -> torch.Tensor:
     """The slots a denoise forward commits, [b, s] bool: every candidate whose confidence is
-    above `threshold`, and always the most confident candidate of each row that has one."""
+    above `threshold`, and always the most confident candidate of each row that has one. With
+    `per_forward` (a forced schedule, for timing): the `per_forward` most confident candidates of
+    each row (all of them if fewer), whatever the threshold."""
     conf = torch.where(candidates, conf, -1.0)
+    if per_forward is not None:
+        top = conf.topk(min(per_forward, conf.shape[1]), dim=1).indices
+        return candidates & torch.zeros_like(candidates).scatter_(1, top, True)
     take = candidates & (conf > threshold)
     best = conf.argmax(1, keepdim=True)
     take.scatter_(1, best, candidates.gather(1, best))

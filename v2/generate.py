@@ -64,6 +64,11 @@ class GenerationConfig:
     top_p: float = _setting(1.0, "nucleus sampling mass")
     seed: int | None = _setting(None, "sampling seed")
     ignore_eos: bool = _setting(False, "decode past EOS up to max_new_tokens")
+    commit_per_forward: int | None = _setting(
+        None,
+        "commit exactly this many slots per denoise forward (the most confident), whatever the "
+        "threshold: a forced schedule, for timing (none: the threshold rule)",
+    )
     # None: on when the model is on a GPU (v2/engine.py)
     cuda_graphs: bool | None = _setting(None, "CUDA graphs", flag=False)
     decode: str = _setting(
@@ -92,6 +97,12 @@ class GenerationConfig:
         if s < 1 or block_size % s:
             raise GenerationError(
                 f"small_block_size {s} must be >= 1 and divide the block size {block_size}"
+            )
+        k = self.commit_per_forward
+        if k is not None and (k < 1 or self.decode != "diffusion"):
+            raise GenerationError(
+                f"commit_per_forward must be >= 1 and needs decode=diffusion, got {k} with "
+                f"decode={self.decode}"
             )
         if self.temperature < 0:
             raise GenerationError(f"temperature must be >= 0, got {self.temperature}")
@@ -307,7 +318,7 @@ class Diffusion:
         window_ids = blk.tokens[:, window : window + width]
         hidden = engine.denoise(window_ids, window, out_pos.clamp(min=0), units, observer)
         token, conf = propose(engine.logits(hidden), cfg.temperature, cfg.top_p, self.gen)
-        take = commit_rule(candidates, conf, cfg.threshold)
+        take = commit_rule(candidates, conf, cfg.threshold, cfg.commit_per_forward)
         blk.tokens[:, sub] = torch.where(take, token, blk.tokens[:, sub])
         blk.pending[:, sub] &= ~take
         if not cfg.ignore_eos:

@@ -9,6 +9,7 @@ import torch
 
 from v2.bench.forced import skip_policies
 from v2.bench.models import ordinary_tokens, token_tensor
+from v2.bench.report import _e2e as e2e_row
 from v2.bench.roofline import bytes_read, roofline
 from v2.bench.timing import ForwardTimer, median
 from v2.checkpoint import TokenIds
@@ -200,66 +201,81 @@ def _skip_round(clock, runs, blocks, out_pos, timed: int | None) -> None:
 
 
 def e2e(bench, name: str, model: Network, ids: TokenIds) -> None:
-    """generate() at threshold 1 with ignore_eos: one token per row and forward. The forwards
-    (logits included) are marked by the engine's timer; the rest of the wall time is the loop."""
-    g, cfg, clock = bench.grid, model.cfg, bench.clock
-    V = cfg.vocab_size
+    """generate() end to end with ignore_eos under a forced commit schedule: k slots committed
+    per row and denoise forward (k = 1 is threshold 1), with the sub-block cache off and on, at
+    each batch. Measured on the real loop, not projected. The forwards (logits included) are
+    marked by the engine's timer; the rest of the wall time is the loop."""
+    g = bench.grid
     for b in g["e2e_batches"]:
-        if bench.over_deadline(f"e2e {name} b{b}"):
-            continue
-        prompts = [ordinary_tokens(ids, V, g["prompt_tokens"], r) for r in range(b)]
-        gc = GenerationConfig(max_new_tokens=g["new_tokens"], threshold=1.0, ignore_eos=True)
-        engine = bench.engine(model, None, block_size=cfg.block_size)
-        # warm-up: compiles, records and captures, until a whole generation makes none
-        run = functools.partial(generate, model, prompts, ids, gc, engine=engine)
-        warmup = clock.warm_up(run, [engine])
-        clock.reset_peak()
-        walls, fwd, over, result = [], [], [], None
-        for _ in range(g["e2e_repeats"]):
-            engine.timer = timer = ForwardTimer(clock)
-            clock.sync()
-            t = time.perf_counter()
-            result = generate(model, prompts, ids, gc, engine=engine)
-            clock.sync()
-            wall = time.perf_counter() - t
-            engine.timer = None
-            f = timer.total_ms() / 1e3
-            walls.append(wall)
-            fwd.append(f)
-            over.append(wall / f - 1)
-        st = result.stats
-        wall = median(walls)
-        n_fwd = sum(st.forwards.values())
-        row = {
-            "model": name,
-            "batch": b,
-            "prompt_tokens": g["prompt_tokens"],
-            "new_tokens": g["new_tokens"],
-            "repeats": len(walls),
-            "wall_s": wall,
-            "walls_s": walls,
-            "generated_tokens": st.generated_tokens,
-            "tokens_per_s": st.generated_tokens / wall,
-            "forwards": dict(st.forwards),
-            "forwards_total": n_fwd,
-            "forwards_per_s": n_fwd / wall,
-            "tokens_per_forward": st.tokens_per_forward,
-            "forward_sum_s": median(fwd),
-            "loop_overhead": median(over),
-            "executed_flops": st.executed_flops,
-            "achieved_tflops": st.executed_flops / wall / 1e12,
-            "graph_sets": st.graph_sets,
-            "graph_failures": st.graph_failures,
-            "warmup_generations": warmup,
-            "peak_memory_bytes": clock.peak(),
-        }
-        bench.data["e2e"].append(row)
-        bench.log(
-            f"{name} e2e b{b:<2d} {row['tokens_per_s']:9.1f} tokens/s "
-            f"{row['forwards_per_s']:7.1f} forwards/s, loop +{row['loop_overhead']:.1%} "
-            f"over the forwards ({n_fwd} forwards, {wall:.2f} s)"
-        )
-        bench.save()
+        for block_cache in g["e2e_block_cache"]:
+            for k in g["e2e_schedules"]:
+                if bench.over_deadline(f"e2e {name} b{b} k{k} cache {block_cache}"):
+                    continue
+                _e2e_case(bench, name, model, ids, b, (k, block_cache))
+                bench.save()
+
+
+def _e2e_case(bench, name: str, model: Network, ids: TokenIds, b: int, schedule) -> None:
+    g, cfg, clock = bench.grid, model.cfg, bench.clock
+    k, block_cache = schedule
+    prompts = [ordinary_tokens(ids, cfg.vocab_size, g["prompt_tokens"], r) for r in range(b)]
+    gc = GenerationConfig(
+        max_new_tokens=g["new_tokens"],
+        threshold=1.0,
+        ignore_eos=True,
+        commit_per_forward=k,
+        use_block_cache=block_cache,
+    )
+    engine = bench.engine(model, None, block_size=cfg.block_size, block_cache=block_cache)
+    # warm-up: compiles, records and captures, until a whole generation makes none
+    warmup = clock.warm_up(
+        functools.partial(generate, model, prompts, ids, gc, engine=engine), [engine]
+    )
+    clock.reset_peak()
+    walls, fwd, result = [], [], None
+    for _ in range(g["e2e_repeats"]):
+        engine.timer = timer = ForwardTimer(clock)
+        clock.sync()
+        t = time.perf_counter()
+        result = generate(model, prompts, ids, gc, engine=engine)
+        clock.sync()
+        walls.append(time.perf_counter() - t)
+        engine.timer = None
+        fwd.append(timer.total_ms() / 1e3)
+    st, wall = result.stats, median(walls)
+    n_fwd = sum(st.forwards.values())
+    row = {
+        "model": name,
+        "batch": b,
+        "commit_per_forward": k,
+        "block_cache": block_cache,
+        "prompt_tokens": g["prompt_tokens"],
+        "new_tokens": g["new_tokens"],
+        "repeats": len(walls),
+        "wall_s": wall,
+        "walls_s": walls,
+        "generated_tokens": st.generated_tokens,
+        "tokens_per_s": st.generated_tokens / wall,
+        "forwards": dict(st.forwards),
+        "forwards_total": n_fwd,
+        "forwards_per_s": n_fwd / wall,
+        "tokens_per_forward": st.tokens_per_forward,
+        "forward_sum_s": median(fwd),
+        "loop_overhead": median([w / f - 1 for w, f in zip(walls, fwd, strict=True)]),
+        "executed_flops": st.executed_flops,
+        "achieved_tflops": st.executed_flops / wall / 1e12,
+        "graph_sets": st.graph_sets,
+        "graph_failures": st.graph_failures,
+        "warmup_generations": warmup,
+        "peak_memory_bytes": clock.peak(),
+    }
+    bench.data["e2e"].append(row)
+    bench.log(
+        f"{name} e2e b{b:<2d} k{k} cache {'on ' if block_cache else 'off'} "
+        f"{row['tokens_per_s']:9.1f} tokens/s {row['forwards_per_s']:7.1f} forwards/s, "
+        f"{row['tokens_per_forward']:.2f} tokens/forward, loop +{row['loop_overhead']:.1%} "
+        f"over the forwards ({n_fwd} forwards, {wall:.2f} s)"
+    )
 
 
 def tokens_per_forward(bench, name: str, model: Network, ids: TokenIds) -> None:
@@ -319,7 +335,7 @@ def hf_ar(bench, name: str, model: Network, ids: TokenIds) -> None:
         prompts = token_tensor(ids, model.cfg.vocab_size, b, g["prompt_tokens"], bench.device)
         row = hf_tokens_per_s(hf, prompts, g["new_tokens"], g["ar_repeats"], bench.clock)
         row.update(model=name, batch=b, prompt_tokens=g["prompt_tokens"])
-        dllm = next((r for r in bench.data["e2e"] if (r["model"], r["batch"]) == (name, b)), None)
+        dllm = e2e_row(bench.data["e2e"], name, b)  # k = 1, no sub-block cache
         row["dllm_tokens_per_s"] = dllm and dllm["tokens_per_s"]
         row["dllm_over_ar"] = dllm and dllm["tokens_per_s"] / row["tokens_per_s"]
         bench.data["ar"].append(row)
