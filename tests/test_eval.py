@@ -49,6 +49,7 @@ CONFIG_KEYS = {
     "seed",
     "decode",
     "ignore_eos",
+    "commit_per_forward",
     "cuda_graphs",
     "threshold",
     "block_size",
