@@ -31,7 +31,7 @@ def _find(rows: list[dict], **match) -> dict | None:
     return next((r for r in rows if all(r.get(k) == v for k, v in match.items())), None)
 
 
-def _e2e(rows: list[dict], model: str, batch: int, k: int = 1, cache: bool = False):
+def e2e_row(rows: list[dict], model: str, batch: int, k: int = 1, cache: bool = False):
     """The end-to-end row of a forced schedule: k slots per forward, the sub-block cache on or
     off (records written before the schedules were measured hold k = 1, no cache)."""
     return next(
@@ -60,7 +60,7 @@ def _values(data: dict, model: str) -> dict:
         for d in [_find(fw, model=model, kind="denoise32", batch=r["batch"], prefix=r["prefix"])]
         if d
     ]
-    e1, e32 = _e2e(e2, model, 1), _e2e(e2, model, 32)
+    e1, e32 = e2e_row(e2, model, 1), e2e_row(e2, model, 32)
     a1, a32 = _find(ar, model=model, batch=1), _find(ar, model=model, batch=32)
 
     def wall(policy, batch):
@@ -79,8 +79,8 @@ def _values(data: dict, model: str) -> dict:
         "denoise32_b1_p512_over_bandwidth_bound": f1 and f1["median_ms"] / f1["bw_bound_ms"],
         "denoise32_b32_p512_over_compute_bound": f32 and f32["median_ms"] / f32["compute_bound_ms"],
         "e2e_b1_over_compiled_ar": _over(e1, a1),
-        "e2e_b32_block_cache_over_compiled_ar": _over(_e2e(e2, model, 32, cache=True), a32),
-        "e2e_b1_k3_over_compiled_ar": _over(_e2e(e2, model, 1, k=3), a1),
+        "e2e_b32_block_cache_over_compiled_ar": _over(e2e_row(e2, model, 32, cache=True), a32),
+        "e2e_b1_k3_over_compiled_ar": _over(e2e_row(e2, model, 1, k=3), a1),
         "e2e_b32_tokens_per_s": e32 and e32["tokens_per_s"],
         "denoise8_over_denoise32_max": max(ratios8) if ratios8 else None,
         "e2e_b1_loop_overhead": e1 and e1["loop_overhead"],
@@ -334,9 +334,8 @@ def write_plot(data: dict, path: Path) -> None:
             {(r.get("block_cache", False), r.get("commit_per_forward", 1)) for r in data["e2e"]}
         )
         for j, (cache, k) in enumerate(schedules):
-            rows = [
-                _e2e(data["e2e"], m, b, k, cache) for b in sorted({r["batch"] for r in data["e2e"]})
-            ]
+            batches = sorted({r["batch"] for r in data["e2e"]})
+            rows = [e2e_row(data["e2e"], m, b, k, cache) for b in batches]
             rows = [r for r in rows if r]
             if rows:
                 ax.plot(
@@ -384,7 +383,7 @@ def _ar_table(data: dict) -> list[str]:
     for r in data["ar"]:
         cells = []
         for cache, k in schedules:
-            e = _e2e(data["e2e"], r["model"], r["batch"], k, cache)
+            e = e2e_row(data["e2e"], r["model"], r["batch"], k, cache)
             ratio = _over(e, r)
             cells.append(
                 f"{_f(e and e['tokens_per_s'], '.1f')} ({_f(ratio, '.2f')}x)" if e else "-"
@@ -412,9 +411,8 @@ def readme_table(data: dict, source: str) -> str:
             continue
         met = {True: "yes", False: "no", None: "-"}[t["met"]]
         lines.append(f"| {t['name']} | {_f(t['value'], '.3f')} | {t['goal']} | {met} |")
-    rows = [
-        r for r in data["e2e"] if r["model"] == model and _e2e(data["e2e"], model, r["batch"]) is r
-    ]
+    e2e = data["e2e"]
+    rows = [r for r in e2e if r["model"] == model and e2e_row(e2e, model, r["batch"]) is r]
     if rows:
         ar = {r["batch"]: r for r in data["ar"] if r["model"] == model}
         lines += [
@@ -430,7 +428,7 @@ def readme_table(data: dict, source: str) -> str:
                 f"| this engine, {label} | "
                 + " | ".join(
                     _f(
-                        (_e2e(data["e2e"], model, r["batch"], k, cache) or {}).get("tokens_per_s"),
+                        (e2e_row(e2e, model, r["batch"], k, cache) or {}).get("tokens_per_s"),
                         ".0f",
                     )
                     for r in rows
@@ -440,7 +438,7 @@ def readme_table(data: dict, source: str) -> str:
                     (1, True, "threshold 1, sub-block cache"),
                     (3, False, "3 tokens per forward (forced)"),
                 )
-                if any(_e2e(data["e2e"], model, r["batch"], k, cache) for r in rows)
+                if any(e2e_row(data["e2e"], model, r["batch"], k, cache) for r in rows)
             ),
             "| transformers AR, static cache + torch.compile | "
             + " | ".join(_f(ar.get(r["batch"], {}).get("tokens_per_s"), ".0f") for r in rows)

@@ -9,7 +9,7 @@ import torch
 
 from v2.bench.forced import skip_policies
 from v2.bench.models import ordinary_tokens, token_tensor
-from v2.bench.report import _e2e as e2e_row
+from v2.bench.report import e2e_row
 from v2.bench.roofline import bytes_read, roofline
 from v2.bench.timing import ForwardTimer, median
 from v2.checkpoint import TokenIds
