@@ -135,6 +135,9 @@ class TokenSkipPolicy(Policy):
         self.seen: torch.Tensor | None = None  # [layers, batch, B] bool
         self._shape: tuple[int, int, int] | None = None  # (layers, batch, B) of the next block
         self.refresh = False
+        # Plans made, by (layer, window, refresh, units buffer): the same value every forward
+        # while the state buffers stay (no per-forward views on a replayed forward's path).
+        self._plans: dict[tuple, OnDevice] = {}
 
     @property
     def enabled(self) -> bool:
@@ -151,6 +154,7 @@ class TokenSkipPolicy(Policy):
             self.seen.zero_()
         else:
             self.previous = self.seen = None
+            self._plans.clear()
             self._shape = shape
 
     def begin_forward(self, ctx: ForwardContext) -> None:
@@ -159,6 +163,13 @@ class TokenSkipPolicy(Policy):
     def plan(self, layer: int, ctx: ForwardContext) -> Plan:
         if layer not in self.layers(ctx.num_layers):
             return ALL_COMPUTE
+        key = (layer, ctx.window_start, ctx.window_size, self.refresh, id(ctx.units))
+        plan = self._plans.get(key)  # holds ctx.units: its id is not reused while cached
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(layer, ctx)
+        return plan
+
+    def _make_plan(self, layer: int, ctx: ForwardContext) -> OnDevice:
         x = ctx.hidden
         if self.previous is None:
             shape = self._shape or (ctx.num_layers, x.shape[0], ctx.block_size)

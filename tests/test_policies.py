@@ -602,3 +602,26 @@ def test_the_documented_policy_example_runs():
     assert [o.token_ids for o in static.outputs] == [o.token_ids for o in exact.outputs]
     assert static.stats.reused_units_per_layer == reused
     assert engine.replays["denoise"] > 0  # planned on the device, replayed from its record
+
+
+def test_token_plans_are_made_once_per_window_and_layer(model):
+    """A replayed forward asks for every layer's plan: the token policy hands back the value it
+    made the first time (no new views of its state), until its state buffers change shape."""
+    policy = TokenSkipPolicy(cosine_threshold=0.9)
+    engine, _ = run_denoise(model, policy, [[block()]] * 3, steps=3)
+    seen = {}
+    original = policy._make_plan
+
+    def counting(layer, ctx):
+        seen[layer] = seen.get(layer, 0) + 1
+        return original(layer, ctx)
+
+    policy._make_plan = counting
+    engine.begin_block()
+    for _ in range(3):
+        engine.denoise(torch.tensor([block()]), 0, torch.arange(32))
+    assert seen == {}  # same window, same buffers: every plan reused
+    engine.allocate(2, 64)  # a new batch shape: new state, new plans
+    engine.begin_block()
+    engine.denoise(torch.tensor([block(), block(3)]), 0, torch.arange(32))
+    assert seen == dict.fromkeys(range(1, model.cfg.num_hidden_layers), 1)

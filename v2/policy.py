@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass
+from functools import cached_property
 
 import torch
 
@@ -84,7 +85,7 @@ class OnDevice:
     key: Hashable = ()
     quota: int | None = None
 
-    @property
+    @cached_property
     def graph_key(self) -> DeviceKey:
         return DeviceKey(self.fn, self.key, self.quota)
 
