@@ -197,12 +197,12 @@ class LayerRunner:
     def layer(self, i: int, win: Window, plan: Plan, n_scope: int, bits) -> int | None:
         """Run layer i of a denoise forward by its plan. Returns what it did with every unit in
         scope (COMPUTE, REUSE or PASS), or None for a per-unit plan, resolved in win.compute /
-        win.reuse (what an observer reads back, `_resolved`)."""
+        win.reuse (what an observer reads back, `resolved`)."""
         if isinstance(plan, OnHost):
             self.recorder.not_replayable()
             plan = plan.decide(win.x_units)
-        elif isinstance(plan, OnDevice) and not (self.static and not self.watching):
-            plan = self._fn("plan", plan.fn)(win.x_units, *plan.args)  # read back: run it now
+        elif isinstance(plan, OnDevice) and (self.watching or not self.static):
+            plan = self._fn(plan.fn)(win.x_units, *plan.args)  # read back: run it now
         if i in self.protected and not (isinstance(plan, Uniform) and plan.action == COMPUTE):
             raise PolicyError(f"{self.policy.name}: planned skipping on protected layer {i}")
         if isinstance(plan, Uniform):
@@ -308,7 +308,7 @@ class LayerRunner:
     def _settle(self, i: int, win: Window, device: OnDevice | None, C: int | None = None):
         """The plan (on the device: computed here), resolved into win.compute / win.reuse and
         counted; compacted into C slots if given (layer_step.settle)."""
-        plan = self._fn("plan", device.fn)(win.x_units, *device.args) if device else win.plan
+        plan = self._fn(device.fn)(win.x_units, *device.args) if device else win.plan
         extra = {}
         if C is not None:
             # Flash attends with the computed queries only: n x keys pairs, known on the
@@ -316,7 +316,7 @@ class LayerRunner:
             pair_keys = win.geo.end if self.attention.name == "flash" else 0
             batch = win.compacted(C) if C else None
             extra = dict(capacity=C, rows=win.geo.rows, batch_out=batch, pair_keys=pair_keys)
-        self._fn("settle", settle)(plan, self._settling(i, win), **extra)
+        self._fn(settle)(plan, self._settling(i, win), **extra)
 
     def _settling(self, i: int, win: Window) -> Settling:
         """Layer i's `Settling` over `win` (made once: the same object every forward)."""
@@ -386,9 +386,9 @@ class LayerRunner:
         layer_step(self.stack(), win.forward, i, batch, deltas, planned)
 
     def _compact(self, win: Window, mask: torch.Tensor, C: int, scope: bool = False) -> None:
-        self._fn("compact_into", compact_into)(mask, C, win.geo.rows, win.compacted(C, scope))
+        self._fn(compact_into)(mask, C, win.geo.rows, win.compacted(C, scope))
 
-    def _fn(self, name: str, fn: Callable) -> Callable:
+    def _fn(self, fn: Callable) -> Callable:
         """`fn`, compiled when the engine compiles (CUDA; compiled.py)."""
         return compiled(fn) if self.compiled else fn
 
