@@ -162,7 +162,7 @@ class Engine:
         self.ledger = Ledger(cfg, self.device)
         run = Execution(self.B, block_cache, self.static, compaction, self.compiled, self.attention)
         protected = set(range(L)) - skips  # layers the policy may not skip
-        self.layers = LayerRunner(
+        self.runner = LayerRunner(
             run, cfg, self.policy, protected, self.recorder, self.ledger, self._layer_stack
         )
         self._stack: LayerStack | None = None  # what layer steps take (`_layer_stack`)
@@ -251,11 +251,11 @@ class Engine:
             self.graphs.clear()
             self.recorder.clear()
             self._windows.clear()
-            self.layers.delta = self.layers.has_ref = None
+            self.runner.clear()
             self.cache = None
             self.cache = KVCache(self.cfg, rows, length, self.dtype, self.device)
         self.cache.prefix_len = 0
-        self.layers.live = batch
+        self.runner.live = batch
 
     @property
     def prefix_len(self) -> int:
@@ -270,13 +270,13 @@ class Engine:
         """Keep `rows` (at block ends): their prefix K/V move to the first rows of the cache."""
         kept = rows.tolist()
         self.cache.keep_rows(kept)
-        self.layers.live = len(kept)
+        self.runner.live = len(kept)
 
     @torch.inference_mode()
     def begin_block(self) -> None:
         """Reset per-position state; the policy's too."""
         self.step = 0
-        self.layers.begin_block(self.cache.rows, self.dtype, self.device)
+        self.runner.begin_block(self.cache.rows, self.dtype, self.device)
         if self.policy is not None:
             self.policy.begin_block(self.cache.rows, self.B, self.cfg.num_hidden_layers)
 
@@ -309,16 +309,17 @@ class Engine:
         n = b * w
         self.ledger.forward("commit", b, n)
         win = self._load(ids, 0, None, Kind.COMMIT)
-        pays = self.layers.pays(n)
+        pays = self.runner.pays(n)
         sig = None
         if self.static:
             sig = ForwardKey(Kind.COMMIT, w, False, n == win.N, n if pays else None, None)
 
         def layers():
             for i in range(self.cfg.num_hidden_layers):
-                self.layers.dense_layer(i, win, n, None, deltas=False)
+                self.runner.dense_layer(i, win, n, deltas=False)
 
-        self._run_layers(sig, None, layers)
+        self.runner.begin_forward(None, self.cache.prefix_len + self.B)
+        self._run_layers(sig, layers)
         self.ledger.window(self.cache.prefix_len + self.B, logit_rows=b)
         self.cache.prefix_len += self.B
         return win.x_units[:b, -1].clone()
@@ -345,22 +346,23 @@ class Engine:
             rows, n_scope = (int(t) for t in (units.any(1).sum(), units.sum()))
         self.ledger.forward("denoise_full" if w == self.B else "denoise_sub", rows, n_scope)
         win = self._load(ids, window_start, units)
-        rows = self.cache.rows
-        ctx = ForwardContext(self.step, window_start, w, rows, L, self.B, win.scope, win.x_units)
+        R = self.cache.rows  # a policy plans over every cache row
+        ctx = ForwardContext(self.step, window_start, w, R, L, self.B, win.scope, win.x_units)
         self.step += 1
         policy = self.policy
         if policy is not None:
             policy.begin_forward(ctx)
         plans = [policy.plan(i, ctx) if policy else ALL_COMPUTE for i in range(L)]
         bits = (((1 << w) - 1) << window_start) if units is None else None
-        run = self.layers
+        run = self.runner
+        run.begin_forward(bits, self.cache.prefix_len + self.B)
         run.watching = observer is not None
         if observer is None:
-            sig = self._signature(win, plans, n_scope, bits)
+            sig = self._signature(win, plans, n_scope)
 
             def layers():
                 for i in range(L):
-                    run.layer(i, win, plans[i], n_scope, bits)
+                    run.layer(i, win, plans[i], n_scope)
 
         else:  # watched: the layer loop runs (no replay), each layer's plan is read back
             sig, did = None, torch.empty(L, *win.plan.shape, dtype=torch.int8, device=self.device)
@@ -368,9 +370,9 @@ class Engine:
             def layers():
                 for i in range(L):
                     observer.on_hidden(i, win.x_units, ctx)
-                    did[i] = run.resolved(win, run.layer(i, win, plans[i], n_scope, bits))
+                    did[i] = run.resolved(win, run.layer(i, win, plans[i], n_scope))
 
-        self._run_layers(sig, bits, layers)
+        self._run_layers(sig, layers)
         if observer is not None:
             observer.on_hidden(L, win.x_units, ctx)
             self.last_plan = did.cpu()
@@ -389,7 +391,7 @@ class Engine:
 
     # ---- a forward's layers: recorded once, then replayed as one graph ----------------------
 
-    def _signature(self, win: Window, plans: list, n_scope: int, bits) -> ForwardKey | None:
+    def _signature(self, win: Window, plans: list, n_scope: int) -> ForwardKey | None:
         """What determines a denoise forward's layer loop (its layouts, graphs and host effects),
         or None when a layer's plan is decided on the host (module docstring, "Forward graphs")."""
         if not self.static:
@@ -399,11 +401,11 @@ class Engine:
             if isinstance(plan, OnHost):
                 return None
             keys.append(plan if isinstance(plan, Uniform) else plan.graph_key)
-        run = self.layers
-        window_bits = references = None
+        run = self.runner
+        bits, window_bits, references = run.bits, None, None
         if run.keeps_deltas:
             window_bits = bits
-            references = tuple(r & bits == bits for r in run.ref_bits) if bits else None
+            references = tuple(map(run.referenced, range(len(plans)))) if bits else None
         # Units in scope change the layouts only where compaction pays (module docstring).
         pays = run.pays(n_scope)
         return ForwardKey(
@@ -418,11 +420,10 @@ class Engine:
             references=references,
         )
 
-    def _run_layers(self, sig: ForwardKey | None, bits, layers: Callable[[], None]) -> None:
+    def _run_layers(self, sig: ForwardKey | None, layers: Callable[[], None]) -> None:
         """Run `layers` (the forward's loop over layers) through the recorder: recorded the first
         time `sig` is seen, replayed afterwards (module docstring, "Forward graphs")."""
-        self.layers.bits, self.layers.keys = bits, self.cache.prefix_len + self.B
-        self.recorder.forward(sig, layers, self.layers.effect)
+        self.recorder.forward(sig, layers, self.runner.effect)
 
     def _load(self, ids, window_start: int, units, kind: Kind | None = None) -> Window:
         """The forward's inputs into the static buffers of its window size (`kind`: a denoise

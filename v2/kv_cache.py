@@ -87,7 +87,9 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V [rows, length, kv_heads, head_dim] of one layer's `rows` (a slice: views; an
         index tensor: copies), positions [0, length)."""
-        return self.by_row("k")[layer, :, :length][rows], self.by_row("v")[layer, :, :length][rows]
+        K, V = self._layers[layer]
+        R, M = self.rows, self.max_len
+        return by_row(K, R, M)[:, :length][rows], by_row(V, R, M)[:, :length][rows]
 
     def by_row(self, which: str = "k") -> torch.Tensor:
         """[layers, rows, max_len, kv_heads, head_dim] view (no trash slot), for reading."""

@@ -145,9 +145,8 @@ class Window:
 
 class LayerRunner:
     """Runs one layer of a window forward by its plan (module docstring). The engine sets
-    `live` (rows with a sequence), `watching` (an observer reads each plan back) and, per
-    forward, `bits` (the window's positions in the block, a bit each; None when some rows
-    compute only part of it) and `keys` (the key count)."""
+    `live` (rows with a sequence) and `watching` (an observer reads each plan back), and starts
+    each forward with `begin_forward`."""
 
     def __init__(
         self,
@@ -169,6 +168,20 @@ class LayerRunner:
         self.delta = self.has_ref = None
         self.ref_bits = [0] * cfg.num_hidden_layers
         self.live, self.watching, self.bits, self.keys = 0, False, None, 0
+
+    def clear(self) -> None:
+        """Drop the reuse buffers (the cache is being reallocated)."""
+        self.delta = self.has_ref = None
+
+    def begin_forward(self, bits: int | None, keys: int) -> None:
+        """A forward starts: its window's positions in the block (a bit each; None when some
+        rows compute only part of it) and its key count."""
+        self.bits, self.keys = bits, keys
+
+    def referenced(self, i: int) -> bool:
+        """Every unit of the forward's window has a REUSE reference at layer i."""
+        bits = self.bits
+        return bits is not None and self.ref_bits[i] & bits == bits
 
     def begin_block(self, rows: int, dtype: torch.dtype, device: torch.device) -> None:
         """Forget every unit's last update (zeroed in place: graphs write into the buffers)."""
@@ -194,7 +207,7 @@ class LayerRunner:
             self.ledger.apply(effect, self.keys)
         self.recorder.effect(effect)
 
-    def layer(self, i: int, win: Window, plan: Plan, n_scope: int, bits) -> int | None:
+    def layer(self, i: int, win: Window, plan: Plan, n_scope: int) -> int | None:
         """Run layer i of a denoise forward by its plan. Returns what it did with every unit in
         scope (COMPUTE, REUSE or PASS), or None for a per-unit plan, resolved in win.compute /
         win.reuse (what an observer reads back, `resolved`)."""
@@ -206,7 +219,7 @@ class LayerRunner:
         if i in self.protected and not (isinstance(plan, Uniform) and plan.action == COMPUTE):
             raise PolicyError(f"{self.policy.name}: planned skipping on protected layer {i}")
         if isinstance(plan, Uniform):
-            did = self._uniform_layer(i, win, plan.action, n_scope, bits)
+            did = self._uniform_layer(i, win, plan.action, n_scope)
             if did is not None:
                 return did
             plan = torch.full_like(win.plan, plan.action)  # the general path checks each unit
@@ -214,21 +227,20 @@ class LayerRunner:
             self._check(plan, win)
             win.plan.copy_(plan)
             plan = None
-        self._planned_layer(i, win, plan, n_scope, bits)
+        self._planned_layer(i, win, plan, n_scope)
         return None
 
-    def _uniform_layer(self, i: int, win: Window, action: int, n_scope: int, bits) -> int | None:
+    def _uniform_layer(self, i: int, win: Window, action: int, n_scope: int) -> int | None:
         """A plan of one action for every unit, run with no device round trip where the host
         knows enough: returns the action done, or None when each unit must be checked."""
-        if action == PASS and bits is not None:
+        if action == PASS and self.bits is not None:
             if not (win.w == self.B and self.block_cache):
                 return PASS  # the layer does not run; x is its output
             action = COMPUTE  # the sub-block cache needs a full window's block K/V
         if action == COMPUTE:
-            self.dense_layer(i, win, n_scope, bits, deltas=self.keeps_deltas)
+            self.dense_layer(i, win, n_scope, deltas=self.keeps_deltas)
             return COMPUTE
-        referenced = bits is not None and self.ref_bits[i] & bits == bits  # every unit
-        if action == REUSE and referenced and self.keeps_deltas:
+        if action == REUSE and self.referenced(i) and self.keeps_deltas:
             deltas = Deltas(self.delta[i], self.has_ref[i], win.all_units, self.B)
             key = StepKey(Layout.REUSE_ALL, win.w, i)
             self.recorder.step(key, lambda: reuse_add(win.x, win.units, deltas))
@@ -249,7 +261,7 @@ class LayerRunner:
             codes = torch.full_like(win.plan, did)
         return torch.where(win.scope, codes, NOT_RUN).to(torch.int8)
 
-    def dense_layer(self, i: int, win: Window, n_scope: int, bits, deltas: bool) -> None:
+    def dense_layer(self, i: int, win: Window, n_scope: int, deltas: bool) -> None:
         """Every unit in scope computes."""
         d = Deltas(self.delta[i], self.has_ref[i], None, self.B) if deltas else None
         w, N = win.w, win.N
@@ -276,10 +288,10 @@ class LayerRunner:
         key = StepKey(layout, w, i, deltas, C)
         self.recorder.step(key, lambda: self._step(i, win, batch, d))
         self._count(i, win, batch, rows=rows, planned=False)
-        if bits is not None and deltas:
+        if self.bits is not None and deltas:
             self.effect(Referenced(i))
 
-    def _planned_layer(self, i: int, win: Window, device: OnDevice | None, n_scope, bits) -> None:
+    def _planned_layer(self, i: int, win: Window, device: OnDevice | None, n_scope: int) -> None:
         """A per-unit plan: in win.plan (None), or `device`, computed inside the layer's graph."""
         d = None
         if self.keeps_deltas:
@@ -298,11 +310,11 @@ class LayerRunner:
         elif not self.pays(n_scope):  # masked: everything runs, the plan decides what is kept
             self.recorder.step(key, lambda: self._masked_step(i, win, device, d))
             self._count(i, win, win.masked, rows=win.N, planned=True)
-        elif (bound := self._bound(i, device, win, bits)) is not None:
+        elif (bound := self._bound(i, device, win)) is not None:
             self._bound_step(i, win, device, d, key, bound)
         else:  # the plan's size only the device knows: read it (one sync for this layer)
             self._read_back_step(i, win, device, d, key)
-        if bits is not None and not self.policy.passes:
+        if self.bits is not None and not self.policy.passes:
             self.effect(Referenced(i))
 
     def _settle(self, i: int, win: Window, device: OnDevice | None, C: int | None = None):
@@ -401,14 +413,14 @@ class LayerRunner:
             return self.compaction == "always"
         return units >= 256 and units * flops.unit(self.cfg) >= 40e9
 
-    def _bound(self, i: int, device: OnDevice | None, win: Window, bits) -> int | None:
+    def _bound(self, i: int, device: OnDevice | None, win: Window) -> int | None:
         """Most units a plan on the device can compute, from its quota: every unit in scope for
         quota 0; otherwise only when every row in scope has a reference at every position of the
         window (else None)."""
         quota = device.quota if device is not None else None
         if quota == 0:
             return self.live * win.w
-        if quota is None or bits is None or self.ref_bits[i] & bits != bits:
+        if quota is None or not self.referenced(i):
             return None
         return self.live * max(0, win.w - quota)
 
