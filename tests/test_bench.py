@@ -365,12 +365,15 @@ def test_verify_section_rows(report):
     """Speculative decoding's verify forward timed beside the denoise forward (issue 18)."""
     _, data = report
     kinds = {(r["kind"], r["batch"]) for r in data["verify"]}
-    assert kinds == {(k, b) for k in ("verify9", "denoise32", "denoise32_eager") for b in (1, 32)}
+    kinds_timed = ("verify9", "verify9_eager", "denoise32", "denoise32_eager")
+    assert kinds == {(k, b) for k in kinds_timed for b in (1, 32)}
     for r in data["verify"]:
         assert r["median_ms"] > 0 and r["flops"] > 0 and r["vs_denoise32"] > 0
     v = next(r for r in data["verify"] if r["kind"] == "verify9" and r["batch"] == 1)
     d = next(r for r in data["verify"] if r["kind"] == "denoise32" and r["batch"] == 1)
     assert v["flops"] < d["flops"]  # 9 positions against 32
+    eager = next(r for r in data["verify"] if r["kind"] == "verify9_eager" and r["batch"] == 1)
+    assert eager["flops"] == v["flops"]  # the same forward, run two ways
 
 
 def test_no_forward_graphs_reaches_every_engine_the_sections_build(tmp_path, monkeypatch, report):

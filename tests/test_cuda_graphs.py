@@ -7,6 +7,8 @@
   (flash attention) and float64 (the dense backend).
 - The whole CUDA path (static layouts, torch.compile, graphs) gives the exact engine's tokens
   (float64), and flash attention agrees with the dense backend in bfloat16.
+- The causal decodes' verify forward on the CUDA path gives the exact engine's tokens
+  (float64), and flash's causal kernel agrees with the dense backend's mask in bfloat16.
 - A capture that fails is not fatal; an engine serves later generate calls with no new graphs.
 - A long sequence of mixed calls (the bench's and lm_eval's: shrinking batches, varied prompt
   lengths, every policy, the sub-block cache on and off) runs with no error and no failed capture.
@@ -123,6 +125,52 @@ def test_flash_agrees_with_dense_attention():
     live = torch.tensor([0, 2], device="cuda")
     err = (hidden[0][live] - hidden[1][live]).norm() / hidden[1][live].norm()
     assert err < 2e-2, err
+
+
+@pytest.mark.parametrize("decode", ["autoregressive", "speculative"])
+def test_causal_decodes_on_the_cuda_path_equal_the_exact_engine(decode):
+    """float64: the verify forward through static layouts + torch.compile + forward graphs gives
+    the exact (packed, eager) causal engine's tokens; its forwards are replayed, none failed."""
+    model = model_on_gpu(torch.float64)
+    cfg = GenerationConfig(max_new_tokens=70, threshold=0.5)
+    cfg.decode = decode
+    if decode == "autoregressive":
+        exact_engine = Engine(model, causal=True, attention=Packed(causal=True))
+        fast = Engine(model, causal=True)
+        verifier = fast
+    else:
+        exact_engine = Engine(model, None, 32, attention=Packed())
+        fast = Engine(model, None, 32)
+        verifier = fast.verifier
+    exact = generate(model, PROMPTS, IDS, cfg, engine=exact_engine)
+    got = generate(model, PROMPTS, IDS, cfg, engine=fast)
+    assert verifier.compiled and verifier.graphs.enabled and verifier.attention.name == "dense"
+    same(exact, got)
+    again = generate(model, PROMPTS, IDS, cfg, engine=fast)
+    same(exact, again)
+    assert verifier.replays["verify"] > 0 and not verifier.graphs.failures
+
+
+def test_causal_flash_agrees_with_causal_dense_attention():
+    """bfloat16: a verify forward (rows at their own positions and widths, one row waiting)
+    through flash's causal kernel agrees with the dense backend's causal mask."""
+    model = model_on_gpu(torch.bfloat16)
+    seqs = torch.tensor([prompt(60, r) for r in range(3)], device="cuda")
+    logits = []
+    for attention in (None, Dense(causal=True)):
+        e = Engine(model, causal=True, attention=attention)
+        assert e.attention.name == ("flash" if attention is None else "dense")
+        e.allocate(3, 80)
+        e.prefill(seqs[:, :20], last=False)
+        rows = torch.tensor([2, 0], device="cuda")
+        starts = torch.tensor([20, 20], device="cuda")
+        window = seqs[rows, 20:29]
+        widths = torch.tensor([4, 9], device="cuda")
+        logits.append(e.logits(e.verify(window, rows, starts, widths)))
+    a, b = logits[0][1], logits[1][1]  # row 0, all 9 slots real
+    assert (a - b).norm() / b.norm() < 2e-2
+    a, b = logits[0][0, :4], logits[1][0, :4]  # row 2's 4 real slots
+    assert (a - b).norm() / b.norm() < 2e-2
 
 
 def test_a_failed_capture_runs_eagerly_and_is_reported(capsys):

@@ -31,8 +31,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from token_skip_generation_functions import TokenSkipPolicy
 from v2.engine import Engine
 from v2.policy import ALL_COMPUTE, COMPUTE, REUSE, OnHost, Policy
-from v2.speculative import Verifier
-from v2.stats import Stats
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -154,25 +152,30 @@ def test_block_forward_counts_its_window_over_prefix_and_block(
     check(model, got[kind], Work(rows, rows * (PREFIX + BLOCK), logit_rows))
 
 
-def test_verify_forward_counts_every_window_query_over_the_longest_row():
-    """The verifier's causal forward of windows of W = 5 slots for cache rows (2, 0) of 3, at
-    positions 40 and 10, with 5 and 2 real tokens: every slot (padding too) runs every layer, and
-    each query's scores are computed over the keys [0, 45) of the longest row (the causal mask
-    and the shorter row's length then hide most); logits at every slot."""
+def test_verify_forward_counts_its_tokens_and_every_query_over_the_longest_row():
+    """A causal engine's verify forward of windows of w = 5 slots for cache rows (2, 0) of 3, at
+    positions 40 and 10, with 5 and 2 real tokens (the exact CPU layout: only the tokens run
+    the layers; the rows' queries padded to the widest, 5, for attention): each query's scores
+    are computed over the keys [0, 45) of the longest row (the causal mask and the shorter row's
+    length then hide most); logits at every slot. The baseline is the tokens alone."""
     model = eager_model()
-    stats = Stats(model.cfg.num_hidden_layers)
-    verifier = Verifier(model, 3, 64, stats)
+    engine = Engine(model, causal=True)
+    engine.allocate(3, 64)
     ids = torch.tensor([prompt(5), prompt(5, 1)])
     starts, widths = torch.tensor([40, 10]), torch.tensor([5, 2])
     rows_used = torch.tensor([2, 0])
     got = measure(
-        lambda: stats,
-        lambda: verifier.logits(verifier.forward(ids, rows_used, starts, widths)),
+        lambda: engine.stats,
+        lambda: engine.logits(engine.verify(ids, rows_used, starts, widths)),
     )
-    L, b, W, keys = model.cfg.num_hidden_layers, 2, 5, 45
-    check(model, got, Work(L * b * W, L * b * W * keys, b * W))
+    L, tokens, keys, w = model.cfg.num_hidden_layers, 7, 45, 5
+    executed = Work(L * tokens, L * 2 * w * keys, 2 * w)
+    check(model, got, executed, baseline=Work(L * tokens, L * tokens * keys, 2 * w))
     kept = L * sum(s + t + 1 for s, n in ((40, 5), (10, 2)) for t in range(n))
     assert got.attention != Work(0, kept, 0).attention_flops(model)
+    st = engine.stats
+    assert (st.verify_forwards, st.verify_row_forwards) == (1, 2)
+    assert st.executed_units_per_layer == [tokens] * L
 
 
 class SkipFirst(Policy):

@@ -16,7 +16,7 @@ from conftest import IDS, prompt, random_network
 
 from layer_skip_generation_functions import LayerReusePolicy, LayerSkipPolicy
 from token_skip_generation_functions import TokenSkipPolicy
-from v2.attention import Dense, Flash
+from v2.attention import Dense, Flash, causal_copy
 from v2.engine import Engine
 from v2.generate import GenerationConfig, generate
 from v2.policy import OnDevice
@@ -26,8 +26,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, **kw):
     """What aten._flash_attention_forward computes for packed queries: row r's queries
-    q[cu_q[r]:cu_q[r+1]] attend to keys k[cu_k[r] : cu_k[r] + seqused_k[r]]."""
-    assert dropout == 0.0 and not causal and q.dtype == k.dtype
+    q[cu_q[r]:cu_q[r+1]] attend to keys k[cu_k[r] : cu_k[r] + seqused_k[r]]; causal: the mask
+    aligned to the keys' end (the row's i-th of m queries sees its first n - m + i + 1 keys)."""
+    assert dropout == 0.0 and q.dtype == k.dtype
     seqused = kw["seqused_k"]
     assert cu_q.dtype == cu_k.dtype == seqused.dtype == torch.int32
     out = torch.full_like(q, float("nan"))
@@ -47,6 +48,10 @@ def varlen_reference(q, k, v, cu_q, cu_k, max_q, max_k, dropout, causal, debug, 
         keys = k[start : start + n].repeat_interleave(groups, 1)  # [n, heads, hd]
         values = v[start : start + n].repeat_interleave(groups, 1)
         scores = torch.einsum("qhd,khd->hqk", q[a:b], keys) * q.shape[-1] ** -0.5
+        if causal:
+            assert n >= b - a
+            seen = torch.arange(b - a)[:, None] + n - (b - a) >= torch.arange(n)[None]
+            scores = scores.masked_fill(~seen, float("-inf"))
         out[a:b] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), values)
         lse[:, a:b] = scores.float().logsumexp(-1)
     return out, lse, None, None, None
@@ -195,13 +200,95 @@ def test_replayed_forwards_equal_the_layer_loop(name, layout):
     # A threshold plan in the compacted layout is sized by a read-back, the layer policy decides
     # with one: never replayed.
     read_back = (name == "token_ct0.5" and layout == "compacted") or name == "layer_ct0.3"
-    assert replays[0] == {"denoise": 0, "commit": 0}
+    assert replays[0] == {"denoise": 0, "commit": 0, "verify": 0}
     assert replays[1]["denoise"] == 0 if read_back else replays[1]["denoise"] > 0
     assert [o.token_ids for o in replayed.outputs] == [o.token_ids for o in loop.outputs]
     a, b = loop.stats.to_dict(), replayed.stats.to_dict()
     for k in ("tokens_per_second", "wall_seconds", "graph_sets"):
         a.pop(k, None), b.pop(k, None)
     assert a == b
+
+
+@pytest.mark.parametrize("layout", ["exact", "masked", "flash_masked"])
+def test_verify_forward_is_the_model_run_causally(layout):
+    """A causal engine's verify forwards give each token the logits of the model run causally
+    over the whole sequence (float64): rows at their own positions with their own widths, a row
+    not verifying, and a row whose cache holds stale K/V past its valid length (a rejected
+    draft's) that no query may see."""
+    model = random_network(seed=5, num_hidden_layers=3).double()
+    if layout == "exact":
+        engine = Engine(model, causal=True)
+    else:
+        attention = causal_copy(LAYOUTS[layout]["attention"]())
+        engine = Engine(model, causal=True, static_shapes=True, attention=attention)
+    seqs = torch.tensor([prompt(60, offset=r) for r in range(3)])
+    W, rows = 9, torch.arange(3)
+    engine.allocate(3, 60 + W)
+    engine.prefill(seqs[:, :20], last=False)
+
+    def verify(rows, starts, widths, ids=None):
+        pos = starts[:, None] + torch.arange(W)[None]
+        window = seqs[rows].gather(1, pos.clamp(max=59)) if ids is None else ids
+        return engine.logits(engine.verify(window, rows, starts, widths))
+
+    first = verify(rows, torch.tensor([20, 20, 20]), torch.tensor([9, 3, 5]))
+    garbage = torch.tensor([prompt(W, offset=40)])
+    verify(torch.tensor([2]), torch.tensor([25]), torch.tensor([9]), garbage)  # row 2: 25..33
+    rows2, starts2, widths2 = torch.tensor([2, 0]), torch.tensor([25, 29]), torch.tensor([4, 9])
+    second = verify(rows2, starts2, widths2)  # row 1 waits; row 2 must not see 29..33
+    for out, rs, starts, widths in (
+        (first, rows, [20] * 3, [9, 3, 5]),
+        (second, rows2, starts2.tolist(), widths2.tolist()),
+    ):
+        for j, (r, s0, n) in enumerate(zip(rs.tolist(), starts, widths, strict=True)):
+            length = s0 + n
+            pos = torch.arange(length)
+            causal = pos[:, None] >= pos[None, :]
+            with torch.no_grad():
+                want = model(seqs[r : r + 1, :length], pos, causal)[0, s0:length]
+            torch.testing.assert_close(out[j, :n], want.float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["masked", "flash_masked", "flash_compacted"])
+@pytest.mark.parametrize("decode", ["autoregressive", "speculative"])
+def test_causal_decodes_on_static_layouts_equal_the_exact_engine(decode, layout):
+    """The causal decodes' verify forward on the static layouts (a window of a fixed size over
+    every cache row: slots past a row's draft and rows not verifying are padding; the forward
+    recorded, then replayed) gives the exact engine's tokens and counts; what differs is only
+    the padding it executes."""
+    model = random_network(seed=4, std=0.05, num_hidden_layers=3).double()
+    cfg = GenerationConfig(max_new_tokens=40, threshold=0.5)
+    cfg.decode = decode
+    exact = generate(model, PROMPTS, IDS, cfg)
+    how = LAYOUTS[layout]
+    if decode == "autoregressive":
+        attention = causal_copy(how["attention"]())
+        engine = Engine(model, causal=True, static_shapes=True, attention=attention)
+        verifier = engine
+    else:
+        engine = Engine(
+            model,
+            None,
+            32,
+            static_shapes=True,
+            compaction=how["compaction"],
+            attention=how["attention"](),
+        )
+        verifier = engine.verifier
+    static = generate(model, PROMPTS, IDS, cfg, engine=engine)
+    assert [o.token_ids for o in static.outputs] == [o.token_ids for o in exact.outputs]
+    e, s = exact.stats, static.stats
+    for count in ("verify_forwards", "verify_row_forwards", "drafted_tokens", "accepted_tokens"):
+        assert getattr(s, count) == getattr(e, count)
+    assert s.baseline_units_per_layer == e.baseline_units_per_layer
+    assert s.skip_rate_per_layer() == e.skip_rate_per_layer() == [0.0] * 3
+    # The autoregressive window is one token, and every row verifies every forward here: no
+    # padding; a speculative window's slots past a row's draft are padding.
+    padded = [p > 0 for p in s.padding_units_per_layer]
+    assert padded == [decode == "speculative"] * 3
+    assert verifier.causal and verifier.attention.causal
+    assert verifier.replays["verify"] > 0
+    assert len(verifier.recorder.records) == 1  # one window size: one forward record
 
 
 @pytest.mark.parametrize("layout", ["masked", "compacted"])

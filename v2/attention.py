@@ -21,10 +21,19 @@ A backend is called as `backend(q, k, v, batch, fwd)`: the queries (as its `prep
 out), the layer's K and V (kv_cache.py), the units computed and the forward (forward.py's
 `Forward`: its key geometry `geo` and key length `end`). Each backend also says how many (query,
 key) pairs it computed, for the FLOP count.
+
+A backend made `causal` serves a causal engine's verify forwards (engine.py, `Engine.verify`):
+row r's window holds positions start_r + [0, w), and the query at absolute position p sees the
+keys [0, p] of its row. The same three backends compute it: `flash` with the kernel's causal
+mask, which it aligns to the end of the row's keys, so it runs whole windows (the engine never
+compacts a verify forward) over keys that end with the window (`seqused`), and does not fold the
+GQA heads (folding would make query rows of heads); the others with a mask from each unit's
+position (`Units.pos`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -78,26 +87,30 @@ class Flash:
     name = "flash"
     capturable = True
 
-    def __init__(self, op=None):
+    def __init__(self, op=None, causal: bool = False):
         # aten's FlashAttention forward (a stand-in with its signature in tests)
         self.op = op or torch.ops.aten._flash_attention_forward
+        self.causal = causal
 
-    @staticmethod
-    def prepare(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    def prepare(self, q: torch.Tensor, kv_heads: int) -> torch.Tensor:
         """[C, H, hd] -> [C * g, kv, hd]: unit j's head kh * g + i becomes row j * g + i of KV
         head kh. Done where q is made (the compiled half before attention), so that the copy is
-        part of the RoPE kernel rather than a kernel of its own."""
+        part of the RoPE kernel rather than a kernel of its own. Causal: unfolded."""
+        if self.causal:
+            return q
         C, H, hd = q.shape
         g = H // kv_heads
         return q.view(C, kv_heads, g, hd).transpose(1, 2).reshape(C * g, kv_heads, hd)
 
     def __call__(self, qf, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
-        """qf: the queries as `prepare` folds them; fwd: the forward (forward.py)."""
+        """qf: the queries as `prepare` laid them out; fwd: the forward (forward.py)."""
         geo = fwd.geo
         kv, hd = k.shape[1], k.shape[2]
-        g = qf.shape[0] // batch.index.shape[0]
+        g = 1 if self.causal else qf.shape[0] // batch.index.shape[0]
         C = qf.shape[0] // g
         cu_q = (batch.cu_q if batch.cu_q is not None else geo.dense_cu_q) * g
+        if self.causal and batch.cu_q is not None:
+            raise NotImplementedError("a causal forward runs whole windows (never compacted)")
         trash = trash_slot(geo.rows, geo.max_len)
         out = self.op(
             qf,
@@ -108,10 +121,12 @@ class Flash:
             geo.w * g,
             geo.max_len,
             0.0,
-            False,
+            self.causal,
             False,
             seqused_k=geo.seqused,
         )[0]
+        if self.causal:
+            return out
         return out.view(C, g, kv, hd).transpose(1, 2)  # [C, kv, g, hd]: heads in order
 
     def pairs(self, batch: UnitBatch, geo: Geometry, end: int) -> int:
@@ -127,8 +142,8 @@ class Dense:
     def prepare(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
         return q
 
-    def __init__(self, eager: bool = False):
-        self.eager = eager
+    def __init__(self, eager: bool = False, causal: bool = False):
+        self.eager, self.causal = eager, causal
 
     def __call__(self, q, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
         geo = fwd.geo
@@ -138,7 +153,10 @@ class Dense:
         Q = Q[:N].view(R, w, H, hd).transpose(1, 2)
         K = by_row(k, R, geo.max_len).transpose(1, 2)
         V = by_row(v, R, geo.max_len).transpose(1, 2)
-        mask = (geo.key_positions < geo.end).view(1, 1, 1, -1)
+        if self.causal:
+            mask = geo.key_positions.view(1, 1, 1, -1) <= fwd.units.pos[:N].view(R, 1, w, 1)
+        else:
+            mask = (geo.key_positions < geo.end).view(1, 1, 1, -1)
         o = sdpa(Q, K, V, mask, self.eager).transpose(1, 2).reshape(N, H, hd)
         return torch.cat((o, o.new_zeros(1, H, hd)))[batch.index]
 
@@ -154,8 +172,8 @@ class Packed:
     def prepare(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
         return q
 
-    def __init__(self, eager: bool = False):
-        self.eager = eager
+    def __init__(self, eager: bool = False, causal: bool = False):
+        self.eager, self.causal = eager, causal
         self._last_pairs = 0
 
     def __call__(self, q, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
@@ -176,7 +194,12 @@ class Packed:
         H, hd = q.shape[1], q.shape[2]
         padded = q.new_zeros(a, width, H, hd)
         padded[slot, rank] = q[batch.valid] if batch.valid is not None else q
-        o = sdpa(padded.transpose(1, 2), K, V, None, self.eager).transpose(1, 2)[slot, rank]
+        mask = None
+        if self.causal:  # a padded query sees every key (its output is dropped)
+            last = torch.full((a, width), end - 1, device=q.device)
+            last[slot, rank] = fwd.units.pos[index]
+            mask = torch.arange(end, device=q.device).view(1, 1, 1, -1) <= last[:, None, :, None]
+        o = sdpa(padded.transpose(1, 2), K, V, mask, self.eager).transpose(1, 2)[slot, rank]
         if batch.valid is None:
             return o
         out = q.new_zeros(q.shape)
@@ -187,10 +210,19 @@ class Packed:
         return self._last_pairs
 
 
-def choose(device: torch.device, dtype: torch.dtype, eager_attention: bool):
-    """The backend for a model on `device` in `dtype` (module docstring)."""
+def choose(device: torch.device, dtype: torch.dtype, eager_attention: bool, causal: bool = False):
+    """The backend for a model on `device` in `dtype` (module docstring); `causal`: for a
+    causal engine's verify forwards."""
     if eager_attention or device.type != "cuda":
-        return Packed(eager_attention)
+        return Packed(eager_attention, causal)
     if dtype in (torch.float16, torch.bfloat16):
-        return Flash()
-    return Dense()
+        return Flash(causal=causal)
+    return Dense(causal=causal)
+
+
+def causal_copy(backend):
+    """The same backend, made causal (module docstring): a causal engine's, next to the one
+    its block-diffusion engine was given."""
+    made = copy.copy(backend)
+    made.causal = True
+    return made

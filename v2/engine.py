@@ -38,6 +38,16 @@ a read-back, an OnHost plan) is not recorded; its layers run one graph each, as 
 recording and replay are cuda_graphs.ForwardRecorder's; the engine gives it each forward's
 signature and loop, its device steps and its host effects.
 
+Causal engines (`causal=True`). The same network with a block of one token is a causal language
+model (fast-dllm-v2.md section 4): the verifier of the self-speculative decode and the
+autoregressive reference (speculative.py) run it as one, on an engine of their own (its cache
+holds causal K/V). Its prefill is the block-causal prefill with B = 1; its window forward is
+`verify`: a window of w positions per cache row at each row's own start, the units in scope a
+prefix of each row's window, attention causal (attention.py). A verify forward has the window
+machinery of a commit forward (static buffers, layer steps, forward graphs: one record per window
+size), never compacted. A block-diffusion engine makes its causal engine on first use
+(`verifier`), with its own settings.
+
 Observers (observer.py). A denoise forward given an `observer` runs its layer loop eagerly (not
 recorded, no plan captured) and shows it each layer's input and the output; each layer's plan,
 as it resolved on the device, is read back into `last_plan`. With none, nothing of this runs.
@@ -68,7 +78,7 @@ from functools import wraps
 import torch
 import torch.nn.functional as F
 
-from v2.attention import choose
+from v2.attention import causal_copy, choose
 from v2.compiled import compiled
 from v2.cuda_graphs import ForwardKey, ForwardRecorder, GraphRunner
 from v2.forward import Forward, Kind, cached_forward
@@ -130,17 +140,24 @@ class Engine:
         static_shapes: bool | None = None,
         attention=None,
         forward_graphs: bool = True,
+        causal: bool = False,
     ):
         """cuda_graphs / compile: default on for a model on a GPU. static_shapes: the layouts
         CUDA graphs need (default: with graphs); on the CPU, for tests of those layouts.
         attention: a backend from attention.py (default: attention.choose). forward_graphs:
         record and replay whole forwards (module docstring); off, every forward runs its layer
-        loop, one graph per layer step (what forward graphs are measured against)."""
+        loop, one graph per layer step (what forward graphs are measured against). causal: a
+        causal engine (module docstring, "Causal engines"), with no policy."""
         if compaction not in COMPACTION:
             raise ValueError(f"compaction must be one of {', '.join(COMPACTION)}")
+        if causal and (policy is not None or block_cache):
+            raise ValueError("a causal engine runs the full model: no policy, no block cache")
+        if attention is not None and getattr(attention, "causal", False) != causal:
+            raise ValueError(f"attention backend {attention.name!r}: causal must be {causal}")
         self.model = model
         self.cfg = cfg = model.cfg
-        self.B = block_size or cfg.block_size
+        self.causal = causal
+        self.B = 1 if causal else block_size or cfg.block_size
         self.block_cache = block_cache
         # A policy that can skip nothing on this model (e.g. cosine_threshold >= 1) is no
         # policy: same output, no per-layer planning cost.
@@ -150,14 +167,25 @@ class Engine:
         self.policy = policy if skips else None
         w = model.embed_tokens.weight
         self.device, self.dtype = w.device, w.dtype
-        self.attention = attention or choose(self.device, self.dtype, model.eager_attention)
+        self.attention = attention or choose(self.device, self.dtype, model.eager_attention, causal)
         cuda, on = self.device.type == "cuda", self.attention.capturable
         graphs = (cuda if cuda_graphs is None else cuda_graphs) and on
         self.graphs = GraphRunner(self.device, graphs)
         self.static = self.graphs.enabled if static_shapes is None else static_shapes
         self.compiled = (cuda if compile is None else compile) and on
         # the settings `for_model` finds this engine by (cuda_graphs as given)
-        self.key = (settings(policy), self.B, block_cache, cuda_graphs, self.attention.name)
+        how = (self.attention.name, model.eager_attention)
+        self.key = (settings(policy), self.B, block_cache, cuda_graphs, how, causal)
+        # how `verifier` makes its causal engine: these settings, the backend made causal
+        self._settings = dict(
+            cuda_graphs=cuda_graphs,
+            compile=compile,
+            compaction=compaction,
+            static_shapes=static_shapes,
+            attention=None if attention is None else causal_copy(attention),
+            forward_graphs=forward_graphs,
+        )
+        self._verifier: Engine | None = None
         self.recorder = ForwardRecorder(self.graphs, forward_graphs)
         self.ledger = Ledger(cfg, self.device)
         run = Execution(self.B, block_cache, self.static, compaction, self.compiled, self.attention)
@@ -187,17 +215,32 @@ class Engine:
         block_size: int,
         block_cache: bool,
         cuda_graphs: bool | None,
+        causal: bool = False,
     ) -> Engine:
         """The model's engine for these settings, kept on the model so that the next generate
-        call with the same settings reuses its buffers, CUDA graphs and policy object."""
+        call with the same settings reuses its buffers, CUDA graphs and policy object (a causal
+        one apart: the autoregressive decode's, block_size 1)."""
         w = model.embed_tokens.weight
-        attention = choose(w.device, w.dtype, model.eager_attention).name
-        key = (settings(policy), block_size, block_cache, cuda_graphs, attention)
-        e = getattr(model, "_v2_engine", None)
+        how = (choose(w.device, w.dtype, model.eager_attention).name, model.eager_attention)
+        B = 1 if causal else block_size
+        key = (settings(policy), B, block_cache, cuda_graphs, how, causal)
+        slot = "_v2_causal_engine" if causal else "_v2_engine"
+        e = getattr(model, slot, None)
         if e is None or e.key != key:
-            e = cls(model, policy, block_size, block_cache, cuda_graphs)
-            model._v2_engine = e
+            e = cls(model, policy, B, block_cache, cuda_graphs, causal=causal)
+            setattr(model, slot, e)
         return e
+
+    @property
+    def verifier(self) -> Engine:
+        """The causal engine of the self-speculative decodes drafted on this engine
+        (speculative.py): made on first use with this engine's settings and kept with it (its
+        buffers and graphs serve later decodes); its setups count as this engine's."""
+        if self.causal:
+            return self
+        if self._verifier is None:
+            self._verifier = Engine(self.model, causal=True, **self._settings)
+        return self._verifier
 
     # ---- statistics ---------------------------------------------------------------------------
 
@@ -220,19 +263,24 @@ class Engine:
         """Forwards replayed from their record (module docstring, "Forward graphs")."""
         by_kind = self.recorder.replays
         denoise = by_kind.get(Kind.DENOISE_FULL, 0) + by_kind.get(Kind.DENOISE_SUB, 0)
-        return {"denoise": denoise, "commit": by_kind.get(Kind.COMMIT, 0)}
+        return {
+            "denoise": denoise,
+            "commit": by_kind.get(Kind.COMMIT, 0),
+            "verify": by_kind.get(Kind.VERIFY, 0),
+        }
 
     @property
     def setups(self) -> int:
         """Forward records, graph warm-ups and captures made so far: a call that leaves this
         unchanged only replayed (what a benchmark times). A forward signature first seen takes
         three calls to get there: record, warm-up and capture of its forward graph."""
-        return (
+        own = (
             self._cleared_setups
             + len(self.recorder.records)
             + len(self.graphs.warm)
             + len(self.graphs.graphs)
         )
+        return own + (self._verifier.setups if self._verifier is not None else 0)
 
     # ---- cache and per-block state -------------------------------------------------------
 
@@ -283,9 +331,10 @@ class Engine:
     # ---- the forwards ---------------------------------------------------------------------------
 
     @_forward()
-    def prefill(self, ids: torch.Tensor) -> torch.Tensor:
+    def prefill(self, ids: torch.Tensor, last: bool = True) -> torch.Tensor:
         """Complete prompt blocks [0, P): exact, block-causal, eager (once per generation).
-        Returns the last position's hidden state."""
+        Returns the last position's hidden state (`last`: the caller computes its logits,
+        counted here; else none are)."""
         b, P = ids.shape
         cache = self.cache
         self.ledger.forward("prefill", b, b * P)
@@ -297,7 +346,7 @@ class Engine:
         x = cached_forward(self.model, ids, fwd)
         # Every query's scores over all P keys: the block-causal mask discards some of them
         # after they are computed (flops.py).
-        self.ledger.exact(b * P, keys=P, logit_rows=b)
+        self.ledger.exact(b * P, keys=P, logit_rows=b if last else 0)
         cache.prefix_len = P
         return x[:, -1]
 
@@ -382,6 +431,36 @@ class Engine:
         return win.x_units[:b, out_positions]
 
     @_forward()
+    def verify(
+        self, ids: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor
+    ) -> torch.Tensor:
+        """A causal engine's window forward (module docstring, "Causal engines"): windows ids
+        [b, w] of cache rows `rows` [b], row j's at absolute positions starts[j] + [0, w), whose
+        cache holds the exact K/V of [0, starts[j]); its first widths[j] slots are tokens (in
+        scope), the rest padding. Writes the tokens' K/V (the padding's go to the trash slot);
+        returns the window's hidden states [b, w, hidden] (garbage at padding slots)."""
+        if not self.causal:
+            raise RuntimeError("verify is a causal engine's forward (Engine(causal=True))")
+        b, w = ids.shape
+        n, keys = int(widths.sum()), int((starts + widths).max())
+        self.ledger.forward(Kind.VERIFY, b, n)
+        win = self._window(w)
+        max_pos = self.cfg.max_position_embeddings
+        win.load_verify(ids, self.embed, rows, starts, widths, keys, max_pos)
+        # Never compacted: the units in scope change with every round's accepted lengths, and
+        # each count would be a forward graph of its own; rows not verifying run as padding.
+        sig = ForwardKey(Kind.VERIFY, w, False, n == win.N, None, None) if self.static else None
+
+        def layers():
+            for i in range(self.cfg.num_hidden_layers):
+                self.runner.dense_layer(i, win, n, deltas=False, compact=False)
+
+        self.runner.begin_forward(None, keys)
+        self._run_layers(sig, layers)
+        self.ledger.window(keys, logit_rows=b * w)
+        return win.x_units[rows]
+
+    @_forward()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head on the rows whose logits are used; float32 out (compiled on
         CUDA: one norm kernel instead of seven)."""
@@ -428,13 +507,19 @@ class Engine:
     def _load(self, ids, window_start: int, units, kind: Kind | None = None) -> Window:
         """The forward's inputs into the static buffers of its window size (`kind`: a denoise
         forward's by default)."""
+        if self.causal:
+            raise RuntimeError("a causal engine's window forwards are verify forwards")
         w = ids.shape[1]
-        if w not in self._windows:
-            self._windows[w] = Window(self.cache, w, self.B, self.cfg.hidden_size, self.dtype)
-        win = self._windows[w]
+        win = self._window(w)
         kind = kind or (Kind.DENOISE_FULL if w == self.B else Kind.DENOISE_SUB)
         win.load(ids, self.embed, window_start, units, kind)
         return win
+
+    def _window(self, w: int) -> Window:
+        """The static buffers of windows of w positions (made on first use)."""
+        if w not in self._windows:
+            self._windows[w] = Window(self.cache, w, self.B, self.cfg.hidden_size, self.dtype)
+        return self._windows[w]
 
     def _layer_stack(self) -> LayerStack:
         """What a layer step takes from the engine (built on first use: the RoPE tables)."""

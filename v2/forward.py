@@ -4,14 +4,15 @@ Like SGLang's `ForwardBatch`: a forward is described once, by its kind, its rows
 keys its queries see and the buffers it works in, and that description is what the code that
 runs it takes, instead of a list of loose parameters. Two families of forwards use it:
 
-- a window of static buffers (denoise, full or sub-block, and commit): the engine's layer steps
-  (layer_step.py) run over `x`, the window's hidden states, with the units' position maps
-  (`units`) and the key geometry (`geo`); one description per window size, its buffers reused by
-  every forward over that window (engine.py's `_Window` owns it), `kind` and `end` set by each.
-- an eager cached forward (prefill, verify): `cached_forward` below runs the network's layers
-  over token ids at `positions`, writing their K/V into `slots` and attending, under `mask`, to
-  keys [0, end) of the cache rows `key_rows`. It serves the engine's prefill, the speculative
-  decode's verifier and the autoregressive reference (speculative.py).
+- a window of static buffers (denoise, full or sub-block, commit, and a causal engine's verify):
+  the engine's layer steps (layer_step.py) run over `x`, the window's hidden states, with the
+  units' position maps (`units`) and the key geometry (`geo`); one description per window size,
+  its buffers reused by every forward over that window (layer_plans.Window owns it), `kind` and
+  `end` set by each.
+- an eager cached forward (prefill): `cached_forward` below runs the network's layers over token
+  ids at `positions`, writing their K/V into `slots` and attending, under `mask`, to keys
+  [0, end) of the cache rows `key_rows`. It serves every engine's prefill, a causal engine's
+  (the verifier's and the autoregressive reference's, speculative.py) too.
 
 Every K/V write goes through the cache (kv_cache.py), which owns the slot formula.
 """
@@ -35,12 +36,13 @@ if TYPE_CHECKING:
 @dataclass
 class Units:
     """Per-window static maps from a flat unit id to its row and window offset ([N + 1]; the
-    trash id N maps to row `rows`, offset 0) and the forward's device scalars: `start`, the
-    absolute position of window offset 0, and `block_offset`, the window's offset in the block."""
+    trash id N maps to row `rows`, offset 0), and what each forward sets: `pos` [N + 1], each
+    unit's absolute position (a denoise or commit window starts at one position in every row, a
+    verify window at each row's own), and `block_offset` [], the window's offset in the block."""
 
     row: torch.Tensor
     t: torch.Tensor
-    start: torch.Tensor
+    pos: torch.Tensor
     block_offset: torch.Tensor
 
 

@@ -33,7 +33,7 @@ from v2.engine import Engine
 from v2.model import Network
 from v2.observer import NOT_RUN, DenoiseStep, Observer
 from v2.policy import Policy
-from v2.speculative import Causal, Verifier
+from v2.speculative import Causal
 from v2.stats import Stats
 
 # diffusion: block diffusion (this module); autoregressive, speculative: v2/speculative.py
@@ -119,12 +119,15 @@ def engine_for(
     """The engine a decode with these settings runs on: the model's (Engine.for_model: kept on
     the model between calls with the same settings, the policy's included; what `generate` uses
     when given none), or with `own` a new one that nothing else uses (a caller that interleaves
-    configurations keeps one per configuration, so that each keeps its graphs). None for
-    decode="autoregressive", which uses none. What a warm-up watches (Engine.setups,
-    v2.bench.timing.settle)."""
+    configurations keeps one per configuration, so that each keeps its graphs). For
+    decode="speculative", the draft's engine (its `verifier` is the causal engine the decode
+    verifies on); for decode="autoregressive", a causal engine (engine.py). What a warm-up
+    watches (Engine.setups, v2.bench.timing.settle)."""
     cfg = config or GenerationConfig()
     if cfg.decode == "autoregressive":
-        return None
+        if own:
+            return Engine(model, cuda_graphs=cfg.cuda_graphs, causal=True)
+        return Engine.for_model(model, None, 1, False, cfg.cuda_graphs, causal=True)
     B = cfg.block_size or model.cfg.block_size
     block_cache = cfg.use_block_cache and cfg.decode == "diffusion"  # speculative drafts: none
     if own:
@@ -199,8 +202,11 @@ def generate(
         engine = _ready_engine(model, cfg, policy, engine, batch)
         return run(Diffusion(engine, cfg, ids, gen, observer), batch)
     draft = _ready_engine(model, cfg, policy, engine, batch)
-    verifier = Verifier(model, len(prompts), batch.total, Stats(model.cfg.num_hidden_layers))
-    causal = Causal(verifier, draft, cfg.small_block_size, cfg.threshold, not cfg.ignore_eos)
+    if cfg.decode == "autoregressive":  # no draft: one token per verify forward
+        verifier, draft, S = draft, None, 0
+    else:
+        verifier, S = draft.verifier, cfg.small_block_size
+    causal = Causal(verifier, draft, batch, S, cfg.threshold, not cfg.ignore_eos)
     return run(causal, batch)
 
 
@@ -221,13 +227,18 @@ def _ready_engine(
     batch: Batch,
 ) -> Engine | None:
     """The engine of the decode (the model's for these settings unless given), its policy
-    attached, statistics reset and buffers sized for `batch`; None for the autoregressive
-    decode, which has none."""
-    if cfg.decode == "autoregressive":
-        return None
+    attached, statistics reset and buffers sized for `batch`; for the autoregressive decode, a
+    causal engine, left to the decode (speculative.Causal) to size."""
     if engine is None:
         engine = engine_for(model, cfg, policy)  # its buffers and graphs serve later calls too
-    elif engine.B != batch.B or engine.block_cache != cfg.use_block_cache:
+    if cfg.decode == "autoregressive" or engine.causal:
+        if not (cfg.decode == "autoregressive" and engine.causal):
+            raise GenerationError(
+                "decode=autoregressive runs on a causal engine (Engine(causal=True)), and "
+                "only it does"
+            )
+        return engine
+    if engine.B != batch.B or engine.block_cache != cfg.use_block_cache:
         what = "the engine's" if cfg.decode == "diffusion" else "the draft engine's"
         tail = " from the config" if cfg.decode == "diffusion" else ""
         raise GenerationError(f"{what} block size / sub-block cache differ{tail}")

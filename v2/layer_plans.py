@@ -88,7 +88,8 @@ class Window:
         row, t = u // w, u % w
         t[N] = 0
         zero = torch.zeros((), dtype=torch.long, device=dev)
-        self.units = Units(row, t, zero.clone(), zero.clone())
+        self.units = Units(row, t, torch.zeros_like(t), zero)
+        self.row_start = torch.zeros(R + 1, dtype=torch.long, device=dev)  # a verify window's
         self.geo = Geometry(
             rows=R,
             w=w,
@@ -120,10 +121,43 @@ class Window:
             self.scope.fill_(True)
         cache = self.forward.cache
         P, end = cache.prefix_len, cache.prefix_len + self.block
-        self.units.start.fill_(P + start)
+        torch.add(self.units.t, P + start, out=self.units.pos)
         self.units.block_offset.fill_(start)
         self.geo.end.fill_(end)
         self.geo.seqused.fill_(end)
+        self._embed(embed, kind, end)
+
+    def load_verify(
+        self,
+        ids: torch.Tensor,
+        embed: torch.Tensor,
+        rows: torch.Tensor,
+        starts: torch.Tensor,
+        widths: torch.Tensor,
+        end: int,
+        max_pos: int,
+    ) -> None:
+        """A verify forward's inputs (a causal engine's, engine.py): token ids [b, w] of cache
+        rows `rows` [b], row j's window at absolute positions starts[j] + [0, w), its first
+        widths[j] slots in scope (the rest, and every other cache row, padding); `end`: the
+        keys the longest row's queries see (max of starts + widths). Each row's keys end at its
+        window's end (starts + w: FlashAttention aligns a causal mask to the keys' end), which
+        the cache has room for (the caller allocates w positions more than a sequence needs).
+        Padding positions are clamped below `max_pos` (the RoPE table's length)."""
+        R, w = self.geo.rows, self.w
+        self.ids.zero_()
+        self.ids[rows] = ids
+        self.scope.zero_()
+        self.scope[rows] = torch.arange(w, device=ids.device)[None] < widths[:, None]
+        self.row_start.zero_()
+        self.row_start[rows] = starts
+        torch.add(self.row_start[self.units.row], self.units.t, out=self.units.pos)
+        self.units.pos.clamp_(max=max_pos - 1)
+        self.geo.seqused.copy_(self.row_start[:R] + w)
+        self.geo.end.fill_(end)
+        self._embed(embed, Kind.VERIFY, end)
+
+    def _embed(self, embed: torch.Tensor, kind: Kind, end: int) -> None:
         self.forward.kind, self.forward.end = kind, end
         torch.index_select(embed, 0, self.ids.view(-1), out=self.x[: self.N])
         self.scope_batch = None
@@ -261,8 +295,10 @@ class LayerRunner:
             codes = torch.full_like(win.plan, did)
         return torch.where(win.scope, codes, NOT_RUN).to(torch.int8)
 
-    def dense_layer(self, i: int, win: Window, n_scope: int, deltas: bool) -> None:
-        """Every unit in scope computes."""
+    def dense_layer(
+        self, i: int, win: Window, n_scope: int, deltas: bool, compact: bool = True
+    ) -> None:
+        """Every unit in scope computes (`compact`: in a compacted layout where that pays)."""
         d = Deltas(self.delta[i], self.has_ref[i], None, self.B) if deltas else None
         w, N = win.w, win.N
         # (layout, rows through its matmuls, capacity); the n_scope units in scope are useful
@@ -273,7 +309,7 @@ class LayerRunner:
                 index = win.scope_flat.nonzero().squeeze(1)
                 win.scope_batch = UnitBatch(index, None, None, n_scope)
             batch, layout, rows, C = win.scope_batch, Layout.SCOPE, n_scope, None
-        elif self.pays(n_scope):
+        elif compact and self.pays(n_scope):
             C = capacity(n_scope, N)
             if win.scope_batch is None:
                 win.scope_batch = win.compacted(C, scope=True)

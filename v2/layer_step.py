@@ -143,8 +143,7 @@ def attention_inputs(x_all, index, valid, fwd: Forward, w: LayerWeights, stack: 
     backend takes (its `prepare`); and each unit's cache slot (the cache's trash slot for a
     padded one). `index`, `valid`: the batch's (or, planned, the settled plan's)."""
     units, heads, kv_heads = fwd.units, stack.heads, stack.kv_heads
-    row, t = units.row[index], units.t[index]
-    pos = units.start + t
+    row, pos = units.row[index], units.pos[index]
     x = x_all[index]
     qkv = F.linear(rms_norm(x, w.ln1, w.eps), w.qkv, w.qkv_bias)
     hd = w.qkv.shape[0] // (heads + 2 * kv_heads)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from v2 import flops
+from v2.forward import Kind
 from v2.model import ModelConfig
 from v2.stats import Stats
 
@@ -76,8 +77,12 @@ class Ledger:
         """A forward of `kind` over `rows` rows with `scope` units in scope (each layer's
         baseline units)."""
         st = self.stats
-        st.forwards[kind] += 1
-        st.row_forwards[kind] += rows
+        if kind == Kind.VERIFY:  # the causal decodes' count (stats.py)
+            st.verify_forwards += 1
+            st.verify_row_forwards += rows
+        else:
+            st.forwards[kind] += 1
+            st.row_forwards[kind] += rows
         for i in range(self.cfg.num_hidden_layers):
             st.baseline_units_per_layer[i] += scope
         self.scope = scope

@@ -4,9 +4,10 @@ greedy decode of the checkpoint run as a causal model (a block of one token).
     python -m v2.generate --model DIR --prompt "2+3?" --decode speculative --threshold 0.5
 
 A Fast-dLLM v2 checkpoint with a block of one token is a causal language model: every position
-sees itself and the positions before it. `Verifier` runs the full model that way over its own K/V
-cache (kv_cache.py; one write path, a valid length per row), through the one eager cached forward
-(forward.py) that the engine's prefill runs too.
+sees itself and the positions before it. The verifier is a causal engine (engine.py, "Causal
+engines"): the full model run that way over its own K/V cache, its prompt through the engine's
+prefill, each verify window through the same static window forward as denoising (CUDA graphs on
+a GPU), with a valid length per row.
 
 - `decode="autoregressive"`: one causal forward per token (the reference).
 - `decode="speculative"`: a draft proposes a run of tokens after each row's verified prefix, and
@@ -35,76 +36,18 @@ tokens as alone.
 Statistics (stats.py): the draft's forwards are the engine's (prefill, denoise, commit); the
 verifier's causal forwards are `verify_forwards` (and its prompt prefill a prefill);
 `drafted_tokens`, `accepted_tokens`, executed FLOPs of both, wall-clock. The autoregressive decode
-counts each of its steps as a verify forward that checked nothing.
+counts each of its steps as a verify forward that checked nothing. A verify window has a fixed
+size (the draft's run + 1) so that one forward graph serves every round: its slots past a row's
+draft, and the rows not verifying, are padding (executed, not in the baseline).
 """
 
 from __future__ import annotations
 
 import torch
 
-from v2 import flops
 from v2.block_loop import Batch, commit_rule, propose
 from v2.engine import Engine
-from v2.forward import Forward, Kind, cached_forward
-from v2.kv_cache import KVCache
-from v2.model import Network
 from v2.stats import Stats
-
-
-class Verifier:
-    """The full model as a causal LM over its own K/V cache; counts its work into `stats`."""
-
-    def __init__(self, model: Network, rows: int, max_len: int, stats: Stats):
-        w = model.embed_tokens.weight
-        self.model, self.cfg, self.stats = model, model.cfg, stats
-        self.cache = KVCache(model.cfg, rows, max_len, w.dtype, w.device)
-
-    @torch.inference_mode()
-    def forward(
-        self, ids: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor, widths: torch.Tensor
-    ) -> torch.Tensor:
-        """Causal forward of windows ids [b, W] of cache rows `rows` [b]: row j's window starts
-        at absolute position starts[j], whose cache holds exact K/V of [0, starts[j]); its first
-        widths[j] slots are tokens, the rest padding (K/V to the trash slot, outputs garbage).
-        Writes the window's K/V; returns the hidden states [b, W, hidden]."""
-        b, W = ids.shape
-        cfg, cache = self.cfg, self.cache
-        t = torch.arange(W, device=ids.device)
-        pos = starts[:, None] + t[None]  # [b, W] absolute positions
-        real = t[None] < widths[:, None]
-        slots = cache.slots(rows[:, None], pos, real).view(-1)
-        keys = int((starts + widths).max())
-        visible = torch.arange(keys, device=ids.device)[None, None] <= pos[:, :, None]
-        mask = visible[:, None]  # [b, 1, W, keys]: key position <= query position
-        all_rows = b == cache.rows and bool((rows == torch.arange(b, device=rows.device)).all())
-        fwd = Forward(
-            Kind.VERIFY,
-            b,
-            W,
-            keys,
-            cache,
-            positions=pos.clamp(max=cfg.max_position_embeddings - 1),
-            slots=slots,
-            key_rows=slice(0, b) if all_rows else rows,
-            mask=mask,
-        )
-        x = cached_forward(self.model, ids, fwd)
-        st, L = self.stats, cfg.num_hidden_layers
-        for i in range(L):
-            st.executed_units_per_layer[i] += b * W
-            st.baseline_units_per_layer[i] += b * W
-        # every query's scores over `keys` keys, masked (causal, other rows' lengths) or not
-        work = flops.work(cfg, rows=L * b * W, pairs=L * b * W * keys)
-        st.executed_flops += work
-        st.baseline_flops += work
-        return x
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        b, W = hidden.shape[:2]
-        work = flops.work(self.cfg, logit_rows=b * W)
-        self.stats.executed_flops += work
-        self.stats.baseline_flops += work
-        return self.model.logits(hidden)
 
 
 class Causal:
@@ -115,26 +58,28 @@ class Causal:
 
     def __init__(
         self,
-        verifier: Verifier,
+        verifier: Engine,
         engine: Engine | None,
+        batch: Batch,
         run: int,
         threshold: float,
         stop_at_eos: bool,
     ):
+        """verifier: a causal engine; its statistics are reset and its cache sized for `batch`,
+        with room for a verify window (run + 1 slots) past a row's last position."""
         self.verifier, self.engine = verifier, engine
         self.run, self.threshold, self.stop_at_eos = run, threshold, stop_at_eos
+        self.counts = Stats(verifier.cfg.num_hidden_layers)  # drafted and accepted tokens
+        verifier.reset_stats()
+        verifier.allocate(len(batch.lengths), batch.total + run + 1)
 
     def prefill(self, batch: Batch) -> None:
         """The verifier's prefill: K/V of every prompt token but the last (the first verify
-        window starts with it)."""
-        width = batch.known - 1
-        if int(width.max()) > 0:
-            W, n = int(width.max()), width.numel()
-            st = self.verifier.stats
-            st.forwards["prefill"] += 1
-            st.row_forwards["prefill"] += n
-            rows = torch.arange(n, device=batch.device)
-            self.verifier.forward(batch.seq[:, :W], rows, torch.zeros_like(batch.known), width)
+        window starts with it). A shorter prompt's slots past its length are padding: their
+        K/V lie past the row's valid length, overwritten before any query sees them."""
+        W = int(batch.known.max()) - 1
+        if W > 0:
+            self.verifier.prefill(batch.seq[:, :W], last=False)
 
     def decode_block(self, batch: Batch, start: int, stop: int) -> None:
         """Draft and verify until every active row has verified [start, stop) or finished; a
@@ -152,8 +97,11 @@ class Causal:
             self._verify(batch, active[work], k[work])
 
     def stats(self) -> Stats:
-        """The verifier's work, and the draft's (the engine's forwards)."""
-        stats = self.verifier.stats
+        """The verifier's work, the draft's (the engine's forwards) and the tokens drafted and
+        accepted."""
+        stats = Stats(self.verifier.cfg.num_hidden_layers)
+        stats.add(self.counts)
+        stats.add(self.verifier.stats)
         if self.engine is not None:
             stats.add(self.engine.stats)
         return stats
@@ -202,20 +150,17 @@ class Causal:
         next token, reset the rest to masks, finish rows on EOS or budget."""
         seq, ids, verifier = batch.seq, batch.ids, self.verifier
         n0 = batch.known[work]
-        W = int(k.max()) + 1
+        W = self.run + 1  # one window size: one forward graph (module docstring)
         t = torch.arange(W, device=seq.device)
         pos = (n0 - 1)[:, None] + t[None]
         real = t[None] <= k[:, None]
         window = torch.where(real, seq[work].gather(1, pos.clamp(max=batch.total - 1)), ids.pad)
-        st = verifier.stats
-        st.verify_forwards += 1
-        st.verify_row_forwards += work.numel()
-        greedy = verifier.logits(verifier.forward(window, work, n0 - 1, k + 1)).argmax(-1)
+        greedy = verifier.logits(verifier.verify(window, work, n0 - 1, k + 1)).argmax(-1)
         # greedy[j, i] is the token after position n0 + i - 1; draft i sits at window slot i + 1.
         agree = (window[:, 1:] == greedy[:, :-1]) & real[:, 1:]
         accepted = agree.int().cumprod(1).sum(1)
-        st.drafted_tokens += int(k.sum())
-        st.accepted_tokens += int(accepted.sum())
+        self.counts.drafted_tokens += int(k.sum())
+        self.counts.accepted_tokens += int(accepted.sum())
         n1 = n0 + accepted + 1
         cols = torch.arange(batch.total, device=seq.device)[None]
         rejected = (cols >= n1[:, None]) & (cols < (n0 + k)[:, None])

@@ -390,10 +390,9 @@ def profile(bench, name: str, model: Network, ids: TokenIds) -> None:
 
 def verify(bench, name: str, model: Network, ids: TokenIds) -> None:
     """Speculative decoding's verify forward (a causal window of S + 1 tokens over the verifier's
-    own cache, v2/speculative.py) against a denoise forward over the 32-token block, per batch and
-    prefix. The verifier runs the model's own layer loop (eager); the denoise forward runs through
-    the engine as configured (CUDA graphs on a GPU) and eager, so that the kind of forward and the
-    way it runs are told apart."""
+    own cache: a causal engine's, v2/engine.py) against a denoise forward over the 32-token
+    block, per batch and prefix; each through the engine as configured (CUDA graphs on a GPU)
+    and eagerly, so that the kind of forward and the way it runs are told apart."""
     for b in bench.grid["batches"]:
         for P in bench.grid["prefixes"]:
             if not bench.over_deadline(f"verify {name} b{b} p{P}"):
@@ -402,47 +401,37 @@ def verify(bench, name: str, model: Network, ids: TokenIds) -> None:
 
 
 def _verify_case(bench, name: str, model: Network, ids: TokenIds, b: int, P: int) -> None:
-    from v2.speculative import Verifier
-    from v2.stats import Stats
-
     g, cfg, dev, clock = bench.grid, model.cfg, bench.device, bench.clock
     B, S, V, L = cfg.block_size, 8, cfg.vocab_size, cfg.num_hidden_layers
     prompt = token_tensor(ids, V, b, P, dev)
     block = token_tensor(ids, V, b, B, dev)
     rows = torch.arange(b, device=dev)
     at = torch.full((b,), P, device=dev)
-    st = Stats(L)
-    ver = Verifier(model, b, P + B, st)
-    ver.forward(prompt, rows, torch.zeros_like(at), at)  # the prefix's causal K/V
     window, width = block[:, : S + 1], at.new_full((b,), S + 1)
     out = torch.arange(S - 1, 2 * S - 1, device=dev)
-
-    def verify_fn():
-        ver.logits(ver.forward(window, rows, at, width))
-
-    # (kind, window, logit rows, forward, its executed FLOPs so far, engines it warms up)
-    runs = [(f"verify{S + 1}", S + 1, S + 1, verify_fn, lambda: st.executed_flops, [])]
-    for label, eager in (("denoise32", False), ("denoise32_eager", True)):
+    # (kind, window, logit rows, forward, engine: its executed FLOPs, warmed up)
+    runs = []
+    for eager in (False, True):
+        tail = "_eager" if eager else ""
+        how = dict(cuda_graphs=False, compile=False) if eager else {}
+        v = Engine(model, causal=True, **how) if eager else bench.engine(model, causal=True)
+        v.allocate(b, P + B)
+        v.prefill(prompt, last=False)  # the prefix's causal K/V
+        fn = lambda v=v: v.logits(v.verify(window, rows, at, width))  # noqa: E731
+        runs.append((f"verify{S + 1}{tail}", S + 1, S + 1, fn, v))
+    for eager in (False, True):
         e = Engine(model, cuda_graphs=False, compile=False) if eager else bench.engine(model)
         e.allocate(b, P + B)
         e.prefill(prompt)
         e.begin_block()
-        runs.append(
-            (
-                label,
-                B,
-                S,
-                lambda e=e: e.logits(e.denoise(block, 0, out)),
-                lambda e=e: e.stats.executed_flops,
-                [e],
-            )
-        )
+        fn = lambda e=e: e.logits(e.denoise(block, 0, out))  # noqa: E731
+        runs.append((f"denoise32{'_eager' if eager else ''}", B, S, fn, e))
     rows_out = []
-    for kind, w, logit_rows, fn, counted, engines in runs:
-        warmup = clock.warm_up(fn, engines, g["warmup"])
-        before = counted()
+    for kind, w, logit_rows, fn, engine in runs:
+        warmup = clock.warm_up(fn, [engine], g["warmup"])
+        before = engine.stats.executed_flops
         ms = [clock.once(fn) for _ in range(g["repeats"])]
-        work = (counted() - before) / g["repeats"]
+        work = (engine.stats.executed_flops - before) / g["repeats"]
         m = median(ms)
         wb, kvb = bytes_read(model, list(range(L)), b, w, P + w, logit_rows)
         rows_out.append(
