@@ -397,3 +397,31 @@ def test_no_forward_graphs_reaches_every_engine_the_sections_build(tmp_path, mon
     )
     assert len(built) >= 3 and set(built) == {False}
     assert data["skip"] and data["e2e"] and data["forwards"]
+
+
+def test_profile_rows_list_their_top_kernels(report):
+    """A profiled configuration's kernels taking the most time are listed by name in the report
+    (the GPU writes them; a row from before they were kept lists none)."""
+    from v2.bench.report import markdown
+
+    _, data = report
+    row = {
+        "model": "7b",
+        "batch": 1,
+        "policy": "token_reuse_0",
+        "wall_ms": 7.0,
+        "kernel_ms": {"matmul": 5.0, "attention": 0.6, "other": 0.7},
+        "kernels_per_forward": 600,
+        "gpu_idle_share": 0.05,
+        "host_syncs_per_forward": 0.0,
+        "top_kernels": [
+            {"name": "nvjet_tst_a|b", "calls": 112, "ms": 5.0},
+            {"name": "triton_poi_fused_cos_7", "calls": 27, "ms": 0.1},
+        ],
+    }
+    old = {k: v for k, v in row.items() if k != "top_kernels"} | {"policy": "none"}
+    text = markdown({**data, "profile": [row, old]})
+    assert "Top kernels, 7b batch 1 token_reuse_0 (per forward):" in text
+    assert "| `nvjet_tst_a/b` | 112 | 5.000 |" in text
+    assert "| `triton_poi_fused_cos_7` | 27 | 0.100 |" in text
+    assert "Top kernels, 7b batch 1 none" not in text

@@ -1,6 +1,6 @@
 """Where a forward's time goes: torch.profiler over a few forwards, reduced to kernel time by
-class (matmul / attention / the rest), kernels per forward, the GPU's idle share and the host
-synchronisations per forward."""
+class (matmul / attention / the rest), kernels per forward, the GPU's idle share, the host
+synchronisations per forward and the kernels that take the most time (by name)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 MATMUL = re.compile(r"nvjet|gemm|cutlass|xmma|splitKreduce|cublas|sm90_", re.I)
 ATTENTION = re.compile(r"flash|fmha|attention|attn", re.I)
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+TOP = 12  # kernels listed by time
 
 
 def breakdown(step, forwards: int, device: torch.device) -> dict:
@@ -46,6 +47,12 @@ def breakdown(step, forwards: int, device: torch.device) -> dict:
         )
         by_class[cls] += e.time_range.end - e.time_range.start
     syncs = sum(1 for e in events if e.name in SYNCS) - 1  # the final one is ours
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        n_t = by_name.setdefault(e.name, [0, 0.0])
+        n_t[0] += 1
+        n_t[1] += e.time_range.end - e.time_range.start
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:TOP]
     return {
         "forwards": forwards,
         "wall_ms": wall * 1e3 / forwards,
@@ -53,4 +60,9 @@ def breakdown(step, forwards: int, device: torch.device) -> dict:
         "kernels_per_forward": len(kernels) / forwards,
         "gpu_idle_share": 1 - busy / (last - first) if last > first else 0.0,
         "host_syncs_per_forward": max(syncs, 0) / forwards,
+        # where to look first: the kernels taking the most time, per forward
+        "top_kernels": [
+            {"name": name[:120], "calls": n / forwards, "ms": us / 1e3 / forwards}
+            for name, (n, us) in top
+        ],
     }

@@ -123,6 +123,22 @@ def targets(data: dict) -> list[dict]:
     return out
 
 
+def _top_kernels(rows: list[dict], n: int = 6) -> list[str]:
+    """Per profiled configuration, its `n` kernels taking the most time (records written before
+    they were kept have none)."""
+    lines = []
+    for r in rows:
+        top = r.get("top_kernels")
+        if not top:
+            continue
+        lines += ["", f"Top kernels, {r['model']} batch {r['batch']} {r['policy']} (per forward):"]
+        lines += ["", "| kernel | calls | ms |", "|---|---|---|"]
+        for k in top[:n]:
+            name = k["name"].replace("|", "/")
+            lines.append(f"| `{name[:90]}` | {k['calls']:.0f} | {_f(k['ms'], '.3f')} |")
+    return lines
+
+
 def _f(x, spec: str = ".2f", scale: float = 1.0) -> str:
     return "-" if x is None else format(x * scale, spec)
 
@@ -260,6 +276,7 @@ def markdown(data: dict) -> str:
                 f"{r['kernels_per_forward']:.0f} | {_f(r['gpu_idle_share'], '.1%')} | "
                 f"{r['host_syncs_per_forward']:.1f} |"
             )
+        lines += _top_kernels(data["profile"])
     if data["errors"] or data["skipped"]:
         lines += ["", "## Errors and skipped work", ""]
         lines += [f"- error in {e['section']} ({e['model']}): {e['error']}" for e in data["errors"]]

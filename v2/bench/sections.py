@@ -350,8 +350,9 @@ def hf_ar(bench, name: str, model: Network, ids: TokenIds) -> None:
 
 def profile(bench, name: str, model: Network, ids: TokenIds) -> None:
     """torch.profiler over denoise forwards (32-token window, prefix 512) per batch, with no
-    policy and with 50 % forced token reuse: kernel time by class, kernels per forward, GPU idle
-    share and host synchronisations."""
+    policy and with 0 % and 50 % forced token reuse (0 %: the reuse machinery alone): kernel
+    time by class, kernels per forward, GPU idle share, host synchronisations and the top
+    kernels by time."""
     from v2.bench.forced import ForcedTokenReuse
     from v2.bench.profiling import breakdown
 
@@ -361,6 +362,7 @@ def profile(bench, name: str, model: Network, ids: TokenIds) -> None:
     for b in g["skip_batches"]:
         for label, make in (
             ("none", lambda: None),
+            ("token_reuse_0", lambda: ForcedTokenReuse(0.0)),
             ("token_reuse_50", lambda: ForcedTokenReuse(0.5)),
         ):
             e = bench.engine(model, make())
