@@ -425,3 +425,74 @@ def test_profile_rows_list_their_top_kernels(report):
     assert "| `nvjet_tst_a/b` | 112 | 5.000 |" in text
     assert "| `triton_poi_fused_cos_7` | 27 | 0.100 |" in text
     assert "Top kernels, 7b batch 1 none" not in text
+
+
+def test_compare_flags_rows_slower_than_the_tolerance(tmp_path, capsys):
+    """v2.bench.compare: rows matched by what they measured; times compare after / before,
+    tokens/s before / after; slower than 2 % flagged; unmatched rows listed; records from
+    different cards refused."""
+    from v2.bench.compare import compare, main
+
+    before = {
+        "gpu": "H100",
+        "forwards": [
+            {"model": "7b", "kind": "denoise32", "batch": 1, "prefix": 512, "median_ms": 10.0},
+            {"model": "7b", "kind": "commit", "batch": 1, "prefix": 512, "median_ms": 4.0},
+        ],
+        "e2e": [{"model": "7b", "batch": 1, "tokens_per_s": 100.0}],
+        "skip": [{"model": "7b", "batch": 1, "prefix": 512, "policy": "none", "median_ms": 5}],
+    }
+    after = {
+        "gpu": "H100",
+        "forwards": [
+            {
+                "model": "7b",
+                "kind": "denoise32",
+                "batch": 1,
+                "prefix": 512,
+                "median_ms": 10.1,
+                "attention": "flash",
+            },
+            {"model": "7b", "kind": "commit", "batch": 1, "prefix": 512, "median_ms": 4.4},
+            {
+                "model": "7b",
+                "kind": "denoise32",
+                "batch": 1,
+                "prefix": 512,
+                "median_ms": 7.0,
+                "attention": "flex",
+            },
+        ],
+        "e2e": [
+            {
+                "model": "7b",
+                "batch": 1,
+                "commit_per_forward": 1,
+                "block_cache": False,
+                "tokens_per_s": 90.0,
+            }
+        ],
+    }
+    r = compare(before, after)
+    got = {k["key"]: round(k["slowdown"], 3) for k in r["rows"]}
+    assert got == {
+        ("forwards", "7b", "denoise32", 1, 512, "flash"): 1.01,
+        ("forwards", "7b", "commit", 1, 512, "flash"): 1.1,
+        ("e2e", "7b", 1, 1, False): 1.111,
+    }
+    assert {s["key"][2] for s in r["slower"] if s["key"][0] == "forwards"} == {"commit"}
+    assert len(r["slower"]) == 2
+    assert r["only_before"] == [("skip", "7b", 1, 512, "none")]
+    assert r["only_after"] == [("forwards", "7b", "denoise32", 1, 512, "flex")]
+    a, b = tmp_path / "before.json", tmp_path / "after.json"
+    a.write_text(json.dumps(before))
+    b.write_text(json.dumps(after))
+    assert main([str(a), str(b), "--out", str(tmp_path / "c.md")]) == 0
+    text = capsys.readouterr().out
+    assert (
+        "| forwards model 7b, kind commit, batch 1, prefix 512, attention flash | 4.000 | " in text
+    )
+    assert "SLOWER" in text and (tmp_path / "c.md").read_text() == text
+    b.write_text(json.dumps({**after, "gpu": "H200"}))
+    assert main([str(a), str(b)]) == 2
+    assert "different devices" in capsys.readouterr().err
