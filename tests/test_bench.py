@@ -496,3 +496,15 @@ def test_compare_flags_rows_slower_than_the_tolerance(tmp_path, capsys):
     b.write_text(json.dumps({**after, "gpu": "H200"}))
     assert main([str(a), str(b)]) == 2
     assert "different devices" in capsys.readouterr().err
+
+
+def test_forwards_are_timed_with_flex_attention_beside_the_default(report):
+    """At batch 1 (up to 8) the window forwards are timed again with FlexAttention, rows labelled
+    by backend, compared in the report; the targets read the default backend's rows."""
+    out, data = report
+    flex = {(r["kind"], r["batch"]) for r in data["forwards"] if r["attention"] == "flex"}
+    assert flex == {("denoise32", 1), ("denoise8", 1), ("commit", 1)}
+    default = {r["attention"] for r in data["forwards"] if r["attention"] != "flex"}
+    assert default == {"packed"}  # the CPU's
+    text = (out / "t.md").read_text()
+    assert "| test | denoise32 | 1 | 512 | packed |" in text

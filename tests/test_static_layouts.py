@@ -16,7 +16,7 @@ from conftest import IDS, prompt, random_network
 
 from layer_skip_generation_functions import LayerReusePolicy, LayerSkipPolicy
 from token_skip_generation_functions import TokenSkipPolicy
-from v2.attention import Dense, Flash, causal_copy
+from v2.attention import Dense, Flash, Flex, causal_copy
 from v2.engine import Engine
 from v2.generate import GenerationConfig, generate
 from v2.policy import OnDevice
@@ -70,6 +70,8 @@ LAYOUTS = {
     "compacted": dict(compaction="always", attention=lambda: Dense()),
     "flash_masked": dict(compaction="never", attention=lambda: Flash(varlen_reference)),
     "flash_compacted": dict(compaction="always", attention=lambda: Flash(varlen_reference)),
+    "flex_masked": dict(compaction="never", attention=lambda: Flex()),
+    "flex_compacted": dict(compaction="always", attention=lambda: Flex()),
 }
 
 
@@ -93,9 +95,25 @@ def run(model, policy, cfg, **engine_options):
 PROMPTS = [prompt(n, offset=n) for n in (5, 31, 33, 64, 70)]
 
 
-@pytest.mark.parametrize("block_cache", [False, True])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-@pytest.mark.parametrize("name", list(POLICIES))
+# FlexAttention's eager reference is slow on the CPU: its layouts run a subset of the grid.
+FLEX_CASES = [
+    (name, layout, True)
+    for name in ("none", "token_rr0.5", "layer_ct0.3")
+    for layout in ("flex_masked", "flex_compacted")
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "layout", "block_cache"),
+    [
+        (name, layout, block_cache)
+        for name in POLICIES
+        for layout in LAYOUTS
+        for block_cache in (False, True)
+        if not layout.startswith("flex")
+    ]
+    + FLEX_CASES,
+)
 def test_static_layouts_equal_the_exact_engine(name, layout, block_cache):
     # float64: the layouts round differently (different shapes, attention kernels); a top-k or
     # threshold decision on a near tie must not flip because of it.
@@ -209,7 +227,7 @@ def test_replayed_forwards_equal_the_layer_loop(name, layout):
     assert a == b
 
 
-@pytest.mark.parametrize("layout", ["exact", "masked", "flash_masked"])
+@pytest.mark.parametrize("layout", ["exact", "masked", "flash_masked", "flex_masked"])
 def test_verify_forward_is_the_model_run_causally(layout):
     """A causal engine's verify forwards give each token the logits of the model run causally
     over the whole sequence (float64): rows at their own positions with their own widths, a row

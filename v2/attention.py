@@ -13,6 +13,14 @@ attending to its own row of the cache (kv_cache.py). Three backends compute it:
   places and standard attention runs over every slot and the cache's whole length with a length
   mask. Static, but it computes every query slot and key: used where flash is unavailable (CUDA
   float32, for tests).
+- `flex` (any device, capturable; CUDA: compiled): PyTorch's FlexAttention over the same
+  [rows, window] places as `dense`, with a block mask built on the device from each row's key
+  length, so that only the key blocks in use are read. Compiled, FlexAttention runs few queries
+  over a long prefix as flash decoding (the keys split over the multiprocessors, the parts merged
+  in the same kernel), which FlashAttention's varlen kernel does not (at batch 1 it runs 8 work
+  items per layer on 132 multiprocessors). Chosen by name (`choose(..., name="flex")`, the
+  bench's attention rows), not by default until it is measured faster. On the CPU it runs
+  FlexAttention's eager reference (tests).
 - `packed` (reference; synchronises with the host): only the rows that compute something, each
   padded to the widest of them, over keys [0, end). What runs on the CPU, and with the model's
   `eager_attention` (attention spelled out in matmuls so FlopCounterMode counts it).
@@ -38,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 
+from v2.compiled import compiled
 from v2.kv_cache import by_row, trash_slot
 from v2.model import sdpa
 
@@ -210,14 +219,113 @@ class Packed:
         return self._last_pairs
 
 
-def choose(device: torch.device, dtype: torch.dtype, eager_attention: bool, causal: bool = False):
+class Flex:
+    """FlexAttention over the cache rows (module docstring). The block mask is made once per
+    window geometry (attention.Geometry: its buffers live as long as the window) over static
+    buffers (the key blocks each row uses, refreshed on the device by every
+    call; the mask function reads the rows' key lengths, or each query's position when causal),
+    so the compiled call sees the same mask object every time and a CUDA graph replays it."""
+
+    name = "flex"
+    capturable = True
+    KV_BLOCK = 128  # FlexAttention's key block (its default sparse block size)
+
+    def __init__(self, causal: bool = False):
+        self.causal = causal
+        self._masks: dict[int, tuple] = {}  # id(geometry) -> (geometry, mask, blocks used)
+
+    @staticmethod
+    def prepare(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
+        return q
+
+    def _block_mask(self, geo: Geometry, pos: torch.Tensor):
+        from torch.nn.attention.flex_attention import BlockMask
+
+        made = self._masks.get(id(geo))
+        if made is None or made[0] is not geo:
+            R, n = geo.rows, -(-geo.max_len // self.KV_BLOCK)
+            used = torch.zeros(R, 1, 1, dtype=torch.int32, device=geo.seqused.device)
+            order = torch.arange(n, dtype=torch.int32, device=used.device)
+            indices = order.view(1, 1, 1, n).expand(R, 1, 1, n).contiguous()
+            seqused, w = geo.seqused, geo.w
+            if self.causal:
+                positions = pos[: R * w].view(R, w)
+
+                def visible(b, h, q_idx, kv_idx):
+                    return kv_idx <= positions[b, q_idx]
+            else:
+
+                def visible(b, h, q_idx, kv_idx):
+                    return kv_idx < seqused[b]
+
+            mask = BlockMask.from_kv_blocks(
+                used,
+                indices,
+                BLOCK_SIZE=self.KV_BLOCK,  # a window (w <= 128) is one query block
+                mask_mod=visible,
+                seq_lengths=(w, geo.max_len),
+                compute_q_blocks=False,
+            )
+            self._masks[id(geo)] = made = (geo, mask, used)
+        _, mask, used = made
+        # the key blocks each row reads: those below its key length (in place: graphs replay it)
+        used.copy_(((geo.seqused + self.KV_BLOCK - 1) // self.KV_BLOCK).view_as(used))
+        return mask
+
+    def __call__(self, q, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
+        geo = fwd.geo
+        R, w, N, H, hd = geo.rows, geo.w, geo.N, q.shape[1], q.shape[2]
+        to = batch.index if batch.valid is None else torch.where(batch.valid, batch.index, N)
+        Q = q.new_zeros(N + 1, H, hd).index_copy_(0, to, q)
+        Q = Q[:N].view(R, w, H, hd).transpose(1, 2)
+        K = by_row(k, R, geo.max_len).transpose(1, 2)  # a view: [rows, kv, max_len, hd]
+        V = by_row(v, R, geo.max_len).transpose(1, 2)
+        mask = self._block_mask(geo, fwd.units.pos)
+        attend = compiled(flex) if q.is_cuda else flex
+        o = attend(Q, K, V, mask).transpose(1, 2).reshape(N, H, hd)
+        return torch.cat((o, o.new_zeros(1, H, hd)))[batch.index]
+
+    def pairs(self, batch: UnitBatch, geo: Geometry, end: int) -> int:
+        """Every query slot of every row over the key blocks in use (up to `end`, rounded up to
+        whole blocks; the longest row's, counted for every row)."""
+        return geo.N * min(-(-end // self.KV_BLOCK) * self.KV_BLOCK, geo.max_len)
+
+
+def flex(q, k, v, block_mask) -> torch.Tensor:
+    """FlexAttention with grouped KV heads (what `Flex` compiles on CUDA)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+
+
+BACKENDS = {"flash": Flash, "flex": Flex, "dense": Dense, "packed": Packed}
+
+
+def choose(
+    device: torch.device,
+    dtype: torch.dtype,
+    eager_attention: bool,
+    causal: bool = False,
+    name: str | None = None,
+):
     """The backend for a model on `device` in `dtype` (module docstring); `causal`: for a
-    causal engine's verify forwards."""
+    causal engine's verify forwards; `name`: one of BACKENDS instead of the default."""
+    if name is not None:
+        if name not in BACKENDS:
+            raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, got {name!r}")
+        if name == "flash" and (device.type != "cuda" or dtype not in HALF):
+            raise ValueError("attention 'flash' needs a CUDA device and float16 / bfloat16")
+        if name == "packed":
+            return Packed(eager_attention, causal)
+        return BACKENDS[name](causal=causal)
     if eager_attention or device.type != "cuda":
         return Packed(eager_attention, causal)
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in HALF:
         return Flash(causal=causal)
     return Dense(causal=causal)
+
+
+HALF = (torch.float16, torch.bfloat16)
 
 
 def causal_copy(backend):

@@ -51,7 +51,8 @@ def _over(a: dict | None, b: dict | None) -> float | None:
 
 
 def _values(data: dict, model: str) -> dict:
-    fw, sk, e2, ar = data["forwards"], data["skip"], data["e2e"], data["ar"]
+    sk, e2, ar = data["skip"], data["e2e"], data["ar"]
+    fw = [r for r in data["forwards"] if r.get("attention") != "flex"]  # the default backend
     f1 = _find(fw, model=model, kind="denoise32", batch=1, prefix=512)
     f32 = _find(fw, model=model, kind="denoise32", batch=32, prefix=512)
     ratios8 = [
@@ -123,6 +124,30 @@ def targets(data: dict) -> list[dict]:
     return out
 
 
+def _attention_table(rows: list[dict], default: list[dict]) -> list[str]:
+    """FlexAttention's rows against the default backend's same forward (attention.py)."""
+    flex = [r for r in rows if r.get("attention") == "flex"]
+    if not flex:
+        return []
+    lines = [
+        "",
+        "Attention backend (same forwards; ratio = flex / default, below 1: flex is faster):",
+        "",
+        "| model | kind | batch | prefix | default | ms | flex ms | ratio |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in flex:
+        same = ("model", "kind", "batch", "prefix")
+        d = _find(default, **{k: r[k] for k in same})
+        ratio = d and r["median_ms"] / d["median_ms"]
+        lines.append(
+            f"| {r['model']} | {r['kind']} | {r['batch']} | {r['prefix']} | "
+            f"{d.get('attention', 'flash') if d else '-'} | {_f(d and d['median_ms'])} | "
+            f"{_f(r['median_ms'])} | {_f(ratio, '.3f')} |"
+        )
+    return lines
+
+
 def _top_kernels(rows: list[dict], n: int = 6) -> list[str]:
     """Per profiled configuration, its `n` kernels taking the most time (records written before
     they were kept have none)."""
@@ -176,13 +201,15 @@ def markdown(data: dict) -> str:
         "| bound/measured | TFLOP/s | peak GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in data["forwards"]:
+    default = [r for r in data["forwards"] if r.get("attention") != "flex"]
+    for r in default:
         lines.append(
             f"| {r['model']} | {r['kind']} | {r['batch']} | {r['prefix']} | {r['tokens']} | "
             f"{_f(r['median_ms'])} | {_f(r['bw_bound_ms'])} | {_f(r['compute_bound_ms'])} | "
             f"{_f(r.get('bound_fraction'), '.0%')} | {_f(r.get('achieved_tflops'), '.1f')} | "
             f"{_gb(r['peak_memory_bytes'])} |"
         )
+    lines += _attention_table(data["forwards"], default)
     lines += [
         "",
         "## Forced skipping (denoise forward, 32-token window, interleaved rounds)",

@@ -7,6 +7,7 @@ import time
 
 import torch
 
+from v2.attention import choose
 from v2.bench.forced import skip_policies
 from v2.bench.models import ordinary_tokens, token_tensor
 from v2.bench.report import e2e_row
@@ -34,75 +35,86 @@ def _diff(a, b) -> tuple[int, int, list[int], list[int]]:
 
 
 def forwards(bench, name: str, model: Network, ids: TokenIds) -> None:
-    """Latency of each forward kind through the Engine, per batch and prefix."""
-    g, cfg, dev, clock = bench.grid, model.cfg, bench.device, bench.clock
-    B, S, V = cfg.block_size, 8, cfg.vocab_size
+    """Latency of each forward kind through the Engine, per batch and prefix; at batches up to
+    8 also with FlexAttention (`attention` flex: flash decoding, attention.py) against the
+    default backend, to choose by measurement."""
+    g = bench.grid
     prefixes = sorted(set(g["prefixes"]) | {g["skip_prefix"]})
     for b in g["batches"]:
         for P in prefixes:
-            if bench.over_deadline(f"forwards {name} b{b} p{P}"):
-                continue
-            clock.reset_peak()
-            engine = bench.engine(model)
-            engine.allocate(b, P + B)
-            prompt = token_tensor(ids, V, b, P, dev)
-            block = token_tensor(ids, V, b, B, dev)
-            full_out = torch.arange(S, 2 * S, device=dev) - 1
-            sub_out = (torch.arange(S, 2 * S, device=dev) - 1 - S).clamp(min=0)
-
-            def prefill(engine=engine, prompt=prompt):
-                engine.logits(engine.prefill(prompt))
-
-            def denoise32(engine=engine, block=block, full_out=full_out):
-                engine.logits(engine.denoise(block, 0, full_out))
-
-            def denoise8(engine=engine, block=block, sub_out=sub_out):
-                engine.logits(engine.denoise(block[:, S : 2 * S], S, sub_out))
-
-            def commit(engine=engine, block=block, P=P):
-                engine.logits(engine.commit(block))
-                engine.prefix_len = P  # time the same commit again
-
-            kinds = [
-                ("prefill", prefill, P, P, 1),
-                ("denoise32", denoise32, B, P + B, S),
-                ("denoise8", denoise8, S, P + B, S),
-                ("commit", commit, B, P + B, 1),
-            ]
-            prefill()  # the prefix cache every other forward attends to
-            engine.begin_block()
-            for kind, fn, window, keys, logit_rows in kinds:
-                clock.reset_peak()
-                warmup = clock.warm_up(fn, [engine], g["warmup"])
-                before = _stats_snapshot(engine)
-                ms = [clock.once(fn) for _ in range(g["repeats"])]
-                work = _diff(before, _stats_snapshot(engine))[0] / g["repeats"]
-                m = median(ms)
-                wb, kvb = bytes_read(
-                    model, list(range(cfg.num_hidden_layers)), b, window, keys, logit_rows
-                )
-                row = {
-                    "model": name,
-                    "kind": kind,
-                    "batch": b,
-                    "prefix": P,
-                    "window": window,
-                    "tokens": b * window,
-                    "median_ms": m,
-                    "min_ms": min(ms),
-                    "max_ms": max(ms),
-                    "repeats": len(ms),
-                    "warmup_calls": warmup,
-                    **roofline(m, wb, kvb, work, bench.bw, bench.rate),
-                    "peak_memory_bytes": clock.peak(),
-                }
-                bench.data["forwards"].append(row)
-                bench.log(
-                    f"{name} {kind:9s} b{b:<2d} p{P:<4d} {m:8.2f} ms  bound "
-                    f"{row['bound_ms']:7.2f} ms ({row['bound_fraction']:.0%})"
-                )
-            del engine
+            for attention in (None, "flex") if b <= 8 else (None,):
+                tag = "" if attention is None else f" {attention}"
+                if not bench.over_deadline(f"forwards {name} b{b} p{P}{tag}"):
+                    _forwards_case(bench, name, model, ids, b, P, attention)
         bench.save()
+
+
+def _forwards_case(bench, name, model: Network, ids: TokenIds, b: int, P: int, attention) -> None:
+    g, cfg, dev, clock = bench.grid, model.cfg, bench.device, bench.clock
+    B, S, V = cfg.block_size, 8, cfg.vocab_size
+    clock.reset_peak()
+    how = {}
+    if attention is not None:
+        how["attention"] = choose(dev, bench.dtype, False, name=attention)
+    engine = bench.engine(model, **how)
+    engine.allocate(b, P + B)
+    prompt = token_tensor(ids, V, b, P, dev)
+    block = token_tensor(ids, V, b, B, dev)
+    full_out = torch.arange(S, 2 * S, device=dev) - 1
+    sub_out = (torch.arange(S, 2 * S, device=dev) - 1 - S).clamp(min=0)
+
+    def prefill(engine=engine, prompt=prompt):
+        engine.logits(engine.prefill(prompt))
+
+    def denoise32(engine=engine, block=block, full_out=full_out):
+        engine.logits(engine.denoise(block, 0, full_out))
+
+    def denoise8(engine=engine, block=block, sub_out=sub_out):
+        engine.logits(engine.denoise(block[:, S : 2 * S], S, sub_out))
+
+    def commit(engine=engine, block=block, P=P):
+        engine.logits(engine.commit(block))
+        engine.prefix_len = P  # time the same commit again
+
+    kinds = [
+        ("prefill", prefill, P, P, 1),
+        ("denoise32", denoise32, B, P + B, S),
+        ("denoise8", denoise8, S, P + B, S),
+        ("commit", commit, B, P + B, 1),
+    ]
+    if attention is not None:  # the prefill is the cached forward, whatever the backend
+        kinds = kinds[1:]
+    prefill()  # the prefix cache every other forward attends to
+    engine.begin_block()
+    for kind, fn, window, keys, logit_rows in kinds:
+        clock.reset_peak()
+        warmup = clock.warm_up(fn, [engine], g["warmup"])
+        before = _stats_snapshot(engine)
+        ms = [clock.once(fn) for _ in range(g["repeats"])]
+        work = _diff(before, _stats_snapshot(engine))[0] / g["repeats"]
+        m = median(ms)
+        wb, kvb = bytes_read(model, list(range(cfg.num_hidden_layers)), b, window, keys, logit_rows)
+        row = {
+            "model": name,
+            "kind": kind,
+            "batch": b,
+            "prefix": P,
+            "attention": engine.attention.name,
+            "window": window,
+            "tokens": b * window,
+            "median_ms": m,
+            "min_ms": min(ms),
+            "max_ms": max(ms),
+            "repeats": len(ms),
+            "warmup_calls": warmup,
+            **roofline(m, wb, kvb, work, bench.bw, bench.rate),
+            "peak_memory_bytes": clock.peak(),
+        }
+        bench.data["forwards"].append(row)
+        bench.log(
+            f"{name} {kind:9s} b{b:<2d} p{P:<4d} {engine.attention.name:6s} {m:8.2f} ms "
+            f" bound {row['bound_ms']:7.2f} ms ({row['bound_fraction']:.0%})"
+        )
 
 
 def skip(bench, name: str, model: Network, ids: TokenIds) -> None:
