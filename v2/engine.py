@@ -341,7 +341,7 @@ class Engine:
         pos = torch.arange(P, device=ids.device)
         mask = block_causal_mask(pos, pos, self.B) if P > self.B else None
         slots = cache.slots(torch.arange(b, device=ids.device)[:, None], pos[None]).view(-1)
-        keys = dict(end=P, key_rows=slice(0, b), mask=mask)  # keys [0, P) of rows [0, b)
+        keys = dict(end=P, mask=mask)  # keys [0, P) of rows [0, b)
         fwd = Forward(Kind.PREFILL, b, P, cache=cache, positions=pos, slots=slots, **keys)
         x = cached_forward(self.model, ids, fwd)
         # Every query's scores over all P keys: the block-causal mask discards some of them

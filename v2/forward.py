@@ -11,8 +11,8 @@ runs it takes, instead of a list of loose parameters. Two families of forwards u
   `end` set by each.
 - an eager cached forward (prefill): `cached_forward` below runs the network's layers over token
   ids at `positions`, writing their K/V into `slots` and attending, under `mask`, to keys
-  [0, end) of the cache rows `key_rows`. It serves every engine's prefill, a causal engine's
-  (the verifier's and the autoregressive reference's, speculative.py) too.
+  [0, end) of the cache's first `rows` rows. It serves every engine's prefill, a causal
+  engine's (the verifier's and the autoregressive reference's, speculative.py) too.
 
 Every K/V write goes through the cache (kv_cache.py), which owns the slot formula.
 """
@@ -64,10 +64,10 @@ class Forward:
     A window (denoise, commit): `x` [rows * w + 1, hidden] (the last row: trash), `units`, `geo`;
     `kind` and `end` are set by each forward over it, the rest stays (the compiled halves of a
     layer step read only the rest, so one object serves every forward and guards nothing new).
-    An eager forward (prefill, verify): `positions` (RoPE positions, [w] or [rows, w]), `slots`
-    ([rows * w]: where each unit's K/V go, the trash slot for padding), `key_rows` (the cache
-    rows the rows read keys from: a slice, or an index tensor), `mask` (boolean, broadcast to
-    [rows, heads, w, end]; None: every key visible)."""
+    An eager forward (prefill): `positions` (RoPE positions, [w] or [rows, w]), `slots`
+    ([rows * w]: where each unit's K/V go, the trash slot for padding), `mask` (boolean,
+    broadcast to [rows, heads, w, end]; None: every key visible); its rows are the cache's
+    first `rows`."""
 
     kind: Kind
     rows: int
@@ -81,14 +81,13 @@ class Forward:
     # an eager cached forward (cached_forward)
     positions: torch.Tensor | None = None
     slots: torch.Tensor | None = None
-    key_rows: slice | torch.Tensor | None = None
     mask: torch.Tensor | None = None
 
 
 def cached_forward(model: Network, ids: torch.Tensor, fwd: Forward) -> torch.Tensor:
     """The network over ids [rows, w] as `fwd` describes it (an eager forward): each layer's K/V
     written into the cache at `fwd.slots`, its queries attending to the cache's keys [0, end) of
-    `fwd.key_rows` under `fwd.mask`. Returns the hidden states [rows, w, hidden]. Exact, eager;
+    its rows under `fwd.mask`. Returns the hidden states [rows, w, hidden]. Exact, eager;
     the caller counts the work (flops.py)."""
     cache, cfg = fwd.cache, model.cfg
     kv = cfg.num_key_value_heads, cfg.head_dim
@@ -99,7 +98,7 @@ def cached_forward(model: Network, ids: torch.Tensor, fwd: Forward) -> torch.Ten
 
         def attend(q, k, v, i=i):
             cache.write(i, fwd.slots, k.reshape(-1, *kv), v.reshape(-1, *kv))
-            K, V = cache.read(i, fwd.key_rows, fwd.end)
+            K, V = cache.read(i, fwd.rows, fwd.end)
             o = sdpa(q.transpose(1, 2), K.transpose(1, 2), V.transpose(1, 2), fwd.mask, eager)
             return o.transpose(1, 2)
 

@@ -82,14 +82,12 @@ class KVCache:
         """K and V of one layer, trash slot included."""
         return self._layers[layer]
 
-    def read(
-        self, layer: int, rows: slice | torch.Tensor, length: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V [rows, length, kv_heads, head_dim] of one layer's `rows` (a slice: views; an
-        index tensor: copies), positions [0, length)."""
+    def read(self, layer: int, rows: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V [rows, length, kv_heads, head_dim] of one layer's first `rows` rows, positions
+        [0, length) (views)."""
         K, V = self._layers[layer]
         R, M = self.rows, self.max_len
-        return by_row(K, R, M)[:, :length][rows], by_row(V, R, M)[:, :length][rows]
+        return by_row(K, R, M)[:rows, :length], by_row(V, R, M)[:rows, :length]
 
     def by_row(self, which: str = "k") -> torch.Tensor:
         """[layers, rows, max_len, kv_heads, head_dim] view (no trash slot), for reading."""
