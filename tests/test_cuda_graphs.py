@@ -277,7 +277,8 @@ def test_bench_warm_up_leaves_only_replays_to_time():
 
 def test_a_long_mixed_sequence_runs_with_no_failure():
     """What a bench run and an lm_eval run do to one model: batches that shrink, prompts of many
-    lengths, rows leaving at different blocks, every policy, the sub-block cache on and off."""
+    lengths, rows leaving at different blocks, every policy, the sub-block cache on and off, and
+    the causal decodes."""
     model = model_on_gpu(torch.bfloat16, layers=4)
     engines = []
     for name, make in POLICIES.items():
@@ -293,5 +294,13 @@ def test_a_long_mixed_sequence_runs_with_no_failure():
                 out = generate(model, prompts, IDS, cfg, policy)
                 assert len(out.outputs) == batch, name
             engines.append(model._v2_engine)
+    for decode in ("speculative", "autoregressive"):  # the causal engines' verify windows
+        for batch in (8, 5, 1):
+            prompts = [prompt(7 + 13 * r + batch, offset=r) for r in range(batch)]
+            cfg = GenerationConfig(max_new_tokens=30 + 9 * batch, threshold=0.9)
+            cfg.decode = decode
+            assert len(generate(model, prompts, IDS, cfg).outputs) == batch, decode
+    # the speculative decode's verifier (its draft is the model's engine) and the AR decode's
+    engines += [model._v2_engine.verifier, model._v2_causal_engine]
     assert all(not e.graphs.failures for e in engines)
     assert all(e.graphs.captured > 0 for e in engines)

@@ -267,9 +267,16 @@ def test_verify_forward_is_the_model_run_causally(layout):
             torch.testing.assert_close(out[j, :n], want.float(), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["masked", "flash_masked", "flash_compacted"])
-@pytest.mark.parametrize("decode", ["autoregressive", "speculative"])
-def test_causal_decodes_on_static_layouts_equal_the_exact_engine(decode, layout):
+@pytest.mark.parametrize(
+    ("decode", "layout", "policy"),
+    [
+        (decode, layout, None)
+        for decode in ("autoregressive", "speculative")
+        for layout in ("masked", "flash_masked", "flash_compacted")
+    ]
+    + [("speculative", "flash_compacted", "token_rr0.5")],
+)
+def test_causal_decodes_on_static_layouts_equal_the_exact_engine(decode, layout, policy):
     """The causal decodes' verify forward on the static layouts (a window of a fixed size over
     every cache row: slots past a row's draft and rows not verifying are padding; the forward
     recorded, then replayed) gives the exact engine's tokens and counts; what differs is only
@@ -277,7 +284,8 @@ def test_causal_decodes_on_static_layouts_equal_the_exact_engine(decode, layout)
     model = random_network(seed=4, std=0.05, num_hidden_layers=3).double()
     cfg = GenerationConfig(max_new_tokens=40, threshold=0.5)
     cfg.decode = decode
-    exact = generate(model, PROMPTS, IDS, cfg)
+    make = POLICIES[policy or "none"]
+    exact = generate(model, PROMPTS, IDS, cfg, make())
     how = LAYOUTS[layout]
     if decode == "autoregressive":
         attention = causal_copy(how["attention"]())
@@ -286,20 +294,21 @@ def test_causal_decodes_on_static_layouts_equal_the_exact_engine(decode, layout)
     else:
         engine = Engine(
             model,
-            None,
+            make(),
             32,
             static_shapes=True,
             compaction=how["compaction"],
             attention=how["attention"](),
         )
         verifier = engine.verifier
-    static = generate(model, PROMPTS, IDS, cfg, engine=engine)
+    static = generate(model, PROMPTS, IDS, cfg, engine.policy, engine=engine)
     assert [o.token_ids for o in static.outputs] == [o.token_ids for o in exact.outputs]
     e, s = exact.stats, static.stats
     for count in ("verify_forwards", "verify_row_forwards", "drafted_tokens", "accepted_tokens"):
         assert getattr(s, count) == getattr(e, count)
     assert s.baseline_units_per_layer == e.baseline_units_per_layer
-    assert s.skip_rate_per_layer() == e.skip_rate_per_layer() == [0.0] * 3
+    assert s.skip_rate_per_layer() == e.skip_rate_per_layer()
+    assert (s.skip_rate_per_layer() == [0.0] * 3) == (policy is None)
     # The autoregressive window is one token, and every row verifies every forward here: no
     # padding; a speculative window's slots past a row's draft are padding.
     padded = [p > 0 for p in s.padding_units_per_layer]
