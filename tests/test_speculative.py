@@ -287,3 +287,26 @@ def test_lm_eval_model_args(checkpoint):
         stats = [s for v in run.requests.values() for s in v]
         assert sum(s.verify_row_forwards for s in stats) > 0
     assert outs["speculative"] == outs["autoregressive"]
+
+
+def test_engines_of_the_wrong_kind_are_clear_errors(model):
+    """The autoregressive decode runs on a causal engine and only it does; a causal engine has
+    no denoise forward and a block-diffusion engine no verify forward."""
+    from v2.engine import Engine
+
+    causal, diffusion = Engine(model, causal=True), Engine(model, None, 32)
+    with pytest.raises(GenerationError, match="causal engine"):
+        generate(model, [prompt(5)], IDS, GenerationConfig(max_new_tokens=4), engine=causal)
+    cfg = GenerationConfig(max_new_tokens=4)
+    cfg.decode = "autoregressive"
+    with pytest.raises(GenerationError, match="causal engine"):
+        generate(model, [prompt(5)], IDS, cfg, engine=diffusion)
+    assert generate(model, [prompt(5)], IDS, cfg, engine=causal).outputs[0].token_ids
+    before = causal.stats.to_dict()
+    with pytest.raises(RuntimeError, match="verify"):
+        causal.denoise(torch.tensor([prompt(8)]), 0, torch.arange(2))
+    assert causal.stats.to_dict() == before  # nothing counted
+    with pytest.raises(RuntimeError, match="causal engine's forward"):
+        diffusion.verify(torch.tensor([prompt(2)]), *torch.tensor([[0], [3], [2]]))
+    with pytest.raises(ValueError, match="no policy"):
+        Engine(model, make_policy("token", cosine_threshold=0.9), causal=True)

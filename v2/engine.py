@@ -356,8 +356,8 @@ class Engine:
         position's hidden (its argmax is the next block's first token)."""
         b, w = ids.shape
         n = b * w
-        self.ledger.forward("commit", b, n)
         win = self._load(ids, 0, None, Kind.COMMIT)
+        self.ledger.forward("commit", b, n)
         pays = self.runner.pays(n)
         sig = None
         if self.static:
@@ -393,8 +393,8 @@ class Engine:
             rows, n_scope = b, b * w
         else:
             rows, n_scope = (int(t) for t in (units.any(1).sum(), units.sum()))
-        self.ledger.forward("denoise_full" if w == self.B else "denoise_sub", rows, n_scope)
         win = self._load(ids, window_start, units)
+        self.ledger.forward("denoise_full" if w == self.B else "denoise_sub", rows, n_scope)
         R = self.cache.rows  # a policy plans over every cache row
         ctx = ForwardContext(self.step, window_start, w, R, L, self.B, win.scope, win.x_units)
         self.step += 1
