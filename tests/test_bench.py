@@ -508,3 +508,34 @@ def test_forwards_are_timed_with_flex_attention_beside_the_default(report):
     assert default == {"packed"}  # the CPU's
     text = (out / "t.md").read_text()
     assert "| test | denoise32 | 1 | 512 | packed |" in text
+
+
+def test_a_bench_continues_an_earlier_record_of_the_same_device(tmp_path):
+    """--continue: the second run's sections join the first run's rows in one record, with one
+    set of targets; a record of another grid is refused."""
+    base = [sys.executable, "-m", "v2.bench", "--models", "test", "--device", "cpu"]
+    base += ["--threads", "1", "--out", str(tmp_path), "--quick"]
+    first = subprocess.run(
+        [*base, "--name", "a", "--sections", "verify"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    a = tmp_path / "a.json"
+    second = subprocess.run(
+        [*base, "--name", "b", "--sections", "forwards", "--continue", str(a)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert second.returncode == 0, second.stderr[-2000:]
+    data = json.loads((tmp_path / "b.json").read_text())
+    earlier = json.loads(a.read_text())
+    assert data["verify"] == earlier["verify"] and data["forwards"]
+    assert data["continues"]["kept"] == ["verify"]
+    assert "Continues `python -m v2.bench" in (tmp_path / "b.md").read_text()
+    full = subprocess.run(
+        [*base[:-1], "--name", "c", "--sections", "forwards", "--continue", str(a)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert full.returncode == 2 and "its grid is 'quick'" in full.stderr

@@ -126,6 +126,34 @@ class Bench:
             ],
         }
 
+    def continue_from(self, path: Path) -> None:
+        """Start from an earlier record (`--continue`): same device, grid and engine options;
+        its rows of the sections this run does not measure are kept, with what it said."""
+        earlier = json.loads(path.read_text())
+        for key in ("gpu", "device", "grid", "dtype", "engine_options"):
+            if earlier.get(key) != self.data[key]:
+                raise ValueError(
+                    f"its {key} is {earlier.get(key)!r}, this run's {self.data[key]!r}: the "
+                    "timings would not compare"
+                )
+        rerun = set(self.args.sections) | ({"profile"} if self.args.profile else set())
+        for section in (*SECTIONS, "profile"):
+            if section not in rerun:
+                self.data[section] = earlier.get(section, [])
+        for key in ("errors", "skipped"):  # an error names its section, a skip starts with it
+            self.data[key] = [
+                e
+                for e in earlier.get(key, [])
+                if (e["section"] if isinstance(e, dict) else e.split()[0]) not in rerun
+            ]
+        self.data["models"] = earlier.get("models", {})
+        self.data["continues"] = {
+            "command": earlier["command"],
+            "started": earlier["started"],
+            "kept": [s for s in (*SECTIONS, "profile") if s not in rerun and earlier.get(s)],
+            "elapsed_s": earlier.get("elapsed_s"),
+        }
+
     def engine(self, model, policy=None, **options) -> Engine:
         """An engine for a section, with the run's engine options."""
         return Engine(model, policy, **{**self.engine_options, **options})
@@ -270,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
         "replaying whole forwards (to measure what forward graphs change)",
     )
     p.add_argument(
+        "--continue",
+        dest="continue_from",
+        metavar="JSON",
+        default=None,
+        help="add this run's sections to an earlier record of the same device and grid (its "
+        "rows of other sections are kept, rows of sections run again are replaced): a bench "
+        "longer than one job in two, one record and one set of targets",
+    )
+    p.add_argument(
         "--readme",
         metavar="JSON",
         default=None,
@@ -299,5 +336,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    data = Bench(args, argv).run()
+    bench = Bench(args, argv)
+    if args.continue_from:
+        try:
+            bench.continue_from(Path(args.continue_from))
+        except (OSError, ValueError) as e:
+            print(f"error: --continue {args.continue_from}: {e}", file=sys.stderr)
+            return 2
+    data = bench.run()
     return 1 if data["errors"] else 0

@@ -182,6 +182,14 @@ def markdown(data: dict) -> str:
         f"{data['elapsed_s']:.0f} s{'' if data['complete'] else ' (INCOMPLETE)'}  ",
         f"measured copy bandwidth {_f(bw.get('bytes_per_s'), '.0f', 1e-9)} GB/s (read + write); "
         f"matmul {_f(mm.get('flops_per_s'), '.1f', 1e-12)} TFLOP/s ({mm.get('n')}^3)",
+    ]
+    if data.get("continues"):
+        c = data["continues"]
+        lines += [
+            f"Continues `{c['command']}` (started {c['started']}, same device and grid): its "
+            f"{', '.join(c['kept']) or 'nothing'} rows kept.  ",
+        ]
+    lines += [
         "",
         "## Targets",
         "",
