@@ -143,6 +143,25 @@ class Flash:
         return (geo.N if batch.cu_q is None else batch.count) * end
 
 
+def window_layout(q, k, v, batch: UnitBatch, geo: Geometry):
+    """The batch's queries [C, H, hd] in their [rows, heads, w, hd] places (zeros elsewhere), and
+    the layer's K and V as rows [rows, kv_heads, max_len, hd] (views of the cache)."""
+    R, w, N, H, hd = geo.rows, geo.w, geo.N, q.shape[1], q.shape[2]
+    to = batch.index if batch.valid is None else torch.where(batch.valid, batch.index, N)
+    Q = q.new_zeros(N + 1, H, hd).index_copy_(0, to, q)
+    Q = Q[:N].view(R, w, H, hd).transpose(1, 2)
+    K = by_row(k, R, geo.max_len).transpose(1, 2)
+    V = by_row(v, R, geo.max_len).transpose(1, 2)
+    return Q, K, V
+
+
+def window_units(o: torch.Tensor, batch: UnitBatch) -> torch.Tensor:
+    """Outputs [rows, heads, w, hd] back to the batch's units [C, heads, hd] (padded: zeros)."""
+    R, H, w, hd = o.shape
+    o = o.transpose(1, 2).reshape(R * w, H, hd)
+    return torch.cat((o, o.new_zeros(1, H, hd)))[batch.index]
+
+
 class Dense:
     name = "dense"
     capturable = True
@@ -156,18 +175,13 @@ class Dense:
 
     def __call__(self, q, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
         geo = fwd.geo
-        R, w, N, H, hd = geo.rows, geo.w, geo.N, q.shape[1], q.shape[2]
-        to = batch.index if batch.valid is None else torch.where(batch.valid, batch.index, N)
-        Q = q.new_zeros(N + 1, H, hd).index_copy_(0, to, q)
-        Q = Q[:N].view(R, w, H, hd).transpose(1, 2)
-        K = by_row(k, R, geo.max_len).transpose(1, 2)
-        V = by_row(v, R, geo.max_len).transpose(1, 2)
+        Q, K, V = window_layout(q, k, v, batch, geo)
         if self.causal:
-            mask = geo.key_positions.view(1, 1, 1, -1) <= fwd.units.pos[:N].view(R, 1, w, 1)
+            pos = fwd.units.pos[: geo.N].view(geo.rows, 1, geo.w, 1)
+            mask = geo.key_positions.view(1, 1, 1, -1) <= pos
         else:
             mask = (geo.key_positions < geo.end).view(1, 1, 1, -1)
-        o = sdpa(Q, K, V, mask, self.eager).transpose(1, 2).reshape(N, H, hd)
-        return torch.cat((o, o.new_zeros(1, H, hd)))[batch.index]
+        return window_units(sdpa(Q, K, V, mask, self.eager), batch)
 
     def pairs(self, batch: UnitBatch, geo: Geometry, end: int) -> int:
         return geo.N * geo.max_len
@@ -273,17 +287,10 @@ class Flex:
         return mask
 
     def __call__(self, q, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
-        geo = fwd.geo
-        R, w, N, H, hd = geo.rows, geo.w, geo.N, q.shape[1], q.shape[2]
-        to = batch.index if batch.valid is None else torch.where(batch.valid, batch.index, N)
-        Q = q.new_zeros(N + 1, H, hd).index_copy_(0, to, q)
-        Q = Q[:N].view(R, w, H, hd).transpose(1, 2)
-        K = by_row(k, R, geo.max_len).transpose(1, 2)  # a view: [rows, kv, max_len, hd]
-        V = by_row(v, R, geo.max_len).transpose(1, 2)
-        mask = self._block_mask(geo, fwd.units.pos)
+        Q, K, V = window_layout(q, k, v, batch, fwd.geo)
+        mask = self._block_mask(fwd.geo, fwd.units.pos)
         attend = compiled(flex) if q.is_cuda else flex
-        o = attend(Q, K, V, mask).transpose(1, 2).reshape(N, H, hd)
-        return torch.cat((o, o.new_zeros(1, H, hd)))[batch.index]
+        return window_units(attend(Q, K, V, mask), batch)
 
     def pairs(self, batch: UnitBatch, geo: Geometry, end: int) -> int:
         """Every query slot of every row over the key blocks in use (up to `end`, rounded up to
