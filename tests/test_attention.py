@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from v2.attention import BACKENDS, Dense, Flex, Geometry, UnitBatch, choose
+from v2.attention import Dense, Flex, Geometry, UnitBatch
 from v2.forward import Forward, Kind, Units
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -89,12 +89,33 @@ def test_flex_made_causal_equals_dense_made_causal():
     assert torch.equal(after[0], got[0]) and not torch.equal(after[1], got[1])
 
 
-def test_choose_by_name():
-    cpu = torch.device("cpu")
-    assert isinstance(choose(cpu, torch.float32, False, name="flex"), Flex)
-    assert choose(cpu, torch.float32, False, causal=True, name="dense").causal
-    assert set(BACKENDS) == {"flash", "flex", "dense", "packed"}
-    with pytest.raises(ValueError, match="must be one of"):
-        choose(cpu, torch.float32, False, name="flashinfer")
-    with pytest.raises(ValueError, match="needs a CUDA device"):
-        choose(cpu, torch.bfloat16, False, name="flash")
+def test_flex_made_causal_with_folded_heads_split_in_two():
+    """7B's grouping (7 query heads per KV head) at w = 32: a KV head's 224 folded query rows run
+    as 2 heads of 112; the causal mask maps each folded row back to its slot's position."""
+    rows, w, max_len, heads, kv, hd = 2, 32, 256, 14, 2, 8
+    starts = [10, 100]
+    N = rows * w
+    u = torch.arange(N + 1)
+    row, t = u // w, u % w
+    t[N] = 0
+    first = torch.tensor([*starts, 0])
+    geo = Geometry(
+        rows=rows,
+        w=w,
+        max_len=max_len,
+        end=torch.tensor(max(starts) + w),
+        seqused=torch.tensor([s + w for s in starts], dtype=torch.int32),
+        dense_cu_q=torch.arange(rows + 1, dtype=torch.int32) * w,
+        row_starts=torch.arange(rows + 1, dtype=torch.int32) * max_len,
+        key_positions=torch.arange(max_len),
+    )
+    units = Units(row, t, first[row] + t, torch.zeros((), dtype=torch.long))
+    fwd = Forward(Kind.VERIFY, rows, w, max(starts) + w, None, units=units, geo=geo)
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(N, heads, hd, generator=g, dtype=torch.float64)
+    k = torch.randn(rows * max_len + 1, kv, hd, generator=g, dtype=torch.float64)
+    v = torch.randn(k.shape, generator=g, dtype=torch.float64)
+    batch = UnitBatch(torch.arange(N), None, None, N)
+    want = Dense(causal=True)(q, k, v, batch, fwd)
+    got = Flex(causal=True)(q, k, v, batch, fwd)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)

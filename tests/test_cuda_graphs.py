@@ -15,14 +15,17 @@
   lengths, every policy, the sub-block cache on and off) runs with no error and no failed capture.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from layer_skip_generation_functions import LayerReusePolicy, LayerSkipPolicy
 from tests.conftest import IDS, prompt, random_network
 from token_skip_generation_functions import TokenSkipPolicy
-from v2.attention import Dense, Packed
+from v2.attention import Dense, Flex, Geometry, Packed, UnitBatch, flex_window
 from v2.bench.timing import Clock
+from v2.compiled import compiled
 from v2.cuda_graphs import GraphRunner
 from v2.engine import Engine
 from v2.generate import GenerationConfig, generate
@@ -61,6 +64,28 @@ def same_stats(a, b):
     assert g.skip_rate_per_layer() == e.skip_rate_per_layer()
 
 
+def with_and_without_graphs(model, name, cfg, prompts, attention=None, **engine) -> list:
+    """One engine setting (static shapes) without and with CUDA graphs: both generations (a
+    fresh policy and `attention()` each); the graphed one captured and failed nothing."""
+    outs = []
+    for graphs in (False, True):
+        policy = POLICIES[name]()
+        e = Engine(
+            model,
+            policy,
+            32,
+            cfg.use_block_cache,
+            cuda_graphs=graphs,
+            static_shapes=True,
+            attention=attention and attention(),
+            **engine,
+        )
+        outs.append(generate(model, prompts, IDS, cfg, policy, engine=e))
+        if graphs:
+            assert e.graphs.captured > 0 and not e.graphs.failures
+    return outs
+
+
 @pytest.mark.parametrize("compaction", ["auto", "always"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("block_cache", [False, True])
@@ -71,21 +96,7 @@ def test_graphs_equal_eager(name, threshold, block_cache, dtype, compaction):
     cfg = GenerationConfig(
         max_new_tokens=70, threshold=threshold, block_size=32, use_block_cache=block_cache
     )
-    outs = []
-    for graphs in (False, True):
-        policy = POLICIES[name]()
-        engine = Engine(
-            model,
-            policy,
-            32,
-            block_cache,
-            cuda_graphs=graphs,
-            static_shapes=True,
-            compaction=compaction,
-        )
-        outs.append(generate(model, PROMPTS, IDS, cfg, policy, engine=engine))
-        if graphs:
-            assert engine.graphs.captured > 0 and not engine.graphs.failures
+    outs = with_and_without_graphs(model, name, cfg, PROMPTS, compaction=compaction)
     same(*outs)
     same_stats(*outs)
 
@@ -178,8 +189,6 @@ def test_flex_agrees_with_dense_attention_under_graphs():
     """bfloat16: FlexAttention (compiled, in the engine's CUDA graphs) agrees with the dense
     backend on a denoise forward (one row waiting) and on a causal verify forward; no capture
     failed, and the forward was replayed."""
-    from v2.attention import Flex
-
     model = model_on_gpu(torch.bfloat16)
     ids = torch.tensor([prompt(32, r) for r in range(3)], device="cuda")
     units = torch.ones(3, 32, dtype=torch.bool, device="cuda")
@@ -217,6 +226,138 @@ def test_flex_agrees_with_dense_attention_under_graphs():
         assert not e.graphs.failures and e.replays["verify"] > 0
     a, b = logits[0][1], logits[1][1]
     assert (a - b).norm() / b.norm() < 2e-2
+
+
+def flex_model(dtype, layers=4):
+    """7 query heads per KV head, as Qwen2.5-7B's 28 / 4 (not a power of two), head_dim 32: a
+    32-position window's 224 folded query rows per KV head split into 2 heads of 112, what
+    FlexAttention's decoding kernel takes."""
+    shape = dict(hidden_size=14 * 32, num_attention_heads=14, num_key_value_heads=2)
+    return random_network(seed=3, num_hidden_layers=layers, **shape).to("cuda", dtype)
+
+
+def flex_compiled() -> bool:
+    """Whether Flex's torch.compile has not failed (a failure runs it eagerly: correct, slow)."""
+    return not compiled(flex_window, dynamic=False).failed
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_flex_agrees_with_flash_under_cuda_graphs(rows):
+    model = flex_model(torch.bfloat16)
+    ids = torch.tensor([prompt(32, r) for r in range(rows)], device="cuda")
+    units = torch.ones(rows, 32, dtype=torch.bool, device="cuda")
+    if rows > 1:
+        units[1, :] = False  # a waiting row: compacted scope
+    hidden, engines = [], []
+    for attention in (None, Flex()):
+        e = Engine(model, None, 32, attention=attention, compaction="always")
+        e.allocate(rows, 200)  # 100 + 32 keys: two key blocks, the second partly used
+        e.prefill(torch.tensor([prompt(100, 9 + r) for r in range(rows)], device="cuda"))
+        e.begin_block()
+        for _ in range(4):  # record, warm up, capture, replay
+            h = e.denoise(ids, 0, torch.arange(32, device="cuda"), units)
+        hidden.append(h.float())
+        engines.append(e)
+    flash, flex = engines
+    assert flash.attention.name == "flash" and flex.attention.name == "flex"
+    assert flex.graphs.enabled and flex.graphs.captured > 0
+    assert flex.stats.graph_failures == 0 and flex_compiled()
+    live = units.any(1).nonzero().squeeze(1)
+    err = (hidden[1][live] - hidden[0][live]).norm() / hidden[0][live].norm()
+    assert err < 2e-2, err
+
+
+@pytest.mark.parametrize("name", ["none", "token_rr0.5"])
+def test_flex_graphs_equal_flex_without_graphs(name):
+    """The same compiled flex engine with and without CUDA graphs: the same tokens and statistics
+    (every kernel the same), batches of 5 and 1, the sub-block cache on (windows of 32 and 8)."""
+    model = flex_model(torch.bfloat16)
+    cfg = GenerationConfig(max_new_tokens=70, threshold=0.5, block_size=32, use_block_cache=True)
+    for prompts in (PROMPTS, PROMPTS[3:4]):
+        outs = with_and_without_graphs(
+            model, name, cfg, prompts, compaction="always", attention=Flex
+        )
+        same(*outs)
+        same_stats(*outs)
+    assert flex_compiled()
+
+
+def cuda_window(rows: int, w: int, max_len: int, lengths: list[int]):
+    """A window forward's key geometry (attention.py) whose rows see keys [0, lengths[r])."""
+
+    def ints(values):
+        return torch.tensor(values, dtype=torch.int32, device="cuda")
+
+    geo = Geometry(
+        rows=rows,
+        w=w,
+        max_len=max_len,
+        end=torch.tensor(max(lengths), device="cuda"),
+        seqused=ints(lengths),
+        dense_cu_q=ints([r * w for r in range(rows + 1)]),
+        row_starts=ints([r * max_len for r in range(rows + 1)]),
+        key_positions=torch.arange(max_len, device="cuda"),
+    )
+    batch = UnitBatch(torch.arange(rows * w, device="cuda"), None, None, rows * w)
+    return SimpleNamespace(geo=geo, end=max(lengths)), batch
+
+
+def test_flex_reads_no_key_block_past_a_rows_length():
+    """Slots past a row's last key block hold NaN (a kernel that read them would return NaN), the
+    rest of the last block huge values (masked): the output is the clean cache's, and agrees with
+    attention in float32 over each row's keys."""
+    rows, w, max_len, heads, kv, hd = 2, 32, 600, 14, 2, 32
+    lengths = [300, 130]
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, device="cuda").to(torch.bfloat16)
+
+    k, v = randn(rows * max_len + 1, kv, hd), randn(rows * max_len + 1, kv, hd)
+    q = randn(rows * w, heads, hd)
+    fwd, batch = cuda_window(rows, w, max_len, lengths)
+    with torch.inference_mode():
+        clean = Flex()(q, k, v, batch, fwd)
+        dirty_k, dirty_v = k.clone(), v.clone()
+        for r, n in enumerate(lengths):
+            block_end = r * max_len + -(-n // Flex.KV_BLOCK) * Flex.KV_BLOCK
+            for t in (dirty_k, dirty_v):
+                t[r * max_len + n : block_end] = 1e4
+                t[block_end : (r + 1) * max_len] = float("nan")
+        dirty = Flex()(q, dirty_k, dirty_v, batch, fwd)
+    torch.cuda.synchronize()
+    assert flex_compiled()
+    assert not dirty.isnan().any()
+    assert torch.equal(dirty, clean)
+    for r, n in enumerate(lengths):
+        keys = k[r * max_len : r * max_len + n].float().transpose(0, 1)
+        values = v[r * max_len : r * max_len + n].float().transpose(0, 1)
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[r * w : (r + 1) * w].float().transpose(0, 1), keys, values, enable_gqa=True
+        ).transpose(0, 1)
+        got = clean[r * w : (r + 1) * w].float()
+        assert (got - want).norm() / want.norm() < 2e-2, r
+
+
+def test_flex_copies_nothing_of_the_cache():
+    """The keys are read through the cache's by-row view, not copied: a call's memory peak stays
+    far below one layer's K buffer (8 MiB here; a copy of K or V would show)."""
+    rows, w, max_len, heads, kv, hd = 1, 32, 1 << 16, 14, 2, 32
+    k = torch.zeros(rows * max_len + 1, kv, hd, device="cuda", dtype=torch.bfloat16)
+    v = torch.zeros_like(k)
+    q = torch.randn(rows * w, heads, hd, device="cuda", dtype=torch.bfloat16)
+    fwd, batch = cuda_window(rows, w, max_len, [1000])
+    flex = Flex()
+    with torch.inference_mode():
+        flex(q, k, v, batch, fwd)  # compiles
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        flex(q, k, v, batch, fwd)
+        torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    assert flex_compiled()
+    assert extra < k.numel() * k.element_size() / 4, extra
 
 
 def test_a_failed_capture_runs_eagerly_and_is_reported(capsys):

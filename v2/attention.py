@@ -13,14 +13,17 @@ attending to its own row of the cache (kv_cache.py). Three backends compute it:
   places and standard attention runs over every slot and the cache's whole length with a length
   mask. Static, but it computes every query slot and key: used where flash is unavailable (CUDA
   float32, for tests).
-- `flex` (any device, capturable; CUDA: compiled): PyTorch's FlexAttention over the same
-  [rows, window] places as `dense`, with a block mask built on the device from each row's key
-  length, so that only the key blocks in use are read. Compiled, FlexAttention runs few queries
-  over a long prefix as flash decoding (the keys split over the multiprocessors, the parts merged
-  in the same kernel), which FlashAttention's varlen kernel does not (at batch 1 it runs 8 work
-  items per layer on 132 multiprocessors). Chosen by name (`choose(..., name="flex")`, the
-  bench's attention rows), not by default until it is measured faster. On the CPU it runs
-  FlexAttention's eager reference (tests).
+- `flex` (any device, capturable; asked for by name: `choose(..., name="flex")`): PyTorch's
+  FlexAttention, for a window of few queries over a long cached prefix. Like flash it folds each
+  KV head's g query heads into its query rows (split into 2, 4, ... heads of fewer than 128 rows
+  each); the keys are the cache's by-row view (no copy) under a block mask built on the device
+  from the key lengths, so blocks past a row's length are never read and one CUDA graph serves
+  every block. On CUDA it runs under torch.compile, which lowers it to FlexAttention's decoding
+  kernel: each row's keys are split over many thread blocks and the partial softmaxes merged, where
+  flash runs rows x KV heads x query tiles work items (8 at batch 1, on 132 multiprocessors:
+  21 us a layer for 544 keys whose bytes take about 1 us to read; issue 27). Not the default
+  until it is measured faster. On the CPU it runs eagerly (FlexAttention's reference: every key
+  read, masked), for tests.
 - `packed` (reference; synchronises with the host): only the rows that compute something, each
   padded to the widest of them, over keys [0, end). What runs on the CPU, and with the model's
   `eager_attention` (attention spelled out in matmuls so FlopCounterMode counts it).
@@ -42,6 +45,7 @@ position (`Units.pos`).
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -234,78 +238,150 @@ class Packed:
 
 
 class Flex:
-    """FlexAttention over the cache rows (module docstring). The block mask is made once per
-    window geometry (attention.Geometry: its buffers live as long as the window) over static
-    buffers (the key blocks each row uses, refreshed on the device by every
-    call; the mask function reads the rows' key lengths, or each query's position when causal),
-    so the compiled call sees the same mask object every time and a CUDA graph replays it."""
+    """FlexAttention over the cache rows (module docstring). The computed queries are scattered to
+    their [rows, w] places (as dense does; a compacted layout's padded slots go to the trash row)
+    and each KV head's g query heads folded into w * g query rows, split into `split` heads
+    (`heads_split`) so that each is shorter than `max_q` rows: FlexAttention's decoding kernel takes
+    fewer than 128 query rows and a power-of-two number of query heads per KV head (7B: g = 7).
+    Keys: the cache's by-row view [rows, kv, max_len, hd] (strided, not copied); the block mask
+    counts ceil(length / 128) key blocks per row (on the device: no host synchronisation) and hides
+    keys past the row's length in the last one, or, causal, past each query's position.
+
+    On CUDA the whole call (scatter, block mask, attention, gather) is one torch.compile graph
+    with static sizes (compiled.py, never fatal); its kernel options: `backend` (TRITON_DECODE:
+    the split-KV kernel, or a compile error that says why not, which runs the call eagerly),
+    `block_m` query rows per thread block, `splits` key splits per row (None: about one thread
+    block per multiprocessor, from rows x KV heads x query tiles). `compile`: None compiles on
+    CUDA only. The defaults are a first guess, not yet measured (issue 27)."""
 
     name = "flex"
     capturable = True
-    KV_BLOCK = 128  # FlexAttention's key block (its default sparse block size)
+    KV_BLOCK = 128  # the block mask's key block (FlexAttention's default sparse block size)
 
-    def __init__(self, causal: bool = False):
-        self.causal = causal
-        self._masks: dict[int, tuple] = {}  # id(geometry) -> (geometry, mask, blocks used)
+    def __init__(
+        self,
+        causal: bool = False,
+        compile: bool | None = None,
+        max_q: int = 128,
+        block_m: int = 32,
+        splits: int | None = None,
+        backend: str = "TRITON_DECODE",
+    ):
+        self.causal, self.compile, self.max_q, self.block_m = causal, compile, max_q, block_m
+        self.splits, self.backend = splits, backend
 
     @staticmethod
     def prepare(q: torch.Tensor, kv_heads: int) -> torch.Tensor:
         return q
 
-    def _block_mask(self, geo: Geometry, pos: torch.Tensor):
-        from torch.nn.attention.flex_attention import BlockMask
-
-        made = self._masks.get(id(geo))
-        if made is None or made[0] is not geo:
-            R, n = geo.rows, -(-geo.max_len // self.KV_BLOCK)
-            used = torch.zeros(R, 1, 1, dtype=torch.int32, device=geo.seqused.device)
-            order = torch.arange(n, dtype=torch.int32, device=used.device)
-            indices = order.view(1, 1, 1, n).expand(R, 1, 1, n).contiguous()
-            seqused, w = geo.seqused, geo.w
-            if self.causal:
-                positions = pos[: R * w].view(R, w)
-
-                def visible(b, h, q_idx, kv_idx):
-                    return kv_idx <= positions[b, q_idx]
-            else:
-
-                def visible(b, h, q_idx, kv_idx):
-                    return kv_idx < seqused[b]
-
-            mask = BlockMask.from_kv_blocks(
-                used,
-                indices,
-                BLOCK_SIZE=self.KV_BLOCK,  # a window (w <= 128) is one query block
-                mask_mod=visible,
-                seq_lengths=(w, geo.max_len),
-                compute_q_blocks=False,
-            )
-            self._masks[id(geo)] = made = (geo, mask, used)
-        _, mask, used = made
-        # the key blocks each row reads: those below its key length (in place: graphs replay it)
-        used.copy_(((geo.seqused + self.KV_BLOCK - 1) // self.KV_BLOCK).view_as(used))
-        return mask
-
     def __call__(self, q, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
-        Q, K, V = window_layout(q, k, v, batch, fwd.geo)
-        mask = self._block_mask(fwd.geo, fwd.units.pos)
-        attend = compiled(flex) if q.is_cuda else flex
-        return window_units(attend(Q, K, V, mask), batch)
+        geo = fwd.geo
+        H, kv = q.shape[1], k.shape[1]
+        rows_per_kv = geo.w * (H // kv)
+        split = heads_split(rows_per_kv, self.max_q)
+        options = None
+        if q.is_cuda:
+            options = self.kernel_options(q.device, geo.rows * kv, rows_per_kv, split)
+        pos = fwd.units.pos[: geo.N].view(geo.rows, geo.w) if self.causal else None
+        args = (q, k, v, batch.index, batch.valid, geo.seqused, pos, geo.rows, geo.w, geo.max_len)
+        if self.compile if self.compile is not None else q.is_cuda:
+            return compiled(flex_window, dynamic=False)(*args, split, options)
+        with warnings.catch_warnings():  # "called without torch.compile": meant, off CUDA
+            warnings.simplefilter("ignore", UserWarning)
+            return flex_window(*args, split, options)
+
+    def kernel_options(self, device, heads: int, rows_per_kv: int, split: int) -> dict | None:
+        """The decoding kernel's options (CUDA) for `heads` (rows x KV heads) of `rows_per_kv`
+        folded query rows in `split` heads: its query tile, and key splits for about one thread
+        block per multiprocessor. None (FlexAttention's own choice: its general kernel) where the
+        rows could not be split into heads short enough for the decoding kernel."""
+        if rows_per_kv // split >= min(self.max_q, 128):
+            return None
+        block_m = min(self.block_m, max(16, 1 << (rows_per_kv - 1).bit_length()))
+        splits = self.splits
+        if splits is None:
+            sms = torch.cuda.get_device_properties(device).multi_processor_count
+            tiles = heads * -(-rows_per_kv // block_m)
+            splits = max(1, -(-sms // tiles))
+        return {"BACKEND": self.backend, "BLOCK_M": block_m, "SPLIT_KV": splits}
 
     def pairs(self, batch: UnitBatch, geo: Geometry, end: int) -> int:
-        """Every query slot of every row over the key blocks in use (up to `end`, rounded up to
-        whole blocks; the longest row's, counted for every row)."""
-        return geo.N * min(-(-end // self.KV_BLOCK) * self.KV_BLOCK, geo.max_len)
+        """Every query slot of the [rows, w] layout over `end` keys."""
+        return geo.N * end
 
 
-def flex(q, k, v, block_mask) -> torch.Tensor:
-    """FlexAttention with grouped KV heads (what `Flex` compiles on CUDA)."""
+def heads_split(rows: int, max_q: int) -> int:
+    """The fewest query heads (a power of two dividing `rows`) that a KV head's `rows` folded query
+    rows split into so that each has fewer than `max_q` rows; 1 where none does (FlexAttention
+    then picks its general kernel)."""
+    split = 1
+    while rows // split >= max_q and rows % (2 * split) == 0:
+        split *= 2
+    return split if rows // split < max_q else 1
+
+
+def flex_block_mask(
+    length: torch.Tensor, q_len: int, max_len: int, pos=None, split: int = 1, g: int = 1
+):
+    """The block mask of rows whose keys are [0, length[r]) (length [rows] int32, on the device)
+    for q_len queries over a key buffer of max_len: ceil(length / 128) key blocks per row (their
+    indices static), a mask function for the tail of the last one. Causal (`pos` [rows, w]: each
+    window slot's position): query row q_idx of head h (split s = h % split of a KV head's w * g
+    folded rows, unit-major) is slot (s * q_len + q_idx) // g and sees the keys up to its
+    position. No host synchronisation."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    rows, block = length.shape[0], Flex.KV_BLOCK
+    q_blocks, blocks = -(-q_len // block), -(-max_len // block)
+    count = ((length + block - 1) // block).to(torch.int32).view(rows, 1, 1)
+    count = count.expand(rows, 1, q_blocks)
+    indices = torch.arange(blocks, dtype=torch.int32, device=length.device)
+    indices = indices.expand(rows, 1, q_blocks, blocks)
+
+    if pos is None:
+
+        def visible(b, h, q_idx, kv_idx):
+            return kv_idx < length[b]
+
+    else:
+
+        def visible(b, h, q_idx, kv_idx):
+            return kv_idx <= pos[b, ((h % split) * q_len + q_idx) // g]
+
+    return BlockMask.from_kv_blocks(
+        count,
+        indices,
+        BLOCK_SIZE=block,
+        mask_mod=visible,
+        seq_lengths=(q_len, max_len),
+        compute_q_blocks=False,
+    )
+
+
+def flex_window(
+    q, k, v, index, valid, length, pos, rows: int, w: int, max_len: int, split: int, options
+):
+    """Flex's attention (one graph under torch.compile): q [C, H, hd] of the units `index` (`valid`:
+    which slots are units, None: all); k, v a layer's cache [slots + 1, kv, hd]; length [rows]
+    int32 each row's keys; pos [rows, w] each slot's position (causal; None: not). Returns
+    [C, H, hd] (zeros for padded slots)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return flex_attention(q, k, v, block_mask=block_mask, enable_gqa=True)
+    H, hd, kv = q.shape[1], q.shape[2], k.shape[1]
+    g, N = H // kv, rows * w
+    to = index if valid is None else torch.where(valid, index, N)
+    Q = q.new_zeros(N + 1, H, hd).index_copy_(0, to, q)[:N]
+    # [rows, w, kv, g, hd] -> KV head kh's rows t * g + i, as `split` heads of w * g / split rows
+    Q = Q.view(rows, w, kv, g, hd).permute(0, 2, 1, 3, 4).reshape(rows, kv * split, -1, hd)
+    K = by_row(k, rows, max_len).transpose(1, 2)
+    V = by_row(v, rows, max_len).transpose(1, 2)
+    mask = flex_block_mask(length, Q.shape[2], max_len, pos, split, g)
+    o = flex_attention(Q, K, V, block_mask=mask, enable_gqa=True, kernel_options=options)
+    o = o.reshape(rows, kv, w, g, hd).permute(0, 2, 1, 3, 4).reshape(N, H, hd)
+    return torch.cat((o, o.new_zeros(1, H, hd)))[index]
 
 
-BACKENDS = {"flash": Flash, "flex": Flex, "dense": Dense, "packed": Packed}
+BACKENDS = {"flash": Flash, "dense": Dense, "packed": Packed, "flex": Flex}
 
 
 def choose(
@@ -319,11 +395,11 @@ def choose(
     causal engine's verify forwards; `name`: one of BACKENDS instead of the default."""
     if name is not None:
         if name not in BACKENDS:
-            raise ValueError(f"attention must be one of {', '.join(BACKENDS)}, got {name!r}")
+            raise ValueError(f"unknown attention backend {name!r}: one of {', '.join(BACKENDS)}")
         if name == "flash" and (device.type != "cuda" or dtype not in HALF):
             raise ValueError("attention 'flash' needs a CUDA device and float16 / bfloat16")
-        if name == "packed":
-            return Packed(eager_attention, causal)
+        if name in ("dense", "packed"):
+            return BACKENDS[name](eager_attention, causal)
         return BACKENDS[name](causal=causal)
     if eager_attention or device.type != "cuda":
         return Packed(eager_attention, causal)

@@ -4,7 +4,8 @@
 between calls (units, rows) become dynamic on the recompile that follows, while model sizes stay
 static so that the generated kernels keep their vectorised loads. A compilation that fails falls
 back to `fn` itself and says so once on stderr. Callers compile only on CUDA; on the CPU `fn` runs
-as written: plain PyTorch, the reference.
+as written: plain PyTorch, the reference. `dynamic=False` keeps every size static (one compilation
+per shape): for code whose kernel choice needs static sizes (attention.py's flex backend).
 """
 
 from __future__ import annotations
@@ -12,18 +13,19 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-_CACHE: dict[Callable, Callable] = {}
+_CACHE: dict[tuple[Callable, bool | None], Callable] = {}
 
 
-def compiled(fn: Callable) -> Callable:
-    if fn not in _CACHE:
-        _CACHE[fn] = _Compiled(fn)
-    return _CACHE[fn]
+def compiled(fn: Callable, dynamic: bool | None = None) -> Callable:
+    if (fn, dynamic) not in _CACHE:
+        _CACHE[fn, dynamic] = _Compiled(fn, dynamic)
+    return _CACHE[fn, dynamic]
 
 
 class _Compiled:
-    def __init__(self, fn: Callable):
+    def __init__(self, fn: Callable, dynamic: bool | None = None):
         self.fn = fn
+        self.dynamic = dynamic
         self.compiled: Callable | None = None
         self.failed = False
 
@@ -35,7 +37,7 @@ class _Compiled:
 
             config = torch._dynamo.config
             config.cache_size_limit = max(config.cache_size_limit, 64)
-            self.compiled = torch.compile(self.fn, fullgraph=True)
+            self.compiled = torch.compile(self.fn, fullgraph=True, dynamic=self.dynamic)
         try:
             return self.compiled(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - never fatal: run it as written
