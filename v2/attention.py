@@ -147,23 +147,24 @@ class Flash:
         return (geo.N if batch.cu_q is None else batch.count) * end
 
 
-def window_layout(q, k, v, batch: UnitBatch, geo: Geometry):
+def window_layout(q, k, v, batch: UnitBatch, rows: int, w: int, max_len: int):
     """The batch's queries [C, H, hd] in their [rows, heads, w, hd] places (zeros elsewhere), and
     the layer's K and V as rows [rows, kv_heads, max_len, hd] (views of the cache)."""
-    R, w, N, H, hd = geo.rows, geo.w, geo.N, q.shape[1], q.shape[2]
+    N, H, hd = rows * w, q.shape[1], q.shape[2]
     to = batch.index if batch.valid is None else torch.where(batch.valid, batch.index, N)
     Q = q.new_zeros(N + 1, H, hd).index_copy_(0, to, q)
-    Q = Q[:N].view(R, w, H, hd).transpose(1, 2)
-    K = by_row(k, R, geo.max_len).transpose(1, 2)
-    V = by_row(v, R, geo.max_len).transpose(1, 2)
+    Q = Q[:N].view(rows, w, H, hd).transpose(1, 2)
+    K = by_row(k, rows, max_len).transpose(1, 2)
+    V = by_row(v, rows, max_len).transpose(1, 2)
     return Q, K, V
 
 
-def window_units(o: torch.Tensor, batch: UnitBatch) -> torch.Tensor:
-    """Outputs [rows, heads, w, hd] back to the batch's units [C, heads, hd] (padded: zeros)."""
+def window_units(o: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Outputs [rows, heads, w, hd] back to the units `index` [C, heads, hd] (the trash id:
+    zeros)."""
     R, H, w, hd = o.shape
     o = o.transpose(1, 2).reshape(R * w, H, hd)
-    return torch.cat((o, o.new_zeros(1, H, hd)))[batch.index]
+    return torch.cat((o, o.new_zeros(1, H, hd)))[index]
 
 
 class Dense:
@@ -179,13 +180,13 @@ class Dense:
 
     def __call__(self, q, k, v, batch: UnitBatch, fwd) -> torch.Tensor:
         geo = fwd.geo
-        Q, K, V = window_layout(q, k, v, batch, geo)
+        Q, K, V = window_layout(q, k, v, batch, geo.rows, geo.w, geo.max_len)
         if self.causal:
             pos = fwd.units.pos[: geo.N].view(geo.rows, 1, geo.w, 1)
             mask = geo.key_positions.view(1, 1, 1, -1) <= pos
         else:
             mask = (geo.key_positions < geo.end).view(1, 1, 1, -1)
-        return window_units(sdpa(Q, K, V, mask, self.eager), batch)
+        return window_units(sdpa(Q, K, V, mask, self.eager), batch.index)
 
     def pairs(self, batch: UnitBatch, geo: Geometry, end: int) -> int:
         return geo.N * geo.max_len
@@ -368,17 +369,14 @@ def flex_window(
     from torch.nn.attention.flex_attention import flex_attention
 
     H, hd, kv = q.shape[1], q.shape[2], k.shape[1]
-    g, N = H // kv, rows * w
-    to = index if valid is None else torch.where(valid, index, N)
-    Q = q.new_zeros(N + 1, H, hd).index_copy_(0, to, q)[:N]
-    # [rows, w, kv, g, hd] -> KV head kh's rows t * g + i, as `split` heads of w * g / split rows
-    Q = Q.view(rows, w, kv, g, hd).permute(0, 2, 1, 3, 4).reshape(rows, kv * split, -1, hd)
-    K = by_row(k, rows, max_len).transpose(1, 2)
-    V = by_row(v, rows, max_len).transpose(1, 2)
+    g = H // kv
+    Q, K, V = window_layout(q, k, v, UnitBatch(index, valid, None, None), rows, w, max_len)
+    # [rows, kv, g, w, hd] -> KV head kh's rows t * g + i, as `split` heads of w * g / split rows
+    Q = Q.view(rows, kv, g, w, hd).transpose(2, 3).reshape(rows, kv * split, -1, hd)
     mask = flex_block_mask(length, Q.shape[2], max_len, pos, split, g)
     o = flex_attention(Q, K, V, block_mask=mask, enable_gqa=True, kernel_options=options)
-    o = o.reshape(rows, kv, w, g, hd).permute(0, 2, 1, 3, 4).reshape(N, H, hd)
-    return torch.cat((o, o.new_zeros(1, H, hd)))[index]
+    o = o.reshape(rows, kv, w, g, hd).transpose(2, 3).reshape(rows, H, w, hd)
+    return window_units(o, index)
 
 
 BACKENDS = {"flash": Flash, "dense": Dense, "packed": Packed, "flex": Flex}

@@ -50,9 +50,14 @@ def _over(a: dict | None, b: dict | None) -> float | None:
     return a and b and a["tokens_per_s"] / b["tokens_per_s"]
 
 
+def default_forwards(data: dict) -> list[dict]:
+    """The forward rows of the engine's default attention backend (not the flex comparison)."""
+    return [r for r in data["forwards"] if r.get("attention") != "flex"]
+
+
 def _values(data: dict, model: str) -> dict:
     sk, e2, ar = data["skip"], data["e2e"], data["ar"]
-    fw = [r for r in data["forwards"] if r.get("attention") != "flex"]  # the default backend
+    fw = default_forwards(data)
     f1 = _find(fw, model=model, kind="denoise32", batch=1, prefix=512)
     f32 = _find(fw, model=model, kind="denoise32", batch=32, prefix=512)
     ratios8 = [
@@ -209,7 +214,7 @@ def markdown(data: dict) -> str:
         "| bound/measured | TFLOP/s | peak GB |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    default = [r for r in data["forwards"] if r.get("attention") != "flex"]
+    default = default_forwards(data)
     for r in default:
         lines.append(
             f"| {r['model']} | {r['kind']} | {r['batch']} | {r['prefix']} | {r['tokens']} | "

@@ -423,23 +423,28 @@ def _verify_case(bench, name: str, model: Network, ids: TokenIds, b: int, P: int
     at = torch.full((b,), P, device=dev)
     window, width = block[:, : S + 1], at.new_full((b,), S + 1)
     out = torch.arange(S - 1, 2 * S - 1, device=dev)
+
+    def made(eager: bool, **kind) -> Engine:
+        """An engine as the run configures it, or one with no graphs and no compilation."""
+        how = dict(cuda_graphs=False, compile=False) if eager else {}
+        e = Engine(model, **how, **kind) if eager else bench.engine(model, **kind)
+        e.allocate(b, P + B)
+        return e
+
     # (kind, window, logit rows, forward, engine: its executed FLOPs, warmed up)
-    runs = []
+    verifies, denoises = [], []
     for eager in (False, True):
         tail = "_eager" if eager else ""
-        how = dict(cuda_graphs=False, compile=False) if eager else {}
-        v = Engine(model, causal=True, **how) if eager else bench.engine(model, causal=True)
-        v.allocate(b, P + B)
+        v = made(eager, causal=True)
         v.prefill(prompt, last=False)  # the prefix's causal K/V
         fn = lambda v=v: v.logits(v.verify(window, rows, at, width))  # noqa: E731
-        runs.append((f"verify{S + 1}{tail}", S + 1, S + 1, fn, v))
-    for eager in (False, True):
-        e = Engine(model, cuda_graphs=False, compile=False) if eager else bench.engine(model)
-        e.allocate(b, P + B)
+        verifies.append((f"verify{S + 1}{tail}", S + 1, S + 1, fn, v))
+        e = made(eager)
         e.prefill(prompt)
         e.begin_block()
         fn = lambda e=e: e.logits(e.denoise(block, 0, out))  # noqa: E731
-        runs.append((f"denoise32{'_eager' if eager else ''}", B, S, fn, e))
+        denoises.append((f"denoise32{tail}", B, S, fn, e))
+    runs = verifies + denoises
     rows_out = []
     for kind, w, logit_rows, fn, engine in runs:
         warmup = clock.warm_up(fn, [engine], g["warmup"])
